@@ -1,0 +1,441 @@
+{{/*
+Names, labels, images and the environment shared by every Beam container.
+
+Every other template asks these helpers for a name, a Secret or an address, so a
+switch such as redis.enabled=false changes one place, not five.
+*/}}
+
+{{/* Chart name, truncated to the 63 characters a DNS label allows. */}}
+{{- define "beam.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Fully qualified release name. Kept to 37 characters because components append suffixes
+and a StatefulSet name must stay within 52 characters (its pods carry a
+controller-revision-hash label of name + 11 characters); "-redis-sentinel" is the longest.
+*/}}
+{{- define "beam.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 37 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 37 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 37 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "beam.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "beam.labels" -}}
+helm.sh/chart: {{ include "beam.chart" . }}
+app.kubernetes.io/name: {{ include "beam.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: beam
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of one component: call with (dict "context" $ "component" "service"). */}}
+{{- define "beam.componentLabels" -}}
+{{ include "beam.labels" .context }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Immutable selector labels of one component (never add a label here after a release). */}}
+{{- define "beam.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "beam.name" .context }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* commonAnnotations, rendered as a block under metadata.annotations when set. */}}
+{{- define "beam.commonAnnotations" -}}
+{{- with .Values.commonAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+An image reference from {registry, repository, tag, digest}: global.imageRegistry wins over
+the image's registry; a digest wins over the tag; an empty tag means the chart's appVersion.
+Call with (dict "image" .Values.image "context" $).
+*/}}
+{{- define "beam.image" -}}
+{{- $registry := .image.registry -}}
+{{- if .context.Values.global.imageRegistry -}}
+{{- $registry = .context.Values.global.imageRegistry -}}
+{{- end -}}
+{{- $repository := .image.repository -}}
+{{- if $registry -}}
+{{- $repository = printf "%s/%s" $registry .image.repository -}}
+{{- end -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repository (.image.tag | default .context.Chart.AppVersion | toString) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* imagePullSecrets of a pod: global ones plus the image's own. */}}
+{{- define "beam.imagePullSecrets" -}}
+{{- $names := concat .context.Values.global.imagePullSecrets (.image.pullSecrets | default list) | uniq -}}
+{{- if $names }}
+imagePullSecrets:
+{{- range $names }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Pod affinity: the component's own affinity when set, otherwise the anti-affinity preset
+("soft" = preferred, "hard" = required, "" = none) spreading pods over nodes.
+Call with (dict "component" "redis" "values" .Values.redis "context" $).
+*/}}
+{{- define "beam.affinity" -}}
+{{- if .values.affinity -}}
+{{ toYaml .values.affinity }}
+{{- else if eq .values.podAntiAffinityPreset "soft" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "beam.selectorLabels" (dict "context" .context "component" .component) | nindent 12 }}
+{{- else if eq .values.podAntiAffinityPreset "hard" -}}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - topologyKey: kubernetes.io/hostname
+      labelSelector:
+        matchLabels:
+          {{- include "beam.selectorLabels" (dict "context" .context "component" .component) | nindent 10 }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Scheduling fields shared by every pod spec (nodeSelector, tolerations, affinity, spread,
+priority). Call with (dict "component" "service" "values" .Values.service "context" $).
+*/}}
+{{- define "beam.scheduling" -}}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $affinity := include "beam.affinity" . }}
+{{- if $affinity }}
+affinity:
+  {{- $affinity | nindent 2 }}
+{{- end }}
+{{- with .values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A probe from {enabled, initialDelaySeconds, periodSeconds, timeoutSeconds,
+failureThreshold, successThreshold} plus the handler. Call with
+(dict "probe" .Values.service.livenessProbe "handler" (dict "httpGet" ...)).
+*/}}
+{{- define "beam.probe" -}}
+{{- toYaml .handler }}
+initialDelaySeconds: {{ .probe.initialDelaySeconds }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+successThreshold: {{ .probe.successThreshold }}
+{{- end -}}
+
+{{/* ServiceAccount name of a component: call with (dict "component" "service" "values" .Values.service "context" $). */}}
+{{- define "beam.serviceAccountName" -}}
+{{- if .values.serviceAccount.create -}}
+{{- default (printf "%s-%s" (include "beam.fullname" .context) .component) .values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A generated secret value that survives upgrades: the base64 data of key in Secret name
+when that Secret already exists in the release namespace (lookup), otherwise a new random
+alphanumeric string. `helm template` and client-side dry runs cannot look up, so they
+always show a fresh value; install and upgrade reuse. Call with
+(dict "context" $ "name" "beam-redis-auth" "key" "redis-password" "length" 48).
+*/}}
+{{- define "beam.secretValue" -}}
+{{- $existing := lookup "v1" "Secret" .context.Release.Namespace .name -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- index $existing.data .key -}}
+{{- else -}}
+{{- randAlphaNum (int .length) | b64enc -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Annotations on generated Secrets: keep them on uninstall so data volumes stay usable. */}}
+{{- define "beam.secretAnnotations" -}}
+{{- if .Values.secrets.keepOnUninstall }}
+helm.sh/resource-policy: keep
+{{- end }}
+{{- include "beam.commonAnnotations" . }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- request token */}}
+
+{{- define "beam.requestToken.secretName" -}}
+{{- .Values.secrets.existingSecret | default (printf "%s-request-token" (include "beam.fullname" .)) -}}
+{{- end -}}
+
+{{- define "beam.requestToken.secretKey" -}}
+{{- if .Values.secrets.existingSecret -}}
+{{- .Values.secrets.existingSecretRequestTokenKey -}}
+{{- else -}}
+request-token-secret
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- Redis */}}
+
+{{- define "beam.redis.fullname" -}}
+{{- printf "%s-redis" (include "beam.fullname" .) -}}
+{{- end -}}
+
+{{- define "beam.redis.headlessName" -}}
+{{- printf "%s-redis-headless" (include "beam.fullname" .) -}}
+{{- end -}}
+
+{{- define "beam.sentinel.fullname" -}}
+{{- printf "%s-redis-sentinel" (include "beam.fullname" .) -}}
+{{- end -}}
+
+{{- define "beam.sentinel.headlessName" -}}
+{{- printf "%s-redis-sentinel-headless" (include "beam.fullname" .) -}}
+{{- end -}}
+
+{{/* Bundled Redis runs Sentinel when its architecture is "replication". */}}
+{{- define "beam.redis.sentinelEnabled" -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.architecture "replication") -}}true{{- end -}}
+{{- end -}}
+
+{{/* Suffix of in-cluster DNS names: <ns>.svc.<clusterDomain>. */}}
+{{- define "beam.dnsSuffix" -}}
+{{- printf "%s.svc.%s" .Release.Namespace .Values.clusterDomain -}}
+{{- end -}}
+
+{{/* "host:port,host:port" of the bundled sentinels, one address per pod. */}}
+{{- define "beam.sentinel.addresses" -}}
+{{- $name := include "beam.sentinel.fullname" . -}}
+{{- $headless := include "beam.sentinel.headlessName" . -}}
+{{- $suffix := include "beam.dnsSuffix" . -}}
+{{- $port := int .Values.redis.sentinel.service.ports.sentinel -}}
+{{- $addresses := list -}}
+{{- range $i := until (int .Values.redis.sentinel.replicaCount) -}}
+{{- $addresses = append $addresses (printf "%s-%d.%s.%s:%d" $name $i $headless $suffix $port) -}}
+{{- end -}}
+{{- join "," $addresses -}}
+{{- end -}}
+
+{{/* Secret holding the Redis password ("" when external Redis has no password). */}}
+{{- define "beam.redis.secretName" -}}
+{{- if .Values.redis.enabled -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "beam.fullname" .)) -}}
+{{- else -}}
+{{- .Values.externalRedis.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "beam.redis.secretKey" -}}
+{{- if .Values.redis.enabled -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecretPasswordKey -}}
+{{- else -}}
+redis-password
+{{- end -}}
+{{- else -}}
+{{- .Values.externalRedis.existingSecretPasswordKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- database */}}
+
+{{- define "beam.timescaledb.fullname" -}}
+{{- printf "%s-timescaledb" (include "beam.fullname" .) -}}
+{{- end -}}
+
+{{- define "beam.database.host" -}}
+{{- if .Values.timescaledb.enabled -}}
+{{- printf "%s.%s" (include "beam.timescaledb.fullname" .) (include "beam.dnsSuffix" .) -}}
+{{- else -}}
+{{- .Values.externalDatabase.host -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "beam.database.port" -}}
+{{- if .Values.timescaledb.enabled -}}
+{{- .Values.timescaledb.service.ports.postgresql -}}
+{{- else -}}
+{{- .Values.externalDatabase.port -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "beam.database.name" -}}
+{{- ternary .Values.timescaledb.auth.database .Values.externalDatabase.database .Values.timescaledb.enabled -}}
+{{- end -}}
+
+{{- define "beam.database.user" -}}
+{{- ternary .Values.timescaledb.auth.username .Values.externalDatabase.user .Values.timescaledb.enabled -}}
+{{- end -}}
+
+{{/* The bundled database is reached inside the cluster network without TLS. */}}
+{{- define "beam.database.sslmode" -}}
+{{- ternary "disable" .Values.externalDatabase.sslmode .Values.timescaledb.enabled -}}
+{{- end -}}
+
+{{- define "beam.database.secretName" -}}
+{{- if .Values.timescaledb.enabled -}}
+{{- .Values.timescaledb.auth.existingSecret | default (printf "%s-timescaledb-auth" (include "beam.fullname" .)) -}}
+{{- else -}}
+{{- .Values.externalDatabase.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "beam.database.secretKey" -}}
+{{- if .Values.timescaledb.enabled -}}
+{{- if .Values.timescaledb.auth.existingSecret -}}
+{{- .Values.timescaledb.auth.existingSecretPasswordKey -}}
+{{- else -}}
+password
+{{- end -}}
+{{- else -}}
+{{- .Values.externalDatabase.existingSecretPasswordKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment of every Beam container (service, operator, migrations): where the stores are
+and the secrets. BEAM_DATABASE_URL is assembled in the pod with $(VAR) expansion, so the
+password only ever travels in a Secret; PGUSER/PGPASSWORD must come first for that, and are
+also the libpq variables asyncpg falls back to. Passwords must be URL-safe (the generated
+ones are alphanumeric).
+*/}}
+{{- define "beam.env.stores" -}}
+- name: BEAM_ENVIRONMENT
+  value: {{ .Values.config.environment | quote }}
+{{- if .Values.redis.enabled }}
+{{- if include "beam.redis.sentinelEnabled" . }}
+- name: BEAM_REDIS_MODE
+  value: sentinel
+- name: BEAM_REDIS_SENTINELS
+  value: {{ include "beam.sentinel.addresses" . | quote }}
+- name: BEAM_REDIS_SENTINEL_MASTER
+  value: {{ .Values.redis.sentinel.masterSet | quote }}
+{{- else }}
+- name: BEAM_REDIS_MODE
+  value: standalone
+- name: BEAM_REDIS_URL
+  value: {{ printf "redis://%s.%s:%d/0" (include "beam.redis.fullname" .) (include "beam.dnsSuffix" .) (int .Values.redis.service.ports.redis) | quote }}
+{{- end }}
+{{- else }}
+- name: BEAM_REDIS_MODE
+  value: {{ .Values.externalRedis.mode | quote }}
+{{- if eq .Values.externalRedis.mode "sentinel" }}
+- name: BEAM_REDIS_SENTINELS
+  value: {{ join "," .Values.externalRedis.sentinels | quote }}
+- name: BEAM_REDIS_SENTINEL_MASTER
+  value: {{ .Values.externalRedis.sentinelMaster | quote }}
+{{- else }}
+- name: BEAM_REDIS_URL
+  value: {{ .Values.externalRedis.url | quote }}
+{{- end }}
+{{- end }}
+{{- $redisSecret := include "beam.redis.secretName" . }}
+{{- if $redisSecret }}
+- name: BEAM_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redisSecret }}
+      key: {{ include "beam.redis.secretKey" . }}
+{{- end }}
+- name: PGUSER
+  value: {{ include "beam.database.user" . | quote }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "beam.database.secretName" . }}
+      key: {{ include "beam.database.secretKey" . }}
+- name: BEAM_DATABASE_URL
+  value: {{ printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s:%v/%s?sslmode=%s" (include "beam.database.host" .) (include "beam.database.port" .) (include "beam.database.name" .) (include "beam.database.sslmode" .) | quote }}
+- name: BEAM_REQUEST_TOKEN_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "beam.requestToken.secretName" . }}
+      key: {{ include "beam.requestToken.secretKey" . }}
+{{- end -}}
+
+{{/*
+Refuse value combinations that would install but never work. Rendered once, from
+NOTES.txt and from every workload, so `helm template` fails as early as `helm install`.
+*/}}
+{{- define "beam.validateValues" -}}
+{{- if not .Values.redis.enabled -}}
+{{- if and (eq .Values.externalRedis.mode "sentinel") (empty .Values.externalRedis.sentinels) -}}
+{{- fail "externalRedis.sentinels must list at least one host:port when externalRedis.mode=sentinel" -}}
+{{- end -}}
+{{- if and (ne .Values.externalRedis.mode "sentinel") (empty .Values.externalRedis.url) -}}
+{{- fail "externalRedis.url is required when redis.enabled=false and externalRedis.mode is standalone or cluster" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.architecture "replication") -}}
+{{- if ge (int .Values.redis.minReplicasToWrite) (int .Values.redis.replicaCount) -}}
+{{- fail (printf "redis.minReplicasToWrite (%d) must be below redis.replicaCount (%d): the master could never accept a write" (int .Values.redis.minReplicasToWrite) (int .Values.redis.replicaCount)) -}}
+{{- end -}}
+{{- if gt (int .Values.redis.sentinel.quorum) (int .Values.redis.sentinel.replicaCount) -}}
+{{- fail "redis.sentinel.quorum cannot exceed redis.sentinel.replicaCount" -}}
+{{- end -}}
+{{- end -}}
+{{- if not .Values.timescaledb.enabled -}}
+{{- if empty .Values.externalDatabase.host -}}
+{{- fail "externalDatabase.host is required when timescaledb.enabled=false" -}}
+{{- end -}}
+{{- if empty .Values.externalDatabase.existingSecret -}}
+{{- fail "externalDatabase.existingSecret is required when timescaledb.enabled=false (the chart never takes a database password inline)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Rules the operator needs in every namespace it watches (see operator-rbac.yaml). */}}
+{{- define "beam.operator.namespacedRules" -}}
+- apiGroups: ["beam.dev"]
+  resources: ["beamcustomers", "beamapikeys", "beampricelists"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["beam.dev"]
+  resources: ["beamcustomers/status", "beamapikeys/status", "beampricelists/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}

@@ -1,0 +1,1 @@
+"""Beam: real-time enforcement of AI spending limits."""

@@ -1,0 +1,68 @@
+"""Apply ``migrations/NNNN_name.sql`` in order, once each, under an advisory lock.
+
+Each file runs in its own transaction and is recorded in ``schema_migrations`` with its
+SHA-256; a recorded file whose content changed is refused (migrations are append-only like
+the ledger: fix forward with a new file). Running ``migrate`` twice is a no-op, and two
+processes migrating at once serialize on the lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import asyncpg
+
+from beam.adapters.resources import migrations_dir
+
+_LOCK_ID = 0x6265616D  # "beam"
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+def migration_files(directory: Path | None = None) -> list[Path]:
+    files = sorted((directory or migrations_dir()).glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    if not files:
+        raise MigrationError(f"no migrations in {directory or migrations_dir()}")
+    return files
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply pending migrations; returns the versions applied by this call."""
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    TEXT PRIMARY KEY,
+                   checksum   TEXT NOT NULL,
+                   applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+        )
+        recorded = {
+            row["version"]: row["checksum"]
+            for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        for path in migration_files(directory):
+            version = path.stem
+            sql = path.read_text()
+            checksum = hashlib.sha256(sql.encode()).hexdigest()
+            if version in recorded:
+                if recorded[version] != checksum:
+                    raise MigrationError(
+                        f"migration {version} changed after it was applied; "
+                        "add a new migration instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                    version,
+                    checksum,
+                )
+            applied_now.append(version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    return applied_now

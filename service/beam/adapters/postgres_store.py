@@ -1,0 +1,584 @@
+"""PostgreSQL: the durable, append-only ledger (asyncpg).
+
+Every money movement is one transaction that locks the customer row (``FOR UPDATE``),
+checks its idempotency key, appends a ledger row and moves the cached balance together
+with ``balance_version``. Row locks serialize writers per customer, so the version is a
+gap-free sequence: entry N of a customer has balance_version N. Nothing here UPDATEs or
+DELETEs a ledger row (a trigger refuses it); corrections are new entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from beam.adapters.migrations import migrate
+from beam.config import StoreSettings
+from beam.constants import MAX_GRAINS
+from beam.errors import BeamError, Reason
+from beam.records import (
+    ApiKeyRecord,
+    Customer,
+    CustomerState,
+    EntryType,
+    LedgerEntry,
+    PriceRecord,
+    Role,
+    Settlement,
+    SettlementStatus,
+)
+
+_CUSTOMER_COLUMNS = """tenant, customer_id, display_name, platform_user_id,
+    current_balance_grains, balance_version, lifetime_spent_grains, overage_grains,
+    buffer_strategy, hold_ttl_seconds, max_request_grains, low_balance_threshold_grains,
+    state, created_at"""
+
+_REQUEST_COLUMNS = """tenant, customer_id, request_id, status, model, estimated_cost_grains,
+    reserved_grains, consumed_grains, actual_cost_grains, refunded_grains, overage_grains,
+    prompt_tokens, completion_tokens, cached_prompt_tokens, balance_after_grains,
+    balance_version, created_at, completed_at"""
+
+
+def _customer(row: asyncpg.Record) -> Customer:
+    return Customer(
+        tenant=row["tenant"],
+        customer_id=row["customer_id"],
+        display_name=row["display_name"],
+        platform_user_id=row["platform_user_id"],
+        balance_grains=row["current_balance_grains"],
+        balance_version=row["balance_version"],
+        lifetime_spent_grains=row["lifetime_spent_grains"],
+        overage_grains=row["overage_grains"],
+        buffer_strategy=row["buffer_strategy"],
+        hold_ttl_seconds=row["hold_ttl_seconds"],
+        max_request_grains=row["max_request_grains"],
+        low_balance_threshold_grains=row["low_balance_threshold_grains"],
+        state=CustomerState(row["state"]),
+        created_at=row["created_at"],
+    )
+
+
+def _settlement(row: asyncpg.Record, *, replayed: bool) -> Settlement:
+    return Settlement(
+        tenant=row["tenant"],
+        customer_id=row["customer_id"],
+        request_id=row["request_id"],
+        status=SettlementStatus(row["status"]),
+        model=row["model"],
+        estimated_grains=row["estimated_cost_grains"],
+        reserved_grains=row["reserved_grains"],
+        consumed_grains=row["consumed_grains"],
+        charged_grains=row["actual_cost_grains"],
+        refunded_grains=row["refunded_grains"],
+        overage_grains=row["overage_grains"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        cached_prompt_tokens=row["cached_prompt_tokens"],
+        balance_after_grains=row["balance_after_grains"],
+        balance_version=row["balance_version"],
+        created_at=row["created_at"],
+        completed_at=row["completed_at"],
+        replayed=replayed,
+    )
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, settings: StoreSettings) -> PostgresStore:
+        pool = await asyncpg.create_pool(
+            settings.database_url.get_secret_value(),
+            min_size=settings.database_pool_min,
+            max_size=settings.database_pool_max,
+            command_timeout=30,
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return await migrate(conn)
+
+    async def ping(self) -> bool:
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                return bool(await conn.fetchval("SELECT 1"))
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+
+    # -- customers ---------------------------------------------------------------------
+
+    async def get_customer(self, tenant: str, customer_id: str) -> Customer | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE tenant = $1 AND customer_id = $2",
+            tenant,
+            customer_id,
+        )
+        return _customer(row) if row else None
+
+    async def list_customers(
+        self, tenant: str, *, limit: int, after_customer_id: str = ""
+    ) -> list[Customer]:
+        rows = await self.pool.fetch(
+            f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
+                WHERE tenant = $1 AND customer_id > $2 ORDER BY customer_id LIMIT $3""",
+            tenant,
+            after_customer_id,
+            limit,
+        )
+        return [_customer(r) for r in rows]
+
+    async def all_customer_ids(self, tenant: str | None = None) -> list[tuple[str, str]]:
+        rows = await self.pool.fetch(
+            """SELECT tenant, customer_id FROM customers
+               WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, customer_id""",
+            tenant,
+        )
+        return [(r["tenant"], r["customer_id"]) for r in rows]
+
+    async def upsert_customer(self, customer: Customer) -> tuple[Customer, bool]:
+        """Create or update a customer's configuration (never its money). Returns
+        (customer, created)."""
+        row = await self.pool.fetchrow(
+            f"""INSERT INTO customers (tenant, customer_id, display_name, platform_user_id,
+                    buffer_strategy, hold_ttl_seconds, max_request_grains,
+                    low_balance_threshold_grains, state)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                ON CONFLICT (tenant, customer_id) DO UPDATE SET
+                    display_name = EXCLUDED.display_name,
+                    platform_user_id = EXCLUDED.platform_user_id,
+                    buffer_strategy = EXCLUDED.buffer_strategy,
+                    hold_ttl_seconds = EXCLUDED.hold_ttl_seconds,
+                    max_request_grains = EXCLUDED.max_request_grains,
+                    low_balance_threshold_grains = EXCLUDED.low_balance_threshold_grains,
+                    state = EXCLUDED.state,
+                    updated_at = now()
+                RETURNING {_CUSTOMER_COLUMNS}, (xmax = 0) AS created""",
+            customer.tenant,
+            customer.customer_id,
+            customer.display_name,
+            customer.platform_user_id,
+            customer.buffer_strategy,
+            customer.hold_ttl_seconds,
+            customer.max_request_grains,
+            customer.low_balance_threshold_grains,
+            customer.state.value,
+        )
+        assert row is not None
+        return _customer(row), bool(row["created"])
+
+    async def insert_customer(self, customer: Customer) -> bool:
+        """Create a customer if absent; returns False when it already existed."""
+        status = await self.pool.execute(
+            """INSERT INTO customers (tenant, customer_id, display_name, platform_user_id,
+                   buffer_strategy, state)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING""",
+            customer.tenant,
+            customer.customer_id,
+            customer.display_name,
+            customer.platform_user_id,
+            customer.buffer_strategy,
+            customer.state.value,
+        )
+        return bool(status.endswith(" 1"))
+
+    async def set_customer_state(
+        self, tenant: str, customer_id: str, state: CustomerState
+    ) -> Customer | None:
+        row = await self.pool.fetchrow(
+            f"""UPDATE customers SET state = $3, updated_at = now()
+                WHERE tenant = $1 AND customer_id = $2 RETURNING {_CUSTOMER_COLUMNS}""",
+            tenant,
+            customer_id,
+            state.value,
+        )
+        return _customer(row) if row else None
+
+    # -- the ledger ----------------------------------------------------------------------
+
+    async def _lock_customer(
+        self, conn: asyncpg.Connection, tenant: str, customer_id: str
+    ) -> asyncpg.Record:
+        row = await conn.fetchrow(
+            """SELECT current_balance_grains, balance_version FROM customers
+               WHERE tenant = $1 AND customer_id = $2 FOR UPDATE""",
+            tenant,
+            customer_id,
+        )
+        if row is None:
+            raise BeamError(Reason.CUSTOMER_NOT_FOUND, f"customer {customer_id!r} not found")
+        return row
+
+    async def append_entry(
+        self,
+        *,
+        tenant: str,
+        customer_id: str,
+        transaction_id: str,
+        entry_type: EntryType,
+        amount_grains: int,
+        description: str = "",
+        reference_id: str | None = None,
+        fingerprint: str = "",
+    ) -> LedgerEntry:
+        """Append one credit/debit/adjustment exactly once per transaction id."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            account = await self._lock_customer(conn, tenant, customer_id)
+            existing = await conn.fetchrow(
+                """SELECT customer_id, fingerprint, balance_after_grains, balance_version
+                   FROM transactions WHERE tenant = $1 AND transaction_id = $2""",
+                tenant,
+                transaction_id,
+            )
+            if existing is not None:
+                if existing["fingerprint"] != fingerprint or existing["customer_id"] != customer_id:
+                    raise BeamError(
+                        Reason.TRANSACTION_ID_CONFLICT,
+                        f"transaction_id {transaction_id!r} was used with other parameters",
+                        field="transaction_id",
+                    )
+                return LedgerEntry(
+                    transaction_id,
+                    existing["balance_after_grains"],
+                    existing["balance_version"],
+                    replayed=True,
+                )
+            balance = account["current_balance_grains"] + amount_grains
+            if balance > MAX_GRAINS:
+                raise BeamError(
+                    Reason.BALANCE_LIMIT_EXCEEDED,
+                    f"the balance would exceed {MAX_GRAINS} grains",
+                    field="amount_grains",
+                )
+            version = account["balance_version"] + 1
+            await conn.execute(
+                """UPDATE customers SET current_balance_grains = $3, balance_version = $4,
+                       updated_at = now() WHERE tenant = $1 AND customer_id = $2""",
+                tenant,
+                customer_id,
+                balance,
+                version,
+            )
+            await self._insert_transaction(
+                conn,
+                (tenant, customer_id, transaction_id, entry_type.value, amount_grains),
+                (balance, version, reference_id, description, fingerprint),
+            )
+            return LedgerEntry(transaction_id, balance, version, replayed=False)
+
+    @staticmethod
+    async def _insert_transaction(
+        conn: asyncpg.Connection, head: tuple[Any, ...], tail: tuple[Any, ...]
+    ) -> None:
+        await conn.execute(
+            """INSERT INTO transactions (tenant, customer_id, transaction_id, transaction_type,
+                   amount_grains, balance_after_grains, balance_version, reference_id,
+                   description, fingerprint)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+            *head,
+            *tail,
+        )
+
+    async def find_settlement(
+        self, tenant: str, customer_id: str, request_id: str
+    ) -> Settlement | None:
+        row = await self.pool.fetchrow(
+            f"""SELECT {_REQUEST_COLUMNS} FROM requests
+                WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
+            tenant,
+            customer_id,
+            request_id,
+        )
+        return _settlement(row, replayed=True) if row else None
+
+    async def record_settlement(self, s: Settlement, created_at: datetime | None) -> Settlement:
+        """Charge a settled request exactly once; a second call returns the first result."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            account = await self._lock_customer(conn, s.tenant, s.customer_id)
+            existing = await conn.fetchrow(
+                f"""SELECT {_REQUEST_COLUMNS} FROM requests
+                    WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
+                s.tenant,
+                s.customer_id,
+                s.request_id,
+            )
+            if existing is not None:
+                return _settlement(existing, replayed=True)
+            balance = account["current_balance_grains"] - s.charged_grains
+            if balance < -MAX_GRAINS:
+                raise BeamError(Reason.OUT_OF_RANGE, "settlement would overflow the balance")
+            version = account["balance_version"] + 1
+            await conn.execute(
+                """UPDATE customers SET current_balance_grains = $3, balance_version = $4,
+                       lifetime_spent_grains = lifetime_spent_grains + $5,
+                       overage_grains = overage_grains + $6, updated_at = now()
+                   WHERE tenant = $1 AND customer_id = $2""",
+                s.tenant,
+                s.customer_id,
+                balance,
+                version,
+                s.charged_grains,
+                s.overage_grains,
+            )
+            entry_type = (
+                EntryType.EXPIRY if s.status is SettlementStatus.EXPIRED else EntryType.SETTLEMENT
+            )
+            if s.status is SettlementStatus.DEBIT:
+                entry_type = EntryType.DEBIT
+            await self._insert_transaction(
+                conn,
+                (
+                    s.tenant,
+                    s.customer_id,
+                    f"{entry_type.value}:{s.customer_id}:{s.request_id}",
+                    entry_type.value,
+                ),
+                (-s.charged_grains, balance, version, s.request_id, s.status.value, ""),
+            )
+            row = await conn.fetchrow(
+                f"""INSERT INTO requests (tenant, customer_id, request_id, status, model,
+                        estimated_cost_grains, reserved_grains, consumed_grains,
+                        actual_cost_grains, refunded_grains, overage_grains, prompt_tokens,
+                        completion_tokens, cached_prompt_tokens, balance_after_grains,
+                        balance_version, created_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                        $16, COALESCE($17, now()))
+                    RETURNING {_REQUEST_COLUMNS}""",
+                s.tenant,
+                s.customer_id,
+                s.request_id,
+                s.status.value,
+                s.model,
+                s.estimated_grains,
+                s.reserved_grains,
+                s.consumed_grains,
+                s.charged_grains,
+                s.refunded_grains,
+                s.overage_grains,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.cached_prompt_tokens,
+                balance,
+                version,
+                created_at,
+            )
+            await conn.execute(
+                """INSERT INTO usage_events (time, tenant, customer_id, request_id, model,
+                       status, prompt_tokens, completion_tokens, cost_grains)
+                   VALUES (now(), $1, $2, $3, $4, $5, $6, $7, $8)""",
+                s.tenant,
+                s.customer_id,
+                s.request_id,
+                s.model,
+                s.status.value,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.charged_grains,
+            )
+            assert row is not None
+            return _settlement(row, replayed=False)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def list_requests(self, tenant: str, customer_id: str, limit: int) -> list[Settlement]:
+        rows = await self.pool.fetch(
+            f"""SELECT {_REQUEST_COLUMNS} FROM requests WHERE tenant = $1 AND customer_id = $2
+                ORDER BY completed_at DESC, request_id LIMIT $3""",
+            tenant,
+            customer_id,
+            limit,
+        )
+        return [_settlement(r, replayed=True) for r in rows]
+
+    async def get_request(
+        self, tenant: str, request_id: str, customer_id: str = ""
+    ) -> Settlement | None:
+        row = await self.pool.fetchrow(
+            f"""SELECT {_REQUEST_COLUMNS} FROM requests
+                WHERE tenant = $1 AND request_id = $2 AND ($3 = '' OR customer_id = $3)
+                ORDER BY completed_at DESC LIMIT 1""",
+            tenant,
+            request_id,
+            customer_id,
+        )
+        return _settlement(row, replayed=True) if row else None
+
+    # -- integrity -------------------------------------------------------------------------
+
+    async def ledger_summary(
+        self, tenant: str, customer_ids: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            """SELECT c.customer_id, c.current_balance_grains, c.balance_version,
+                      COALESCE(SUM(t.amount_grains), 0)::bigint AS ledger_sum,
+                      COUNT(t.id)::bigint AS entries,
+                      COALESCE(MAX(t.balance_version), 0)::bigint AS last_version
+               FROM customers c
+               LEFT JOIN transactions t
+                 ON t.tenant = c.tenant AND t.customer_id = c.customer_id
+               WHERE c.tenant = $1 AND c.customer_id = ANY($2::text[])
+               GROUP BY c.customer_id, c.current_balance_grains, c.balance_version
+               ORDER BY c.customer_id""",
+            tenant,
+            list(customer_ids),
+        )
+        return [dict(r) for r in rows]
+
+    # -- API keys ------------------------------------------------------------------------
+
+    async def load_api_keys(self) -> list[ApiKeyRecord]:
+        rows = await self.pool.fetch(
+            """SELECT key_hash, key_id, tenant, role, name, customers, expires_at, revoked_at
+               FROM api_keys WHERE revoked_at IS NULL OR revoked_at > now()"""
+        )
+        return [_api_key(r) for r in rows]
+
+    async def get_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        row = await self.pool.fetchrow(
+            """SELECT key_hash, key_id, tenant, role, name, customers, expires_at, revoked_at
+               FROM api_keys WHERE key_hash = $1""",
+            key_hash,
+        )
+        return _api_key(row) if row else None
+
+    async def upsert_api_key(self, key: ApiKeyRecord) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO api_keys (key_hash, key_id, tenant, name, role, customers,
+                       expires_at, revoked_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   ON CONFLICT (key_hash) DO UPDATE SET role = EXCLUDED.role,
+                       customers = EXCLUDED.customers, expires_at = EXCLUDED.expires_at,
+                       revoked_at = EXCLUDED.revoked_at, name = EXCLUDED.name""",
+                key.key_hash,
+                key.key_id,
+                key.tenant,
+                key.name,
+                key.role.value,
+                sorted(key.customers),
+                key.expires_at,
+                key.revoked_at,
+            )
+            await conn.execute("SELECT pg_notify('beam_api_keys', $1)", key.key_id)
+
+    async def api_keys_named(self, tenant: str, name: str) -> list[ApiKeyRecord]:
+        rows = await self.pool.fetch(
+            """SELECT key_hash, key_id, tenant, role, name, customers, expires_at, revoked_at
+               FROM api_keys WHERE tenant = $1 AND name = $2 ORDER BY created_at""",
+            tenant,
+            name,
+        )
+        return [_api_key(r) for r in rows]
+
+    # -- prices --------------------------------------------------------------------------
+
+    async def load_prices(self) -> list[PriceRecord]:
+        rows = await self.pool.fetch(
+            """SELECT DISTINCT ON (tenant, model) tenant, model, version,
+                      input_grains_per_million, output_grains_per_million,
+                      cached_input_grains_per_million, effective_from, source
+               FROM model_prices WHERE effective_from <= now()
+               ORDER BY tenant, model, effective_from DESC, version DESC"""
+        )
+        return [_price(r) for r in rows]
+
+    async def save_prices(self, tenant: str, entries: Sequence[PriceRecord], source: str) -> int:
+        """Record a new version for every model whose price differs from its latest one.
+        All or nothing; returns how many models got a new version."""
+        changed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"prices:{tenant}")
+            for entry in entries:
+                latest = await conn.fetchrow(
+                    """SELECT version, input_grains_per_million, output_grains_per_million,
+                              cached_input_grains_per_million, effective_from
+                       FROM model_prices WHERE tenant = $1 AND model = $2
+                       ORDER BY version DESC LIMIT 1""",
+                    tenant,
+                    entry.model,
+                )
+                same = latest is not None and (
+                    latest["input_grains_per_million"],
+                    latest["output_grains_per_million"],
+                    latest["cached_input_grains_per_million"],
+                    latest["effective_from"],
+                ) == (
+                    entry.input_grains_per_million,
+                    entry.output_grains_per_million,
+                    entry.cached_input_grains_per_million,
+                    entry.effective_from,
+                )
+                if same:
+                    continue
+                await conn.execute(
+                    """INSERT INTO model_prices (tenant, model, version,
+                           input_grains_per_million, output_grains_per_million,
+                           cached_input_grains_per_million, effective_from, source)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                    tenant,
+                    entry.model,
+                    (latest["version"] + 1) if latest else 1,
+                    entry.input_grains_per_million,
+                    entry.output_grains_per_million,
+                    entry.cached_input_grains_per_million,
+                    entry.effective_from,
+                    source,
+                )
+                changed += 1
+            if changed:
+                await conn.execute("SELECT pg_notify('beam_model_prices', $1)", tenant)
+        return changed
+
+    # -- notifications -------------------------------------------------------------------
+
+    async def listen(
+        self, channels: Sequence[str], callback: Callable[[str, str], Awaitable[None] | None]
+    ) -> asyncpg.Connection:
+        """A dedicated connection delivering NOTIFY payloads to ``callback(channel, payload)``."""
+        conn: asyncpg.Connection = await self.pool.acquire()
+
+        def deliver(_c: Any, _pid: int, channel: str, payload: str) -> None:
+            callback(channel, payload)
+
+        for channel in channels:
+            await conn.add_listener(channel, deliver)
+        return conn
+
+    async def release(self, conn: asyncpg.Connection) -> None:
+        for channel in list(conn._listeners):  # drop listeners before the pool reuses it
+            for callback in list(conn._listeners[channel]):
+                await conn.remove_listener(channel, callback)
+        await self.pool.release(conn)
+
+
+def _api_key(row: asyncpg.Record) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_hash=row["key_hash"],
+        key_id=row["key_id"],
+        tenant=row["tenant"],
+        role=Role(row["role"]),
+        name=row["name"],
+        customers=frozenset(row["customers"] or ()),
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _price(row: asyncpg.Record) -> PriceRecord:
+    return PriceRecord(
+        tenant=row["tenant"],
+        model=row["model"],
+        version=row["version"],
+        input_grains_per_million=row["input_grains_per_million"],
+        output_grains_per_million=row["output_grains_per_million"],
+        cached_input_grains_per_million=row["cached_input_grains_per_million"],
+        effective_from=row["effective_from"],
+        source=row["source"],
+    )

@@ -1,0 +1,154 @@
+"""Redis: the hot path. Connects to one topology and runs Beam's Lua scripts by EVALSHA.
+
+Topologies (``BEAM_REDIS_MODE``): standalone URL, Sentinel (the master is discovered by set
+name and re-discovered after a failover), and Cluster (scripts are routed by their first
+key; every key of a script shares one hash tag, so one slot).
+
+Each script is ``lua/_common.lua`` + ``lua/<name>.lua``. Its SHA-1 is computed here, so the
+first call is already an EVALSHA; a NOSCRIPT answer (new server, failover, SCRIPT FLUSH)
+loads the script and retries once. Connection failures become STORE_UNAVAILABLE. A script
+is retried after a connection failure only when the caller says it is idempotent: a reply
+lost in flight must not charge twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from beam.adapters.resources import lua_dir
+from beam.config import RedisMode, StoreSettings
+from beam.constants import ALL_SCRIPTS, KEY_NAMESPACE
+from beam.errors import BeamError, Reason
+
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+_RETRY_DELAYS_SECONDS = (0.05, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+
+def load_scripts() -> dict[str, Script]:
+    directory = lua_dir()
+    common = (directory / "_common.lua").read_text()
+    scripts = {}
+    for name in ALL_SCRIPTS:
+        source = common + "\n" + (directory / f"{name}.lua").read_text()
+        sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        scripts[name] = Script(name, source, sha)
+    return scripts
+
+
+def _client(settings: StoreSettings) -> Any:
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    timeout = settings.redis_timeout_seconds
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": True,
+        "health_check_interval": 15,
+    }
+    if settings.redis_mode is RedisMode.CLUSTER:
+        return RedisCluster.from_url(settings.redis_url, password=password, **common)
+    if settings.redis_mode is RedisMode.SENTINEL:
+        sentinels = []
+        for address in settings.redis_sentinels:
+            host, _, port = address.rpartition(":")
+            sentinels.append((host or "127.0.0.1", int(port)))
+        sentinel = Sentinel(
+            sentinels,
+            sentinel_kwargs={"password": password, "socket_timeout": timeout},
+            password=password,
+            **common,
+        )
+        return sentinel.master_for(settings.redis_sentinel_master)
+    return aioredis.Redis.from_url(
+        settings.redis_url, password=password, max_connections=512, **common
+    )
+
+
+class RedisStore:
+    """The Redis connection plus Beam's scripts."""
+
+    def __init__(self, client: Any, mode: RedisMode) -> None:
+        self.client = client
+        self.mode = mode
+        self.scripts = load_scripts()
+
+    @classmethod
+    def connect(cls, settings: StoreSettings) -> RedisStore:
+        return cls(_client(settings), settings.redis_mode)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except _TRANSIENT:
+            return False
+
+    async def run(
+        self, name: str, keys: Sequence[str], args: Sequence[str | int], *, idempotent: bool
+    ) -> Any:
+        """EVALSHA a script; loads it on NOSCRIPT; retries transient failures if idempotent."""
+        script = self.scripts[name]
+        attempts = len(_RETRY_DELAYS_SECONDS) + 1 if idempotent else 1
+        for attempt in range(attempts):
+            try:
+                return await self._evalsha(script, keys, args)
+            except _TRANSIENT as error:
+                if attempt + 1 >= attempts:
+                    raise BeamError(
+                        Reason.STORE_UNAVAILABLE, f"redis unavailable: {type(error).__name__}"
+                    ) from error
+                await asyncio.sleep(_RETRY_DELAYS_SECONDS[attempt])
+        raise AssertionError("unreachable")
+
+    async def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.client.script_load(script.source)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except ResponseError as error:
+            if "NOSCRIPT" in str(error):
+                await self.client.script_load(script.source)
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            raise
+
+    async def load_all_scripts(self) -> None:
+        for script in self.scripts.values():
+            await self.client.script_load(script.source)
+
+    async def scan_hold_sets(self, count: int = 500) -> AsyncIterator[str]:
+        """Every open/expiring hold set of every customer (SCAN; bounded work per call)."""
+        match = f"{KEY_NAMESPACE}:*"
+        async for key in self.client.scan_iter(match=match, count=count, _type="zset"):
+            yield cast(str, key)
+
+    async def scan_accounts(self, count: int = 500) -> AsyncIterator[str]:
+        match = f"{KEY_NAMESPACE}:*:acct"
+        async for key in self.client.scan_iter(match=match, count=count, _type="hash"):
+            yield cast(str, key)
+
+    async def flush_beam_keys(self) -> int:
+        """Delete every Beam key (tests and disaster drills only)."""
+        deleted = 0
+        async for key in self.client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000):
+            deleted += int(await self.client.delete(key))
+        return deleted

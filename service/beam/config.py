@@ -1,0 +1,117 @@
+"""Every setting of the service and the operator, read from ``BEAM_*`` environment variables.
+
+One class per process kind, one home per setting. Secrets have no usable default outside dev:
+``Settings.check_production`` refuses placeholders so a forgotten ``existingSecret`` fails at
+start-up, not after money has moved under a guessable request-token key.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEV_REQUEST_TOKEN_SECRET = "beam-dev-request-token-secret-not-for-production"  # noqa: S105
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", DEV_REQUEST_TOKEN_SECRET})
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    PRODUCTION = "production"
+
+
+class RedisMode(StrEnum):
+    STANDALONE = "standalone"
+    SENTINEL = "sentinel"
+    CLUSTER = "cluster"
+
+
+class StoreSettings(BaseSettings):
+    """Where the stores are. Shared by the service, the operator and the CLI's local commands."""
+
+    model_config = SettingsConfigDict(env_prefix="BEAM_", extra="ignore")
+
+    environment: Environment = Environment.PRODUCTION
+    redis_mode: RedisMode = RedisMode.STANDALONE
+    # Standalone: the server. Cluster: any node (the rest are discovered).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Sentinel: "host:port,host:port,..." and the master set name.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "mymaster"
+    redis_password: SecretStr | None = None
+    redis_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    database_url: SecretStr = SecretStr("postgresql://beam@127.0.0.1:5432/beam")
+    database_pool_min: int = Field(default=2, ge=1, le=100)
+    database_pool_max: int = Field(default=20, ge=1, le=500)
+    # HMAC key for request tokens (>= 32 characters outside dev).
+    request_token_secret: SecretStr = SecretStr(DEV_REQUEST_TOKEN_SECRET)
+
+    @model_validator(mode="before")
+    @classmethod
+    def split_sentinels(cls, data: object) -> object:
+        if isinstance(data, dict):
+            raw = data.get("redis_sentinels")
+            if isinstance(raw, str):
+                data["redis_sentinels"] = [s.strip() for s in raw.split(",") if s.strip()]
+        return data
+
+    @model_validator(mode="after")
+    def check_production(self) -> Self:
+        if self.environment is Environment.DEV:
+            return self
+        secret = self.request_token_secret.get_secret_value()
+        if secret in PLACEHOLDER_SECRETS or len(secret) < 32:
+            raise ValueError(
+                "BEAM_REQUEST_TOKEN_SECRET must be set to a random value of at least 32 "
+                "characters outside dev (BEAM_ENVIRONMENT=dev)"
+            )
+        if self.redis_mode is RedisMode.SENTINEL and not self.redis_sentinels:
+            raise ValueError("BEAM_REDIS_SENTINELS is required when BEAM_REDIS_MODE=sentinel")
+        return self
+
+    @property
+    def is_dev(self) -> bool:
+        return self.environment is Environment.DEV
+
+
+class ServiceSettings(StoreSettings):
+    """The enforcement service (``beam serve``)."""
+
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(default=9090, ge=0, le=65535)
+    log_level: str = "INFO"
+    hold_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
+    reaper_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Holds settled per reaper pass (bounded work per tick).
+    reaper_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # How long API keys and prices may be cached before a forced reload (changes are also
+    # pushed by PostgreSQL NOTIFY; this is the fallback).
+    cache_max_age_seconds: float = Field(default=5.0, gt=0, le=300)
+    max_body_bytes: int = Field(default=65_536, ge=1024, le=10_485_760)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+    migrate_on_start: bool = False
+
+
+class OperatorSettings(StoreSettings):
+    """The Kopf operator (``beam operator``)."""
+
+    log_level: str = "INFO"
+    # Empty: all namespaces (cluster-wide). Otherwise a comma-separated list.
+    namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    status_interval_seconds: float = Field(default=10.0, ge=1, le=3600)
+    key_rotation_grace_seconds: int = Field(default=3600, ge=0, le=30 * 86_400)
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    migrate_on_start: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def split_namespaces(cls, data: object) -> object:
+        if isinstance(data, dict):
+            raw = data.get("namespaces")
+            if isinstance(raw, str):
+                data["namespaces"] = [s.strip() for s in raw.split(",") if s.strip()]
+        return data

@@ -1,0 +1,334 @@
+"""Customers, credits and debits, request history, integrity and sync.
+
+Credits go to PostgreSQL first, then Redis adopts the new balance by version. A debit
+takes money a customer could otherwise spend, so it goes through a hold like any request
+(the same open-hold script guards against overspend), is committed to the ledger, then
+the hold is released while the new balance is adopted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from beam.constants import (
+    DONE_MARKER_TTL_SECONDS,
+    EXPIRE_BATCH_PER_CALL,
+    MAX_OPEN_HOLDS_PER_CUSTOMER,
+    MULTIPLIER_SCALE,
+    SCRIPT_AUDIT_ACCOUNT,
+    SCRIPT_OPEN_HOLD,
+    SCRIPT_SETTLE_HOLD,
+    customer_keys,
+)
+from beam.core.auth import Action, Principal, customer_not_found
+from beam.core.commands import (
+    LedgerCommand,
+    require_id,
+    validate_ledger_command,
+    validate_strategy,
+)
+from beam.core.ledger import Ledger, fingerprint, now_ms
+from beam.errors import BeamError, Reason, invalid
+from beam.records import Customer, CustomerState, EntryType, LedgerEntry, Settlement
+
+
+@dataclass(frozen=True, slots=True)
+class EntryResult:
+    transaction_id: str
+    balance: int
+    available: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerView:
+    customer: Customer
+    reserved: int
+
+    @property
+    def available(self) -> int:
+        return self.customer.balance_grains - self.reserved
+
+
+@dataclass(slots=True)
+class CustomerIntegrity:
+    customer_id: str
+    ledger_sum_grains: int = 0
+    postgres_balance: int = 0
+    redis_balance: int = 0
+    redis_held: int = 0
+    open_holds_sum: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Admin:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.postgres = ledger.postgres
+        self.redis = ledger.redis
+
+    # -- customers -----------------------------------------------------------------------
+
+    async def create_customer(
+        self,
+        principal: Principal,
+        customer: Customer,
+        initial_balance_grains: int = 0,
+    ) -> CustomerView:
+        principal.require(Action.ADMIN)
+        require_id(customer.customer_id, "customer_id")
+        principal.require_customer(customer.customer_id)
+        validate_strategy(customer.buffer_strategy)
+        if initial_balance_grains < 0:
+            raise invalid("initial_balance_grains", "must not be negative", Reason.OUT_OF_RANGE)
+        customer = _with_tenant(customer, principal.tenant)
+        created = await self.postgres.insert_customer(customer)
+        if not created:
+            existing = await self.postgres.get_customer(principal.tenant, customer.customer_id)
+            assert existing is not None
+            if (existing.display_name, existing.platform_user_id) != (
+                customer.display_name,
+                customer.platform_user_id,
+            ):
+                raise BeamError(
+                    Reason.CUSTOMER_EXISTS,
+                    f"customer {customer.customer_id!r} already exists",
+                    field="customer_id",
+                )
+        if initial_balance_grains:
+            await self.credit(
+                principal,
+                LedgerCommand(
+                    customer.customer_id,
+                    initial_balance_grains,
+                    "opening balance",
+                    f"open:{customer.customer_id}",
+                ),
+            )
+        return await self.get_customer(principal, customer.customer_id)
+
+    async def get_customer(self, principal: Principal, customer_id: str) -> CustomerView:
+        principal.require(Action.READ)
+        require_id(customer_id, "customer_id")
+        principal.require_customer(customer_id)
+        customer = await self.postgres.get_customer(principal.tenant, customer_id)
+        if customer is None:
+            raise customer_not_found(customer_id)
+        balance = await self.ledger.balance(principal, customer_id)
+        return CustomerView(_with_balance(customer, balance.balance), balance.reserved)
+
+    async def list_customers(
+        self, principal: Principal, limit: int, after_customer_id: str = ""
+    ) -> list[CustomerView]:
+        principal.require(Action.READ)
+        customers = await self.postgres.list_customers(
+            principal.tenant, limit=limit, after_customer_id=after_customer_id
+        )
+        views = []
+        for customer in customers:
+            if principal.can_see(customer.customer_id):
+                balance = await self.ledger.balance(principal, customer.customer_id)
+                views.append(
+                    CustomerView(_with_balance(customer, balance.balance), balance.reserved)
+                )
+        return views
+
+    # -- credits and debits ----------------------------------------------------------------
+
+    async def credit(self, principal: Principal, command: LedgerCommand) -> EntryResult:
+        principal.require(Action.ADMIN)
+        validate_ledger_command(command)
+        principal.require_customer(command.customer_id)
+        transaction_id = command.transaction_id or f"credit:{uuid.uuid4().hex}"
+        entry = await self.postgres.append_entry(
+            tenant=principal.tenant,
+            customer_id=command.customer_id,
+            transaction_id=transaction_id,
+            entry_type=EntryType.CREDIT,
+            amount_grains=command.amount_grains,
+            description=command.description,
+            fingerprint=fingerprint("credit", command.customer_id, command.amount_grains),
+        )
+        return await self._adopt(principal.tenant, command.customer_id, entry)
+
+    async def debit(self, principal: Principal, command: LedgerCommand) -> EntryResult:
+        principal.require(Action.ADMIN)
+        validate_ledger_command(command)
+        principal.require_customer(command.customer_id)
+        transaction_id = command.transaction_id or f"debit:{uuid.uuid4().hex}"
+        hold_id = f"debit:{transaction_id}"
+        digest = fingerprint("debit", command.customer_id, command.amount_grains)
+        opened = await self.ledger._run_loaded(
+            SCRIPT_OPEN_HOLD, principal.tenant, command.customer_id, hold_id,
+            [
+                now_ms(), hold_id, command.amount_grains, MULTIPLIER_SCALE, digest, "debit",
+                "", 0, 0, 0, 0, 60_000, MAX_OPEN_HOLDS_PER_CUSTOMER, EXPIRE_BATCH_PER_CALL,
+            ],
+            idempotent=True,
+        )  # fmt: skip
+        if opened[0] == "REJECT":
+            raise BeamError(
+                Reason[opened[1]] if opened[1] in Reason.__members__ else Reason.INTERNAL,
+                f"cannot debit {command.amount_grains} grains: {opened[1]} "
+                f"(available {opened[2]})",
+                field="amount_grains",
+            )
+        if opened[0] == "CONFLICT":
+            raise BeamError(
+                Reason.TRANSACTION_ID_CONFLICT,
+                f"transaction_id {transaction_id!r} was used with other parameters",
+                field="transaction_id",
+            )
+        try:
+            entry = await self.postgres.append_entry(
+                tenant=principal.tenant,
+                customer_id=command.customer_id,
+                transaction_id=transaction_id,
+                entry_type=EntryType.DEBIT,
+                amount_grains=-command.amount_grains,
+                description=command.description,
+                fingerprint=digest,
+            )
+        except BaseException:
+            await self._release(principal.tenant, command.customer_id, hold_id, 0, 0)
+            raise
+        await self._release(
+            principal.tenant, command.customer_id, hold_id, entry.balance_after_grains,
+            entry.balance_version,
+        )  # fmt: skip
+        return await self._adopt(principal.tenant, command.customer_id, entry)
+
+    async def _release(
+        self, tenant: str, customer_id: str, hold_id: str, balance: int, version: int
+    ) -> None:
+        await self.redis.run(
+            SCRIPT_SETTLE_HOLD,
+            customer_keys(tenant, customer_id, hold_id),
+            [hold_id, balance, version, 0, 0, 0, "debit", DONE_MARKER_TTL_SECONDS],
+            idempotent=True,
+        )
+
+    async def _adopt(self, tenant: str, customer_id: str, entry: LedgerEntry) -> EntryResult:
+        held = await self.ledger.adopt_balance(
+            tenant, customer_id, entry.balance_after_grains, entry.balance_version
+        )
+        return EntryResult(
+            entry.transaction_id,
+            entry.balance_after_grains,
+            entry.balance_after_grains - held,
+            entry.replayed,
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def list_requests(
+        self, principal: Principal, customer_id: str, limit: int
+    ) -> list[Settlement]:
+        principal.require(Action.READ)
+        require_id(customer_id, "customer_id")
+        principal.require_customer(customer_id)
+        return await self.postgres.list_requests(principal.tenant, customer_id, limit)
+
+    async def get_request(
+        self, principal: Principal, request_id: str, customer_id: str = ""
+    ) -> Settlement:
+        principal.require(Action.READ)
+        if not request_id:
+            raise invalid("request_id", "required", Reason.MISSING_FIELD)
+        found = await self.postgres.get_request(principal.tenant, request_id, customer_id)
+        if found is None or not principal.can_see(found.customer_id):
+            raise BeamError(
+                Reason.REQUEST_NOT_FOUND,
+                f"no settled request {request_id!r}",
+                field="request_id",
+            )
+        return found
+
+    # -- integrity and sync ------------------------------------------------------------------
+
+    async def verify_integrity(
+        self, principal: Principal, customer_id: str = ""
+    ) -> list[CustomerIntegrity]:
+        principal.require(Action.READ)
+        if customer_id:
+            require_id(customer_id, "customer_id")
+            principal.require_customer(customer_id)
+            ids = [customer_id]
+        else:
+            ids = [
+                c for _, c in await self.postgres.all_customer_ids(principal.tenant)
+                if principal.can_see(c)
+            ]  # fmt: skip
+        summaries = await self.postgres.ledger_summary(principal.tenant, ids)
+        if customer_id and not summaries:
+            raise customer_not_found(customer_id)
+        return [await self._audit(principal.tenant, row) for row in summaries]
+
+    async def _audit(self, tenant: str, row: dict[str, Any]) -> CustomerIntegrity:
+        report = CustomerIntegrity(
+            row["customer_id"], row["ledger_sum"], row["current_balance_grains"]
+        )
+        if row["ledger_sum"] != row["current_balance_grains"]:
+            report.problems.append(
+                f"ledger sum {row['ledger_sum']} != cached balance {row['current_balance_grains']}"
+            )
+        if row["entries"] != row["balance_version"] or row["last_version"] != row["entries"]:
+            report.problems.append(
+                f"balance_version {row['balance_version']} != ledger entries {row['entries']}"
+            )
+        audit = await self.redis.run(
+            SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant, row["customer_id"]), [], idempotent=True
+        )
+        exists, balance, held, version, holds_sum = (int(v) for v in audit[:5])
+        report.redis_balance, report.redis_held, report.open_holds_sum = balance, held, holds_sum
+        if exists:
+            if version != row["balance_version"] or balance != row["current_balance_grains"]:
+                report.problems.append(
+                    f"redis balance {balance} (version {version}) != postgres "
+                    f"{row['current_balance_grains']} (version {row['balance_version']})"
+                )
+            if held != holds_sum:
+                report.problems.append(f"redis held {held} != sum of open holds {holds_sum}")
+        return report
+
+    async def sync(self, principal: Principal) -> tuple[int, int]:
+        """Rebuild every account of the caller's tenant from PostgreSQL, keeping holds."""
+        principal.require(Action.ADMIN)
+        return await self.sync_tenant(principal.tenant)
+
+    async def sync_tenant(self, tenant: str | None) -> tuple[int, int]:
+        synced = kept = 0
+        for tenant_id, customer_id in await self.postgres.all_customer_ids(tenant):
+            customer = await self.postgres.get_customer(tenant_id, customer_id)
+            if customer is None:
+                continue
+            await self.ledger.load_account(customer, force=True)
+            audit = await self.redis.run(
+                SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant_id, customer_id), [], idempotent=True
+            )
+            synced += 1
+            kept += int(audit[5]) + int(audit[6])
+        return synced, kept
+
+    async def set_state(self, tenant: str, customer_id: str, state: CustomerState) -> None:
+        customer = await self.postgres.set_customer_state(tenant, customer_id, state)
+        if customer is not None:
+            await self.ledger.load_account(customer)
+
+
+def _with_tenant(customer: Customer, tenant: str) -> Customer:
+    from dataclasses import replace
+
+    return replace(customer, tenant=tenant)
+
+
+def _with_balance(customer: Customer, balance: int) -> Customer:
+    from dataclasses import replace
+
+    return replace(customer, balance_grains=balance)

@@ -1,0 +1,97 @@
+"""Wires the stores, caches and background work of one Beam process.
+
+Both servers (gRPC and REST) share one ``Runtime``: one Redis client, one PostgreSQL pool,
+one key cache, one price cache, one reaper. Background tasks are owned here and cancelled
+on ``stop``; nothing else starts tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from beam.adapters.postgres_store import PostgresStore
+from beam.adapters.redis_store import RedisStore
+from beam.config import ServiceSettings
+from beam.constants import CHANNEL_API_KEYS, CHANNEL_PRICES
+from beam.core.admin import Admin
+from beam.core.auth import Authenticator, RequestTokens
+from beam.core.ledger import Ledger
+from beam.core.pricing import PriceBook
+from beam.core.reaper import Reaper
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: ServiceSettings, redis: RedisStore, postgres: PostgresStore):
+        self.settings = settings
+        self.redis = redis
+        self.postgres = postgres
+        self.auth = Authenticator(
+            postgres, dev_mode=settings.is_dev, max_age_seconds=settings.cache_max_age_seconds
+        )
+        self.prices = PriceBook(postgres, max_age_seconds=settings.cache_max_age_seconds)
+        self.tokens = RequestTokens(settings.request_token_secret.get_secret_value())
+        self.ledger = Ledger(
+            redis,
+            postgres,
+            self.prices,
+            self.tokens,
+            default_hold_ttl_seconds=settings.hold_ttl_seconds,
+        )
+        self.admin = Admin(self.ledger)
+        self.reaper = Reaper(self.ledger, batch_size=settings.reaper_batch_size)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._listener: Any = None
+
+    @classmethod
+    async def create(cls, settings: ServiceSettings, *, background: bool = True) -> Runtime:
+        postgres = await PostgresStore.connect(settings)
+        if settings.migrate_on_start:
+            await postgres.migrate()
+        redis = RedisStore.connect(settings)
+        runtime = cls(settings, redis, postgres)
+        await runtime.start(background=background)
+        return runtime
+
+    async def start(self, *, background: bool = True) -> None:
+        await self.auth.reload()
+        await self.prices.reload()
+        self._listener = await self.postgres.listen(
+            [CHANNEL_API_KEYS, CHANNEL_PRICES], self._on_notify
+        )
+        if background:
+            self._tasks.append(
+                asyncio.create_task(
+                    self.reaper.run_forever(self.settings.reaper_interval_seconds),
+                    name="beam-reaper",
+                )
+            )
+
+    def _on_notify(self, channel: str, _payload: str) -> None:
+        # Reload on the next call (cheap, and it never runs inside asyncpg's callback).
+        if channel == CHANNEL_API_KEYS:
+            self.auth.invalidate()
+        elif channel == CHANNEL_PRICES:
+            self.prices.invalidate()
+
+    async def ready(self) -> dict[str, bool]:
+        redis_ok, postgres_ok = await asyncio.gather(self.redis.ping(), self.postgres.ping())
+        return {"redis": redis_ok, "postgres": postgres_ok}
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self.postgres.release(self._listener)
+            self._listener = None
+        await self.redis.close()
+        await self.postgres.close()

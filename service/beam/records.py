@@ -1,0 +1,115 @@
+"""Plain records shared by the core and the adapters (no behaviour, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class CustomerState(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    CLOSED = "closed"
+
+
+class Role(StrEnum):
+    ENFORCER = "enforcer"
+    READER = "reader"
+    ADMIN = "admin"
+
+
+class EntryType(StrEnum):
+    CREDIT = "credit"
+    DEBIT = "debit"
+    SETTLEMENT = "settlement"
+    EXPIRY = "expiry"
+    ADJUSTMENT = "adjustment"
+
+
+class SettlementStatus(StrEnum):
+    """How a request ended; stored in requests.status."""
+
+    COMPLETED = "completed"
+    KILLED = "killed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    EXPIRED = "expired"
+    DEBIT = "debit"
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    tenant: str
+    customer_id: str
+    display_name: str = ""
+    platform_user_id: str = ""
+    balance_grains: int = 0
+    balance_version: int = 0
+    lifetime_spent_grains: int = 0
+    overage_grains: int = 0
+    buffer_strategy: str = "conservative"
+    hold_ttl_seconds: int | None = None
+    max_request_grains: int | None = None
+    low_balance_threshold_grains: int | None = None
+    state: CustomerState = CustomerState.ACTIVE
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """The outcome of appending (or replaying) one ledger transaction."""
+
+    transaction_id: str
+    balance_after_grains: int
+    balance_version: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One settled request: what was charged and what the balance became."""
+
+    tenant: str
+    customer_id: str
+    request_id: str
+    status: SettlementStatus
+    model: str = ""
+    estimated_grains: int = 0
+    reserved_grains: int = 0
+    consumed_grains: int = 0
+    charged_grains: int = 0
+    refunded_grains: int = 0
+    overage_grains: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    balance_after_grains: int = 0
+    balance_version: int = 0
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    key_hash: str
+    key_id: str
+    tenant: str
+    role: Role
+    name: str = ""
+    customers: frozenset[str] = field(default_factory=frozenset)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRecord:
+    tenant: str
+    model: str
+    version: int
+    input_grains_per_million: int
+    output_grains_per_million: int
+    cached_input_grains_per_million: int
+    effective_from: datetime
+    source: str = ""
