@@ -95,8 +95,9 @@ server="https://127.0.0.1:$apiserver_port"
 
 # ---------------------------------------------------------------------------------------------
 # Certificates: a throwaway CA, the apiserver serving certificate, client certificates for the
-# admin user (group system:masters) and kube-controller-manager, and the service-account key
-# pair. ECDSA P-256 keys are quick to make; the service-account key is RSA, like kubeadm's.
+# admin user (group system:masters) and kube-controller-manager, the front-proxy CA and client
+# of the aggregation layer, and the service-account key pair. ECDSA P-256 keys are quick to
+# make; the service-account key is RSA, like kubeadm's.
 pki="$workdir/pki"
 rm -rf "$pki"
 mkdir -p "$pki"
@@ -109,22 +110,30 @@ openssl_quiet() {
 
 new_key() { openssl_quiet genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
 
-# sign NAME SUBJECT EXTENSIONS: a certificate for pki/NAME.key signed by the CA.
+# new_ca NAME: a self-signed CA certificate pki/NAME.crt with key pki/NAME.key.
+new_ca() {
+    new_key "$pki/$1.key"
+    openssl_quiet req -x509 -new -key "$pki/$1.key" -subj "/CN=beam-test-$1" -days 30 \
+        -sha256 -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" -out "$pki/$1.crt"
+}
+
+# sign NAME SUBJECT EXTENSIONS [CA]: a certificate for pki/NAME.key signed by pki/CA (ca).
 sign() {
-    local name="$1" subject="$2" extensions="$3"
+    local name="$1" subject="$2" extensions="$3" ca="${4:-ca}"
     new_key "$pki/$name.key"
     openssl_quiet req -new -key "$pki/$name.key" -subj "$subject" -out "$pki/$name.csr"
     printf '%s\n' "$extensions" >"$pki/$name.ext"
-    openssl_quiet x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+    openssl_quiet x509 -req -in "$pki/$name.csr" -CA "$pki/$ca.crt" -CAkey "$pki/$ca.key" \
         -CAcreateserial -days 30 -sha256 -extfile "$pki/$name.ext" -out "$pki/$name.crt"
     rm -f "$pki/$name.csr" "$pki/$name.ext"
 }
 
-new_key "$pki/ca.key"
-openssl_quiet req -x509 -new -key "$pki/ca.key" -subj "/CN=beam-test-ca" -days 30 -sha256 \
-    -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
-    -out "$pki/ca.crt"
+new_ca ca
+# The aggregation layer's own CA and client: the apiserver publishes the front-proxy CA in
+# kube-system/extension-apiserver-authentication, which kube-controller-manager (and any
+# aggregated API server) reads; without it the controller manager logs errors forever.
+new_ca front-proxy-ca
 client_extensions="basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
@@ -134,6 +143,7 @@ extendedKeyUsage=serverAuth
 subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1"
 sign admin "/O=system:masters/CN=beam-admin" "$client_extensions"
 sign controller-manager "/CN=system:kube-controller-manager" "$client_extensions"
+sign front-proxy-client "/CN=front-proxy-client" "$client_extensions" front-proxy-ca
 openssl_quiet genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$pki/sa.key"
 openssl_quiet pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 chmod 600 "$pki"/*.key
@@ -252,6 +262,13 @@ start kube-apiserver \
     --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 \
     --endpoint-reconciler-type none \
+    --requestheader-client-ca-file "$pki/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$pki/front-proxy-client.crt" \
+    --proxy-client-key-file "$pki/front-proxy-client.key" \
     --profiling=false
 wait_for "kube-apiserver /readyz on $server" kube-apiserver \
     "$kubectl" --kubeconfig "$workdir/kubeconfig" --request-timeout 5s get --raw /readyz

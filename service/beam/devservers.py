@@ -14,8 +14,9 @@ Dangerous parts, read before changing:
 
 - Servers bind 127.0.0.1 only and run with ``protected-mode no`` and, by default, no password.
   This is a development harness: never point it at a non-loopback interface.
-- Every child runs in its own session (process group). ``kill()`` SIGKILLs the whole group,
-  which is how tests simulate a crash. A registry and an ``atexit`` hook stop whatever is still
+- Every child runs in its own session (process group). ``kill()`` SIGKILLs the leader, its
+  group and every descendant (PostgreSQL backends setsid() into groups of their own), which
+  is how tests simulate a crash. A registry and an ``atexit`` hook stop whatever is still
   running when the interpreter exits, so a failing test run does not leak servers. Nothing can
   catch a SIGKILL of the Python process itself: those servers stay up.
 - PostgreSQL refuses to run as root. As root we create (``useradd --system``) and use the
@@ -49,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Final, Literal, NamedTuple, Self
 from urllib.parse import quote
 
@@ -75,6 +76,7 @@ LOG_TAIL_LINES: Final = 40
 LOG_TAIL_BYTES: Final = 64 * 1024
 PORT_ATTEMPTS: Final = 3
 PORT_PROBES_MAX: Final = 2000
+PROCESS_TREE_MAX: Final = 10_000
 
 CLUSTER_SLOT_COUNT: Final = 16384
 CLUSTER_BUS_PORT_OFFSET: Final = 10000
@@ -314,8 +316,7 @@ def _stop_leftover_servers() -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(max(0.0, deadline - time.monotonic()))
         if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            _kill_tree(process.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(EXIT_GRACE_SECONDS)
 
@@ -369,10 +370,19 @@ class _Child:
         process = self._process
         if process is None:
             return
-        if process.returncode is None:  # not reaped yet, so the group id is still ours
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        self._reap(process)
+        if process.returncode is None:  # not reaped yet, so the pid and group are still ours
+            doomed = _kill_tree(process.pid)
+            self._reap(process)
+            # Killed children die on their own schedule; a restart before they are gone
+            # finds their shared memory (PostgreSQL) still in use.
+            _wait_for(
+                f"the processes of {self.name} to exit",
+                lambda: not _any_alive(process.pid, doomed),
+                STOP_TIMEOUT_SECONDS,
+                [],
+            )
+        else:
+            _unregister(process)
 
     def stop(self, timeout: float, request_shutdown: Callable[[], None] | None = None) -> None:
         """Ask for a graceful exit, wait ``timeout`` seconds, then SIGKILL the group."""
@@ -405,20 +415,160 @@ class _Child:
         )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """The last lines the server wrote since it was last started."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-                data = log.read()
-        except FileNotFoundError:
-            return f"--- {self.log_path}: no log yet ---"
-        marker = data.rfind(_LOG_MARKER)
-        text = data[marker if marker >= 0 else 0 :].decode("utf-8", "replace")
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"--- last lines of {self.log_path} ---\n{tail}"
+        return _log_tail(self.log_path, lines)
 
     def started_on_busy_port(self) -> bool:
         return "address already in use" in self.log_tail(lines=400).lower()
+
+
+def _log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines written to ``log_path`` since the last start marker."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            data = log.read()
+    except FileNotFoundError:
+        return f"--- {log_path}: no log yet ---"
+    marker = data.rfind(_LOG_MARKER)
+    text = data[marker if marker >= 0 else 0 :].decode("utf-8", "replace")
+    tail = "\n".join(text.splitlines()[-lines:])
+    return f"--- last lines of {log_path} ---\n{tail}"
+
+
+def _run_logged(
+    argv: Sequence[str],
+    log_path: Path,
+    timeout: float,
+    *,
+    cwd: Path | None = None,
+    run_as: _OsUser | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run a one-shot command (initdb, redis-cli) to completion, its output appended to a log."""
+    with log_path.open("ab") as log:
+        log.write(b"\n" + _LOG_MARKER + shlex.join(argv).encode() + b" ---\n")
+        log.flush()
+        try:
+            result = subprocess.run(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=None if env is None else dict(env),
+                user=None if run_as is None else run_as.uid,
+                group=None if run_as is None else run_as.gid,
+                extra_groups=None if run_as is None else [],
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            message = f"{Path(argv[0]).name} did not finish within {timeout:.0f}s"
+            raise DevServerTimeoutError(f"{message}\n{_log_tail(log_path)}") from error
+    if result.returncode != 0:
+        message = f"{Path(argv[0]).name} failed (exit code {result.returncode})"
+        raise DevServerError(f"{message}\n{_log_tail(log_path)}")
+
+
+class _ProcessStat(NamedTuple):
+    pid: int
+    state: str
+    parent_pid: int
+    process_group: int
+
+
+def _process_table() -> list[_ProcessStat]:
+    """Every process's state, parent and group, from Linux /proc (empty elsewhere)."""
+    table: list[_ProcessStat] = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
+            fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process is gone already
+        pid = int(stat_path.parent.name)
+        table.append(_ProcessStat(pid, fields[0], int(fields[1]), int(fields[2])))
+    return table
+
+
+def _descendants(root: int) -> set[int]:
+    """Pids of all descendants of ``root``."""
+    children: dict[int, list[int]] = {}
+    for entry in _process_table():
+        children.setdefault(entry.parent_pid, []).append(entry.pid)
+    found: set[int] = set()
+    frontier = [root]
+    while frontier and len(found) < PROCESS_TREE_MAX:
+        for child in children.get(frontier.pop(), []):
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def _kill_tree(leader: int) -> set[int]:
+    """SIGKILL ``leader``, its process group and every descendant; return what was signalled.
+
+    PostgreSQL children call setsid(), so killing the postmaster's group alone leaves the
+    backends running (and attached to the shared memory a restart needs). The leader is
+    stopped first so that it cannot fork while its descendants are listed.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(leader, signal.SIGSTOP)
+    doomed = _descendants(leader)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader, signal.SIGKILL)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return doomed
+
+
+def _any_alive(process_group: int, pids: set[int]) -> bool:
+    """Whether a non-zombie process is in ``process_group`` or among ``pids``."""
+    return any(
+        entry.state != "Z" and (entry.process_group == process_group or entry.pid in pids)
+        for entry in _process_table()
+    )
+
+
+def _process_has_argument(pid: int, argument: Path) -> bool:
+    """Whether process ``pid`` runs with ``argument`` on its command line (PostgreSQL -D)."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True  # cannot tell: assume it is a live server
+    return os.fsencode(argument) in arguments
+
+
+def _process_cwd_is(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` works in ``directory`` (Redis chdirs into its ``dir``)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == directory
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True  # cannot tell: assume it is a live server
+
+
+def _clear_stale_pid_file(pid_file: Path, owner_alive: Callable[[int], bool], what: str) -> None:
+    """Remove a pid file left by a killed server; refuse when that server still runs.
+
+    Two servers on one data directory (a leaked one from an earlier run and a new one) would
+    both write the same AOF / WAL.
+    """
+    try:
+        first_line = pid_file.read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return
+    if first_line.isdigit() and owner_alive(int(first_line)):
+        raise DevServerError(
+            f"{what} (pid {first_line}) already runs on {pid_file.parent}: stop it first"
+        )
+    pid_file.unlink()
+    _LOG.info("removed stale %s (pid %s)", pid_file, first_line or "?")
 
 
 def _try_call(action: Callable[[], None] | None) -> bool:
@@ -492,6 +642,22 @@ class _Lifecycle:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_servers_on_signals(
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGHUP),
+) -> None:
+    """Turn ``signals`` into SystemExit so that ``with`` blocks and the atexit net stop servers.
+
+    For long-running entry points such as ``beam dev``; call it from the main thread. Python's
+    default handling of SIGTERM skips both and leaks every server it started.
+    """
+
+    def exit_on_signal(signal_number: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signal_number)
+
+    for signal_to_handle in signals:
+        signal.signal(signal_to_handle, exit_on_signal)
 
 
 # ---------------------------------------------------------------------------- redis helpers
@@ -626,12 +792,32 @@ class RedisServer(_Lifecycle):
         return _redis_client(self._port, self.password)
 
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
-        """Start and wait until PING answers (the AOF, if any, is loaded by then)."""
+        """Write redis.conf from the constructor's arguments, start, wait until PING answers.
+
+        The AOF in ``workdir``, if any, is loaded by then.
+        """
         if self.running:
             raise DevServerError(f"{self._child.name} is already running (pid {self.pid})")
+        self._write_config()
+        self._launch(timeout)
+
+    def restart(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Stop (when running) and start again with the same port, data and redis.conf.
+
+        Unlike :meth:`start`, keeps redis.conf as it is, including what Sentinel rewrote in it
+        (a killed master comes back with its old config and Sentinel turns it into a replica).
+        """
+        if self.running:
+            self.stop()
+        if not self._config_written:
+            self._write_config()
+        self._launch(timeout)
+
+    def _launch(self, timeout: float) -> None:
+        pid_file = self.workdir / "redis.pid"
+        owner_alive = functools.partial(_process_cwd_is, directory=self.workdir)
+        _clear_stale_pid_file(pid_file, owner_alive, "a redis-server")
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            if not self._config_written:
-                self._write_config()
             self._child.spawn([str(self.binary), str(self.config_path)], cwd=self.workdir)
             try:
                 _wait_for(f"{self._child.name} to answer PING", self._ready, timeout, [self._child])
@@ -653,12 +839,6 @@ class RedisServer(_Lifecycle):
         """SIGKILL: no shutdown, no save. Simulates a crash."""
         self._child.kill()
 
-    def restart(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
-        """Stop (when running) and start on the same port over the same data directory."""
-        if self.running:
-            self.stop()
-        self.start(timeout)
-
     def _ready(self) -> bool:
         return _ping(self._port, self.password)
 
@@ -677,10 +857,9 @@ class RedisServer(_Lifecycle):
         _LOG.info("port %d was taken; %s moves to %d", self._port, self._child.name, port)
         self._port = port
         self._child.name = f"redis-server:{port}"
-        self._config_written = False
+        self._write_config()
 
     def _write_config(self) -> None:
-        """Written once per object: Sentinel may CONFIG REWRITE it (replicaof) later."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         settings: dict[str, str] = {
             "bind": LOOPBACK_HOST,
@@ -690,6 +869,7 @@ class RedisServer(_Lifecycle):
             "logfile": '""',
             "save": '""',
             "dbfilename": "dump.rdb",
+            "pidfile": _config_value(str(self.workdir / "redis.pid")),
             "appendonly": "yes" if self.appendonly else "no",
             "appendfsync": self.appendfsync,
             # Redis 7 syncs replicas diskless after a 5 s delay by default; do not wait.
@@ -760,7 +940,8 @@ class RedisSentinelGroup(_Lifecycle):
     """A master, ``replicas`` replicas and ``sentinels`` Sentinels watching them, on loopback.
 
     Node ``node-0`` starts as master; after a failover :meth:`master` follows the Sentinels.
-    Sentinel configs are regenerated on every start (the data directories are kept).
+    Every :meth:`start` regenerates all configs, so ``node-0`` is master again and the
+    replicas resync from it (writes made on a promoted replica since are dropped: dev only).
     """
 
     def __init__(
@@ -1002,37 +1183,26 @@ class RedisClusterGroup(_Lifecycle):
         cli = find_redis_cli(self.binary) if self.create_with != "client" else None
         if self.create_with == "redis-cli" and cli is None:
             raise BinaryNotFoundError("create_with='redis-cli' but no redis-cli was found")
-        # redis-cli refuses clusters of fewer than 3 masters.
+        if self.create_with == "redis-cli" and self.masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
         if cli is not None and self.masters >= 3:
-            self._create_with_cli(cli)
+            self._create_with_cli(cli, timeout)
         else:
             self._create_with_client(timeout)
 
-    def _create_with_cli(self, cli: Path) -> None:
+    def _create_with_cli(self, cli: Path, timeout: float) -> None:
         argv = [str(cli), "--cluster", "create", *(f"{h}:{p}" for h, p in self.startup_nodes)]
         argv += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
-        log_path = self.workdir / "cluster-create.log"
-        with log_path.open("ab") as log:
-            log.write(b"\n" + _LOG_MARKER + shlex.join(argv).encode() + b" ---\n")
-            log.flush()
-            result = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=COMMAND_TIMEOUT_SECONDS,
-                check=False,
-            )
-        if result.returncode != 0:
-            tail = _Child("redis-cli", log_path, signal.SIGTERM).log_tail()
-            raise DevServerError(f"redis-cli --cluster create failed ({result.returncode})\n{tail}")
+        _run_logged(argv, self.workdir / "cluster-create.log", timeout)
 
     def _create_with_client(self, timeout: float) -> None:
         ports = [node.port for node in self.nodes]
         node_ids = [str(_command(port, "CLUSTER", "MYID")) for port in ports]
         for epoch, port in enumerate(ports, start=1):
             _command(port, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
-        for port, (first, last) in zip(ports, _slot_ranges(self.masters), strict=False):
+        for port, (first, last) in zip(
+            ports[: self.masters], _slot_ranges(self.masters), strict=True
+        ):
             _add_slots(port, first, last)
         for port in ports[1:]:
             _command(ports[0], "CLUSTER", "MEET", LOOPBACK_HOST, port)
@@ -1151,29 +1321,6 @@ def _postgres_env(password: str | None) -> dict[str, str]:
     return env
 
 
-def _process_uses_data_dir(pid: int, data_dir: Path) -> bool:
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return False
-    except PermissionError:
-        return True  # cannot tell: assume it is a live postmaster
-    return os.fsencode(data_dir) in arguments
-
-
-def _clear_stale_pid_file(data_dir: Path) -> None:
-    """Remove postmaster.pid left by a killed server; refuse when that server still runs."""
-    pid_file = data_dir / "postmaster.pid"
-    try:
-        first_line = pid_file.read_text().split("\n", 1)[0].strip()
-    except FileNotFoundError:
-        return
-    if first_line.isdigit() and _process_uses_data_dir(int(first_line), data_dir):
-        raise DevServerError(f"a postmaster (pid {first_line}) already runs on {data_dir}")
-    pid_file.unlink()
-    _LOG.info("removed stale %s (pid %s)", pid_file, first_line or "?")
-
-
 class PostgresServer(_Lifecycle):
     """One PostgreSQL cluster on 127.0.0.1, data in ``workdir/data``, reused across starts.
 
@@ -1245,7 +1392,7 @@ class PostgresServer(_Lifecycle):
                     raise
                 self._port = free_port()
                 self._child.name = f"postgres:{self._port}"
-                _clear_stale_pid_file(self.data_dir)
+                self._clear_stale_pid_file()
                 continue
             self._started_once = True
             self._ensure_database()
@@ -1293,9 +1440,16 @@ class PostgresServer(_Lifecycle):
             _grant_search(self.bin_dir, run_as)
         if (self.data_dir / "PG_VERSION").exists():
             self._check_data_version()
-            _clear_stale_pid_file(self.data_dir)
+            self._clear_stale_pid_file()
         else:
             self._initdb(run_as)
+
+    def _clear_stale_pid_file(self) -> None:
+        _clear_stale_pid_file(
+            self.data_dir / "postmaster.pid",
+            functools.partial(_process_has_argument, argument=self.data_dir),
+            "a postmaster",
+        )
 
     def _check_data_version(self) -> None:
         data_version = (self.data_dir / "PG_VERSION").read_text().strip()
@@ -1325,35 +1479,23 @@ class PostgresServer(_Lifecycle):
         argv += ["--no-sync"]
         password_file = self.workdir / ".initdb-password"
         if self.password is not None:
-            password_file.write_text(self.password + "\n")
-            password_file.chmod(0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            with os.fdopen(os.open(password_file, flags, 0o600), "w") as handle:
+                handle.write(self.password + "\n")
             if run_as is not None:
                 os.chown(password_file, run_as.uid, run_as.gid)
             argv.append(f"--pwfile={password_file}")
         try:
-            self._run_initdb(argv, run_as)
+            _run_logged(
+                argv,
+                self.log_path,
+                COMMAND_TIMEOUT_SECONDS,
+                cwd=self.workdir,
+                run_as=run_as,
+                env=_postgres_env(None),
+            )
         finally:
             password_file.unlink(missing_ok=True)
-
-    def _run_initdb(self, argv: list[str], run_as: _OsUser | None) -> None:
-        with self.log_path.open("ab") as log:
-            log.write(b"\n" + _LOG_MARKER + shlex.join(argv).encode() + b" ---\n")
-            log.flush()
-            result = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=_postgres_env(None),
-                user=None if run_as is None else run_as.uid,
-                group=None if run_as is None else run_as.gid,
-                extra_groups=None if run_as is None else [],
-                timeout=COMMAND_TIMEOUT_SECONDS,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise DevServerError(f"initdb failed ({result.returncode})\n{self._child.log_tail()}")
 
     def _spawn(self, run_as: _OsUser | None) -> None:
         settings = {

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from beam.devservers import (
     BinaryLocation,
     BinaryNotFoundError,
+    BinarySource,
+    ClusterCreation,
     DevServerError,
     PostgresServer,
     RedisClusterGroup,
@@ -40,7 +47,7 @@ SOURCES = ["PATH", "wheel"]
 PROCESS_GONE_TIMEOUT_SECONDS = 10.0
 
 
-def _located(finder: Callable[[str | None], BinaryLocation], source: str) -> Path:
+def _located(finder: Callable[[BinarySource], BinaryLocation], source: BinarySource) -> Path:
     try:
         location = finder(source)
     except BinaryNotFoundError as error:
@@ -51,12 +58,12 @@ def _located(finder: Callable[[str | None], BinaryLocation], source: str) -> Pat
 
 @pytest.fixture(params=SOURCES)
 def redis_binary(request: pytest.FixtureRequest) -> Path:
-    return _located(find_redis_server, request.param)  # type: ignore[arg-type]
+    return _located(find_redis_server, cast(BinarySource, request.param))
 
 
 @pytest.fixture(params=SOURCES)
 def pg_bin_dir(request: pytest.FixtureRequest) -> Path:
-    return _located(find_pg_bin_dir, request.param)  # type: ignore[arg-type]
+    return _located(find_pg_bin_dir, cast(BinarySource, request.param))
 
 
 def _process_exists(pid: int) -> bool:
@@ -97,8 +104,6 @@ def test_env_overrides_win_and_bad_overrides_fail_loudly(
 
 
 def test_free_port_is_bindable_on_loopback() -> None:
-    import socket
-
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
@@ -136,6 +141,7 @@ def test_aof_survives_kill_and_restart(redis_binary: Path, tmp_path: Path) -> No
 
         server.kill()
         _wait_process_gone(pid)
+        assert (tmp_path / "redis.pid").read_text().strip() == str(pid)  # stale, left by the crash
         server.restart()
 
         assert (server.port, server.pid != pid) == (port, True)
@@ -147,7 +153,9 @@ def test_aof_survives_kill_and_restart(redis_binary: Path, tmp_path: Path) -> No
 def test_password_is_required_and_in_the_url(tmp_path: Path) -> None:
     with RedisServer(tmp_path, password="s3cret pass") as server:
         assert server.url == f"redis://:s3cret%20pass@127.0.0.1:{server.port}/0"
-        with redis.Redis(port=server.port) as anonymous, pytest.raises(redis.AuthenticationError):
+        no_retry = Retry(NoBackoff(), retries=0)
+        anonymous = redis.Redis(port=server.port, retry=no_retry)
+        with anonymous, pytest.raises(redis.AuthenticationError):
             anonymous.ping()
         with redis.Redis.from_url(server.url) as client:
             assert client.ping() is True
@@ -159,6 +167,14 @@ def test_start_failure_reports_the_server_log(tmp_path: Path) -> None:
         server.start(timeout=10)
     assert "redis.log" in str(raised.value)
     assert server.pid is None
+
+
+def test_refuses_a_second_server_on_the_same_data(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as first:
+        with pytest.raises(DevServerError, match="already runs"):
+            RedisServer(tmp_path).start()
+        with first.client() as client:
+            assert client.ping() is True
 
 
 def test_servers_left_running_are_stopped_at_interpreter_exit(tmp_path: Path) -> None:
@@ -176,6 +192,30 @@ def test_servers_left_running_are_stopped_at_interpreter_exit(tmp_path: Path) ->
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     _wait_process_gone(int(result.stdout.strip()))
+
+
+def test_sigterm_stops_servers_when_signals_are_handled(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from beam.devservers import RedisServer, stop_servers_on_signals
+        stop_servers_on_signals()
+        with RedisServer(Path({str(tmp_path)!r})) as server:
+            print(server.pid, flush=True)
+            time.sleep(60)
+        """
+    )
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout is not None
+        server_pid = int(runner.stdout.readline())
+        runner.terminate()
+        assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        runner.kill()
+        runner.wait()
+    _wait_process_gone(server_pid)
 
 
 # --------------------------------------------------------------------------- sentinel
@@ -206,6 +246,12 @@ def test_sentinel_failover_moves_writes_to_the_promoted_replica(
         assert promoted.incrby("{tenant:acme}balance", 500) == 2000
         assert group.master().port == new_address[1]
 
+        # A later `beam dev` run restarts the group: node-0 leads again, replicas follow it.
+        group.stop()
+        group.start()
+        assert group.master_address() == group.servers[0].address
+        assert sentinel.discover_master(group.master_name) == group.servers[0].address
+
 
 # ---------------------------------------------------------------------------- cluster
 
@@ -224,9 +270,9 @@ def _tag_per_node(client: RedisCluster, wanted: int) -> dict[int, str]:
 
 @pytest.mark.parametrize("create_with", ["redis-cli", "client"])
 def test_cluster_spreads_hash_tags_and_runs_scripts(
-    redis_binary: Path, tmp_path: Path, create_with: str
+    redis_binary: Path, tmp_path: Path, create_with: ClusterCreation
 ) -> None:
-    group = RedisClusterGroup(tmp_path, binary=redis_binary, create_with=create_with)  # type: ignore[arg-type]
+    group = RedisClusterGroup(tmp_path, binary=redis_binary, create_with=create_with)
     with group:
         nodes = [ClusterNode(host, port) for host, port in group.startup_nodes]
         assert len(nodes) == 3

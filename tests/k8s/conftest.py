@@ -16,22 +16,15 @@ pytest-timeout. Every test in this directory is marked `k8s`.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # `tests` is not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests.support.controlplane import (  # noqa: E402
-    ControlPlane,
-    ControlPlaneError,
-    find_or_build_binaries,
-)
+# tests/ is the import root (pytest's rootdir-based `prepend` import mode puts it on sys.path
+# because tests/k8s/ is a package and tests/ is not; ruff's `src` says the same).
+from support.controlplane import ControlPlane, ControlPlaneError, find_or_build_binaries
 
 THIS_DIR = Path(__file__).resolve().parent
 

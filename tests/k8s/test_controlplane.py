@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.controlplane import ControlPlane, pinned_versions
+from support.controlplane import ControlPlane, pinned_versions
 
 pytestmark = pytest.mark.k8s
 
@@ -216,17 +216,26 @@ def test_service_account_token_is_authenticated_and_limited_by_rbac(
     assert f'User "{user}" cannot list resource "configmaps"' in denied.stderr
 
     control_plane.kubectl(
-        "create", "role", "read-config", "--verb=get,list", "--resource=configmaps",
-        "-n", namespace,
-    )  # fmt: skip
+        "create",
+        "role",
+        "read-config",
+        "--verb=get,list",
+        "--resource=configmaps",
+        "-n",
+        namespace,
+    )
     control_plane.kubectl(
-        "create", "rolebinding", "reader-reads-config", "--role=read-config",
-        f"--serviceaccount={namespace}:reader", "-n", namespace,
-    )  # fmt: skip
+        "create",
+        "rolebinding",
+        "reader-reads-config",
+        "--role=read-config",
+        f"--serviceaccount={namespace}:reader",
+        "-n",
+        namespace,
+    )
     # The RBAC authorizer reads roles from an informer cache: allow it to catch up.
     wait_until(
-        lambda: as_reader("auth", "can-i", "list", "configmaps", "-n", namespace).returncode
-        == 0,
+        lambda: as_reader("auth", "can-i", "list", "configmaps", "-n", namespace).returncode == 0,
         "RoleBinding granting list configmaps taking effect",
     )
     listed = as_reader("get", "configmaps", "-n", namespace, "-o", "name")
@@ -235,9 +244,13 @@ def test_service_account_token_is_authenticated_and_limited_by_rbac(
 
     # Only what was granted: no writes, and nothing in other namespaces.
     refused = control_plane.kubectl(
-        "create", "-f", "-", input=config_map("sneaky", namespace), check=False,
+        "create",
+        "-f",
+        "-",
+        input=config_map("sneaky", namespace),
+        check=False,
         kubeconfig=kubeconfig,
-    )  # fmt: skip
+    )
     assert refused.returncode != 0
     assert f'User "{user}" cannot create resource "configmaps"' in refused.stderr
     assert as_reader("auth", "can-i", "delete", "configmaps", "-n", namespace).stdout == "no\n"
@@ -282,9 +295,17 @@ def test_helm_installs_and_uninstalls_a_chart(
     )
 
     control_plane.helm(
-        "install", "rel", str(chart), "-n", namespace, "--set", "greeting=hi", "--wait",
-        "--timeout", "60s",
-    )  # fmt: skip
+        "install",
+        "rel",
+        str(chart),
+        "-n",
+        namespace,
+        "--set",
+        "greeting=hi",
+        "--wait",
+        "--timeout",
+        "60s",
+    )
     installed = get_json(control_plane, "configmap", "rel-probe", "-n", namespace)
     assert installed["data"] == {"greeting": "hi"}
     releases = json.loads(control_plane.helm("list", "-n", namespace, "-o", "json").stdout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 CRD_NAMES = ("beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev")
 API_VERSION = "beam.dev/v1alpha1"
 MAX_SAFE_INTEGER = 2**53 - 1
+EXPLAIN_WAIT_SECONDS = 30.0
 CREDIT_AMOUNT_IMMUTABLE = (
     "credit amountGrains is immutable once applied; add a new credit id instead"
 )
@@ -197,11 +199,26 @@ def test_short_names_and_category_are_served(kube: ControlPlane) -> None:
         assert "beam" in row[-1].split(",")  # categories
 
 
+def explain(kube: ControlPlane, field: str) -> str:
+    """`kubectl explain FIELD`, waiting (bounded) for the CRD's OpenAPI to be published.
+
+    The API server publishes a new CRD's OpenAPI asynchronously, shortly after Established.
+    """
+    deadline = time.monotonic() + EXPLAIN_WAIT_SECONDS
+    while True:
+        result = kube.kubectl("explain", field, check=False)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert result.returncode == 0, f"kubectl explain {field} failed:\n{result.stderr}"
+    return result.stdout
+
+
 def test_field_descriptions_reach_kubectl_explain(kube: ControlPlane) -> None:
-    explained = succeeded(kube, "explain", "beamcustomers.spec.credits.amountGrains").stdout
-    assert "Grains added to the balance" in explained
-    explained = succeeded(kube, "explain", "beamapikeys.spec.rotation.generation").stdout
-    assert "It can only increase" in explained
+    assert "Grains added to the balance" in explain(kube, "beamcustomers.spec.credits.amountGrains")
+    assert "It can only increase" in explain(kube, "beamapikeys.spec.rotation.generation")
+    explained = explain(kube, "bpl.spec.models.inputGrainsPerMillion")
+    assert "Grains per million prompt (input) tokens" in explained
 
 
 # --- the examples ----------------------------------------------------------------------------
@@ -213,7 +230,17 @@ def examples_applied(kube: ControlPlane) -> Iterator[subprocess.CompletedProcess
     applied = succeeded(kube, "apply", "-f", str(EXAMPLES_DIR))
     yield applied
     if not existed:  # never remove an `acme` that was there before (BEAM_TEST_KUBECONFIG)
-        kube.kubectl("delete", "-f", str(EXAMPLES_DIR), "--wait=false", check=False)
+        # Wait (bounded) so a later test applying the examples does not meet a Terminating
+        # namespace.
+        kube.kubectl(
+            "delete",
+            "-f",
+            str(EXAMPLES_DIR),
+            "--wait=true",
+            "--timeout=90s",
+            check=False,
+            timeout=120,
+        )
 
 
 def test_examples_apply_and_print_their_columns(
@@ -354,7 +381,7 @@ INVALID_ON_CREATE = {
     ),
     "key name too long for its default Secret name": Invalid(
         lambda ns: api_key(ns, name=".".join(["k" * 62] * 4)),  # 251 characters
-        ("metadata.name must be at most 249 characters when spec.secretName is unset",),
+        ("metadata.name", "Too long", "249"),
     ),
     "negative price": Invalid(
         lambda ns: price_list(ns, models=[price("gpt-4o", input_grains=-1)]),
@@ -370,7 +397,7 @@ INVALID_ON_CREATE = {
     ),
     "price list without models": Invalid(
         lambda ns: price_list(ns, models=[]),
-        ("spec.models",),
+        ("spec.models", "at least 1 item"),
     ),
     "model name with a space": Invalid(
         lambda ns: price_list(ns, models=[price("gpt 4o")]),
@@ -405,7 +432,7 @@ def test_valid_objects_at_their_bounds_are_accepted(kube: ControlPlane, namespac
             credits=[credit(f"c-{i}:x.y_z", MAX_SAFE_INTEGER) for i in range(1000)],
         ),
     )
-    create(kube, api_key(namespace, name=".".join(["k" * 62] * 4), secretName="k"))
+    create(kube, api_key(namespace, name=".".join(["k" * 62] * 3 + ["k" * 60])))  # 249
     create(
         kube,
         price_list(
@@ -597,13 +624,18 @@ def test_status_is_a_subresource_shown_in_printer_columns(
         "beamcustomer/cust",
         {"balance": -250, "reserved": 750, "available": -1000, "conditions": [READY]},
     )
-    patch_status(kube, namespace, "beamapikey/key", {"secretName": "key-key", "keyId": "bk_1a2b"})
+    patch_status(
+        kube,
+        namespace,
+        "beamapikey/key",
+        {"secretName": "key-key", "keyId": "bk_1a2b", "conditions": [{**READY, "status": "False"}]},
+    )
     patch_status(kube, namespace, "beampricelist/prices", {"modelCount": 1, "conditions": [READY]})
 
     row = succeeded(kube, "get", "bc", "cust", "-n", namespace, "--no-headers").stdout.split()
     assert row[:5] == ["cust", "cus_status", "-250", "-1000", "True"]
     row = succeeded(kube, "get", "bak", "key", "-n", namespace, "--no-headers").stdout.split()
-    assert row[:4] == ["key", "enforcer", "key-key", "<none>"]
+    assert row[:4] == ["key", "enforcer", "key-key", "False"]
     row = succeeded(kube, "get", "bpl", "prices", "-n", namespace, "--no-headers").stdout.split()
     assert row[:3] == ["prices", "1", "True"]
 

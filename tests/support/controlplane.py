@@ -75,7 +75,7 @@ def _run_script(
         raise ControlPlaneError(f"{name} did not finish within {timeout:.0f}s") from error
     if result.returncode != 0:
         raise ControlPlaneError(
-            f"{name} {' '.join(args)} failed with exit code {result.returncode}:\n"
+            f"{' '.join([name, *args])} failed with exit code {result.returncode}:\n"
             f"{result.stderr[-4000:]}"
         )
     return result

@@ -28,8 +28,8 @@ EXPECTED_CRDS = {
     "beam.dev_beampricelists.yaml": ("BeamPriceList", ["bpl"]),
 }
 
-# Root fields whose constraints Kubernetes owns (only metadata.name/generateName may be
-# restricted by a CRD, and we restrict neither).
+# Root fields whose schema Kubernetes owns: a CRD may not even describe metadata, only
+# restrict metadata.name and metadata.generateName.
 ROOT_EXEMPT = {"metadata"}
 
 SchemaNode = tuple[str, dict[str, Any]]

@@ -439,3 +439,14 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
+
+{{/*
+An exec probe handler that PINGs Redis or Sentinel on localhost, giving up one second before
+the probe's own timeout. Call with (dict "port" 6379 "probe" .Values.redis.livenessProbe "auth" true).
+*/}}
+{{- define "beam.redis.pingHandler" -}}
+{{- $seconds := max 1 (sub (int .probe.timeoutSeconds) 1) -}}
+{{- $auth := ternary "REDISCLI_AUTH=\"$REDIS_PASSWORD\" " "" .auth -}}
+{{- $command := printf "[ \"$(%stimeout %d redis-cli -h 127.0.0.1 -p %d ping)\" = PONG ]" $auth (int $seconds) (int .port) -}}
+{{- toYaml (dict "exec" (dict "command" (list "/bin/sh" "-c" $command))) -}}
+{{- end -}}

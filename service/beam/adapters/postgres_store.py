@@ -9,6 +9,7 @@ DELETEs a ledger row (a trigger refuses it); corrections are new entries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -88,6 +89,7 @@ def _settlement(row: asyncpg.Record, *, replayed: bool) -> Settlement:
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._listening: dict[asyncpg.Connection, tuple[list[str], Any]] = {}
 
     @classmethod
     async def connect(cls, settings: StoreSettings) -> PostgresStore:
@@ -99,8 +101,11 @@ class PostgresStore:
         )
         return cls(pool)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout_seconds: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout_seconds)
+        except TimeoutError:
+            self.pool.terminate()
 
     async def migrate(self) -> list[str]:
         async with self.pool.acquire() as conn:
@@ -549,13 +554,16 @@ class PostgresStore:
 
         for channel in channels:
             await conn.add_listener(channel, deliver)
+        self._listening[conn] = (list(channels), deliver)
         return conn
 
     async def release(self, conn: asyncpg.Connection) -> None:
-        for channel in list(conn._listeners):  # drop listeners before the pool reuses it
-            for callback in list(conn._listeners[channel]):
-                await conn.remove_listener(channel, callback)
-        await self.pool.release(conn)
+        channels, deliver = self._listening.pop(conn, ([], None))
+        try:
+            for channel in channels:  # drop listeners before the pool reuses the connection
+                await conn.remove_listener(channel, deliver)
+        finally:
+            await self.pool.release(conn)
 
 
 def _api_key(row: asyncpg.Record) -> ApiKeyRecord:

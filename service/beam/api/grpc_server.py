@@ -1,0 +1,129 @@
+"""gRPC (grpcio asyncio): BalanceService, AdminService, health checking and reflection.
+
+Each RPC authenticates from the ``authorization`` metadata, checks the message size, and
+delegates to ``Handlers``; errors leave through ``beam.api.errors`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from beam.admin.v1 import admin_pb2, admin_pb2_grpc
+from beam.api.errors import as_beam_error, grpc_status
+from beam.api.handlers import Handlers, too_large
+from beam.balance.v1 import balance_pb2, balance_pb2_grpc
+from beam.core.auth import Principal
+
+Handler = Callable[[Principal, Any], Awaitable[Message]]
+
+# The transport accepts more than the per-message limit so oversized messages reach our
+# own check and get INVALID_ARGUMENT/BODY_TOO_LARGE like REST, not a bare transport error.
+_TRANSPORT_MAX_BYTES = 4 * 1024 * 1024
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+class _Base:
+    def __init__(self, handlers: Handlers, max_message_bytes: int) -> None:
+        self.handlers = handlers
+        self.max_message_bytes = max_message_bytes
+
+    async def _serve(
+        self, call: str, handler: Handler, request: Message, context: grpc.aio.ServicerContext
+    ) -> Message:
+        try:
+            principal = await self.handlers.authenticate(_authorization(context))
+            if request.ByteSize() > self.max_message_bytes:
+                raise too_large(self.max_message_bytes)
+            return await self.handlers.timed(call, "grpc", lambda: handler(principal, request))
+        except Exception as error:
+            code, message, metadata = grpc_status(as_beam_error(error, call))
+            context.set_trailing_metadata(metadata)
+            await context.abort(code, message)
+            raise AssertionError("abort returned") from None
+
+
+class BalanceService(_Base, balance_pb2_grpc.BalanceServiceServicer):
+    async def CheckBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("check", self.handlers.check, request, context)
+
+    async def DeductTokens(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("deduct", self.handlers.deduct, request, context)
+
+    async def FinalizeRequest(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("finalize", self.handlers.finalize, request, context)
+
+    async def GetBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("get_balance", self.handlers.get_balance, request, context)
+
+
+class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
+    async def CreateCustomer(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("create_customer", self.handlers.create_customer, request, context)
+
+    async def GetCustomer(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("get_customer", self.handlers.get_customer, request, context)
+
+    async def ListCustomers(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("list_customers", self.handlers.list_customers, request, context)
+
+    async def CreditBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("credit", self.handlers.credit, request, context)
+
+    async def DebitBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("debit", self.handlers.debit, request, context)
+
+    async def ListRequests(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("list_requests", self.handlers.list_requests, request, context)
+
+    async def GetRequest(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("get_request", self.handlers.get_request, request, context)
+
+    async def VerifyIntegrity(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("verify_integrity", self.handlers.verify_integrity, request, context)
+
+    async def SyncAll(self, request: Any, context: Any) -> Message:  # noqa: N802
+        return await self._serve("sync_all", self.handlers.sync_all, request, context)
+
+
+def create_server(
+    handlers: Handlers, address: str, max_message_bytes: int
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", _TRANSPORT_MAX_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    balance_pb2_grpc.add_BalanceServiceServicer_to_server(
+        BalanceService(handlers, max_message_bytes), server
+    )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminService(handlers, max_message_bytes), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        balance_pb2.DESCRIPTOR.services_by_name["BalanceService"].full_name,
+        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    return server, health_servicer, port
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

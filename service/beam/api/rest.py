@@ -1,0 +1,287 @@
+"""REST (FastAPI): the same messages as gRPC in the proto3 JSON mapping.
+
+Bodies are parsed by protobuf's own JSON parser into the very messages gRPC receives
+(int64 accepted as numbers or strings, enums by name, unknown fields refused) and answers
+are rendered by it (int64 as decimal strings), so REST and gRPC cannot drift. Request
+schemas in the OpenAPI document (``/docs``) are generated from the proto descriptors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from beam.admin.v1 import admin_pb2 as admin
+from beam.api.errors import as_beam_error, http_body
+from beam.api.handlers import Handlers, too_large
+from beam.balance.v1 import balance_pb2 as balance
+from beam.core.auth import Principal
+from beam.errors import BeamError, Reason, invalid
+
+Handler = Callable[[Principal, Any], Awaitable[Message]]
+
+
+def render(message: Message) -> dict[str, Any]:
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    # Declaration order (balance, reserved, available), not "set fields first".
+    return {f.name: data[f.name] for f in message.DESCRIPTOR.fields if f.name in data}
+
+
+def parse_error(error: json_format.ParseError) -> BeamError:
+    text = str(error)
+    unknown = re.search(r'no field named "([^"]+)"', text)
+    if unknown:
+        return invalid(unknown.group(1), "unknown field", Reason.UNKNOWN_FIELD)
+    path = ".".join(re.findall(r"Failed to parse (\w+) field", text)) or "body"
+    detail = text.rsplit(":", 1)[-1].strip().rstrip(".") or "invalid value"
+    reason = Reason.OUT_OF_RANGE if "out of range" in text.lower() else Reason.INVALID_FIELD
+    if "Invalid enum value" in text or "enum" in text.lower():
+        detail = "unknown enum value"
+    return invalid(path, detail, reason)
+
+
+def parse_body(raw: bytes, message_type: type[Message], path: dict[str, str]) -> Message:
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BeamError(
+            Reason.MALFORMED_BODY, f"body: not valid JSON ({error})", field="body"
+        ) from None
+    if not isinstance(data, dict):
+        raise BeamError(Reason.MALFORMED_BODY, "body: must be a JSON object", field="body")
+    for name, value in path.items():
+        if name in data and str(data[name]) != value:
+            raise invalid(name, "does not match the value in the URL path")
+        data[name] = value
+    try:
+        return json_format.ParseDict(data, message_type())
+    except json_format.ParseError as error:
+        raise parse_error(error) from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise BeamError(Reason.MALFORMED_BODY, f"body: {error}", field="body") from None
+
+
+def json_schema(descriptor: Descriptor, depth: int = 0) -> dict[str, Any]:
+    """The proto3 JSON shape of a message, for the OpenAPI document."""
+    properties: dict[str, Any] = {}
+    for field in descriptor.fields:
+        properties[field.name] = _field_schema(field, depth)
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+def _field_schema(field: FieldDescriptor, depth: int) -> dict[str, Any]:
+    t = FieldDescriptor
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return {"type": "object", "additionalProperties": {"type": "string"}}
+    if field.type == t.TYPE_MESSAGE:
+        schema = json_schema(field.message_type, depth + 1) if depth < 3 else {"type": "object"}
+    elif field.type == t.TYPE_ENUM:
+        schema = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
+    elif field.type in (t.TYPE_INT64, t.TYPE_UINT64, t.TYPE_SINT64):
+        schema = {"oneOf": [{"type": "string", "pattern": "^-?[0-9]+$"}, {"type": "integer"}]}
+    elif field.type in (t.TYPE_INT32, t.TYPE_UINT32, t.TYPE_SINT32):
+        schema = {"type": "integer", "format": "int32"}
+    elif field.type in (t.TYPE_DOUBLE, t.TYPE_FLOAT):
+        schema = {"type": "number"}
+    elif field.type == t.TYPE_BOOL:
+        schema = {"type": "boolean"}
+    else:
+        schema = {"type": "string"}
+    if field.is_repeated:
+        return {"type": "array", "items": schema}
+    return schema
+
+
+class RestApi:
+    def __init__(self, handlers: Handlers, max_body_bytes: int) -> None:
+        self.handlers = handlers
+        self.max_body_bytes = max_body_bytes
+        self.ready = True
+
+    async def serve(
+        self,
+        request: Request,
+        call: str,
+        handler: Handler,
+        message_type: type[Message],
+        path: dict[str, str] | None = None,
+        query: bool = False,
+    ) -> Response:
+        try:
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise too_large(self.max_body_bytes)
+            principal = await self.handlers.authenticate(request.headers.get("authorization"))
+            raw = await _read_bounded(request, self.max_body_bytes)
+            fields = dict(path or {})
+            if query:
+                fields.update({k: v for k, v in request.query_params.items()})
+            message = parse_body(raw, message_type, fields)
+            response = await self.handlers.timed(call, "rest", lambda: handler(principal, message))
+            return JSONResponse(render(response))
+        except Exception as error:
+            status, body = http_body(as_beam_error(error, call))
+            return JSONResponse(body, status_code=status)
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_doc(message_type: type[Message]) -> dict[str, Any]:
+    schema = json_schema(message_type.DESCRIPTOR)
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
+    }
+
+
+def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:
+    app = FastAPI(
+        title="Beam",
+        version="v1",
+        description="Real-time enforcement of AI spending limits. Amounts are integer grains "
+        "(1 grain = USD 0.000001); int64 values are JSON strings in answers.",
+    )
+    h = api.handlers
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = Reason.REQUEST_NOT_FOUND if exc.status_code == 404 else Reason.MALFORMED_BODY
+        return JSONResponse(
+            {"error": {"code": "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT",
+                       "reason": "ROUTE_NOT_FOUND" if exc.status_code == 404 else reason.value,
+                       "message": str(exc.detail)}},
+            status_code=exc.status_code,
+        )  # fmt: skip
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("path", "query"))
+        status, body = http_body(invalid(where or "request", str(first.get("msg", "invalid"))))
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/health", tags=["probes"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["probes"])
+    async def ready_probe() -> JSONResponse:
+        checks = await ready()
+        ok = api.ready and all(checks.values())
+        body = {"status": "ready" if ok else "not ready", **checks, "accepting": api.ready}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["probes"])
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- balance ---------------------------------------------------------------------------
+
+    @app.get("/v1/balance/{customer_id}", tags=["balance"])
+    async def get_balance(customer_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "get_balance", h.get_balance, balance.GetBalanceRequest,
+            {"customer_id": customer_id},
+        )  # fmt: skip
+
+    @app.post("/v1/balance/check", tags=["balance"],
+              openapi_extra=_body_doc(balance.CheckBalanceRequest))  # fmt: skip
+    async def check(request: Request) -> Response:
+        return await api.serve(request, "check", h.check, balance.CheckBalanceRequest)
+
+    @app.post("/v1/balance/deduct", tags=["balance"],
+              openapi_extra=_body_doc(balance.DeductTokensRequest))  # fmt: skip
+    async def deduct(request: Request) -> Response:
+        return await api.serve(request, "deduct", h.deduct, balance.DeductTokensRequest)
+
+    @app.post("/v1/balance/finalize", tags=["balance"],
+              openapi_extra=_body_doc(balance.FinalizeRequestRequest))  # fmt: skip
+    async def finalize(request: Request) -> Response:
+        return await api.serve(request, "finalize", h.finalize, balance.FinalizeRequestRequest)
+
+    _admin_routes(app, api)
+    return app
+
+
+def _admin_routes(app: FastAPI, api: RestApi) -> None:
+    h = api.handlers
+
+    @app.post("/v1/customers", tags=["customers"],
+              openapi_extra=_body_doc(admin.CreateCustomerRequest))  # fmt: skip
+    async def create_customer(request: Request) -> Response:
+        return await api.serve(
+            request, "create_customer", h.create_customer, admin.CreateCustomerRequest
+        )
+
+    @app.get("/v1/customers", tags=["customers"])
+    async def list_customers(request: Request) -> Response:
+        return await api.serve(
+            request, "list_customers", h.list_customers, admin.ListCustomersRequest, query=True
+        )
+
+    @app.get("/v1/customers/{customer_id}", tags=["customers"])
+    async def get_customer(customer_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "get_customer", h.get_customer, admin.GetCustomerRequest,
+            {"customer_id": customer_id},
+        )  # fmt: skip
+
+    @app.post("/v1/customers/{customer_id}/credits", tags=["customers"],
+              openapi_extra=_body_doc(admin.CreditBalanceRequest))  # fmt: skip
+    async def credit(customer_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "credit", h.credit, admin.CreditBalanceRequest, {"customer_id": customer_id}
+        )
+
+    @app.post("/v1/customers/{customer_id}/debits", tags=["customers"],
+              openapi_extra=_body_doc(admin.DebitBalanceRequest))  # fmt: skip
+    async def debit(customer_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "debit", h.debit, admin.DebitBalanceRequest, {"customer_id": customer_id}
+        )
+
+    @app.get("/v1/customers/{customer_id}/requests", tags=["requests"])
+    async def list_requests(customer_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "list_requests", h.list_requests, admin.ListRequestsRequest,
+            {"customer_id": customer_id}, query=True,
+        )  # fmt: skip
+
+    @app.get("/v1/requests/{request_id}", tags=["requests"])
+    async def get_request(request_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "get_request", h.get_request, admin.GetRequestRequest,
+            {"request_id": request_id}, query=True,
+        )  # fmt: skip
+
+    @app.post("/v1/admin/verify-integrity", tags=["admin"],
+              openapi_extra=_body_doc(admin.VerifyIntegrityRequest))  # fmt: skip
+    async def verify_integrity(request: Request) -> Response:
+        return await api.serve(
+            request, "verify_integrity", h.verify_integrity, admin.VerifyIntegrityRequest
+        )
+
+    @app.post("/v1/admin/sync", tags=["admin"])
+    async def sync_all(request: Request) -> Response:
+        return await api.serve(request, "sync_all", h.sync_all, admin.SyncAllRequest)

@@ -1,0 +1,281 @@
+"""Reconcile BeamCustomer, BeamApiKey and BeamPriceList specs into the stores.
+
+These functions know nothing of Kopf or Kubernetes: they take a tenant (namespace), a
+name and a spec (the CRD's camelCase shape), converge the stores, and return the status
+to publish. The operator's handlers call them; ``beam apply -f`` calls them without a
+cluster. Every step is idempotent or looks before it acts, so a restart in the middle of
+a reconcile, or two operators one after the other, converge to the same ledger:
+credits are ledger transactions keyed ``crd:<customerId>:<credit id>``, applied once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from beam.constants import MAX_GRAINS
+from beam.core.admin import Admin
+from beam.core.auth import Principal, generate_key
+from beam.core.commands import (
+    CUSTOMER_ID_PATTERN,
+    LedgerCommand,
+    require_id,
+    require_range,
+    validate_strategy,
+)
+from beam.core.pricing import parse_price_entries
+from beam.errors import BeamError, Reason, invalid
+from beam.records import ApiKeyRecord, Customer, CustomerState, Role
+
+
+def operator_principal(tenant: str) -> Principal:
+    return Principal(tenant, Role.ADMIN, "beam-operator", frozenset())
+
+
+@dataclass(slots=True)
+class Condition:
+    type: str
+    status: str
+    reason: str
+    message: str = ""
+
+
+@dataclass(slots=True)
+class CustomerStatus:
+    balance: int
+    reserved: int
+    available: int
+    lifetime_spent_grains: int
+    overage_grains: int
+    applied_credits: list[str]
+    conditions: list[Condition] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ApiKeyResult:
+    key_id: str
+    plaintext: str | None  # set only when a new key was generated
+    rotation_generation: int
+    previous_key_expires_at: datetime | None
+    conditions: list[Condition] = field(default_factory=list)
+
+
+def parse_customer_spec(tenant: str, spec: dict[str, Any]) -> tuple[Customer, list[dict[str, Any]]]:
+    customer_id = str(spec.get("customerId") or "")
+    require_id(customer_id, "spec.customerId")
+    strategy = str(spec.get("bufferStrategy") or "conservative")
+    validate_strategy(strategy, "spec.bufferStrategy")
+    ttl = spec.get("holdTtlSeconds")
+    if ttl is not None:
+        require_range(ttl, "spec.holdTtlSeconds", 1, 86_400)
+    cap = spec.get("maxRequestGrains")
+    if cap is not None:
+        require_range(cap, "spec.maxRequestGrains", 1, MAX_GRAINS)
+    threshold = spec.get("lowBalanceThresholdGrains")
+    if threshold is not None:
+        require_range(threshold, "spec.lowBalanceThresholdGrains", 0, MAX_GRAINS)
+    credits = list(spec.get("credits") or [])
+    seen: set[str] = set()
+    for index, credit in enumerate(credits):
+        credit_id = str(credit.get("id") or "")
+        require_id(credit_id, f"spec.credits[{index}].id", CUSTOMER_ID_PATTERN)
+        if credit_id in seen:
+            raise invalid(f"spec.credits[{index}].id", f"duplicate credit id {credit_id!r}")
+        seen.add(credit_id)
+        require_range(credit.get("amountGrains"), f"spec.credits[{index}].amountGrains", 1,
+                      MAX_GRAINS)  # fmt: skip
+    customer = Customer(
+        tenant=tenant,
+        customer_id=customer_id,
+        display_name=str(spec.get("displayName") or "")[:256],
+        platform_user_id=str(spec.get("platformUserId") or "")[:256],
+        buffer_strategy=strategy,
+        hold_ttl_seconds=ttl,
+        max_request_grains=cap,
+        low_balance_threshold_grains=threshold,
+        state=CustomerState.SUSPENDED if spec.get("suspended") else CustomerState.ACTIVE,
+    )
+    return customer, credits
+
+
+def credit_transaction_id(customer_id: str, credit_id: str) -> str:
+    return f"crd:{customer_id}:{credit_id}"
+
+
+async def reconcile_customer(admin: Admin, tenant: str, spec: dict[str, Any]) -> CustomerStatus:
+    customer, credits = parse_customer_spec(tenant, spec)
+    stored, _created = await admin.postgres.upsert_customer(customer)
+    await admin.ledger.load_account(stored)
+    principal = operator_principal(tenant)
+    applied: list[str] = []
+    conflicts: list[str] = []
+    for credit in credits:
+        command = LedgerCommand(
+            customer.customer_id,
+            int(credit["amountGrains"]),
+            str(credit.get("description") or "")[:512],
+            credit_transaction_id(customer.customer_id, str(credit["id"])),
+        )
+        try:
+            await admin.credit(principal, command)
+            applied.append(str(credit["id"]))
+        except BeamError as error:
+            if error.reason is not Reason.TRANSACTION_ID_CONFLICT:
+                raise
+            conflicts.append(str(credit["id"]))
+    status = await customer_status(admin, tenant, customer.customer_id, spec)
+    status.applied_credits = applied
+    if conflicts:
+        status.conditions[0] = Condition(
+            "Ready", "False", "CreditConflict",
+            f"credits {', '.join(conflicts)} were applied earlier with another amount; "
+            "use a new credit id",
+        )  # fmt: skip
+    return status
+
+
+async def customer_status(
+    admin: Admin, tenant: str, customer_id: str, spec: dict[str, Any]
+) -> CustomerStatus:
+    view = await admin.get_customer(operator_principal(tenant), customer_id)
+    c = view.customer
+    threshold = spec.get("lowBalanceThresholdGrains")
+    low = threshold is not None and view.available < int(threshold)
+    suspended = c.state is CustomerState.SUSPENDED
+    conditions = [
+        Condition("Ready", "True", "Reconciled", "customer is in the ledger and the hot path"),
+        Condition(
+            "LowBalance",
+            "True" if low else "False",
+            ("Depleted" if view.available <= 0 else "BelowThreshold") if low else "AboveThreshold",
+            f"available {view.available} grains, threshold {threshold}"
+            if threshold is not None
+            else "no threshold set",
+        ),
+        Condition(
+            "Suspended",
+            "True" if suspended else "False",
+            "SuspendedBySpec" if suspended else "Active",
+            "checks are rejected with CUSTOMER_SUSPENDED" if suspended else "",
+        ),
+    ]
+    return CustomerStatus(
+        balance=c.balance_grains,
+        reserved=view.reserved,
+        available=view.available,
+        lifetime_spent_grains=c.lifetime_spent_grains,
+        overage_grains=c.overage_grains,
+        applied_credits=[],
+        conditions=conditions,
+    )
+
+
+async def close_customer(admin: Admin, tenant: str, customer_id: str) -> None:
+    """Deleting a BeamCustomer closes it: new checks get CUSTOMER_CLOSED; the ledger stays."""
+    await admin.set_state(tenant, customer_id, CustomerState.CLOSED)
+
+
+async def reconcile_price_list(admin: Admin, tenant: str, name: str, spec: dict[str, Any]) -> int:
+    """All or nothing: a bad entry rejects the whole list. Returns the number of models."""
+    effective = spec.get("effectiveFrom")
+    when = _parse_time(effective, "spec.effectiveFrom") if effective else None
+    records = parse_price_entries(tenant, list(spec.get("models") or []), when)
+    if not records:
+        raise invalid("spec.models", "at least one model is required", Reason.MISSING_FIELD)
+    await admin.postgres.save_prices(tenant, records, source=f"BeamPriceList/{name}")
+    admin.ledger.prices.invalidate()
+    return len(records)
+
+
+def parse_api_key_spec(spec: dict[str, Any]) -> tuple[Role, frozenset[str], datetime | None]:
+    role_name = str(spec.get("role") or "")
+    if role_name not in {r.value for r in Role}:
+        raise invalid("spec.role", "must be one of enforcer, reader, admin")
+    customers = frozenset(str(c) for c in spec.get("customers") or [])
+    for customer_id in customers:
+        require_id(customer_id, "spec.customers")
+    expires = spec.get("expiresAt")
+    return Role(role_name), customers, _parse_time(expires, "spec.expiresAt") if expires else None
+
+
+async def reconcile_api_key(
+    admin: Admin,
+    tenant: str,
+    name: str,
+    spec: dict[str, Any],
+    *,
+    current_key_hash: str | None,
+    default_grace_seconds: int = 3600,
+    keep_existing: bool = False,
+) -> ApiKeyResult:
+    """Converge the key of one BeamApiKey. ``current_key_hash`` is the hash of the key the
+    caller holds (the Secret's); a new key is generated only when it is missing, unknown or
+    revoked, or when ``spec.rotation.generation`` moved past the stored generation.
+    ``keep_existing`` (``beam apply``, which holds no Secret) keeps any live key instead."""
+    role, customers, expires_at = parse_api_key_spec(spec)
+    rotation = spec.get("rotation") or {}
+    generation = int(rotation.get("generation") or 0)
+    grace = int(rotation.get("gracePeriodSeconds", default_grace_seconds))
+    key_name = f"{name}#{generation}"
+    live = [
+        k for k in await admin.postgres.api_keys_named(tenant, key_name) if k.revoked_at is None
+    ]  # fmt: skip
+    current = next((k for k in live if k.key_hash == current_key_hash), None)
+    if current is None and keep_existing and live:
+        current = live[-1]
+    plaintext = None
+    if current is None:
+        plaintext, key_id, digest = generate_key()
+        current = ApiKeyRecord(digest, key_id, tenant, role, key_name)
+    current = ApiKeyRecord(
+        current.key_hash, current.key_id, tenant, role, key_name, customers, expires_at
+    )
+    await admin.postgres.upsert_api_key(current)
+    previous_expiry = await _retire_older(admin, tenant, name, generation, current, grace)
+    return ApiKeyResult(current.key_id, plaintext, generation, previous_expiry)
+
+
+async def _retire_older(
+    admin: Admin, tenant: str, name: str, generation: int, current: ApiKeyRecord, grace: int
+) -> datetime | None:
+    """Older generations stay valid for the grace period; stray keys of this generation go."""
+    now = datetime.now(UTC)
+    latest_expiry = None
+    for older in range(max(0, generation - 3), generation + 1):
+        for key in await admin.postgres.api_keys_named(tenant, f"{name}#{older}"):
+            if key.key_hash == current.key_hash or key.revoked_at is not None:
+                continue
+            until = now if older == generation else now + timedelta(seconds=grace)
+            await admin.postgres.upsert_api_key(_revoked(key, until))
+            latest_expiry = max(latest_expiry or until, until)
+    return latest_expiry
+
+
+def _revoked(key: ApiKeyRecord, when: datetime) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key.key_hash, key.key_id, key.tenant, key.role, key.name, key.customers,
+        key.expires_at, when,
+    )  # fmt: skip
+
+
+async def revoke_api_key(admin: Admin, tenant: str, name: str, generation: int) -> int:
+    """Deleting a BeamApiKey revokes all its keys at once (grace periods end too)."""
+    revoked = 0
+    now = datetime.now(UTC)
+    for older in range(0, generation + 1):
+        for key in await admin.postgres.api_keys_named(tenant, f"{name}#{older}"):
+            if key.revoked_at is None or key.revoked_at > now:
+                await admin.postgres.upsert_api_key(_revoked(key, now))
+                revoked += 1
+    return revoked
+
+
+def _parse_time(value: Any, name: str) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise invalid(name, "must be an RFC 3339 date-time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,0 +1,454 @@
+"""`helm install` brings up the whole stack: the chart against a real kube-apiserver.
+
+What a control plane without nodes can prove, and how:
+- `helm lint --strict` is clean for the defaults and every CI value set.
+- Each CI value set renders to objects the API server accepts (`kubectl apply
+  --dry-run=server`: full admission and schema validation, nothing persisted).
+- A real install creates every object; an upgrade changes what it should and keeps the
+  generated Secrets byte for byte; an uninstall removes the workloads (the garbage collector
+  takes their ReplicaSets and Pods) and keeps the Secrets, which a re-install adopts unchanged.
+- The operator's RBAC grants what it needs and nothing else, asked of the API server with
+  `kubectl auth can-i --as` its ServiceAccount; the service's ServiceAccount may do nothing.
+
+Pods never run here (no kubelet), so nothing waits for readiness. No install hook exists (the
+operator migrates on start); the migration Job is a pre-upgrade hook, which Helm would wait
+for forever without a kubelet, so upgrades here pass `--no-hooks` and the Job's hook contract
+is asserted on the rendered manifest instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import yaml
+
+
+class ControlPlane(Protocol):
+    """What tests/k8s/conftest.py's `control_plane` fixture provides."""
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]: ...
+
+    def helm(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+pytestmark = pytest.mark.k8s
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "beam"
+CRD_DIR = REPO_ROOT / "crds"
+CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in (CHART / "ci").glob("*.yaml")}
+CRD_NAMES = ("beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev")
+HELM_TIMEOUT = 120
+GC_WAIT_SECONDS = 90.0
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> ControlPlane:
+    """The control plane with Beam's CRDs established (the chart's objects need none, but a
+    real cluster always has them before the operator starts)."""
+    control_plane.kubectl("apply", "-f", str(CRD_DIR))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        *(f"crd/{name}" for name in CRD_NAMES),
+        timeout=90,
+    )
+    return control_plane
+
+
+@pytest.fixture
+def namespace(kube: ControlPlane) -> Iterator[str]:
+    name = f"beam-helm-{uuid.uuid4().hex[:10]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def release(kube: ControlPlane, namespace: str) -> Iterator[str]:
+    """A release name, uninstalled afterwards whatever the test did (cluster-scoped RBAC
+    objects would otherwise outlive the namespace)."""
+    name = f"rel{uuid.uuid4().hex[:6]}"
+    yield name
+    kube.helm("uninstall", name, "--namespace", namespace, check=False, timeout=HELM_TIMEOUT)
+
+
+def helm_template(kube: ControlPlane, namespace: str, *args: str) -> str:
+    return kube.helm(
+        "template", "beam", str(CHART), "--namespace", namespace, *args, timeout=HELM_TIMEOUT
+    ).stdout
+
+
+def documents(manifest: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(manifest) if doc]
+
+
+def apply_dry_run(kube: ControlPlane, manifest: str) -> list[str]:
+    """Server-side dry run of a rendered chart; the lines kubectl printed."""
+    result = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def release_secrets(kube: ControlPlane, namespace: str, release: str) -> dict[str, dict[str, str]]:
+    listed = json.loads(
+        kube.kubectl(
+            "get",
+            "secrets",
+            "--namespace",
+            namespace,
+            "--selector",
+            f"app.kubernetes.io/instance={release}",
+            "--output",
+            "json",
+        ).stdout
+    )
+    return {item["metadata"]["name"]: item["data"] for item in listed["items"]}
+
+
+def names(kube: ControlPlane, namespace: str, kind: str, release: str) -> list[str]:
+    output = kube.kubectl(
+        "get",
+        kind,
+        "--namespace",
+        namespace,
+        "--selector",
+        f"app.kubernetes.io/instance={release}",
+        "--output",
+        "name",
+    ).stdout
+    return sorted(output.split())
+
+
+def container_env(kube: ControlPlane, namespace: str, deployment: str) -> dict[str, Any]:
+    spec = json.loads(
+        kube.kubectl("get", "deployment", deployment, "--namespace", namespace, "-o", "json").stdout
+    )
+    env = spec["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in env}
+
+
+def wait_until_gone(kube: ControlPlane, namespace: str, release: str, kinds: str) -> list[str]:
+    """Poll (bounded) until no object of `kinds` carries the release label; what is left."""
+    deadline = time.monotonic() + GC_WAIT_SECONDS
+    while True:
+        left = names(kube, namespace, kinds, release)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(1)
+
+
+def can_i(kube: ControlPlane, user: str, verb: str, resource: str, namespace: str) -> bool:
+    result = kube.kubectl(
+        "auth", "can-i", verb, resource, "--as", user, "--namespace", namespace, check=False
+    )
+    answer = result.stdout.strip()
+    assert answer in ("yes", "no"), result.stderr
+    return answer == "yes"
+
+
+# --- lint and render -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, *sorted(CI_VALUES)])
+def test_lint_is_clean(kube: ControlPlane, values: str | None) -> None:
+    args = ["-f", str(CI_VALUES[values])] if values else []
+    result = kube.helm("lint", str(CHART), "--strict", *args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    for level in ("[INFO]", "[WARNING]", "[ERROR]"):
+        assert level not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("values", sorted(CI_VALUES))
+def test_each_ci_value_set_is_accepted_by_the_api_server(
+    kube: ControlPlane, namespace: str, values: str
+) -> None:
+    manifest = helm_template(kube, namespace, "-f", str(CI_VALUES[values]))
+    kinds = sorted({doc["kind"] for doc in documents(manifest)})
+    printed = apply_dry_run(kube, manifest)
+    assert len(printed) == len(documents(manifest))
+    assert all(line.endswith("(server dry run)") for line in printed), printed
+    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "Job"} <= set(kinds)
+
+
+def test_ci_value_sets_differ_as_documented(kube: ControlPlane, namespace: str) -> None:
+    def kinds_and_names(values: str) -> set[tuple[str, str]]:
+        manifest = helm_template(kube, namespace, "-f", str(CI_VALUES[values]))
+        return {(doc["kind"], doc["metadata"]["name"]) for doc in documents(manifest)}
+
+    default, external, minimal = (kinds_and_names(v) for v in ("default", "external", "minimal"))
+    workloads = {
+        ("StatefulSet", f"beam-{part}") for part in ("redis", "redis-sentinel", "timescaledb")
+    }
+    assert workloads <= default
+    assert not {kind for kind, _ in external} & {"StatefulSet", "Secret", "ConfigMap"}
+    assert ("StatefulSet", "beam-redis-sentinel") not in minimal
+    assert ("Service", "beam-redis") in minimal  # standalone: BEAM_REDIS_URL points here
+    assert ("HorizontalPodAutoscaler", "beam-service") not in minimal
+    assert ("PodDisruptionBudget", "beam-service") not in minimal
+
+
+def test_optional_features_are_accepted_by_the_api_server(
+    kube: ControlPlane, namespace: str
+) -> None:
+    tenants = [f"{namespace}-t{index}" for index in (1, 2)]
+    for tenant in tenants:
+        kube.kubectl("create", "namespace", tenant)
+    try:
+        manifest = helm_template(
+            kube,
+            namespace,
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "networkPolicy.allowExternal=false",
+            "--set",
+            "networkPolicy.ingressNamespaceSelector.matchLabels.team=apps",
+            "--set",
+            f"operator.watchNamespaces={{{','.join(tenants)}}}",
+        )
+        docs = documents(manifest)
+        roles = sorted(doc["metadata"]["namespace"] for doc in docs if doc["kind"] == "Role")
+        assert roles == tenants
+        assert sum(doc["kind"] == "NetworkPolicy" for doc in docs) == 4
+        apply_dry_run(kube, manifest)
+    finally:
+        for tenant in tenants:
+            kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
+
+
+def test_service_monitor_renders_only_when_enabled(kube: ControlPlane, namespace: str) -> None:
+    off = documents(helm_template(kube, namespace))
+    assert not [doc for doc in off if doc["kind"] == "ServiceMonitor"]
+    on = documents(helm_template(kube, namespace, "--set", "serviceMonitor.enabled=true"))
+    monitors = [doc for doc in on if doc["kind"] == "ServiceMonitor"]
+    assert [doc["apiVersion"] for doc in monitors] == ["monitoring.coreos.com/v1"] * 2
+    assert sorted(doc["metadata"]["name"] for doc in monitors) == [
+        "beam-operator",
+        "beam-service",
+    ]
+
+
+def test_migration_job_is_a_pre_upgrade_hook(kube: ControlPlane, namespace: str) -> None:
+    jobs = [doc for doc in documents(helm_template(kube, namespace)) if doc["kind"] == "Job"]
+    assert len(jobs) == 1
+    annotations = jobs[0]["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert annotations["helm.sh/hook-weight"] == "0"
+    pod = jobs[0]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["migrate"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait-for-database"]
+
+
+def test_invalid_values_fail_before_anything_is_created(kube: ControlPlane, namespace: str) -> None:
+    typo = kube.helm("template", "beam", str(CHART), "--set", "service.replicas=2", check=False)
+    assert typo.returncode != 0
+    assert "additional properties 'replicas' not allowed" in typo.stderr
+    no_host = kube.helm(
+        "template", "beam", str(CHART), "--set", "timescaledb.enabled=false", check=False
+    )
+    assert no_host.returncode != 0
+    assert "externalDatabase.host is required" in no_host.stderr
+    two_operators = kube.helm(
+        "template", "beam", str(CHART), "--set", "operator.replicaCount=2", check=False
+    )
+    assert two_operators.returncode != 0
+    assert "at '/operator/replicaCount': maximum: got 2, want 1" in two_operators.stderr
+
+
+# --- install, upgrade, uninstall -------------------------------------------------------------
+
+
+def test_install_upgrade_uninstall_keeps_generated_secrets(
+    kube: ControlPlane, namespace: str, release: str
+) -> None:
+    prefix = f"{release}-beam"
+    install = kube.helm(
+        "install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT
+    )
+    assert "STATUS: deployed" in install.stdout
+    assert names(kube, namespace, "deployments", release) == [
+        f"deployment.apps/{prefix}-operator",
+        f"deployment.apps/{prefix}-service",
+    ]
+    assert names(kube, namespace, "statefulsets", release) == [
+        f"statefulset.apps/{prefix}-redis",
+        f"statefulset.apps/{prefix}-redis-sentinel",
+        f"statefulset.apps/{prefix}-timescaledb",
+    ]
+    assert names(kube, namespace, "services", release) == sorted(
+        f"service/{prefix}{suffix}"
+        for suffix in (
+            "",
+            "-metrics",
+            "-operator-metrics",
+            "-redis-headless",
+            "-redis-sentinel-headless",
+            "-timescaledb",
+            "-timescaledb-headless",
+        )
+    )
+    assert names(kube, namespace, "hpa,pdb", release) == sorted(
+        [
+            f"horizontalpodautoscaler.autoscaling/{prefix}-service",
+            f"poddisruptionbudget.policy/{prefix}-redis",
+            f"poddisruptionbudget.policy/{prefix}-redis-sentinel",
+            f"poddisruptionbudget.policy/{prefix}-service",
+        ]
+    )
+    assert names(kube, namespace, "jobs", release) == []  # no install hook
+
+    generated = release_secrets(kube, namespace, release)
+    assert sorted(generated) == [
+        f"{prefix}-redis-auth",
+        f"{prefix}-request-token",
+        f"{prefix}-timescaledb-auth",
+    ]
+    token = base64.b64decode(generated[f"{prefix}-request-token"]["request-token-secret"])
+    assert len(token) == 64
+    assert token.isalnum()
+    for name, key in (
+        (f"{prefix}-redis-auth", "redis-password"),
+        (f"{prefix}-timescaledb-auth", "password"),
+    ):
+        assert len(base64.b64decode(generated[name][key])) == 48
+
+    env = container_env(kube, namespace, f"{prefix}-service")
+    assert env["BEAM_LOG_LEVEL"] == "INFO"
+    assert env["BEAM_REDIS_MODE"] == "sentinel"
+    assert env["BEAM_REDIS_SENTINELS"].count(":26379") == 3
+    assert env["BEAM_DATABASE_URL"].startswith("postgresql://$(PGUSER):$(PGPASSWORD)@")
+
+    kube.helm(
+        "upgrade",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--no-hooks",
+        "--set",
+        "service.logLevel=DEBUG",
+        timeout=HELM_TIMEOUT,
+    )
+    assert container_env(kube, namespace, f"{prefix}-service")["BEAM_LOG_LEVEL"] == "DEBUG"
+    assert release_secrets(kube, namespace, release) == generated
+
+    uninstall = kube.helm("uninstall", release, "--namespace", namespace, timeout=HELM_TIMEOUT)
+    assert "uninstalled" in uninstall.stdout
+    left = wait_until_gone(
+        kube, namespace, release, "deployments,statefulsets,replicasets,pods,services"
+    )
+    assert left == [], f"still there {GC_WAIT_SECONDS:.0f}s after uninstall: {left}"
+    assert release_secrets(kube, namespace, release) == generated  # helm.sh/resource-policy: keep
+
+    kube.helm("install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT)
+    assert release_secrets(kube, namespace, release) == generated  # adopted, not regenerated
+
+
+def test_existing_secrets_replace_generated_ones(
+    kube: ControlPlane, namespace: str, release: str
+) -> None:
+    kube.helm(
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "-f",
+        str(CI_VALUES["external"]),
+        timeout=HELM_TIMEOUT,
+    )
+    assert release_secrets(kube, namespace, release) == {}
+    env = container_env(kube, namespace, f"{release}-beam-service")
+    assert env["BEAM_REDIS_SENTINEL_MASTER"] == "beam"
+    assert env["BEAM_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "beam-redis", "key": "password"}}
+    assert env["BEAM_REQUEST_TOKEN_SECRET"] == {
+        "secretKeyRef": {"name": "beam-request-token", "key": "hmac-key"}
+    }
+    assert env["BEAM_DATABASE_URL"] == (
+        "postgresql://$(PGUSER):$(PGPASSWORD)@postgres.data.svc.cluster.local:5432/beam"
+        "?sslmode=require"
+    )
+
+
+# --- RBAC ------------------------------------------------------------------------------------
+
+
+def test_operator_rbac_is_least_privilege(kube: ControlPlane, namespace: str, release: str) -> None:
+    kube.helm("install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT)
+    operator = f"system:serviceaccount:{namespace}:{release}-beam-operator"
+    service = f"system:serviceaccount:{namespace}:{release}-beam-service"
+    tenant = "default"
+
+    allowed = [
+        ("watch", "beamcustomers.beam.dev"),
+        ("patch", "beamapikeys.beam.dev"),
+        ("update", "beampricelists.beam.dev"),
+        ("patch", "beamcustomers.beam.dev/status"),
+        ("create", "secrets"),
+        ("delete", "secrets"),
+        ("create", "events"),
+        ("create", "events.events.k8s.io"),
+        ("list", "namespaces"),
+        ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ]
+    denied = [
+        ("create", "beamcustomers.beam.dev"),
+        ("delete", "beamapikeys.beam.dev"),
+        ("list", "pods"),
+        ("create", "configmaps"),
+        ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("delete", "namespaces"),
+        ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ("list", "kopfpeerings.kopf.dev"),
+    ]
+    assert [rule for rule in allowed if not can_i(kube, operator, *rule, tenant)] == []
+    assert [rule for rule in denied if can_i(kube, operator, *rule, tenant)] == []
+    every_rule = allowed + denied
+    assert [rule for rule in every_rule if can_i(kube, service, *rule, namespace)] == []
+
+
+def test_operator_rbac_follows_watched_namespaces(
+    kube: ControlPlane, namespace: str, release: str
+) -> None:
+    watched, other = f"{namespace}-w", f"{namespace}-o"
+    for name in (watched, other):
+        kube.kubectl("create", "namespace", name)
+    try:
+        kube.helm(
+            "install",
+            release,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--set",
+            f"operator.watchNamespaces={{{watched}}}",
+            timeout=HELM_TIMEOUT,
+        )
+        operator = f"system:serviceaccount:{namespace}:{release}-beam-operator"
+        assert can_i(kube, operator, "create", "secrets", watched)
+        assert can_i(kube, operator, "patch", "beamcustomers.beam.dev/status", watched)
+        assert not can_i(kube, operator, "create", "secrets", other)
+        assert not can_i(kube, operator, "watch", "beamcustomers.beam.dev", other)
+        assert can_i(kube, operator, "list", "namespaces", other)  # cluster-scoped read
+        env = container_env(kube, namespace, f"{release}-beam-operator")
+        assert env["BEAM_NAMESPACES"] == watched
+    finally:
+        kube.helm("uninstall", release, "--namespace", namespace, check=False)
+        for name in (watched, other):
+            kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
