@@ -44,7 +44,7 @@ local amount, consumed = num(h[3]), num(h[4])
 if sequence ~= '0' then
   local seen = redis.call('HGET', KEYS[4], 's:' .. sequence)
   if seen then
-    local outcome, code = string.match(seen, '^(%u+)|(%u*)$')
+    local outcome, code = string.match(seen, '^(%u+)|([%u_]*)$')
     return {outcome, code, balance - held, consumed, amount}
   end
 end

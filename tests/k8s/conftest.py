@@ -24,7 +24,7 @@ import pytest
 
 # tests/ is the import root (pytest's rootdir-based `prepend` import mode puts it on sys.path
 # because tests/k8s/ is a package and tests/ is not; ruff's `src` says the same).
-from support.controlplane import ControlPlane, ControlPlaneError, find_or_build_binaries
+from tests.support.controlplane import ControlPlane, ControlPlaneError, find_or_build_binaries
 
 THIS_DIR = Path(__file__).resolve().parent
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from support.controlplane import ControlPlane, pinned_versions
+from tests.support.controlplane import ControlPlane, pinned_versions
 
 pytestmark = pytest.mark.k8s
 

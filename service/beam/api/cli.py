@@ -87,10 +87,19 @@ def _cell(value: Any) -> str:
 
 
 client_options = [
-    click.option("--server", envvar="BEAM_SERVER", default=DEFAULT_SERVER, show_default=True,
-                 help="Beam REST endpoint (env BEAM_SERVER)."),  # fmt: skip
-    click.option("--api-key", envvar="BEAM_API_KEY", default=None,
-                 help="API key (env BEAM_API_KEY); the dev key is used against localhost."),  # fmt: skip
+    click.option(
+        "--server",
+        envvar="BEAM_SERVER",
+        default=DEFAULT_SERVER,
+        show_default=True,
+        help="Beam REST endpoint (env BEAM_SERVER).",
+    ),  # fmt: skip
+    click.option(
+        "--api-key",
+        envvar="BEAM_API_KEY",
+        default=None,
+        help="API key (env BEAM_API_KEY); the dev key is used against localhost.",
+    ),  # fmt: skip
     click.option("--json", "as_json", is_flag=True, help="Print the API's JSON."),
 ]
 

@@ -91,7 +91,9 @@ class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
         return await self._serve("get_request", self.handlers.get_request, request, context)
 
     async def VerifyIntegrity(self, request: Any, context: Any) -> Message:  # noqa: N802
-        return await self._serve("verify_integrity", self.handlers.verify_integrity, request, context)
+        return await self._serve(
+            "verify_integrity", self.handlers.verify_integrity, request, context
+        )
 
     async def SyncAll(self, request: Any, context: Any) -> Message:  # noqa: N802
         return await self._serve("sync_all", self.handlers.sync_all, request, context)

@@ -285,6 +285,4 @@ def integrity_message(r: CustomerIntegrity) -> admin.CustomerIntegrity:
 
 
 def too_large(limit: int) -> BeamError:
-    return BeamError(
-        Reason.BODY_TOO_LARGE, f"request body larger than {limit} bytes", field="body"
-    )
+    return BeamError(Reason.BODY_TOO_LARGE, f"request body larger than {limit} bytes", field="body")

@@ -150,9 +150,7 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
 
 def _body_doc(message_type: type[Message]) -> dict[str, Any]:
     schema = json_schema(message_type.DESCRIPTOR)
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
-    }
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:

@@ -175,8 +175,7 @@ class Admin:
         if opened[0] == "REJECT":
             raise BeamError(
                 Reason[opened[1]] if opened[1] in Reason.__members__ else Reason.INTERNAL,
-                f"cannot debit {command.amount_grains} grains: {opened[1]} "
-                f"(available {opened[2]})",
+                f"cannot debit {command.amount_grains} grains: {opened[1]} (available {opened[2]})",
                 field="amount_grains",
             )
         if opened[0] == "CONFLICT":
