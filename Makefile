@@ -1,0 +1,66 @@
+# Beam's two commands: `make dev` runs Beam locally, `make test` runs every gate and test.
+# Both create .venv and install the project (pinned dependencies) on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev test check lint format typecheck contracts unit integration k8s e2e \
+        controlplane bench clean proto
+
+$(STAMP): pyproject.toml hatch_build.py $(wildcard proto/beam/*/v1/*.proto)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Run Beam with embedded Redis and PostgreSQL (REST :8080, gRPC :9090).
+dev: $(STAMP)
+	$(BIN)/beam dev
+
+## Every gate, then the whole suite (unit, integration, Kubernetes, end-to-end).
+test: check
+	$(BIN)/pytest -q -ra
+
+## Static gates only.
+check: lint typecheck contracts
+
+lint: $(STAMP)
+	$(BIN)/ruff check service operator tests bench hatch_build.py
+	$(BIN)/ruff format --check service operator tests bench hatch_build.py
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix service operator tests bench hatch_build.py
+	$(BIN)/ruff format service operator tests bench hatch_build.py
+
+typecheck: $(STAMP)
+	$(BIN)/mypy service/beam operator/beam_operator
+
+contracts: $(STAMP)
+	$(BIN)/lint-imports
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+k8s: $(STAMP)
+	$(BIN)/pytest -q tests/k8s
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q tests/e2e
+
+## Build (or reuse from the cache) kube-apiserver, kube-controller-manager, kubectl, etcd, helm.
+controlplane:
+	bash hack/controlplane/build.sh
+
+proto: $(STAMP)
+	$(BIN)/python hatch_build.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .beam .mypy_cache .ruff_cache .pytest_cache service/beam/balance service/beam/admin
