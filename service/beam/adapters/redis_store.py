@@ -69,7 +69,7 @@ def _client(settings: StoreSettings) -> Any:
         for address in settings.redis_sentinels:
             host, _, port = address.rpartition(":")
             sentinels.append((host or "127.0.0.1", int(port)))
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             sentinels,
             sentinel_kwargs={"password": password, "socket_timeout": timeout},
             password=password,

@@ -51,7 +51,7 @@ def settings_for(state_dir: Path) -> ServiceSettings:
         return ServiceSettings(
             environment=Environment.DEV,
             redis_url=values["BEAM_REDIS_URL"],
-            database_url=values["BEAM_DATABASE_URL"],  # type: ignore[arg-type]
+            database_url=values["BEAM_DATABASE_URL"],
         )
     return ServiceSettings()
 

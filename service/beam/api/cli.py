@@ -93,13 +93,13 @@ client_options = [
         default=DEFAULT_SERVER,
         show_default=True,
         help="Beam REST endpoint (env BEAM_SERVER).",
-    ),  # fmt: skip
+    ),
     click.option(
         "--api-key",
         envvar="BEAM_API_KEY",
         default=None,
         help="API key (env BEAM_API_KEY); the dev key is used against localhost.",
-    ),  # fmt: skip
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print the API's JSON."),
 ]
 
@@ -141,8 +141,13 @@ def serve_main() -> None:
 
 
 @main.command()
-@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_DEV_STATE,
-              show_default=True, help="Where Redis and PostgreSQL keep their data.")  # fmt: skip
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DEV_STATE,
+    show_default=True,
+    help="Where Redis and PostgreSQL keep their data.",
+)
 @click.option("--http-port", default=8080, show_default=True)
 @click.option("--grpc-port", default=9090, show_default=True)
 @click.option("--log-level", default="WARNING", show_default=True)
@@ -183,13 +188,23 @@ def operator() -> None:
 
 
 @main.command()
-@click.option("-f", "--filename", "paths", multiple=True, required=True,
-              type=click.Path(exists=True, path_type=Path),
-              help="Manifest file or directory (repeatable).")  # fmt: skip
+@click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Manifest file or directory (repeatable).",
+)
 @click.option("-n", "--namespace", default=None, help="Tenant for manifests without one.")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_DEV_STATE,
-              show_default=True,
-              help="A `beam dev` state dir to apply to when BEAM_DATABASE_URL is unset.")  # fmt: skip
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DEV_STATE,
+    show_default=True,
+    help="A `beam dev` state dir to apply to when BEAM_DATABASE_URL is unset.",
+)
 def apply(paths: tuple[Path, ...], namespace: str | None, state_dir: Path) -> None:
     """Apply Beam manifests to the stores directly, without a cluster."""
     from beam.api.apply import apply_paths
@@ -296,8 +311,12 @@ def customers() -> None:
 @click.option("--name", default="", help="Display name.")
 @click.option("--balance", "initial_balance", type=int, default=0, help="Opening balance.")
 @click.option("--platform-user-id", default="")
-@click.option("--buffer-strategy", type=click.Choice(["conservative", "balanced", "aggressive"]),
-              default="conservative", show_default=True)  # fmt: skip
+@click.option(
+    "--buffer-strategy",
+    type=click.Choice(["conservative", "balanced", "aggressive"]),
+    default="conservative",
+    show_default=True,
+)
 @with_client
 def customers_create(customer_id: str, name: str, initial_balance: int, platform_user_id: str,
                      buffer_strategy: str, server: str, api_key: str | None,

@@ -63,10 +63,11 @@ async def seed(runtime: Runtime) -> None:
 
 def banner(settings: ServiceSettings) -> str:
     http = f"http://localhost:{settings.http_port}"
+    grpc = f"localhost:{settings.grpc_port}"
     return f"""
 Beam dev is running (tenant "{DEFAULT_TENANT}", state kept between runs).
   REST  {http}   (OpenAPI docs: {http}/docs)
-  gRPC  localhost:{settings.grpc_port}   (reflection on: grpcurl -plaintext localhost:{settings.grpc_port} list)
+  gRPC  {grpc}   (reflection on: grpcurl -plaintext {grpc} list)
   key   {DEV_API_KEY}   (admin, dev only)
 
 Try:
@@ -82,6 +83,9 @@ Ctrl-C stops the service, Redis and PostgreSQL.
 def run_dev(state_dir: Path, http_port: int, grpc_port: int, log_level: str) -> None:
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM/SIGHUP skip atexit: make them stop the child servers too (Ctrl-C is handled
+    # by the ExitStack below).
+    devservers.stop_servers_on_signals()
     redis = devservers.RedisServer(state_dir / "redis")
     postgres = devservers.PostgresServer(state_dir / "postgres")
     click.echo(f"starting Redis and PostgreSQL in {state_dir} ...", err=True)
@@ -93,7 +97,7 @@ def run_dev(state_dir: Path, http_port: int, grpc_port: int, log_level: str) -> 
         settings = ServiceSettings(
             environment=Environment.DEV,
             redis_url=redis.url,
-            database_url=postgres.dsn,  # type: ignore[arg-type]
+            database_url=postgres.dsn,
             http_port=http_port,
             grpc_port=grpc_port,
             migrate_on_start=True,

@@ -55,47 +55,47 @@ class _Base:
 
 
 class BalanceService(_Base, balance_pb2_grpc.BalanceServiceServicer):
-    async def CheckBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def CheckBalance(self, request: Any, context: Any) -> Message:
         return await self._serve("check", self.handlers.check, request, context)
 
-    async def DeductTokens(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def DeductTokens(self, request: Any, context: Any) -> Message:
         return await self._serve("deduct", self.handlers.deduct, request, context)
 
-    async def FinalizeRequest(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def FinalizeRequest(self, request: Any, context: Any) -> Message:
         return await self._serve("finalize", self.handlers.finalize, request, context)
 
-    async def GetBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def GetBalance(self, request: Any, context: Any) -> Message:
         return await self._serve("get_balance", self.handlers.get_balance, request, context)
 
 
 class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
-    async def CreateCustomer(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def CreateCustomer(self, request: Any, context: Any) -> Message:
         return await self._serve("create_customer", self.handlers.create_customer, request, context)
 
-    async def GetCustomer(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def GetCustomer(self, request: Any, context: Any) -> Message:
         return await self._serve("get_customer", self.handlers.get_customer, request, context)
 
-    async def ListCustomers(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def ListCustomers(self, request: Any, context: Any) -> Message:
         return await self._serve("list_customers", self.handlers.list_customers, request, context)
 
-    async def CreditBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def CreditBalance(self, request: Any, context: Any) -> Message:
         return await self._serve("credit", self.handlers.credit, request, context)
 
-    async def DebitBalance(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def DebitBalance(self, request: Any, context: Any) -> Message:
         return await self._serve("debit", self.handlers.debit, request, context)
 
-    async def ListRequests(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def ListRequests(self, request: Any, context: Any) -> Message:
         return await self._serve("list_requests", self.handlers.list_requests, request, context)
 
-    async def GetRequest(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def GetRequest(self, request: Any, context: Any) -> Message:
         return await self._serve("get_request", self.handlers.get_request, request, context)
 
-    async def VerifyIntegrity(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def VerifyIntegrity(self, request: Any, context: Any) -> Message:
         return await self._serve(
             "verify_integrity", self.handlers.verify_integrity, request, context
         )
 
-    async def SyncAll(self, request: Any, context: Any) -> Message:  # noqa: N802
+    async def SyncAll(self, request: Any, context: Any) -> Message:
         return await self._serve("sync_all", self.handlers.sync_all, request, context)
 
 
@@ -108,10 +108,10 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    balance_pb2_grpc.add_BalanceServiceServicer_to_server(
+    balance_pb2_grpc.add_BalanceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         BalanceService(handlers, max_message_bytes), server
     )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(handlers, max_message_bytes), server
     )
     health_servicer = health.aio.HealthServicer()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,9 +87,11 @@ def _field_schema(field: FieldDescriptor, depth: int) -> dict[str, Any]:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         return {"type": "object", "additionalProperties": {"type": "string"}}
     if field.type == t.TYPE_MESSAGE:
-        schema = json_schema(field.message_type, depth + 1) if depth < 3 else {"type": "object"}
+        nested = cast(Descriptor, field.message_type)
+        schema = json_schema(nested, depth + 1) if depth < 3 else {"type": "object"}
     elif field.type == t.TYPE_ENUM:
-        schema = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
+        values = field.enum_type.values if field.enum_type is not None else []
+        schema = {"type": "string", "enum": [v.name for v in values]}
     elif field.type in (t.TYPE_INT64, t.TYPE_UINT64, t.TYPE_SINT64):
         schema = {"oneOf": [{"type": "string", "pattern": "^-?[0-9]+$"}, {"type": "integer"}]}
     elif field.type in (t.TYPE_INT32, t.TYPE_UINT32, t.TYPE_SINT32):
@@ -149,7 +151,7 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
 
 
 def _body_doc(message_type: type[Message]) -> dict[str, Any]:
-    schema = json_schema(message_type.DESCRIPTOR)
+    schema = json_schema(cast(Descriptor, message_type.DESCRIPTOR))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 

@@ -98,7 +98,9 @@ def parse_price_entries(
             )
         ]
         cached = values[2] if values[2] is not None else values[0]
-        assert values[0] is not None and values[1] is not None and cached is not None
+        assert values[0] is not None
+        assert values[1] is not None
+        assert cached is not None
         records.append(PriceRecord(tenant, model, 0, values[0], values[1], cached, when))
     return records
 
