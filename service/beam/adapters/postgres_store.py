@@ -20,6 +20,7 @@ from beam.adapters.migrations import migrate
 from beam.config import StoreSettings
 from beam.constants import MAX_GRAINS
 from beam.errors import BeamError, Reason
+from beam.observability import STORE_LATENCY
 from beam.records import (
     ApiKeyRecord,
     Customer,
@@ -234,6 +235,23 @@ class PostgresStore:
         fingerprint: str = "",
     ) -> LedgerEntry:
         """Append one credit/debit/adjustment exactly once per transaction id."""
+        with STORE_LATENCY.labels("postgres", "append_entry").time():
+            return await self._append_entry(
+                tenant, customer_id, transaction_id, entry_type, amount_grains, description,
+                reference_id, fingerprint,
+            )  # fmt: skip
+
+    async def _append_entry(
+        self,
+        tenant: str,
+        customer_id: str,
+        transaction_id: str,
+        entry_type: EntryType,
+        amount_grains: int,
+        description: str,
+        reference_id: str | None,
+        fingerprint: str,
+    ) -> LedgerEntry:
         async with self.pool.acquire() as conn, conn.transaction():
             account = await self._lock_customer(conn, tenant, customer_id)
             existing = await conn.fetchrow(
@@ -305,6 +323,10 @@ class PostgresStore:
 
     async def record_settlement(self, s: Settlement, created_at: datetime | None) -> Settlement:
         """Charge a settled request exactly once; a second call returns the first result."""
+        with STORE_LATENCY.labels("postgres", "record_settlement").time():
+            return await self._record_settlement(s, created_at)
+
+    async def _record_settlement(self, s: Settlement, created_at: datetime | None) -> Settlement:
         async with self.pool.acquire() as conn, conn.transaction():
             account = await self._lock_customer(conn, s.tenant, s.customer_id)
             existing = await conn.fetchrow(

@@ -30,6 +30,7 @@ from beam.adapters.resources import lua_dir
 from beam.config import RedisMode, StoreSettings
 from beam.constants import ALL_SCRIPTS, KEY_NAMESPACE
 from beam.errors import BeamError, Reason
+from beam.observability import STORE_LATENCY
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 _RETRY_DELAYS_SECONDS = (0.05, 0.2, 0.5, 1.0)
@@ -107,6 +108,12 @@ class RedisStore:
     ) -> Any:
         """EVALSHA a script; loads it on NOSCRIPT; retries transient failures if idempotent."""
         script = self.scripts[name]
+        with STORE_LATENCY.labels("redis", name).time():
+            return await self._run(script, keys, args, idempotent=idempotent)
+
+    async def _run(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], *, idempotent: bool
+    ) -> Any:
         attempts = len(_RETRY_DELAYS_SECONDS) + 1 if idempotent else 1
         for attempt in range(attempts):
             try:

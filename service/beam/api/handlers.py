@@ -22,6 +22,7 @@ from beam.core.commands import (
     DeductCommand,
     FinalizeCommand,
     LedgerCommand,
+    require_text,
     validate_limit,
 )
 from beam.core.runtime import Runtime
@@ -217,8 +218,7 @@ class Handlers:
 
 
 def _bounded(value: str, name: str, limit: int = 256) -> str:
-    if len(value) > limit:
-        raise invalid(name, f"at most {limit} characters", Reason.OUT_OF_RANGE)
+    require_text(value, name, limit)
     return value
 
 
@@ -285,4 +285,4 @@ def integrity_message(r: CustomerIntegrity) -> admin.CustomerIntegrity:
 
 
 def too_large(limit: int) -> BeamError:
-    return BeamError(Reason.BODY_TOO_LARGE, f"request body larger than {limit} bytes", field="body")
+    return invalid("body", f"larger than the limit of {limit} bytes", Reason.BODY_TOO_LARGE)

@@ -15,6 +15,7 @@ from typing import Any
 from beam.constants import (
     DONE_MARKER_TTL_SECONDS,
     EXPIRE_BATCH_PER_CALL,
+    MAX_GRAINS,
     MAX_OPEN_HOLDS_PER_CUSTOMER,
     MULTIPLIER_SCALE,
     SCRIPT_AUDIT_ACCOUNT,
@@ -24,13 +25,15 @@ from beam.constants import (
 )
 from beam.core.auth import Action, Principal, customer_not_found
 from beam.core.commands import (
+    REQUEST_ID_PATTERN,
     LedgerCommand,
     require_id,
+    require_range,
     validate_ledger_command,
     validate_strategy,
 )
 from beam.core.ledger import Ledger, fingerprint, now_ms
-from beam.errors import BeamError, Reason, invalid
+from beam.errors import BeamError, Reason
 from beam.records import Customer, CustomerState, EntryType, LedgerEntry, Settlement
 
 
@@ -85,8 +88,8 @@ class Admin:
         require_id(customer.customer_id, "customer_id")
         principal.require_customer(customer.customer_id)
         validate_strategy(customer.buffer_strategy)
-        if initial_balance_grains < 0:
-            raise invalid("initial_balance_grains", "must not be negative", Reason.OUT_OF_RANGE)
+        # Validated here, not by the opening credit: nothing is written for a bad amount.
+        require_range(initial_balance_grains, "initial_balance_grains", 0, MAX_GRAINS)
         customer = _with_tenant(customer, principal.tenant)
         created = await self.postgres.insert_customer(customer)
         if not created:
@@ -127,6 +130,8 @@ class Admin:
         self, principal: Principal, limit: int, after_customer_id: str = ""
     ) -> list[CustomerView]:
         principal.require(Action.READ)
+        if after_customer_id:
+            require_id(after_customer_id, "after_customer_id")
         customers = await self.postgres.list_customers(
             principal.tenant, limit=limit, after_customer_id=after_customer_id
         )
@@ -238,8 +243,9 @@ class Admin:
         self, principal: Principal, request_id: str, customer_id: str = ""
     ) -> Settlement:
         principal.require(Action.READ)
-        if not request_id:
-            raise invalid("request_id", "required", Reason.MISSING_FIELD)
+        require_id(request_id, "request_id", REQUEST_ID_PATTERN)
+        if customer_id:
+            require_id(customer_id, "customer_id")
         found = await self.postgres.get_request(principal.tenant, request_id, customer_id)
         if found is None or not principal.can_see(found.customer_id):
             raise BeamError(

@@ -101,6 +101,14 @@ def require_range(value: int, name: str, low: int, high: int) -> None:
         raise invalid(name, f"must be between {low} and {high}", Reason.OUT_OF_RANGE)
 
 
+def require_text(value: str, name: str, limit: int) -> None:
+    """Free text (names, descriptions): bounded, and no NUL (PostgreSQL text cannot hold it)."""
+    if len(value) > limit:
+        raise invalid(name, f"at most {limit} characters", Reason.OUT_OF_RANGE)
+    if "\x00" in value:
+        raise invalid(name, "must not contain NUL characters")
+
+
 def require_model(value: str, name: str) -> None:
     if value:
         require_id(value, name, MODEL_PATTERN)
@@ -176,6 +184,10 @@ def validate_deduct(command: DeductCommand) -> None:
 def validate_finalize(command: FinalizeCommand) -> None:
     require_id(command.customer_id, "customer_id")
     require_id(command.request_id, "request_id", REQUEST_ID_PATTERN)
+    if command.status == "REQUEST_STATUS_UNSPECIFIED":
+        raise invalid(
+            "status", f"required, one of {', '.join(FINAL_STATUSES)}", Reason.MISSING_FIELD
+        )
     if command.status not in FINAL_STATUSES:
         raise invalid("status", f"must be one of {', '.join(FINAL_STATUSES)}")
     require_range(command.actual_prompt_tokens, "actual_prompt_tokens", 0, MAX_TOKENS_PER_CALL)
@@ -197,10 +209,7 @@ def validate_finalize(command: FinalizeCommand) -> None:
 def validate_ledger_command(command: LedgerCommand) -> None:
     require_id(command.customer_id, "customer_id")
     require_range(command.amount_grains, "amount_grains", 1, MAX_GRAINS)
-    if len(command.description) > MAX_DESCRIPTION_LENGTH:
-        raise invalid(
-            "description", f"at most {MAX_DESCRIPTION_LENGTH} characters", Reason.OUT_OF_RANGE
-        )
+    require_text(command.description, "description", MAX_DESCRIPTION_LENGTH)
     if command.transaction_id:
         require_id(command.transaction_id, "transaction_id", REQUEST_ID_PATTERN)
 

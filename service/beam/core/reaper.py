@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from beam.constants import SCRIPT_EXPIRE_HOLDS, customer_keys, parse_customer_key
 from beam.core.ledger import Ledger, now_ms
 from beam.errors import BeamError
+from beam.observability import REAPER_PASSES, REAPER_SETTLED
 from beam.records import Settlement, SettlementStatus
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class Reaper:
         while True:
             try:
                 stats = await self.run_once()
+                REAPER_PASSES.labels("ok").inc()
+                REAPER_SETTLED.inc(stats.holds_settled)
                 if stats.holds_settled:
                     log.info(
                         "reaper settled expired holds",
@@ -90,6 +93,7 @@ class Reaper:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                REAPER_PASSES.labels("failed").inc()
                 log.exception("reaper pass failed; retrying next interval")
             await asyncio.sleep(interval_seconds)
 
