@@ -115,10 +115,20 @@ class Authenticator:
 
     async def reload(self) -> None:
         async with self._lock:
-            records = await self._postgres.load_api_keys()
-            self._keys = {r.key_hash: r for r in records}
-            self._misses.clear()
-            self._loaded_at = time.monotonic()
+            await self._load()
+
+    async def _load(self) -> None:
+        records = await self._postgres.load_api_keys()
+        self._keys = {r.key_hash: r for r in records}
+        self._misses.clear()
+        self._loaded_at = time.monotonic()
+
+    async def _reload_if_stale(self) -> None:
+        # Concurrent callers that found the cache stale wait for one reload, not one each.
+        stale_since = self._loaded_at
+        async with self._lock:
+            if self._loaded_at == stale_since:
+                await self._load()
 
     def invalidate(self) -> None:
         self._loaded_at = 0.0
@@ -129,7 +139,7 @@ class Authenticator:
         if digest == self._dev_key_hash and not self._dev_mode:
             raise BeamError(Reason.UNAUTHENTICATED, "the dev key is refused outside dev mode")
         if time.monotonic() - self._loaded_at > self._max_age:
-            await self.reload()
+            await self._reload_if_stale()
         record = self._keys.get(digest) or await self._lookup_miss(digest)
         if record is None or not _usable(record):
             raise BeamError(Reason.UNAUTHENTICATED, "invalid, expired or revoked API key")

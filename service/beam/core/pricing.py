@@ -36,9 +36,12 @@ class PriceBook:
 
     async def reload(self) -> None:
         async with self._lock:
-            records = await self._postgres.load_prices()
-            self._prices = {(r.tenant, r.model): _prices(r) for r in records}
-            self._loaded_at = time.monotonic()
+            await self._load()
+
+    async def _load(self) -> None:
+        records = await self._postgres.load_prices()
+        self._prices = {(r.tenant, r.model): _prices(r) for r in records}
+        self._loaded_at = time.monotonic()
 
     def invalidate(self) -> None:
         self._loaded_at = 0.0
@@ -46,7 +49,11 @@ class PriceBook:
     async def lookup(self, tenant: str, model: str) -> Prices | None:
         now = time.monotonic()
         if now - self._loaded_at > self._max_age:
-            await self.reload()
+            # Concurrent callers that found the cache stale wait for one reload.
+            stale_since = self._loaded_at
+            async with self._lock:
+                if self._loaded_at == stale_since:
+                    await self._load()
         found = self._prices.get((tenant, model))
         if found is None and now - self._last_miss_reload > _MISS_RELOAD_INTERVAL_SECONDS:
             self._last_miss_reload = now
