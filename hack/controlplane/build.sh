@@ -26,9 +26,12 @@
 # - The Go module and build caches live under the cache dir, so a rebuild after a version bump is
 #   incremental. -modcacherw keeps the module cache deletable with plain `rm -rf`.
 # - A flock serialises concurrent builds into the same cache dir (bounded wait).
+# - Everything runs from main(), which bash parses whole before running: a script edited (or
+#   checked out anew) during a ten-minute build would otherwise be read from a shifted offset.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly binaries=(kube-apiserver kube-controller-manager kubectl etcd helm)
 
 log() { printf '[controlplane/build %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -36,22 +39,22 @@ die() {
     exit 1
 }
 
-# shellcheck source=versions.env
-source "$here/versions.env"
-[[ ${KUBERNETES_VERSION:-} =~ ^v1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$ ]] ||
-    die "versions.env: KUBERNETES_VERSION='${KUBERNETES_VERSION:-}' is not v1.MINOR.PATCH"
-[[ ${ETCD_VERSION:-} =~ ^v3\.[0-9]+\.[0-9]+$ ]] ||
-    die "versions.env: ETCD_VERSION='${ETCD_VERSION:-}' is not v3.MINOR.PATCH"
-[[ ${HELM_VERSION:-} =~ ^v3\.[0-9]+\.[0-9]+$ ]] ||
-    die "versions.env: HELM_VERSION='${HELM_VERSION:-}' is not v3.MINOR.PATCH"
+load_versions() {
+    # shellcheck source=versions.env
+    source "$here/versions.env"
+    [[ ${KUBERNETES_VERSION:-} =~ ^v1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$ ]] ||
+        die "versions.env: KUBERNETES_VERSION='${KUBERNETES_VERSION:-}' is not v1.MINOR.PATCH"
+    [[ ${ETCD_VERSION:-} =~ ^v3\.[0-9]+\.[0-9]+$ ]] ||
+        die "versions.env: ETCD_VERSION='${ETCD_VERSION:-}' is not v3.MINOR.PATCH"
+    [[ ${HELM_VERSION:-} =~ ^v3\.[0-9]+\.[0-9]+$ ]] ||
+        die "versions.env: HELM_VERSION='${HELM_VERSION:-}' is not v3.MINOR.PATCH"
 
-readonly binaries=(kube-apiserver kube-controller-manager kubectl etcd helm)
-cache_root="${BEAM_CACHE_DIR:-$HOME/.cache/beam}/controlplane"
-key="${KUBERNETES_VERSION}-etcd${ETCD_VERSION#v}-helm${HELM_VERSION#v}"
-dest="$cache_root/$key"
-bin_dir="$dest/bin"
-stamp="$dest/stamp"
-stamp_line="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION helm=$HELM_VERSION"
+    cache_root="${BEAM_CACHE_DIR:-$HOME/.cache/beam}/controlplane"
+    dest="$cache_root/${KUBERNETES_VERSION}-etcd${ETCD_VERSION#v}-helm${HELM_VERSION#v}"
+    bin_dir="$dest/bin"
+    stamp="$dest/stamp"
+    stamp_line="kubernetes=$KUBERNETES_VERSION etcd=$ETCD_VERSION helm=$HELM_VERSION"
+}
 
 is_warm() {
     [[ -f $stamp ]] && [[ "$(head -n 1 "$stamp")" == "$stamp_line" ]] || return 1
@@ -61,46 +64,22 @@ is_warm() {
     done
 }
 
-if is_warm; then
-    log "warm cache: $bin_dir"
-    printf '%s\n' "$bin_dir"
-    exit 0
-fi
+setup_go() {
+    go_bin="${GO:-$(command -v go || true)}"
+    [[ -n $go_bin ]] || go_bin=/usr/local/go/bin/go
+    [[ -x $go_bin ]] || die "no Go toolchain: set GO=/path/to/go or put go on PATH"
+    export GOMODCACHE="$cache_root/go/mod"
+    export GOCACHE="$cache_root/go/build"
+    export GOFLAGS="-mod=mod -modcacherw -buildvcs=false"
+    export GOWORK=off
+    export CGO_ENABLED=0
+    # The machine's Go (1.26.x) builds every pinned version; an explicit GOTOOLCHAIN from the
+    # caller (e.g. go1.27.3 for a newer Kubernetes) is honoured.
+    export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+    jobs="${BEAM_GO_BUILD_JOBS:-2}"
+    [[ $jobs =~ ^[1-9][0-9]*$ ]] || die "BEAM_GO_BUILD_JOBS='$jobs' is not a positive integer"
+}
 
-mkdir -p "$cache_root"
-# A cold build takes tens of minutes; wait at most 90 minutes for another build to finish.
-exec 9>"$cache_root/.build.lock"
-flock -w 5400 9 || die "timed out waiting for another build holding $cache_root/.build.lock"
-if is_warm; then
-    log "warm cache (built by a concurrent run): $bin_dir"
-    printf '%s\n' "$bin_dir"
-    exit 0
-fi
-
-go_bin="${GO:-$(command -v go || true)}"
-[[ -n $go_bin ]] || go_bin=/usr/local/go/bin/go
-[[ -x $go_bin ]] || die "no Go toolchain: set GO=/path/to/go or put go on PATH"
-command -v flock >/dev/null || die "flock (util-linux) is required"
-
-export GOMODCACHE="$cache_root/go/mod"
-export GOCACHE="$cache_root/go/build"
-export GOFLAGS="-mod=mod -modcacherw -buildvcs=false"
-export GOWORK=off
-export CGO_ENABLED=0
-# The machine's Go (1.26.x) builds every pinned version; an explicit GOTOOLCHAIN from the
-# caller (e.g. go1.27.3 for a newer Kubernetes) is honoured.
-export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
-jobs="${BEAM_GO_BUILD_JOBS:-2}"
-[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "BEAM_GO_BUILD_JOBS='$jobs' is not a positive integer"
-
-work="$(mktemp -d "${TMPDIR:-/tmp}/beam-controlplane-build.XXXXXX")"
-stage="$dest/bin.partial"
-trap 'rm -rf "$work" "$stage"' EXIT
-rm -rf "$stage"
-mkdir -p "$stage" "$dest/modules"
-
-build_started=$SECONDS
-timings=()
 # timed NAME COMMAND...: runs COMMAND, logs and records how long it took.
 timed() {
     local name="$1" started=$SECONDS
@@ -150,24 +129,31 @@ write_wrapper() {
 
 # in_dir DIR COMMAND...: runs COMMAND in DIR without changing this shell's directory. Its
 # stdout goes to stderr: this script's stdout carries only the bin dir.
+# shellcheck disable=SC2317  # in_dir and discard_stdout are only called through timed
 in_dir() (
     cd "$1"
     shift
     "$@" >&2
 )
 
+# shellcheck disable=SC2317
+discard_stdout() { "$@" >/dev/null; }
+
 # go_build WRAPPER_DIR LDFLAGS OUTPUT PACKAGE...: resolve + download, then compile and link.
 go_build() {
-    local dir="$1" ldflags="$2" output="$3"
+    local dir="$1" ldflags="$2" output="$3" name
     shift 3
-    timed "$(basename "$dir"): resolve and download modules" \
-        in_dir "$dir" "$go_bin" list -deps "$@"
-    timed "$(basename "$dir"): compile and link $*" \
+    name="$(basename "$dir")"
+    # `go list -deps` downloads exactly the modules the packages need and records their sums;
+    # its package list is not wanted.
+    timed "$name: resolve and download modules" \
+        in_dir "$dir" discard_stdout "$go_bin" list -deps "$@"
+    timed "$name: compile and link $*" \
         in_dir "$dir" "$go_bin" build -p "$jobs" -trimpath -ldflags "$ldflags" -o "$output" "$@"
     # Keep the resolved wrapper go.mod/go.sum next to the binaries: they say exactly what the
     # binaries were built from.
-    mkdir -p "$dest/modules/$(basename "$dir")"
-    cp "$dir/go.mod" "$dir/go.sum" "$dest/modules/$(basename "$dir")/"
+    mkdir -p "$dest/modules/$name"
+    cp "$dir/go.mod" "$dir/go.sum" "$dest/modules/$name/"
 }
 
 build_kubernetes() {
@@ -189,6 +175,8 @@ build_kubernetes() {
     minor="${minor%%.*}"
     local build_date flags=(-s -w) pkg
     build_date="$(mod_time "$release")"
+    [[ $build_date =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]] ||
+        die "no release time for $release from the module proxy (got '$build_date')"
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
         flags+=(
             -X "$pkg.gitVersion=$KUBERNETES_VERSION"
@@ -254,30 +242,69 @@ verify() {
     log "verified: $name -> $expected"
 }
 
-log "cold build of $stamp_line"
-log "go: $("$go_bin" version); GOMODCACHE=$GOMODCACHE GOCACHE=$GOCACHE -p $jobs"
-build_kubernetes
-build_etcd
-build_helm
+verify_all() {
+    verify kube-apiserver "Kubernetes $KUBERNETES_VERSION" "$stage/kube-apiserver" --version
+    verify kube-controller-manager "Kubernetes $KUBERNETES_VERSION" \
+        "$stage/kube-controller-manager" --version
+    verify kubectl "\"gitVersion\": \"$KUBERNETES_VERSION\"" \
+        "$stage/kubectl" version --client -o json
+    verify etcd "etcd Version: ${ETCD_VERSION#v}" "$stage/etcd" --version
+    verify helm "Version:\"$HELM_VERSION\"" \
+        "$stage/helm" version --template '{{printf "Version:%q" .Version}}'
+}
 
-verify kube-apiserver "Kubernetes $KUBERNETES_VERSION" "$stage/kube-apiserver" --version
-verify kube-controller-manager "Kubernetes $KUBERNETES_VERSION" \
-    "$stage/kube-controller-manager" --version
-verify kubectl "\"gitVersion\": \"$KUBERNETES_VERSION\"" \
-    "$stage/kubectl" version --client -o json
-verify etcd "etcd Version: ${ETCD_VERSION#v}" "$stage/etcd" --version
-verify helm "Version:\"$HELM_VERSION\"" "$stage/helm" version --template '{{printf "Version:%q" .Version}}'
+install_and_stamp() {
+    rm -rf "$bin_dir"
+    mv "$stage" "$bin_dir"
+    total=$((SECONDS - build_started))
+    {
+        # The first line is what is_warm compares; the rest is for people.
+        printf '%s\n' "$stamp_line"
+        printf 'built=%s go=%s total=%ss\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+            "$("$go_bin" env GOVERSION)" "$total"
+        printf '%s\n' "${timings[@]}"
+    } >"$stamp.partial"
+    mv "$stamp.partial" "$stamp"
+    log "build finished in ${total}s: $bin_dir"
+}
 
-rm -rf "$bin_dir"
-mv "$stage" "$bin_dir"
-total=$((SECONDS - build_started))
-{
-    # The first line is what is_warm compares; the rest is for people.
-    printf '%s\n' "$stamp_line"
-    printf 'built=%s go=%s total=%ss\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-        "$("$go_bin" env GOVERSION)" "$total"
-    printf '%s\n' "${timings[@]}"
-} >"$stamp.partial"
-mv "$stamp.partial" "$stamp"
-log "cold build finished in ${total}s: $bin_dir"
-printf '%s\n' "$bin_dir"
+main() {
+    load_versions
+    if is_warm; then
+        log "warm cache: $bin_dir"
+        printf '%s\n' "$bin_dir"
+        return 0
+    fi
+
+    command -v flock >/dev/null || die "flock (util-linux) is required"
+    mkdir -p "$cache_root"
+    # A cold build takes about ten minutes; wait at most 90 minutes for another one to finish.
+    exec 9>"$cache_root/.build.lock"
+    flock -w 5400 9 || die "timed out waiting for another build holding $cache_root/.build.lock"
+    if is_warm; then
+        log "warm cache (built by a concurrent run): $bin_dir"
+        printf '%s\n' "$bin_dir"
+        return 0
+    fi
+
+    setup_go
+    work="$(mktemp -d "${TMPDIR:-/tmp}/beam-controlplane-build.XXXXXX")"
+    stage="$dest/bin.partial"
+    trap 'rm -rf "$work" "$stage"' EXIT
+    rm -rf "$stage"
+    mkdir -p "$stage" "$dest/modules"
+    build_started=$SECONDS
+    timings=()
+
+    log "building $stamp_line (Go caches make a rebuild incremental)"
+    log "go: $("$go_bin" version); GOMODCACHE=$GOMODCACHE GOCACHE=$GOCACHE -p $jobs"
+    build_kubernetes
+    build_etcd
+    build_helm
+    verify_all
+    install_and_stamp
+    printf '%s\n' "$bin_dir"
+}
+
+# On one line so that bash, which reads a script as it runs it, never reads past this point.
+main "$@"; exit

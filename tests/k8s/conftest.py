@@ -22,8 +22,6 @@ from typing import NoReturn
 
 import pytest
 
-# tests/ is the import root (pytest's rootdir-based `prepend` import mode puts it on sys.path
-# because tests/k8s/ is a package and tests/ is not; ruff's `src` says the same).
 from tests.support.controlplane import ControlPlane, ControlPlaneError, find_or_build_binaries
 
 THIS_DIR = Path(__file__).resolve().parent

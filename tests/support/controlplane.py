@@ -35,6 +35,7 @@ BUILD_TIMEOUT_SECONDS = 3600.0
 # up.sh bounds its own waits (BEAM_CONTROLPLANE_START_TIMEOUT, 90 s); this is the backstop.
 START_TIMEOUT_SECONDS = 180.0
 STOP_TIMEOUT_SECONDS = 60.0
+START_ATTEMPTS = 2
 # ServiceAccount tokens minted for tests live this long (the API server's minimum is 10 min).
 SERVICE_ACCOUNT_TOKEN_DURATION = "1h"
 
@@ -130,7 +131,17 @@ class ControlPlane:
         bin_dir = bin_dir if bin_dir is not None else find_or_build_binaries()
         workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "BEAM_CONTROLPLANE_BIN_DIR": str(bin_dir)}
-        _run_script("up.sh", str(workdir), timeout=START_TIMEOUT_SECONDS, env=env)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                _run_script("up.sh", str(workdir), timeout=START_TIMEOUT_SECONDS, env=env)
+                break
+            except ControlPlaneError as error:
+                # up.sh cleans up after itself, except when it was killed for taking too long.
+                _run_script("down.sh", str(workdir), timeout=STOP_TIMEOUT_SECONDS)
+                # Ports are checked free just before use, yet another process can take one in
+                # between; that, and only that, is worth another try on fresh ports.
+                if attempt == START_ATTEMPTS or "address already in use" not in str(error):
+                    raise
         kubeconfig = workdir / "kubeconfig"
         if not kubeconfig.is_file():
             raise ControlPlaneError(f"up.sh succeeded but wrote no {kubeconfig}")

@@ -6,7 +6,7 @@ serialize the clients; several worker processes, each with hundreds of lifecycle
 flight and spreading its calls over every replica, make the interleavings real.
 
 Protocol (stdin/stdout, one JSON document per line):
-  parent -> worker  the plan (see ``Plan``)
+  parent -> worker  a list of plans (see ``Plan``), run concurrently
   worker -> parent  {"ready": true} once its channels are connected
   parent -> worker  "go" (a barrier: every worker starts at once)
   worker -> parent  {"results": [...]} one entry per lifecycle, then exits
@@ -18,15 +18,21 @@ that were delivered; no provider overage). Call ``i`` of a lifecycle goes to rep
 ``(worker + lifecycle + i) % replicas``, so one request's calls cross replicas.
 Every wait is bounded (``call_timeout_seconds``); a failed call is recorded, not retried.
 
-Run: ``python -m tests.support.load`` (the parent does this; see test_invariants.py).
+The parent side is ``run_workers``: it starts the workers, waits until all are connected,
+releases them together and collects their results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
+import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -152,26 +158,68 @@ async def _lifecycle(
     return out
 
 
-async def run(plan: Plan, wait_for_go: Any) -> list[Lifecycle]:
-    channels = [grpc.aio.insecure_channel(target) for target in plan.targets]
+async def run(plans: list[Plan], wait_for_go: Any) -> list[Lifecycle]:
+    targets = sorted({t for plan in plans for t in plan.targets})
+    channels = {target: grpc.aio.insecure_channel(target) for target in targets}
     try:
-        for channel in channels:
+        for channel in channels.values():
             await asyncio.wait_for(channel.channel_ready(), timeout=30)
-        stubs = [pb_grpc.BalanceServiceStub(channel) for channel in channels]
-        metadata = (("authorization", f"Bearer {plan.api_key}"),)
+        work = []
+        for plan in plans:
+            stubs = [pb_grpc.BalanceServiceStub(channels[t]) for t in plan.targets]
+            metadata = (("authorization", f"Bearer {plan.api_key}"),)
+            work += [(stubs, plan, index, metadata) for index in range(plan.count)]
         await wait_for_go()
-        return list(
-            await asyncio.gather(
-                *(_lifecycle(stubs, plan, index, metadata) for index in range(plan.count))
-            )
-        )
+        return list(await asyncio.gather(*(_lifecycle(*args) for args in work)))
     finally:
-        for channel in channels:
+        for channel in channels.values():
             await channel.close()
 
 
+def run_workers(workers: list[list[Plan]], timeout_seconds: float = 120.0) -> list[Lifecycle]:
+    """Start one process per plan list, release them together, return every lifecycle."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "service")])}
+    processes = []
+    try:
+        for plans in workers:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.load"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=root,
+                env=env,
+                text=True,
+            )
+            assert process.stdin is not None
+            process.stdin.write(json.dumps([asdict(p) for p in plans]) + "\n")
+            process.stdin.flush()
+            processes.append(process)
+        deadline = time.monotonic() + timeout_seconds
+        for process in processes:
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+            line = process.stdout.readline() if ready else ""
+            assert json.loads(line or "{}").get("ready"), f"worker not ready: {line!r}"
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results: list[Lifecycle] = []
+        for process in processes:
+            out, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert process.returncode == 0, f"worker failed with {process.returncode}"
+            results += [Lifecycle(**r) for r in json.loads(out)["results"]]
+        return results
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
 def main() -> None:
-    plan = Plan(**json.loads(sys.stdin.readline()))
+    plans = [Plan(**p) for p in json.loads(sys.stdin.readline())]
 
     async def wait_for_go() -> None:
         print(json.dumps({"ready": True}), flush=True)
@@ -179,7 +227,7 @@ def main() -> None:
         if line.strip() != "go":
             raise SystemExit(f"expected 'go', got {line!r}")
 
-    results = asyncio.run(run(plan, wait_for_go))
+    results = asyncio.run(run(plans, wait_for_go))
     print(json.dumps({"results": [asdict(r) for r in results]}), flush=True)
 
 

@@ -1,0 +1,1 @@
+"""One module per kind: BeamCustomer, BeamApiKey, BeamPriceList. Each has ``register()``."""

@@ -10,9 +10,12 @@ DELETEs a ledger row (a trigger refuses it); corrections are new entries.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -87,6 +90,47 @@ def _settlement(row: asyncpg.Record, *, replayed: bool) -> Settlement:
     )
 
 
+# "PostgreSQL cannot be reached now": refused or dropped connections, a server shutting
+# down or starting up, a connect or pool timeout. Anything else is a bug and stays loud.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+_T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def _unavailable_as_store_error() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as error:
+        raise BeamError(
+            Reason.STORE_UNAVAILABLE, f"postgresql unavailable: {type(error).__name__}"
+        ) from error
+
+
+def _translate_unavailable(cls: type[_T]) -> type[_T]:
+    """Every public coroutine method answers STORE_UNAVAILABLE (like ``RedisStore``) when
+    PostgreSQL cannot be reached, instead of leaking asyncpg's errors as INTERNAL."""
+    for name, member in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(member):
+            continue
+
+        def bind(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(method)
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                with _unavailable_as_store_error():
+                    return await method(*args, **kwargs)
+
+            return call
+
+        setattr(cls, name, bind(member))
+    return cls
+
+
+@_translate_unavailable
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -128,6 +172,27 @@ class PostgresStore:
             customer_id,
         )
         return _customer(row) if row else None
+
+    @contextlib.asynccontextmanager
+    async def customer_locked(
+        self, tenant: str, customer_id: str
+    ) -> AsyncIterator[Customer | None]:
+        """The customer, its row share-locked until the block ends.
+
+        No ledger entry of this customer can commit meanwhile (they lock the row FOR
+        UPDATE), so what the block copies into Redis cannot be older than a balance a
+        concurrent settlement or credit has already written there: without the lock, a copy
+        read before that commit and written after it would hand spent money back.
+        """
+        with _unavailable_as_store_error():  # the block's own errors are BeamErrors already
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
+                        WHERE tenant = $1 AND customer_id = $2 FOR SHARE""",
+                    tenant,
+                    customer_id,
+                )
+                yield _customer(row) if row else None
 
     async def list_customers(
         self, tenant: str, *, limit: int, after_customer_id: str = ""
@@ -219,7 +284,11 @@ class PostgresStore:
             customer_id,
         )
         if row is None:
-            raise BeamError(Reason.CUSTOMER_NOT_FOUND, f"customer {customer_id!r} not found")
+            raise BeamError(
+                Reason.CUSTOMER_NOT_FOUND,
+                f"customer {customer_id!r} not found",
+                field="customer_id",
+            )
         return row
 
     async def append_entry(

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -19,12 +19,50 @@ from beam.api.errors import as_beam_error, grpc_status
 from beam.api.handlers import Handlers, too_large
 from beam.balance.v1 import balance_pb2, balance_pb2_grpc
 from beam.core.auth import Principal
+from beam.errors import Reason, invalid
 
 Handler = Callable[[Principal, Any], Awaitable[Message]]
 
 # The transport accepts more than the per-message limit so oversized messages reach our
 # own check and get INVALID_ARGUMENT/BODY_TOO_LARGE like REST, not a bare transport error.
 _TRANSPORT_MAX_BYTES = 4 * 1024 * 1024
+
+
+class _Undecodable:
+    """Request bytes that are not a valid message: answered INVALID_ARGUMENT/MALFORMED_BODY."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(error)
+
+    return decode
+
+
+class _DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Hands undecodable requests to our servicers instead of grpcio, which would answer
+    UNKNOWN and log a traceback. Health and reflection are left as they are."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = str(getattr(details, "method", ""))
+        if (
+            handler is None
+            or handler.request_deserializer is None
+            or not method.startswith("/beam.")
+        ):
+            return handler
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -44,6 +82,10 @@ class _Base:
     ) -> Message:
         try:
             principal = await self.handlers.authenticate(_authorization(context))
+            if isinstance(request, _Undecodable):
+                raise invalid(
+                    "body", f"not a valid protobuf message ({request.error})", Reason.MALFORMED_BODY
+                )
             if request.ByteSize() > self.max_message_bytes:
                 raise too_large(self.max_message_bytes)
             return await self.handlers.timed(call, "grpc", lambda: handler(principal, request))
@@ -103,10 +145,11 @@ def create_server(
     handlers: Handlers, address: str, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server = grpc.aio.server(
+        interceptors=[_DecodeGuard()],
         options=[
             ("grpc.max_receive_message_length", _TRANSPORT_MAX_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     balance_pb2_grpc.add_BalanceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         BalanceService(handlers, max_message_bytes), server

@@ -22,7 +22,6 @@ from beam.core.commands import (
     DeductCommand,
     FinalizeCommand,
     LedgerCommand,
-    require_text,
     validate_limit,
 )
 from beam.core.runtime import Runtime
@@ -158,8 +157,8 @@ class Handlers:
             Customer(
                 tenant=p.tenant,
                 customer_id=m.customer_id,
-                display_name=_bounded(m.display_name, "display_name"),
-                platform_user_id=_bounded(m.platform_user_id, "platform_user_id"),
+                display_name=m.display_name,
+                platform_user_id=m.platform_user_id,
                 buffer_strategy=m.buffer_strategy or "conservative",
             ),
             m.initial_balance_grains,
@@ -215,11 +214,6 @@ class Handlers:
     async def sync_all(self, p: Principal, m: admin.SyncAllRequest) -> Message:
         synced, kept = await self.admin.sync(p)
         return admin.SyncAllResponse(customers_synced=synced, open_holds_kept=kept)
-
-
-def _bounded(value: str, name: str, limit: int = 256) -> str:
-    require_text(value, name, limit)
-    return value
 
 
 _STATES = {

@@ -9,6 +9,7 @@ schemas in the OpenAPI document (``/docs``) are generated from the proto descrip
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -47,16 +48,66 @@ def parse_error(error: json_format.ParseError) -> BeamError:
         return invalid(unknown.group(1), "unknown field", Reason.UNKNOWN_FIELD)
     path = ".".join(re.findall(r"Failed to parse (\w+) field", text)) or "body"
     detail = text.rsplit(":", 1)[-1].strip().rstrip(".") or "invalid value"
-    reason = Reason.OUT_OF_RANGE if "out of range" in text.lower() else Reason.INVALID_FIELD
+    reason = Reason.INVALID_FIELD
+    if "out of range" in text.lower():
+        reason, detail = Reason.OUT_OF_RANGE, f"out of range for its type ({detail})"
     if "Invalid enum value" in text or "enum" in text.lower():
         detail = "unknown enum value"
     return invalid(path, detail, reason)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (proto3 JSON spells it as the string {name!r})")
+
+
+def check_shape(data: dict[str, Any], descriptor: Any, prefix: str = "") -> None:
+    """Refuse JSON types protobuf's parser accepts loosely or blames on the wrong field.
+
+    It takes ``true`` for a number and ``[]`` for a message, reads a string given for a
+    message as a list of field names, and names unknown nested fields without their parent.
+    Depth is bounded by the descriptors (and the body by its size limit).
+    """
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
+        if field is None:
+            raise invalid(f"{prefix}{key}", "unknown field", Reason.UNKNOWN_FIELD)
+        if value is not None:
+            _check_value(value, field, f"{prefix}{field.name}")
+
+
+def _check_value(value: Any, field: FieldDescriptor, name: str) -> None:
+    t = FieldDescriptor
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        if not isinstance(value, dict):
+            raise invalid(name, "must be a JSON object")
+        for key, item in value.items():
+            _check_value(item, field.message_type.fields_by_name["value"], f"{name}[{key}]")
+    elif field.is_repeated:
+        if not isinstance(value, list):
+            raise invalid(name, "must be a JSON array")
+    elif field.type == t.TYPE_MESSAGE:
+        if not isinstance(value, dict):
+            raise invalid(name, "must be a JSON object")
+        check_shape(value, field.message_type, f"{name}.")
+    elif field.type == t.TYPE_BOOL:
+        if not isinstance(value, bool):
+            raise invalid(name, "must be true or false")
+    elif field.type in (t.TYPE_STRING, t.TYPE_BYTES):
+        if not isinstance(value, str):
+            raise invalid(name, "must be a JSON string")
+    elif field.type == t.TYPE_ENUM:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise invalid(name, "must be an enum value name")
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise invalid(name, "must be a JSON number or a string")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise invalid(name, "must be a finite number", Reason.OUT_OF_RANGE)
+
+
 def parse_body(raw: bytes, message_type: type[Message], path: dict[str, str]) -> Message:
     try:
-        data = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as error:
+        data = json.loads(raw, parse_constant=_reject_constant) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise BeamError(
             Reason.MALFORMED_BODY, f"body: not valid JSON ({error})", field="body"
         ) from None
@@ -66,6 +117,7 @@ def parse_body(raw: bytes, message_type: type[Message], path: dict[str, str]) ->
         if name in data and str(data[name]) != value:
             raise invalid(name, "does not match the value in the URL path")
         data[name] = value
+    check_shape(data, message_type.DESCRIPTOR)
     try:
         return json_format.ParseDict(data, message_type())
     except json_format.ParseError as error:
@@ -130,7 +182,10 @@ class RestApi:
             raw = await _read_bounded(request, self.max_body_bytes)
             fields = dict(path or {})
             if query:
-                fields.update({k: v for k, v in request.query_params.items()})
+                for name, value in request.query_params.items():
+                    if name in fields and fields[name] != value:
+                        raise invalid(name, "does not match the value in the URL path")
+                    fields[name] = value
             message = parse_body(raw, message_type, fields)
             response = await self.handlers.timed(call, "rest", lambda: handler(principal, message))
             return JSONResponse(render(response))
@@ -202,7 +257,7 @@ def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) ->
     async def get_balance(customer_id: str, request: Request) -> Response:
         return await api.serve(
             request, "get_balance", h.get_balance, balance.GetBalanceRequest,
-            {"customer_id": customer_id},
+            {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
     @app.post("/v1/balance/check", tags=["balance"],
@@ -244,7 +299,7 @@ def _admin_routes(app: FastAPI, api: RestApi) -> None:
     async def get_customer(customer_id: str, request: Request) -> Response:
         return await api.serve(
             request, "get_customer", h.get_customer, admin.GetCustomerRequest,
-            {"customer_id": customer_id},
+            {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
     @app.post("/v1/customers/{customer_id}/credits", tags=["customers"],

@@ -16,6 +16,7 @@ from beam.constants import (
     DONE_MARKER_TTL_SECONDS,
     EXPIRE_BATCH_PER_CALL,
     MAX_GRAINS,
+    MAX_NAME_LENGTH,
     MAX_OPEN_HOLDS_PER_CUSTOMER,
     MULTIPLIER_SCALE,
     SCRIPT_AUDIT_ACCOUNT,
@@ -29,6 +30,7 @@ from beam.core.commands import (
     LedgerCommand,
     require_id,
     require_range,
+    require_text,
     validate_ledger_command,
     validate_strategy,
 )
@@ -88,6 +90,8 @@ class Admin:
         require_id(customer.customer_id, "customer_id")
         principal.require_customer(customer.customer_id)
         validate_strategy(customer.buffer_strategy)
+        require_text(customer.display_name, "display_name", MAX_NAME_LENGTH)
+        require_text(customer.platform_user_id, "platform_user_id", MAX_NAME_LENGTH)
         # Validated here, not by the opening credit: nothing is written for a bad amount.
         require_range(initial_balance_grains, "initial_balance_grains", 0, MAX_GRAINS)
         customer = _with_tenant(customer, principal.tenant)
@@ -237,6 +241,9 @@ class Admin:
         principal.require(Action.READ)
         require_id(customer_id, "customer_id")
         principal.require_customer(customer_id)
+        # An unknown customer (or another tenant's) is NOT_FOUND, not an empty history.
+        if await self.postgres.get_customer(principal.tenant, customer_id) is None:
+            raise customer_not_found(customer_id)
         return await self.postgres.list_requests(principal.tenant, customer_id, limit)
 
     async def get_request(
@@ -310,10 +317,8 @@ class Admin:
     async def sync_tenant(self, tenant: str | None) -> tuple[int, int]:
         synced = kept = 0
         for tenant_id, customer_id in await self.postgres.all_customer_ids(tenant):
-            customer = await self.postgres.get_customer(tenant_id, customer_id)
-            if customer is None:
+            if not await self.ledger.reload_account(tenant_id, customer_id, force=True):
                 continue
-            await self.ledger.load_account(customer, force=True)
             audit = await self.redis.run(
                 SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant_id, customer_id), [], idempotent=True
             )

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Iterable
@@ -33,6 +34,8 @@ from beam.adapters.postgres_store import PostgresStore
 from beam.constants import DEV_API_KEY
 from beam.errors import BeamError, Reason
 from beam.records import ApiKeyRecord, Role
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "beam_sk_"
 _NEGATIVE_CACHE_SECONDS = 2.0
@@ -128,7 +131,16 @@ class Authenticator:
         stale_since = self._loaded_at
         async with self._lock:
             if self._loaded_at == stale_since:
-                await self._load()
+                try:
+                    await self._load()
+                except BeamError as error:
+                    # PostgreSQL is down: keep enforcing with the keys already known (no
+                    # revocation can be written during the outage either); retry after
+                    # max age. Without this, Check would stop working with the ledger.
+                    if error.reason is not Reason.STORE_UNAVAILABLE or not self._keys:
+                        raise
+                    log.warning("API key reload failed; serving cached keys: %s", error)
+                    self._loaded_at = time.monotonic()
 
     def invalidate(self) -> None:
         self._loaded_at = 0.0

@@ -170,11 +170,18 @@ class Ledger:
         )
         return [int(v) for v in result]
 
+    async def reload_account(self, tenant: str, customer_id: str, *, force: bool = False) -> bool:
+        """Copy a customer from PostgreSQL into Redis while none of its ledger entries can
+        commit (see ``PostgresStore.customer_locked``). False if there is no such customer."""
+        async with self.postgres.customer_locked(tenant, customer_id) as customer:
+            if customer is None:
+                return False
+            await self.load_account(customer, force=force)
+            return True
+
     async def _ensure_loaded(self, tenant: str, customer_id: str) -> None:
-        customer = await self.postgres.get_customer(tenant, customer_id)
-        if customer is None:
+        if not await self.reload_account(tenant, customer_id):
             raise customer_not_found(customer_id)
-        await self.load_account(customer)
 
     async def _run_loaded(
         self,
@@ -483,6 +490,12 @@ def _deduct_error(code: str, command: DeductCommand) -> BeamError:
             "tokens_consumed",
             f"a request may consume at most {MAX_TOKENS_PER_REQUEST} tokens",
             Reason.OUT_OF_RANGE,
+        )
+    if code == "INVALID_REQUEST_TOKEN":
+        return BeamError(
+            Reason.INVALID_REQUEST_TOKEN,
+            "request_token belongs to another hold of this request id",
+            field="request_token",
         )
     if code == "UNKNOWN_MODEL":
         return BeamError(

@@ -8,6 +8,7 @@ without a price is UNKNOWN_MODEL: never charged zero.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,6 +22,8 @@ from beam.constants import MAX_PRICE_GRAINS_PER_MILLION
 from beam.core.money import Prices
 from beam.errors import BeamError, Reason, invalid
 from beam.records import PriceRecord
+
+log = logging.getLogger(__name__)
 
 _MISS_RELOAD_INTERVAL_SECONDS = 1.0
 
@@ -43,6 +46,17 @@ class PriceBook:
         self._prices = {(r.tenant, r.model): _prices(r) for r in records}
         self._loaded_at = time.monotonic()
 
+    async def _load_or_keep(self) -> None:
+        try:
+            await self._load()
+        except BeamError as error:
+            # PostgreSQL is down: holds keep being priced from the cached list (prices
+            # cannot change during the outage either); retry after max age.
+            if error.reason is not Reason.STORE_UNAVAILABLE or not self._prices:
+                raise
+            log.warning("price reload failed; serving cached prices: %s", error)
+            self._loaded_at = time.monotonic()
+
     def invalidate(self) -> None:
         self._loaded_at = 0.0
 
@@ -53,7 +67,7 @@ class PriceBook:
             stale_since = self._loaded_at
             async with self._lock:
                 if self._loaded_at == stale_since:
-                    await self._load()
+                    await self._load_or_keep()
         found = self._prices.get((tenant, model))
         if found is None and now - self._last_miss_reload > _MISS_RELOAD_INTERVAL_SECONDS:
             self._last_miss_reload = now

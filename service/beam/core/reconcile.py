@@ -105,8 +105,8 @@ def credit_transaction_id(customer_id: str, credit_id: str) -> str:
 
 async def reconcile_customer(admin: Admin, tenant: str, spec: dict[str, Any]) -> CustomerStatus:
     customer, credits = parse_customer_spec(tenant, spec)
-    stored, _created = await admin.postgres.upsert_customer(customer)
-    await admin.ledger.load_account(stored)
+    await admin.postgres.upsert_customer(customer)
+    await admin.ledger.reload_account(tenant, customer.customer_id)
     principal = operator_principal(tenant)
     applied: list[str] = []
     conflicts: list[str] = []

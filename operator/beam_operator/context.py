@@ -1,0 +1,72 @@
+"""What every handler needs, built once at start-up and kept in Kopf's memo.
+
+Kopf gives each object a shallow copy of the operator-wide memo, so all objects share the
+one ``OperatorContext`` (one PostgreSQL pool, one Redis client, one Kubernetes client)
+while per-object notes (the last LowBalance state seen) stay per object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from beam.adapters.postgres_store import PostgresStore
+from beam.adapters.redis_store import RedisStore
+from beam.config import OperatorSettings, ServiceSettings, StoreSettings
+from beam.core.admin import Admin
+from beam.core.runtime import Runtime
+from beam_operator.secrets import SecretStore
+
+MEMO_KEY = "beam"
+
+
+@dataclass(slots=True)
+class OperatorContext:
+    settings: OperatorSettings
+    runtime: Runtime
+    secrets: SecretStore
+
+    @property
+    def admin(self) -> Admin:
+        return self.runtime.admin
+
+
+def context_of(memo: Any) -> OperatorContext:
+    found = memo.get(MEMO_KEY)
+    assert isinstance(found, OperatorContext), "the startup handler did not run"
+    return found
+
+
+def service_settings(settings: OperatorSettings) -> ServiceSettings:
+    """The store part of the operator's settings, in the shape ``Runtime`` takes.
+
+    Built from the validated values (not the environment again), so the operator and its
+    Runtime can never disagree about where the stores are.
+    """
+    stores = {name: getattr(settings, name) for name in StoreSettings.model_fields}
+    return ServiceSettings.model_validate({**stores, "migrate_on_start": settings.migrate_on_start})
+
+
+async def open_runtime(settings: ServiceSettings) -> Runtime:
+    """``Runtime.create`` without the background reaper, closing what it opened when a
+    later step fails: the startup handler retries, and each attempt must not leak a pool."""
+    postgres = await PostgresStore.connect(settings)
+    redis: RedisStore | None = None
+    try:
+        if settings.migrate_on_start:
+            await postgres.migrate()
+        redis = RedisStore.connect(settings)
+        runtime = Runtime(settings, redis, postgres)
+        await runtime.start(background=False)
+    except BaseException:
+        if redis is not None:
+            await redis.close()
+        await postgres.close()
+        raise
+    return runtime
+
+
+def tenant_of(namespace: str | None) -> str:
+    """Beam's kinds are namespaced, and a namespace is a tenant."""
+    assert namespace, "a Beam object without a namespace"
+    return namespace

@@ -1,0 +1,78 @@
+"""BeamPriceList: versioned model prices for a tenant, all or nothing.
+
+create / update of ``spec`` / resume -> ``reconcile_price_list``: every entry is validated
+before anything is written, and the changed models get a new price version in one
+PostgreSQL transaction that NOTIFYs the service's price cache. A bad entry the schema
+let through is reported as ``Ready=False`` with the reason and the field; the previous
+prices stay in force (``status.modelCount`` keeps describing them).
+
+Deleting a BeamPriceList leaves its last prices in the stores: prices are a versioned
+history that settled and in-flight requests refer to, and a model without a price would
+start failing with UNKNOWN_MODEL. No delete handler, so no finalizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kopf
+
+from beam.core.reconcile import Condition, reconcile_price_list
+from beam_operator.conditions import READY, apply_status, merge_conditions
+from beam_operator.constants import (
+    GROUP,
+    HANDLER_TIMEOUT_SECONDS,
+    PRICE_LISTS,
+    RECONCILE_RETRIES,
+    VERSION,
+)
+from beam_operator.context import context_of, tenant_of
+from beam_operator.reconciling import reconciling
+
+KIND = "BeamPriceList"
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    resource = (GROUP, VERSION, PRICE_LISTS)
+    options: dict[str, Any] = {
+        "registry": registry,
+        "retries": RECONCILE_RETRIES,
+        "timeout": HANDLER_TIMEOUT_SECONDS,
+    }
+    kopf.on.resume(*resource, id="reconcile", **options)(reconcile)
+    kopf.on.create(*resource, id="reconcile", **options)(reconcile)
+    kopf.on.update(*resource, id="reconcile", field="spec", **options)(reconcile)
+
+
+async def reconcile(
+    *,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    name: str,
+    namespace: str | None,
+    patch: kopf.Patch,
+    memo: Any,
+    retry: int,
+    logger: Any,
+    **_: Any,
+) -> None:
+    tenant = tenant_of(namespace)
+    context = context_of(memo)
+    generation = meta.get("generation")
+    with reconciling(
+        KIND, "reconcile", patch=patch, status=status, generation=generation, retry=retry,
+        logger=logger,
+    ):  # fmt: skip
+        count = await reconcile_price_list(context.admin, tenant, name, copy.deepcopy(dict(spec)))
+    ready = Condition(READY, "True", "PricesApplied", f"{count} models priced")
+    apply_status(
+        patch,
+        status,
+        {
+            "modelCount": count,
+            "observedGeneration": generation,
+            "conditions": merge_conditions([ready], status.get("conditions"), generation),
+        },
+    )
