@@ -40,7 +40,7 @@ die() {
 }
 
 load_versions() {
-    # shellcheck source=versions.env
+    # shellcheck source-path=SCRIPTDIR source=versions.env
     source "$here/versions.env"
     [[ ${KUBERNETES_VERSION:-} =~ ^v1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$ ]] ||
         die "versions.env: KUBERNETES_VERSION='${KUBERNETES_VERSION:-}' is not v1.MINOR.PATCH"

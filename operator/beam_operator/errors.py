@@ -7,7 +7,8 @@
   ``kopf.TemporaryError`` with a delay that doubles per retry up to a cap. Handlers carry a
   bounded ``retries``, so an outage longer than the budget ends in a failed handler that
   the next spec change, or the operator's restart (resume), runs again.
-- A Secret of the target name that something else owns is never overwritten: permanent.
+- A Secret of the target name that something else owns is never overwritten: retried
+  (the garbage collector may be about to remove it), bounded like an outage.
 - Anything else is a defect or an unforeseen state; it is retried the same bounded way
   and logged with its traceback by Kopf.
 """
@@ -64,9 +65,10 @@ def classify(error: BaseException, retry: int) -> Failure:
             return _temporary("StoreUnavailable", error.message, retry)
         return _temporary(reason_name(error.reason), error.message, retry)
     if isinstance(error, SecretNotOwned):
-        # A human must pick another spec.secretName or remove the other Secret; the
-        # BeamApiKey timer notices the latter.
-        return Failure("SecretNotOwned", str(error), kopf.PermanentError(str(error)))
+        # Usually the Secret of a deleted BeamApiKey of the same name that the garbage
+        # collector has not removed yet: retrying settles it. Otherwise a human must pick
+        # another spec.secretName or remove the other Secret.
+        return _temporary("SecretNotOwned", str(error), retry)
     if isinstance(error, ApiException):
         if error.status in (401, 403):
             # RBAC or an expired token: a human must act, but the token may also be renewed.

@@ -45,16 +45,23 @@ log = logging.getLogger(__name__)
 
 
 class DropKopfInternals(logging.Filter):
-    """Kopf's per-object log records carry its settings object (for posting Events),
-    which the JSON formatter cannot serialize; keep ``k8s_ref`` (namespace, name, uid).
+    """Shape Kopf's per-object log records for the JSON log.
+
+    - They carry Kopf's settings object (for posting Events), which the JSON formatter
+      cannot serialize: dropped; ``k8s_ref`` (namespace, name, uid) stays.
+    - A timer's success is logged at INFO on every pass (each object, every interval):
+      dropped; its failures and everything else stay.
 
     Attached to the root handler, it runs after Kopf's own Event-posting handler, which
-    sits on Kopf's logger and still sees the full record."""
+    sits on Kopf's logger and still sees the full record.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.pop("settings", None)
         record.__dict__.pop("k8s_skip", None)
-        return True
+        message = record.getMessage()
+        routine = message.startswith("Timer '") and message.endswith("' succeeded.")
+        return not (routine and record.levelno <= logging.INFO)
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:

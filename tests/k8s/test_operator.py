@@ -622,6 +622,31 @@ def test_a_lost_secret_gets_a_new_key_and_the_lost_key_is_revoked(
     assert wait_for("a KeyReissued event", reissued, timeout=10) == ["Warning"]
 
 
+def test_a_secret_the_key_does_not_own_is_never_overwritten(
+    kube: ControlPlane, operator: OperatorProcess, namespaces: Namespaces
+) -> None:
+    ns = namespaces.work
+    kubectl_ok(kube, "create", "secret", "generic", "taken-key", "-n", ns,
+               "--from-literal=api-key=someone-elses")  # fmt: skip
+    apply(kube, api_key(ns, "taken", "reader"))
+
+    def refused() -> dict[str, Any] | None:
+        ready = condition(get_json(kube, ns, "beamapikey/taken"), "Ready")
+        return ready if ready is not None and ready["status"] == "False" else None
+
+    ready = wait_for("Ready=False", refused, timeout=RECONCILE_WAIT_SECONDS,
+                     describe=operator.log_tail)  # fmt: skip
+    assert ready["reason"] == "SecretNotOwned"
+    assert ready["message"].startswith("Secret taken-key exists and is not owned by this")
+    assert secret_data(kube, ns, "taken-key") == {"api-key": "someone-elses"}
+    # Once the other Secret is gone, a retry issues the key.
+    kubectl_ok(kube, "delete", "secret/taken-key", "-n", ns)
+    wait_ready(kube, ns, "beamapikey/taken", operator)
+    issued = secret_data(kube, ns, "taken-key")
+    assert issued is not None
+    assert issued["api-key"].startswith("beam_sk_")
+
+
 def test_rotation_keeps_the_old_key_for_the_grace_period_only(
     kube: ControlPlane,
     operator: OperatorProcess,

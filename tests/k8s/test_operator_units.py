@@ -72,9 +72,9 @@ def test_invalid_specs_are_permanent_and_outages_temporary() -> None:
     assert (down.reason, down.error.delay) == ("StoreUnavailable", 8.0)
     refused = classify(ConnectionRefusedError("connect"), 0)
     assert (refused.reason, refused.error.delay) == ("StoreUnavailable", 1.0)
-    foreign = classify(SecretNotOwned("Secret x is not ours"), 0)
-    assert isinstance(foreign.error, kopf.PermanentError)
-    assert foreign.reason == "SecretNotOwned"
+    foreign = classify(SecretNotOwned("Secret x is not ours"), 2)
+    assert isinstance(foreign.error, kopf.TemporaryError)
+    assert (foreign.reason, foreign.error.delay) == ("SecretNotOwned", 4.0)
     assert [retry_delay(n) for n in (0, 1, 5, 6, 20)] == [1.0, 2.0, 32.0, 60.0, 60.0]
 
 
