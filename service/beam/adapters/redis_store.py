@@ -138,6 +138,27 @@ class RedisStore:
                 return await self.client.evalsha(script.sha, len(keys), *keys, *args)
             raise
 
+    async def identity(self) -> frozenset[str]:
+        """Who is serving: the run id and replication id of every primary. It changes when a
+        server restarts or a replica is promoted, i.e. whenever recent writes may be lost."""
+        try:
+            if self.mode is RedisMode.CLUSTER:
+                replies = await self.client.info("server", "replication", target_nodes="primaries")
+                infos = list(replies.values()) if isinstance(replies, dict) else [replies]
+                if infos and not isinstance(infos[0], dict):
+                    infos = [replies]
+            else:
+                infos = [await self.client.info("server"), await self.client.info("replication")]
+        except _TRANSIENT as error:
+            raise BeamError(Reason.STORE_UNAVAILABLE, "redis unavailable") from error
+        return frozenset(
+            f"{key}={info[key]}"
+            for info in infos
+            if isinstance(info, dict)
+            for key in ("run_id", "master_replid")
+            if key in info
+        )
+
     async def load_all_scripts(self) -> None:
         for script in self.scripts.values():
             await self.client.script_load(script.source)

@@ -64,12 +64,40 @@ class Runtime:
             [CHANNEL_API_KEYS, CHANNEL_PRICES], self._on_notify
         )
         if background:
+            interval = self.settings.reaper_interval_seconds
             self._tasks.append(
-                asyncio.create_task(
-                    self.reaper.run_forever(self.settings.reaper_interval_seconds),
-                    name="beam-reaper",
-                )
+                asyncio.create_task(self.reaper.run_forever(interval), name="beam-reaper")
             )
+            self._tasks.append(
+                asyncio.create_task(self.watch_redis(interval), name="beam-redis-watch")
+            )
+
+    async def watch_redis(self, interval_seconds: float) -> None:
+        """Resync every account from PostgreSQL when Redis restarts or fails over.
+
+        Replication is asynchronous: a promoted replica (or a restart from an AOF fsynced
+        once a second) may miss the last writes, among them a balance adopted after a
+        settlement. The ledger is still right, so a resync makes Redis right again; until it
+        runs, the window is the last second of writes. Every replica may do this; a sync is
+        idempotent."""
+        known: frozenset[str] | None = None
+        while True:
+            try:
+                current = await self.redis.identity()
+                if known is not None and current and current != known:
+                    log.warning("redis restarted or failed over: resyncing accounts")
+                    synced, kept = await self.admin.sync_tenant(None)
+                    log.warning(
+                        "resync after redis change done",
+                        extra={"customers": synced, "open_holds_kept": kept},
+                    )
+                if current:
+                    known = current
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a store outage: try again next interval
+                log.info("redis watch: %s", error)
+            await asyncio.sleep(interval_seconds)
 
     def _on_notify(self, channel: str, _payload: str) -> None:
         # Reload on the next call (cheap, and it never runs inside asyncpg's callback).
