@@ -13,7 +13,6 @@ keeps the operator quiet on idle objects (no watch event, no resourceVersion chu
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -91,11 +90,3 @@ def condition_of(status: Mapping[str, Any], condition_type: str) -> Mapping[str,
         if condition.get("type") == condition_type:
             return dict(condition)
     return None
-
-
-_CAMEL = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-
-
-def valid_reason(reason: str) -> bool:
-    """The CRDs' pattern for ``reason``; used by assertions in the handlers' helpers."""
-    return bool(_CAMEL.match(reason))

@@ -491,6 +491,10 @@ def test_credits_apply_exactly_once_across_reapply_crash_and_second_operator(
     operator.stop()
     operator.start()
     assert operator.log_path != first_log
+    wait_for("the second operator to re-run the reconcile of every credit",
+             lambda: resumed(operator, "bulk"), timeout=RECONCILE_WAIT_SECONDS,
+             describe=operator.log_tail)  # fmt: skip
+    expect_ledger(stores, ns, customer_id, BULK_CREDITS)
     manifest["spec"]["credits"].append({"id": "extra", "amountGrains": BULK_AMOUNT})
     apply(kube, manifest)
     wait_status(kube, ns, "beamcustomer/bulk", operator,
@@ -498,6 +502,14 @@ def test_credits_apply_exactly_once_across_reapply_crash_and_second_operator(
     expect_ledger(stores, ns, customer_id, BULK_CREDITS + 1)
     response = get_balance(service, work_keys["admin"], customer_id)
     assert response.json()["balance"] == str((BULK_CREDITS + 1) * BULK_AMOUNT)
+
+
+def resumed(operator: OperatorProcess, name: str) -> bool:
+    """Whether this operator process finished resuming the object (Kopf's log line)."""
+    for line in operator.log_text().splitlines():
+        if "Resuming is processed: 1 succeeded" in line and f'"name": "{name}"' in line:
+            return True
+    return False
 
 
 def expect_ledger(stores: Stores, tenant: str, customer_id: str, count: int) -> None:

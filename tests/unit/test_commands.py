@@ -116,3 +116,19 @@ def test_ledger_command_validation(command: LedgerCommand, field: str) -> None:
     with pytest.raises(BeamError) as error:
         validate_ledger_command(command)
     assert error.value.field == field
+
+
+def test_credit_ids_follow_the_crd_pattern() -> None:
+    import yaml
+
+    from beam.core.commands import CREDIT_ID_PATTERN
+    from beam.core.reconcile import parse_customer_spec
+
+    crd = yaml.safe_load(open("crds/beam.dev_beamcustomers.yaml").read())  # noqa: SIM115
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    credit = schema["properties"]["spec"]["properties"]["credits"]["items"]["properties"]["id"]
+    assert credit["pattern"] == CREDIT_ID_PATTERN.pattern
+    customer, credits = parse_customer_spec(
+        "t", {"customerId": "cus_1", "credits": [{"id": "promo:2026", "amountGrains": 5}]}
+    )
+    assert (customer.customer_id, credits[0]["id"]) == ("cus_1", "promo:2026")

@@ -134,13 +134,13 @@ async def reconcile(
         logger=logger,
     ):  # fmt: skip
         result, secret_name = await converge(context, tenant, name, uid, copy.deepcopy(dict(spec)))
+        previous_secret = status.get("secretName")
+        if previous_secret and previous_secret != secret_name:
+            # spec.secretName changed: the old Secret holds a key that is no longer current.
+            await context.secrets.delete_owned(tenant, previous_secret, owner_of(name, uid))
     if result.plaintext is not None:
         logger.info(f"issued key {result.key_id} into Secret {secret_name}")
     publish(patch, status, result, secret_name, generation)
-    previous_secret = status.get("secretName")
-    if previous_secret and previous_secret != secret_name:
-        # spec.secretName changed: the old Secret holds a key that is no longer current.
-        await context.secrets.delete_owned(tenant, previous_secret, owner_of(name, uid))
 
 
 def publish(

@@ -112,6 +112,7 @@ async def refresh_status(
     *,
     spec: kopf.Spec,
     status: kopf.Status,
+    name: str,
     namespace: str | None,
     body: kopf.Body,
     patch: kopf.Patch,
@@ -127,15 +128,13 @@ async def refresh_status(
         view = await customer_status(
             context.admin, tenant, str(spec.get("customerId")), copy.deepcopy(dict(spec))
         )
-    except BeamError as error:
-        if error.reason is Reason.CUSTOMER_NOT_FOUND:  # never reconciled (invalid spec)
-            STATUS_REFRESHES.labels(KIND, "skipped").inc()
+    except Exception as error:
+        if isinstance(error, BeamError) and error.reason is Reason.CUSTOMER_NOT_FOUND:
+            STATUS_REFRESHES.labels(KIND, "skipped").inc()  # never reconciled: invalid spec
             return
-        raise
-    except Exception as error:  # a store outage: try again next interval, quietly
+        # A store outage: the next interval tries again; the reconcile handler reports.
         STATUS_REFRESHES.labels(KIND, "failed").inc()
-        log.info("status refresh of %s/%s failed: %s", tenant, body.get("metadata", {})
-                 .get("name"), classify(error, 0).message)  # fmt: skip
+        log.info("status refresh of %s/%s failed: %s", tenant, name, classify(error, 0).message)
         return
     generation = status.get("observedGeneration")
     # Ready belongs to the reconcile handler (it knows about credit conflicts and specs).

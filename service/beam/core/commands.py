@@ -26,6 +26,8 @@ from beam.constants import (
 from beam.errors import Reason, invalid
 
 CUSTOMER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# The BeamCustomer CRD's credit id pattern (crds/beam.dev_beamcustomers.yaml).
+CREDIT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
 MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$")
 BUFFER_STRATEGIES = ("conservative", "balanced", "aggressive")

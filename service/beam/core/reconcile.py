@@ -18,7 +18,7 @@ from beam.constants import MAX_GRAINS
 from beam.core.admin import Admin
 from beam.core.auth import Principal, generate_key
 from beam.core.commands import (
-    CUSTOMER_ID_PATTERN,
+    CREDIT_ID_PATTERN,
     LedgerCommand,
     require_id,
     require_range,
@@ -79,7 +79,7 @@ def parse_customer_spec(tenant: str, spec: dict[str, Any]) -> tuple[Customer, li
     seen: set[str] = set()
     for index, credit in enumerate(credits):
         credit_id = str(credit.get("id") or "")
-        require_id(credit_id, f"spec.credits[{index}].id", CUSTOMER_ID_PATTERN)
+        require_id(credit_id, f"spec.credits[{index}].id", CREDIT_ID_PATTERN)
         if credit_id in seen:
             raise invalid(f"spec.credits[{index}].id", f"duplicate credit id {credit_id!r}")
         seen.add(credit_id)
