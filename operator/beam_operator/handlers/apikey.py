@@ -32,18 +32,14 @@ from beam.core.reconcile import ApiKeyResult, Condition, reconcile_api_key, revo
 from beam_operator.conditions import READY, apply_status, merge_conditions, rfc3339
 from beam_operator.constants import (
     API_KEYS,
-    DELETE_RETRIES,
-    GROUP,
-    HANDLER_TIMEOUT_SECONDS,
-    RECONCILE_RETRIES,
     SECRET_KEY_API_KEY,
     SECRET_KEY_KEY_ID,
     SECRET_KEY_TENANT,
     SECRET_NAME_SUFFIX,
-    VERSION,
 )
 from beam_operator.context import OperatorContext, context_of, tenant_of
 from beam_operator.errors import classify
+from beam_operator.handlers import register_reconciler
 from beam_operator.metrics import EVENTS, STATUS_REFRESHES
 from beam_operator.reconciling import reconciling
 from beam_operator.secrets import Owner, SecretNotOwned
@@ -54,23 +50,13 @@ log = logging.getLogger(__name__)
 
 
 def register(registry: kopf.OperatorRegistry, *, status_interval_seconds: float) -> None:
-    resource = (GROUP, VERSION, API_KEYS)
-    options: dict[str, Any] = {
-        "registry": registry,
-        "retries": RECONCILE_RETRIES,
-        "timeout": HANDLER_TIMEOUT_SECONDS,
-    }
-    kopf.on.resume(*resource, id="reconcile", **options)(reconcile)
-    kopf.on.create(*resource, id="reconcile", **options)(reconcile)
-    kopf.on.update(*resource, id="reconcile", field="spec", **options)(reconcile)
-    kopf.on.delete(*resource, id="revoke", registry=registry, retries=DELETE_RETRIES)(revoke)
-    kopf.timer(
-        *resource,
-        id="check-key",
-        registry=registry,
-        interval=status_interval_seconds,
-        idle=status_interval_seconds,
-    )(check_key)
+    register_reconciler(
+        registry,
+        API_KEYS,
+        reconcile,
+        on_delete=("revoke", revoke),
+        timer=("check-key", check_key, status_interval_seconds),
+    )
 
 
 def secret_name_of(spec: Any, name: str) -> str:

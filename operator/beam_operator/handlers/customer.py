@@ -36,14 +36,10 @@ from beam.errors import BeamError, Reason
 from beam_operator.conditions import READY, apply_status, condition_of, merge_conditions
 from beam_operator.constants import (
     CUSTOMERS,
-    DELETE_RETRIES,
-    GROUP,
-    HANDLER_TIMEOUT_SECONDS,
-    RECONCILE_RETRIES,
-    VERSION,
 )
 from beam_operator.context import context_of, tenant_of
 from beam_operator.errors import classify
+from beam_operator.handlers import register_reconciler
 from beam_operator.metrics import EVENTS, STATUS_REFRESHES
 from beam_operator.reconciling import reconciling
 
@@ -55,23 +51,13 @@ log = logging.getLogger(__name__)
 
 
 def register(registry: kopf.OperatorRegistry, *, status_interval_seconds: float) -> None:
-    resource = (GROUP, VERSION, CUSTOMERS)
-    options: dict[str, Any] = {
-        "registry": registry,
-        "retries": RECONCILE_RETRIES,
-        "timeout": HANDLER_TIMEOUT_SECONDS,
-    }
-    kopf.on.resume(*resource, id="reconcile", **options)(reconcile)
-    kopf.on.create(*resource, id="reconcile", **options)(reconcile)
-    kopf.on.update(*resource, id="reconcile", field="spec", **options)(reconcile)
-    kopf.on.delete(*resource, id="close", registry=registry, retries=DELETE_RETRIES)(close)
-    kopf.timer(
-        *resource,
-        id="refresh-status",
-        registry=registry,
-        interval=status_interval_seconds,
-        idle=status_interval_seconds,
-    )(refresh_status)
+    register_reconciler(
+        registry,
+        CUSTOMERS,
+        reconcile,
+        on_delete=("close", close),
+        timer=("refresh-status", refresh_status, status_interval_seconds),
+    )
 
 
 async def reconcile(

@@ -21,28 +21,17 @@ import kopf
 from beam.core.reconcile import Condition, reconcile_price_list
 from beam_operator.conditions import READY, apply_status, merge_conditions
 from beam_operator.constants import (
-    GROUP,
-    HANDLER_TIMEOUT_SECONDS,
     PRICE_LISTS,
-    RECONCILE_RETRIES,
-    VERSION,
 )
 from beam_operator.context import context_of, tenant_of
+from beam_operator.handlers import register_reconciler
 from beam_operator.reconciling import reconciling
 
 KIND = "BeamPriceList"
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    resource = (GROUP, VERSION, PRICE_LISTS)
-    options: dict[str, Any] = {
-        "registry": registry,
-        "retries": RECONCILE_RETRIES,
-        "timeout": HANDLER_TIMEOUT_SECONDS,
-    }
-    kopf.on.resume(*resource, id="reconcile", **options)(reconcile)
-    kopf.on.create(*resource, id="reconcile", **options)(reconcile)
-    kopf.on.update(*resource, id="reconcile", field="spec", **options)(reconcile)
+    register_reconciler(registry, PRICE_LISTS, reconcile)
 
 
 async def reconcile(
