@@ -9,7 +9,7 @@ the hold is released while the new balance is adopted.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from beam.constants import (
@@ -173,7 +173,7 @@ class Admin:
         transaction_id = command.transaction_id or f"debit:{uuid.uuid4().hex}"
         hold_id = f"debit:{transaction_id}"
         digest = fingerprint("debit", command.customer_id, command.amount_grains)
-        opened = await self.ledger._run_loaded(
+        opened = await self.ledger.run_customer_script(
             SCRIPT_OPEN_HOLD, principal.tenant, command.customer_id, hold_id,
             [
                 now_ms(), hold_id, command.amount_grains, MULTIPLIER_SCALE, digest, "debit",
@@ -333,12 +333,8 @@ class Admin:
 
 
 def _with_tenant(customer: Customer, tenant: str) -> Customer:
-    from dataclasses import replace
-
     return replace(customer, tenant=tenant)
 
 
 def _with_balance(customer: Customer, balance: int) -> Customer:
-    from dataclasses import replace
-
     return replace(customer, balance_grains=balance)

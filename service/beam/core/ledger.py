@@ -183,7 +183,7 @@ class Ledger:
         if not await self.reload_account(tenant, customer_id):
             raise customer_not_found(customer_id)
 
-    async def _run_loaded(
+    async def run_customer_script(
         self,
         script: str,
         tenant: str,
@@ -221,7 +221,7 @@ class Ledger:
             estimated, ppm, command.model, command.max_tokens, command.prompt_tokens,
             command.cached_prompt_tokens, sorted(command.custom_properties.items()),
         )  # fmt: skip
-        result = await self._run_loaded(
+        result = await self.run_customer_script(
             SCRIPT_OPEN_HOLD,
             tenant,
             command.customer_id,
@@ -293,7 +293,7 @@ class Ledger:
             await self.prices.lookup(principal.tenant, command.model) if (command.model) else None
         )
         kind = "out" if command.is_completion else "cached" if command.is_cached_prompt else "in"
-        result = await self._run_loaded(
+        result = await self.run_customer_script(
             SCRIPT_DEDUCT,
             principal.tenant,
             command.customer_id,
@@ -330,7 +330,7 @@ class Ledger:
             if command.request_token
             else None
         )
-        peek = await self._run_loaded(
+        peek = await self.run_customer_script(
             SCRIPT_PEEK_HOLD, tenant, command.customer_id, command.request_id,
             [now_ms(), EXPIRE_BATCH_PER_CALL], idempotent=True,
         )  # fmt: skip
@@ -348,7 +348,7 @@ class Ledger:
         balance, held = int(peek[1]), int(peek[2])
         settlement = await self._settlement(tenant, command, hold, balance - held)
         recorded = await self.postgres.record_settlement(settlement, _created_at(hold))
-        await self._settle_in_redis(recorded)
+        await self.settle_in_redis(recorded)
         return FinalizeResult(
             success=True,
             refunded_grains=recorded.refunded_grains,
@@ -403,7 +403,7 @@ class Ledger:
             raise invalid("actual_completion_tokens", "cost exceeds the grain limit")
         return cost
 
-    async def _settle_in_redis(self, s: Settlement) -> None:
+    async def settle_in_redis(self, s: Settlement) -> None:
         await self.redis.run(
             SCRIPT_SETTLE_HOLD,
             customer_keys(s.tenant, s.customer_id, s.request_id),
@@ -420,7 +420,7 @@ class Ledger:
         principal.require(Action.READ)
         require_id(customer_id, "customer_id")
         principal.require_customer(customer_id)
-        result = await self._run_loaded(
+        result = await self.run_customer_script(
             SCRIPT_READ_BALANCE, principal.tenant, customer_id, "",
             [now_ms(), EXPIRE_BATCH_PER_CALL], idempotent=True,
         )  # fmt: skip

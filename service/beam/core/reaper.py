@@ -75,7 +75,7 @@ class Reaper:
                     extra={"customer_id": customer_id, "reason": error.reason.value},
                 )
                 continue
-            await self.ledger._settle_in_redis(recorded)
+            await self.ledger.settle_in_redis(recorded)
             settled += 1
         return settled
 
