@@ -54,6 +54,8 @@ class Customer:
     low_balance_threshold_grains: int | None = None
     state: CustomerState = CustomerState.ACTIVE
     created_at: datetime | None = None
+    # The resource that manages it ("BeamCustomer/<name>"), or "" (created through the API).
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -870,3 +870,28 @@ def test_beam_apply_produces_the_same_state_without_a_cluster(
 def _environ() -> dict[str, str]:
     """This process's environment without BEAM_* (the child gets exactly the test's)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("BEAM_")}
+
+
+def test_a_second_customer_with_the_same_id_is_refused_and_its_deletion_closes_nothing(
+    kube: ControlPlane,
+    operator: OperatorProcess,
+    namespaces: Namespaces,
+    service: ServiceProcess,
+    work_keys: dict[str, str],
+) -> None:
+    ns, customer_id = namespaces.work, "cus_twice"
+    apply(kube, customer(ns, "first", customer_id,
+                         credits=[{"id": "a", "amountGrains": 1_000_000}]))  # fmt: skip
+    wait_ready(kube, ns, "beamcustomer/first", operator)
+    apply(kube, customer(ns, "second", customer_id))
+
+    def refused() -> dict[str, Any] | None:
+        ready = condition(get_json(kube, ns, "beamcustomer/second"), "Ready")
+        return ready if ready and ready["status"] == "False" else None
+
+    ready = wait_for("the second BeamCustomer to be refused", refused,
+                     timeout=RECONCILE_WAIT_SECONDS, describe=operator.log_tail)  # fmt: skip
+    assert ready["reason"] == "CustomerExists"
+    assert "managed by another resource" in ready["message"]
+    kubectl_ok(kube, "delete", "beamcustomer/second", "-n", ns, "--wait=true", "--timeout=30s")
+    assert check(service, work_keys["enforcer"], customer_id, "still-open")["approved"] is True

@@ -65,6 +65,7 @@ async def reconcile(
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
+    name: str,
     namespace: str | None,
     body: kopf.Body,
     patch: kopf.Patch,
@@ -80,7 +81,9 @@ async def reconcile(
         KIND, "reconcile", patch=patch, status=status, generation=generation, retry=retry,
         logger=logger,
     ):  # fmt: skip
-        result = await reconcile_customer(context.admin, tenant, copy.deepcopy(dict(spec)))
+        result = await reconcile_customer(
+            context.admin, tenant, copy.deepcopy(dict(spec)), owner=owner_of(name)
+        )
     apply_status(
         patch,
         status,
@@ -137,6 +140,7 @@ async def refresh_status(
 async def close(
     *,
     spec: kopf.Spec,
+    name: str,
     namespace: str | None,
     memo: Any,
     retry: int,
@@ -148,10 +152,15 @@ async def close(
     if not customer_id:
         return
     try:
-        await close_customer(context_of(memo).admin, tenant, customer_id)
+        await close_customer(context_of(memo).admin, tenant, customer_id, owner_of(name))
     except Exception as error:
         raise classify(error, retry).error from error
     logger.info(f"customer {customer_id} closed; its ledger is kept")
+
+
+def owner_of(name: str) -> str:
+    """How the ledger names the resource that manages a customer (one per customerId)."""
+    return f"{KIND}/{name}"
 
 
 def _balance_fields(view: CustomerStatus) -> dict[str, Any]:

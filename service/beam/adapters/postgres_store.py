@@ -39,7 +39,7 @@ from beam.records import (
 _CUSTOMER_COLUMNS = """tenant, customer_id, display_name, platform_user_id,
     current_balance_grains, balance_version, lifetime_spent_grains, overage_grains,
     buffer_strategy, hold_ttl_seconds, max_request_grains, low_balance_threshold_grains,
-    state, created_at"""
+    state, created_at, owner"""
 
 _REQUEST_COLUMNS = """tenant, customer_id, request_id, status, model, estimated_cost_grains,
     reserved_grains, consumed_grains, actual_cost_grains, refunded_grains, overage_grains,
@@ -63,6 +63,7 @@ def _customer(row: asyncpg.Record) -> Customer:
         low_balance_threshold_grains=row["low_balance_threshold_grains"],
         state=CustomerState(row["state"]),
         created_at=row["created_at"],
+        owner=row["owner"],
     )
 
 
@@ -216,13 +217,15 @@ class PostgresStore:
 
     async def upsert_customer(self, customer: Customer) -> tuple[Customer, bool]:
         """Create or update a customer's configuration (never its money). Returns
-        (customer, created)."""
+        (customer, created). A customer managed by another owner that is not closed is
+        CUSTOMER_EXISTS; an unowned or closed one is adopted."""
         row = await self.pool.fetchrow(
             f"""INSERT INTO customers (tenant, customer_id, display_name, platform_user_id,
                     buffer_strategy, hold_ttl_seconds, max_request_grains,
-                    low_balance_threshold_grains, state)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                    low_balance_threshold_grains, state, owner)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                 ON CONFLICT (tenant, customer_id) DO UPDATE SET
+                    owner = EXCLUDED.owner,
                     display_name = EXCLUDED.display_name,
                     platform_user_id = EXCLUDED.platform_user_id,
                     buffer_strategy = EXCLUDED.buffer_strategy,
@@ -231,6 +234,7 @@ class PostgresStore:
                     low_balance_threshold_grains = EXCLUDED.low_balance_threshold_grains,
                     state = EXCLUDED.state,
                     updated_at = now()
+                WHERE customers.owner IN ('', EXCLUDED.owner) OR customers.state = 'closed'
                 RETURNING {_CUSTOMER_COLUMNS}, (xmax = 0) AS created""",
             customer.tenant,
             customer.customer_id,
@@ -241,8 +245,15 @@ class PostgresStore:
             customer.max_request_grains,
             customer.low_balance_threshold_grains,
             customer.state.value,
+            customer.owner,
         )
-        assert row is not None
+        if row is None:
+            raise BeamError(
+                Reason.CUSTOMER_EXISTS,
+                f"customer {customer.customer_id!r} is managed by another resource; "
+                "delete it first or pick another customerId",
+                field="spec.customerId",
+            )
         return _customer(row), bool(row["created"])
 
     async def insert_customer(self, customer: Customer) -> bool:
@@ -261,14 +272,17 @@ class PostgresStore:
         return bool(status.endswith(" 1"))
 
     async def set_customer_state(
-        self, tenant: str, customer_id: str, state: CustomerState
+        self, tenant: str, customer_id: str, state: CustomerState, owner: str | None = None
     ) -> Customer | None:
+        """Change the state; with ``owner``, only if that owner manages the customer."""
         row = await self.pool.fetchrow(
             f"""UPDATE customers SET state = $3, updated_at = now()
-                WHERE tenant = $1 AND customer_id = $2 RETURNING {_CUSTOMER_COLUMNS}""",
+                WHERE tenant = $1 AND customer_id = $2 AND ($4::text IS NULL OR owner = $4)
+                RETURNING {_CUSTOMER_COLUMNS}""",
             tenant,
             customer_id,
             state.value,
+            owner,
         )
         return _customer(row) if row else None
 

@@ -69,7 +69,9 @@ async def apply_documents(runtime: Runtime, documents: list[dict[str, Any]], nam
             count = await reconcile_price_list(runtime.admin, tenant, name, spec)
             lines.append(f"beampricelist/{name} ({tenant}): {count} models")
         elif kind == "BeamCustomer":
-            status = await reconcile_customer(runtime.admin, tenant, spec)
+            status = await reconcile_customer(
+                runtime.admin, tenant, spec, owner=f"BeamCustomer/{name}"
+            )
             lines.append(
                 f"beamcustomer/{name} ({tenant}): balance {status.balance}, "
                 f"available {status.available}, credits applied {len(status.applied_credits)}"

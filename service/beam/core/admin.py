@@ -326,8 +326,10 @@ class Admin:
             kept += int(audit[5]) + int(audit[6])
         return synced, kept
 
-    async def set_state(self, tenant: str, customer_id: str, state: CustomerState) -> None:
-        customer = await self.postgres.set_customer_state(tenant, customer_id, state)
+    async def set_state(
+        self, tenant: str, customer_id: str, state: CustomerState, owner: str | None = None
+    ) -> None:
+        customer = await self.postgres.set_customer_state(tenant, customer_id, state, owner)
         if customer is not None:
             await self.ledger.load_account(customer)
 

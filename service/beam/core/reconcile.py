@@ -10,7 +10,7 @@ credits are ledger transactions keyed ``crd:<customerId>:<credit id>``, applied 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -103,8 +103,13 @@ def credit_transaction_id(customer_id: str, credit_id: str) -> str:
     return f"crd:{customer_id}:{credit_id}"
 
 
-async def reconcile_customer(admin: Admin, tenant: str, spec: dict[str, Any]) -> CustomerStatus:
+async def reconcile_customer(
+    admin: Admin, tenant: str, spec: dict[str, Any], owner: str = ""
+) -> CustomerStatus:
+    """``owner`` names the managing resource ("BeamCustomer/<name>"): a second resource
+    naming the same customerId gets CUSTOMER_EXISTS instead of sharing the customer."""
     customer, credits = parse_customer_spec(tenant, spec)
+    customer = replace(customer, owner=owner)
     await admin.postgres.upsert_customer(customer)
     await admin.ledger.reload_account(tenant, customer.customer_id)
     principal = operator_principal(tenant)
@@ -171,9 +176,10 @@ async def customer_status(
     )
 
 
-async def close_customer(admin: Admin, tenant: str, customer_id: str) -> None:
-    """Deleting a BeamCustomer closes it: new checks get CUSTOMER_CLOSED; the ledger stays."""
-    await admin.set_state(tenant, customer_id, CustomerState.CLOSED)
+async def close_customer(admin: Admin, tenant: str, customer_id: str, owner: str = "") -> None:
+    """Deleting a BeamCustomer closes it: new checks get CUSTOMER_CLOSED; the ledger stays.
+    Only the owner closes it: deleting a resource that was refused closes nothing."""
+    await admin.set_state(tenant, customer_id, CustomerState.CLOSED, owner if owner else None)
 
 
 async def reconcile_price_list(admin: Admin, tenant: str, name: str, spec: dict[str, Any]) -> int:
