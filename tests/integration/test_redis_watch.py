@@ -25,29 +25,36 @@ async def test_restart_triggers_a_resync_from_the_ledger(
     redis = devservers.RedisServer(tmp_path / "redis", appendfsync="always")
     redis.start()
     try:
-        settings = stores.settings(redis_url=redis.url, reaper_interval_seconds=0.2)
-        runtime = await Runtime.create(settings, background=True)
-        try:
-            admin = Principal(tenant.name, Role.ADMIN, "t", frozenset())
-            await runtime.admin.create_customer(admin, Customer(tenant.name, "c"), 5_000)
-            await asyncio.sleep(0.5)  # the watch has seen the first identity
-            key = account_key(tenant.name, "c")
-            client = redis.client()
-            client.hset(key, mapping={"balance": 9_999})  # a stale cached balance
-            assert (await runtime.ledger.balance(admin, "c")).balance == 9_999
-            redis.kill()
-            redis.restart()
-            for _ in range(100):  # bounded: 10 s
-                await asyncio.sleep(0.1)
-                try:
-                    if (await runtime.ledger.balance(admin, "c")).balance == 5_000:
-                        break
-                except Exception:  # noqa: S112 - Redis is coming back
-                    continue
-            assert (await runtime.ledger.balance(admin, "c")).balance == 5_000
-            report = await runtime.admin.verify_integrity(admin, "c")
-            assert [r.problems for r in report] == [[]]
-        finally:
-            await runtime.stop()
+        async with asyncio.timeout(60):  # a hang fails here, with the stuck await's stack
+            await _restart_and_resync(stores, tenant, redis)
     finally:
         redis.stop()
+
+
+async def _restart_and_resync(
+    stores: Stores, tenant: Tenant, redis: devservers.RedisServer
+) -> None:
+    settings = stores.settings(redis_url=redis.url, reaper_interval_seconds=0.2)
+    runtime = await Runtime.create(settings, background=True)
+    try:
+        admin = Principal(tenant.name, Role.ADMIN, "t", frozenset())
+        await runtime.admin.create_customer(admin, Customer(tenant.name, "c"), 5_000)
+        await asyncio.sleep(0.5)  # the watch has seen the first identity
+        key = account_key(tenant.name, "c")
+        client = redis.client()
+        client.hset(key, mapping={"balance": 9_999})  # a stale cached balance
+        assert (await runtime.ledger.balance(admin, "c")).balance == 9_999
+        await asyncio.to_thread(redis.kill)
+        await asyncio.to_thread(redis.restart)
+        for _ in range(100):  # bounded: 10 s
+            await asyncio.sleep(0.1)
+            try:
+                if (await runtime.ledger.balance(admin, "c")).balance == 5_000:
+                    break
+            except Exception:  # noqa: S112 - Redis is coming back
+                continue
+        assert (await runtime.ledger.balance(admin, "c")).balance == 5_000
+        report = await runtime.admin.verify_integrity(admin, "c")
+        assert [r.problems for r in report] == [[]]
+    finally:
+        await runtime.stop()

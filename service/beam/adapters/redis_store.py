@@ -94,8 +94,12 @@ class RedisStore:
     def connect(cls, settings: StoreSettings) -> RedisStore:
         return cls(_client(settings), settings.redis_mode)
 
-    async def close(self) -> None:
-        await self.client.aclose()
+    async def close(self, timeout_seconds: float = 5.0) -> None:
+        """Close the connections; bounded, so a wedged connection cannot hang shutdown."""
+        try:
+            await asyncio.wait_for(self.client.aclose(), timeout_seconds)
+        except (TimeoutError, *_TRANSIENT):
+            pass
 
     async def ping(self) -> bool:
         try:

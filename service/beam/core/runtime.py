@@ -115,7 +115,7 @@ class Runtime:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await asyncio.wait_for(task, timeout=10)
         self._tasks.clear()
         if self._listener is not None:
             with contextlib.suppress(Exception):
