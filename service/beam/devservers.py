@@ -38,6 +38,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import random
 import re
 import secrets
 import shlex
@@ -246,12 +247,26 @@ def _pg_bin_dir_from_wheel() -> Path | None:
 # --------------------------------------------------------------------------------- ports
 
 
+_LISTEN_PORT_RANGE: Final = (20_000, 32_000)
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0)."""
+    """A TCP port that is free on 127.0.0.1 now, below the kernel's ephemeral range.
+
+    Ports from bind(0) come from the ephemeral range, which outgoing connections also draw
+    from: a server restarted on "its" port after a kill could find it taken by some
+    client's connection in between. Ports below that range are never handed out by the
+    kernel, so only another listener can take one (bounded tries, then bind(0)).
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(*_LISTEN_PORT_RANGE)
+        if _port_is_free(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        fallback: int = sock.getsockname()[1]
+        return fallback
 
 
 def _port_is_free(port: int) -> bool:
