@@ -392,6 +392,19 @@ class PostgresStore:
             *tail,
         )
 
+    async def find_entry(self, tenant: str, transaction_id: str) -> LedgerEntry | None:
+        row = await self.pool.fetchrow(
+            """SELECT transaction_id, balance_after_grains, balance_version FROM transactions
+               WHERE tenant = $1 AND transaction_id = $2""",
+            tenant,
+            transaction_id,
+        )
+        if row is None:
+            return None
+        return LedgerEntry(
+            row["transaction_id"], row["balance_after_grains"], row["balance_version"], True
+        )
+
     async def find_settlement(
         self, tenant: str, customer_id: str, request_id: str
     ) -> Settlement | None:

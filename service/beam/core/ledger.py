@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,7 +55,7 @@ from beam.core.commands import (
 from beam.core.money import Prices, affordable_output_tokens, multiplier_ppm, token_cost
 from beam.core.pricing import PriceBook
 from beam.errors import BeamError, Reason, invalid
-from beam.records import Customer, Settlement, SettlementStatus
+from beam.records import Customer, EntryType, Settlement, SettlementStatus
 
 _FINAL_STATUS = {
     "COMPLETED_SUCCESS": SettlementStatus.COMPLETED,
@@ -334,7 +334,7 @@ class Ledger:
             SCRIPT_PEEK_HOLD, tenant, command.customer_id, command.request_id,
             [now_ms(), EXPIRE_BATCH_PER_CALL], idempotent=True,
         )  # fmt: skip
-        if peek[0] == "DONE":
+        if peek[0] == "DONE" and peek[5] != SettlementStatus.EXPIRED.value:
             return FinalizeResult(
                 True, int(peek[2]), int(peek[3]), int(peek[1]), int(peek[4]), True
             )
@@ -345,10 +345,25 @@ class Ledger:
                 "request_token belongs to another hold of this request id",
                 field="request_token",
             )
-        balance, held = int(peek[1]), int(peek[2])
-        settlement = await self._settlement(tenant, command, hold, balance - held)
+        if hold is None:
+            # No hold in Redis: settled before (its marker gone or expired), or never held.
+            existing = await self.postgres.find_settlement(
+                tenant, command.customer_id, command.request_id
+            )
+            if existing is not None:
+                return await self._answer(tenant, command, existing)
+        available = int(peek[1]) - int(peek[2]) if peek[0] in ("HOLD", "NONE") else 0
+        settlement = await self._settlement(tenant, command, hold, available)
         recorded = await self.postgres.record_settlement(settlement, _created_at(hold))
+        return await self._answer(tenant, command, recorded)
+
+    async def _answer(
+        self, tenant: str, command: FinalizeCommand, recorded: Settlement
+    ) -> FinalizeResult:
+        """Finish the Redis half (idempotent) and answer with the ledger's settlement."""
         await self.settle_in_redis(recorded)
+        if recorded.replayed and recorded.status is SettlementStatus.EXPIRED:
+            return await self._adjust_expired(tenant, command, recorded)
         return FinalizeResult(
             success=True,
             refunded_grains=recorded.refunded_grains,
@@ -356,6 +371,57 @@ class Ledger:
             charged_grains=recorded.charged_grains,
             overage_grains=recorded.overage_grains,
             replayed=recorded.replayed,
+        )
+
+    async def _adjust_expired(
+        self, tenant: str, command: FinalizeCommand, expired: Settlement
+    ) -> FinalizeResult:
+        """A Finalize that arrives after its hold expired and was charged what it consumed:
+        the provider's usage wins, through one ``adjustment`` ledger entry (never an edit),
+        idempotent by request id. Without a reported cost the tokens are priced at the
+        model's current price (the hold that locked its prices is gone)."""
+        if (
+            command.total_actual_cost_grains
+            or command.actual_prompt_tokens
+            or (command.actual_completion_tokens)
+        ):
+            if not command.total_actual_cost_grains and not command.model:
+                command = replace(command, model=expired.model)
+            actual = await self._actual_cost(tenant, command, None)
+        else:
+            actual = expired.charged_grains
+        delta = actual - expired.charged_grains
+        transaction_id = f"adjustment:{command.customer_id}:{command.request_id}"
+        if delta == 0:
+            if await self.postgres.find_entry(tenant, transaction_id) is not None:
+                raise BeamError(
+                    Reason.REQUEST_ID_CONFLICT,
+                    f"request_id {command.request_id!r} was already finalized with other usage",
+                    field="request_id",
+                )
+            return FinalizeResult(
+                True, 0, expired.balance_after_grains, expired.charged_grains, 0, True
+            )
+        entry = await self.postgres.append_entry(
+            tenant=tenant,
+            customer_id=command.customer_id,
+            transaction_id=transaction_id,
+            entry_type=EntryType.ADJUSTMENT,
+            amount_grains=-delta,
+            description="late finalize of an expired hold",
+            reference_id=command.request_id,
+            fingerprint=fingerprint("adjustment", command.customer_id, command.request_id, delta),
+        )
+        await self.adopt_balance(
+            tenant, command.customer_id, entry.balance_after_grains, entry.balance_version
+        )
+        return FinalizeResult(
+            success=True,
+            refunded_grains=max(0, -delta),
+            final_balance=entry.balance_after_grains,
+            charged_grains=actual,
+            overage_grains=max(0, min(delta, -entry.balance_after_grains)),
+            replayed=entry.replayed,
         )
 
     async def _settlement(
