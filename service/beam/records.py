@@ -35,7 +35,6 @@ class SettlementStatus(StrEnum):
     FAILED = "failed"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
-    DEBIT = "debit"
 
 
 @dataclass(frozen=True, slots=True)

@@ -453,8 +453,6 @@ class PostgresStore:
             entry_type = (
                 EntryType.EXPIRY if s.status is SettlementStatus.EXPIRED else EntryType.SETTLEMENT
             )
-            if s.status is SettlementStatus.DEBIT:
-                entry_type = EntryType.DEBIT
             await self._insert_transaction(
                 conn,
                 (
@@ -465,48 +463,61 @@ class PostgresStore:
                 ),
                 (-s.charged_grains, balance, version, s.request_id, s.status.value, ""),
             )
-            row = await conn.fetchrow(
-                f"""INSERT INTO requests (tenant, customer_id, request_id, status, model,
-                        estimated_cost_grains, reserved_grains, consumed_grains,
-                        actual_cost_grains, refunded_grains, overage_grains, prompt_tokens,
-                        completion_tokens, cached_prompt_tokens, balance_after_grains,
-                        balance_version, created_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                        $16, COALESCE($17, now()))
-                    RETURNING {_REQUEST_COLUMNS}""",
-                s.tenant,
-                s.customer_id,
-                s.request_id,
-                s.status.value,
-                s.model,
-                s.estimated_grains,
-                s.reserved_grains,
-                s.consumed_grains,
-                s.charged_grains,
-                s.refunded_grains,
-                s.overage_grains,
-                s.prompt_tokens,
-                s.completion_tokens,
-                s.cached_prompt_tokens,
-                balance,
-                version,
-                created_at,
-            )
-            await conn.execute(
-                """INSERT INTO usage_events (time, tenant, customer_id, request_id, model,
-                       status, prompt_tokens, completion_tokens, cost_grains)
-                   VALUES (now(), $1, $2, $3, $4, $5, $6, $7, $8)""",
-                s.tenant,
-                s.customer_id,
-                s.request_id,
-                s.model,
-                s.status.value,
-                s.prompt_tokens,
-                s.completion_tokens,
-                s.charged_grains,
-            )
+            row = await self._insert_request(conn, s, balance, version, created_at)
             assert row is not None
             return _settlement(row, replayed=False)
+
+    @staticmethod
+    async def _insert_request(
+        conn: asyncpg.Connection,
+        s: Settlement,
+        balance: int,
+        version: int,
+        created_at: datetime | None,
+    ) -> asyncpg.Record:
+        """The request's row and its analytics event, in the settlement's transaction."""
+        row = await conn.fetchrow(
+            f"""INSERT INTO requests (tenant, customer_id, request_id, status, model,
+                    estimated_cost_grains, reserved_grains, consumed_grains,
+                    actual_cost_grains, refunded_grains, overage_grains, prompt_tokens,
+                    completion_tokens, cached_prompt_tokens, balance_after_grains,
+                    balance_version, created_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                    $16, COALESCE($17, now()))
+                RETURNING {_REQUEST_COLUMNS}""",
+            s.tenant,
+            s.customer_id,
+            s.request_id,
+            s.status.value,
+            s.model,
+            s.estimated_grains,
+            s.reserved_grains,
+            s.consumed_grains,
+            s.charged_grains,
+            s.refunded_grains,
+            s.overage_grains,
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.cached_prompt_tokens,
+            balance,
+            version,
+            created_at,
+        )
+        await conn.execute(
+            """INSERT INTO usage_events (time, tenant, customer_id, request_id, model,
+                   status, prompt_tokens, completion_tokens, cost_grains)
+               VALUES (now(), $1, $2, $3, $4, $5, $6, $7, $8)""",
+            s.tenant,
+            s.customer_id,
+            s.request_id,
+            s.model,
+            s.status.value,
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.charged_grains,
+        )
+        assert row is not None
+        return row
 
     # -- requests ------------------------------------------------------------------------
 
