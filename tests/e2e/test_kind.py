@@ -5,7 +5,7 @@ kind's node image. Where Docker is missing the test is skipped with that reason:
 control-plane tests in tests/k8s cover the API objects, RBAC and the operator without
 containers. Run it on a machine with Docker:
 
-    BEAM_E2E_KIND=1 .venv/bin/pytest tests/e2e/test_kind.py -v
+    .venv/bin/pytest tests/e2e/test_kind.py -v
 
 `KIND_PATH` points at a kind binary (else pytest-kind downloads one); kubectl and helm come
 from the control-plane harness (hack/controlplane/build.sh).
