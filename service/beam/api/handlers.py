@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from beam.admin.v1 import admin_pb2 as admin
 from beam.balance.v1 import balance_pb2 as balance
-from beam.core.admin import CustomerIntegrity, CustomerView
+from beam.core.admin import CustomerIntegrity, CustomerView, EntryResult
 from beam.core.auth import Principal
 from beam.core.commands import (
     CheckCommand,
@@ -174,26 +174,10 @@ class Handlers:
         return admin.ListCustomersResponse(customers=[customer_message(v) for v in views])
 
     async def credit(self, p: Principal, m: admin.CreditBalanceRequest) -> Message:
-        result = await self.admin.credit(
-            p, LedgerCommand(m.customer_id, m.amount_grains, m.description, m.transaction_id)
-        )
-        return admin.LedgerEntryResponse(
-            transaction_id=result.transaction_id,
-            balance=result.balance,
-            available=result.available,
-            replayed=result.replayed,
-        )
+        return entry_message(await self.admin.credit(p, ledger_command(m)))
 
     async def debit(self, p: Principal, m: admin.DebitBalanceRequest) -> Message:
-        result = await self.admin.debit(
-            p, LedgerCommand(m.customer_id, m.amount_grains, m.description, m.transaction_id)
-        )
-        return admin.LedgerEntryResponse(
-            transaction_id=result.transaction_id,
-            balance=result.balance,
-            available=result.available,
-            replayed=result.replayed,
-        )
+        return entry_message(await self.admin.debit(p, ledger_command(m)))
 
     async def list_requests(self, p: Principal, m: admin.ListRequestsRequest) -> Message:
         validate_limit(m.limit)
@@ -243,6 +227,19 @@ def customer_message(view: CustomerView) -> admin.Customer:
         max_request_grains=c.max_request_grains or 0,
         overage_grains=c.overage_grains,
         created_at_unix_ms=_unix_ms(c.created_at),
+    )
+
+
+def ledger_command(m: admin.CreditBalanceRequest | admin.DebitBalanceRequest) -> LedgerCommand:
+    return LedgerCommand(m.customer_id, m.amount_grains, m.description, m.transaction_id)
+
+
+def entry_message(result: EntryResult) -> admin.LedgerEntryResponse:
+    return admin.LedgerEntryResponse(
+        transaction_id=result.transaction_id,
+        balance=result.balance,
+        available=result.available,
+        replayed=result.replayed,
     )
 
 
