@@ -18,11 +18,9 @@ does not match the current one.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
-import logging
 import secrets
 import time
 from collections.abc import Iterable
@@ -32,10 +30,9 @@ from enum import Enum
 
 from beam.adapters.postgres_store import PostgresStore
 from beam.constants import DEV_API_KEY
+from beam.core.snapshot import Snapshot
 from beam.errors import BeamError, Reason
 from beam.records import ApiKeyRecord, Role
-
-log = logging.getLogger(__name__)
 
 KEY_PREFIX = "beam_sk_"
 _NEGATIVE_CACHE_SECONDS = 2.0
@@ -109,50 +106,30 @@ class Authenticator:
     ) -> None:
         self._postgres = postgres
         self._dev_mode = dev_mode
-        self._max_age = max_age_seconds
-        self._keys: dict[str, ApiKeyRecord] = {}
-        self._loaded_at = 0.0
+        self._keys: Snapshot[dict[str, ApiKeyRecord]] = Snapshot(
+            "API keys", self._load, {}, max_age_seconds
+        )
         self._misses: dict[str, float] = {}
-        self._lock = asyncio.Lock()
         self._dev_key_hash = hash_key(DEV_API_KEY)
 
-    async def reload(self) -> None:
-        async with self._lock:
-            await self._load()
-
-    async def _load(self) -> None:
+    async def _load(self) -> dict[str, ApiKeyRecord]:
         records = await self._postgres.load_api_keys()
-        self._keys = {r.key_hash: r for r in records}
         self._misses.clear()
-        self._loaded_at = time.monotonic()
+        return {r.key_hash: r for r in records}
 
-    async def _reload_if_stale(self) -> None:
-        # Concurrent callers that found the cache stale wait for one reload, not one each.
-        stale_since = self._loaded_at
-        async with self._lock:
-            if self._loaded_at == stale_since:
-                try:
-                    await self._load()
-                except BeamError as error:
-                    # PostgreSQL is down: keep enforcing with the keys already known (no
-                    # revocation can be written during the outage either); retry after
-                    # max age. Without this, Check would stop working with the ledger.
-                    if error.reason is not Reason.STORE_UNAVAILABLE or not self._keys:
-                        raise
-                    log.warning("API key reload failed; serving cached keys: %s", error)
-                    self._loaded_at = time.monotonic()
+    async def reload(self) -> None:
+        await self._keys.reload()
 
     def invalidate(self) -> None:
-        self._loaded_at = 0.0
+        self._keys.invalidate()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key = bearer_token(authorization)
         digest = hash_key(key)
         if digest == self._dev_key_hash and not self._dev_mode:
             raise BeamError(Reason.UNAUTHENTICATED, "the dev key is refused outside dev mode")
-        if time.monotonic() - self._loaded_at > self._max_age:
-            await self._reload_if_stale()
-        record = self._keys.get(digest) or await self._lookup_miss(digest)
+        keys = await self._keys.get()
+        record = keys.get(digest) or await self._lookup_miss(digest)
         if record is None or not _usable(record):
             raise BeamError(Reason.UNAUTHENTICATED, "invalid, expired or revoked API key")
         return Principal(record.tenant, record.role, record.key_id, record.customers)
@@ -167,7 +144,7 @@ class Authenticator:
                 self._misses.clear()
             self._misses[digest] = now
             return None
-        self._keys[digest] = record
+        self._keys.value[digest] = record
         return record
 
 

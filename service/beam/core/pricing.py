@@ -7,8 +7,6 @@ without a price is UNKNOWN_MODEL: never charged zero.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -20,10 +18,9 @@ import yaml
 from beam.adapters.postgres_store import PostgresStore
 from beam.constants import MAX_PRICE_GRAINS_PER_MILLION
 from beam.core.money import Prices
+from beam.core.snapshot import Snapshot
 from beam.errors import BeamError, Reason, invalid
 from beam.records import PriceRecord
-
-log = logging.getLogger(__name__)
 
 _MISS_RELOAD_INTERVAL_SECONDS = 1.0
 
@@ -31,48 +28,27 @@ _MISS_RELOAD_INTERVAL_SECONDS = 1.0
 class PriceBook:
     def __init__(self, postgres: PostgresStore, *, max_age_seconds: float = 5.0) -> None:
         self._postgres = postgres
-        self._max_age = max_age_seconds
-        self._prices: dict[tuple[str, str], Prices] = {}
-        self._loaded_at = 0.0
+        self._prices: Snapshot[dict[tuple[str, str], Prices]] = Snapshot(
+            "prices", self._load, {}, max_age_seconds
+        )
         self._last_miss_reload = 0.0
-        self._lock = asyncio.Lock()
+
+    async def _load(self) -> dict[tuple[str, str], Prices]:
+        records = await self._postgres.load_prices()
+        return {(r.tenant, r.model): _prices(r) for r in records}
 
     async def reload(self) -> None:
-        async with self._lock:
-            await self._load()
-
-    async def _load(self) -> None:
-        records = await self._postgres.load_prices()
-        self._prices = {(r.tenant, r.model): _prices(r) for r in records}
-        self._loaded_at = time.monotonic()
-
-    async def _load_or_keep(self) -> None:
-        try:
-            await self._load()
-        except BeamError as error:
-            # PostgreSQL is down: holds keep being priced from the cached list (prices
-            # cannot change during the outage either); retry after max age.
-            if error.reason is not Reason.STORE_UNAVAILABLE or not self._prices:
-                raise
-            log.warning("price reload failed; serving cached prices: %s", error)
-            self._loaded_at = time.monotonic()
+        await self._prices.reload()
 
     def invalidate(self) -> None:
-        self._loaded_at = 0.0
+        self._prices.invalidate()
 
     async def lookup(self, tenant: str, model: str) -> Prices | None:
+        found = (await self._prices.get()).get((tenant, model))
         now = time.monotonic()
-        if now - self._loaded_at > self._max_age:
-            # Concurrent callers that found the cache stale wait for one reload.
-            stale_since = self._loaded_at
-            async with self._lock:
-                if self._loaded_at == stale_since:
-                    await self._load_or_keep()
-        found = self._prices.get((tenant, model))
         if found is None and now - self._last_miss_reload > _MISS_RELOAD_INTERVAL_SECONDS:
             self._last_miss_reload = now
-            await self.reload()
-            found = self._prices.get((tenant, model))
+            found = (await self._prices.reload()).get((tenant, model))
         return found
 
     async def require(self, tenant: str, model: str, field: str = "model") -> Prices:
