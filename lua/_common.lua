@@ -1,18 +1,27 @@
--- Shared prelude of every Beam script; the loader prepends it (beam.adapters.redis_store).
+-- Shared prelude of every Beam script. The loader (beam.adapters.scripts) puts the
+-- constants block generated from beam.constants in front of it (MAX_GRAINS, MILLION,
+-- HOLD_PREFIX, DONE_PREFIX, ACCOUNT_SUFFIX, SEQUENCE_WINDOW), so no limit is written twice.
 --
 -- KEYS (beam.constants.customer_keys), all under one hash tag {tenant:customer}:
---   KEYS[1] account hash   balance, version, held, state, ttl_ms, max_request_grains
---   KEYS[2] open holds     zset: request id -> expiry (unix ms)
---   KEYS[3] expiring holds zset: request id -> time it expired; awaiting settlement
---   KEYS[4] hold hash      amount, consumed, tokens, locked prices, nonce, fingerprint, ...
---   KEYS[5] done marker    hash with the settlement, kept for retries (has a TTL)
--- Per-hold keys of other requests are derived from KEYS[1]'s prefix: same tag, same slot.
+--   KEYS[1] account hash    balance, version, held, state, ttl_ms, max_request_grains
+--   KEYS[2] open holds      zset: hold id -> expiry (unix ms)
+--   KEYS[3] expiring holds  zset: hold id -> time it expired; awaiting the reaper
+--   KEYS[4] hold hash       status, kind, amount, consumed, tokens, locked prices, nonce, ...
+--   KEYS[5] done marker     hash with the settlement, kept for retries (has a TTL)
+--   KEYS[6] settling holds  zset: hold id -> deadline (unix ms); PostgreSQL commit pending
+-- Per-hold keys of other holds are derived from KEYS[1]'s prefix: same tag, same slot.
+--
+-- A hold is in exactly one of the three sets, by its status:
+--   open      -> KEYS[2]  chargeable by Deduct; expires at its score
+--   expiring  -> KEYS[3]  shrunk to what it consumed; the reaper records it, then releases it
+--   settling  -> KEYS[6]  a settlement (Finalize, debit, late adjustment) is being committed
+--                         to PostgreSQL; the hold keeps at least the charge reserved until
+--                         Redis adopts the committed balance, so a lost update over-reserves
+-- kind: request (opened by Check), claim (a Finalize or adjustment with no open hold),
+-- debit (an admin debit; its id starts with '#', which no client id can).
 --
 -- Numbers: Lua 5.1 numbers are doubles; every amount is bounded by 2^53-1 (exact).
 -- Numbers are written back with fmt() so Redis never stores an exponent form.
-
-local MILLION = 1000000
-local MAX_GRAINS = 9007199254740991
 
 local function fmt(n)
   return string.format('%d', n)
@@ -27,7 +36,7 @@ end
 
 local function key_prefix()
   -- "beam:{t:c}:acct" -> "beam:{t:c}:"
-  return string.sub(KEYS[1], 1, #KEYS[1] - 4)
+  return string.sub(KEYS[1], 1, #KEYS[1] - #ACCOUNT_SUFFIX)
 end
 
 local function split_price(price)
@@ -60,7 +69,8 @@ end
 
 -- Moves up to `limit` overdue open holds into the expiring set. Each shrinks to what it
 -- consumed (streamed tokens were delivered); the rest goes back to `available`. The
--- reaper settles expiring holds into PostgreSQL, then releases them here.
+-- reaper settles expiring holds into PostgreSQL, then releases them here. Settling holds
+-- are never in the open set, so a settlement in flight keeps its reservation.
 local function expire_due(now_ms, limit)
   local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, limit)
   if #due == 0 then
@@ -70,7 +80,7 @@ local function expire_due(now_ms, limit)
   local prefix = key_prefix()
   local shrink = {}
   for i, rid in ipairs(due) do
-    local f = redis.call('HMGET', prefix .. 'h:' .. rid, 'amount', 'consumed', 'status')
+    local f = redis.call('HMGET', prefix .. HOLD_PREFIX .. rid, 'amount', 'consumed', 'status')
     if f[3] == 'open' then
       local amount, consumed = num(f[1]), num(f[2])
       invariant(consumed <= amount, 'consumed > amount')
@@ -81,7 +91,7 @@ local function expire_due(now_ms, limit)
   invariant(held >= 0, 'held < 0 after expiry')
   for i, rid in ipairs(due) do
     if shrink[i] ~= nil then
-      redis.call('HSET', prefix .. 'h:' .. rid, 'amount', fmt(shrink[i]),
+      redis.call('HSET', prefix .. HOLD_PREFIX .. rid, 'amount', fmt(shrink[i]),
         'status', 'expiring', 'expired_at', fmt(now_ms))
     end
     redis.call('ZREM', KEYS[2], rid)
@@ -95,4 +105,26 @@ local function account()
   local f = redis.call('HMGET', KEYS[1], 'balance', 'held', 'state', 'ttl_ms',
     'max_request_grains')
   return num(f[1]), num(f[2]), f[3] or 'active', num(f[4]), num(f[5])
+end
+
+-- Sum of the amounts of every hold in the three sets (bounded: max open holds).
+local function sum_of_holds()
+  local total = 0
+  local prefix = key_prefix()
+  for _, set in ipairs({KEYS[2], KEYS[3], KEYS[6]}) do
+    for _, rid in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+      total = total + num(redis.call('HGET', prefix .. HOLD_PREFIX .. rid, 'amount'))
+    end
+  end
+  return total
+end
+
+-- Deletes hold KEYS[4] (id `rid`) from every set; returns the amount it held.
+local function drop_hold(rid)
+  local amount = num(redis.call('HGET', KEYS[4], 'amount'))
+  redis.call('DEL', KEYS[4])
+  redis.call('ZREM', KEYS[2], rid)
+  redis.call('ZREM', KEYS[3], rid)
+  redis.call('ZREM', KEYS[6], rid)
+  return amount
 end

@@ -1,28 +1,52 @@
--- Reaper: expire overdue holds of one customer and list those awaiting settlement.
---
--- ARGV: 1 now_ms, 2 limit
--- Returns a flat list, 11 fields per expiring hold:
---   request_id, amount, consumed, in_tokens, out_tokens, cached_tokens, model,
---   estimated, created_ms, has_prices, fingerprint
--- Settlement happens in PostgreSQL first, then settle_hold releases each one.
-local now_ms = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
+-- Reaper, per customer: expire overdue open holds, and list the holds that need the
+-- reaper: expiring ones (to record in PostgreSQL, then release) and settling ones whose
+-- commit has been pending for at least `grace_ms` (to complete from the ledger, or, past
+-- their deadline, to abandon).
+local now_ms   = tonumber(ARGV[1])
+local limit    = tonumber(ARGV[2])
+local grace_ms = tonumber(ARGV[3])
+-- Returns {expiring, settling}, each a list of holds; every hold is the list
+--   {hold_id, kind, status, nonce, amount, consumed, in_tokens, out_tokens, cached_tokens,
+--    model, estimated, created_ms, marked_ms, deadline_ms}
+-- (deadline_ms is the hold's score in its set). At most `limit` of each.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   expire_due(now_ms, limit)
 end
-local out = {}
 local prefix = key_prefix()
-for _, rid in ipairs(redis.call('ZRANGE', KEYS[3], 0, limit - 1)) do
-  local h = redis.call('HMGET', prefix .. 'h:' .. rid, 'amount', 'consumed', 'in_tokens',
-    'out_tokens', 'cached_tokens', 'model', 'estimated', 'created', 'has_prices', 'fp')
-  if h[1] == false then
-    -- Released by a concurrent settlement; nothing left to do for this one.
-    redis.call('ZREM', KEYS[3], rid)
+
+local function describe(rid, score)
+  local h = redis.call('HMGET', prefix .. HOLD_PREFIX .. rid, 'kind', 'status', 'nonce',
+    'amount', 'consumed', 'in_tokens', 'out_tokens', 'cached_tokens', 'model', 'estimated',
+    'created', 'marked')
+  if h[2] == false then
+    return nil
+  end
+  return {rid, h[1] or 'request', h[2], h[3] or '', num(h[4]), num(h[5]), num(h[6]),
+    num(h[7]), num(h[8]), h[9] or '', num(h[10]), num(h[11]), num(h[12]), num(score)}
+end
+
+local expiring = {}
+local flat = redis.call('ZRANGE', KEYS[3], 0, limit - 1, 'WITHSCORES')
+for i = 1, #flat, 2 do
+  local hold = describe(flat[i], flat[i + 1])
+  if hold == nil then
+    redis.call('ZREM', KEYS[3], flat[i])  -- released by a concurrent settlement
   else
-    table.insert(out, rid)
-    for i = 1, 10 do
-      table.insert(out, h[i] or '')
-    end
+    table.insert(expiring, hold)
   end
 end
-return out
+
+local settling = {}
+flat = redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')
+for i = 1, #flat, 2 do
+  if #settling >= limit then
+    break
+  end
+  local hold = describe(flat[i], flat[i + 1])
+  if hold == nil then
+    redis.call('ZREM', KEYS[6], flat[i])
+  elseif hold[13] + grace_ms <= now_ms then
+    table.insert(settling, hold)
+  end
+end
+return {expiring, settling}

@@ -1,47 +1,55 @@
--- CheckBalance: open a hold of ARGV amount if the customer's available balance covers it.
---
--- ARGV: 1 now_ms, 2 request_id, 3 estimated, 4 multiplier_ppm (0 = the account's buffer
---       strategy), 5 fingerprint, 6 nonce, 7 model, 8 has_prices (0|1), 9 p_in, 10 p_out,
---       11 p_cached, 12 default_ttl_ms, 13 max_open_holds, 14 expire_batch
+-- CheckBalance (and an admin debit): open a hold if the available balance covers it.
+local now_ms         = tonumber(ARGV[1])
+local hold_id        = ARGV[2]
+local estimated      = tonumber(ARGV[3])
+local multiplier_ppm = tonumber(ARGV[4])  -- 0 = the account's buffer strategy
+local fingerprint    = ARGV[5]
+local nonce          = ARGV[6]
+local model          = ARGV[7]
+local has_prices     = ARGV[8]            -- '1' when p_in/p_out/p_cached are given
+local p_in           = ARGV[9]
+local p_out          = ARGV[10]
+local p_cached       = ARGV[11]
+local default_ttl_ms = tonumber(ARGV[12])
+local max_open_holds = tonumber(ARGV[13])
+local expire_batch   = tonumber(ARGV[14])
+local kind           = ARGV[15]           -- 'request' (Check) or 'debit'
+local settle_ttl_ms  = tonumber(ARGV[16]) -- a debit hold opens settling, with this deadline
 -- The hold is ceil(estimated x multiplier_ppm / 1e6), computed exactly in integers.
 -- Returns one of
 --   {'OK', amount, remaining, nonce, expires_at_ms, replayed(0|1)}
 --   {'REJECT', reason, available}
---   {'CONFLICT'}            same request id, different parameters
---   {'SETTLED'}             the request id was already settled by another path
---   {'NOT_LOADED'}          the account is not in Redis yet (caller loads it, retries once)
--- Idempotent by request id: an open hold or a recent settlement with the same fingerprint
--- answers with the original result; nothing is written twice.
-local now_ms = tonumber(ARGV[1])
-local estimated = tonumber(ARGV[3])
-local multiplier_ppm = tonumber(ARGV[4])
-local fingerprint = ARGV[5]
+--   {'CONFLICT'}    same hold id, different parameters
+--   {'SETTLED'}     the request id is settled, or its settlement is being committed
+--   {'NOT_LOADED'}  the account is not in Redis yet (the caller loads it, retries once)
+-- A retry with the same fingerprint while the hold is open (a debit: still settling)
+-- answers with the original result; nothing is written twice. A settled request id never
+-- opens a new hold while its done marker lives; once the marker is gone, the caller asks
+-- PostgreSQL (the authority) and voids a hold opened for a settled id.
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'NOT_LOADED'}
 end
 
-local function replay(key)
-  local f = redis.call('HMGET', key, 'fp', 'amount0', 'remaining0', 'nonce', 'exp0')
-  if f[1] == false then
-    return nil
-  end
-  if f[1] ~= fingerprint then
+local h = redis.call('HMGET', KEYS[4], 'fp', 'amount0', 'remaining0', 'nonce', 'exp0',
+  'status', 'kind')
+if h[6] then
+  if h[1] ~= fingerprint then
     return {'CONFLICT'}
   end
-  return {'OK', num(f[2]), num(f[3]), f[4], num(f[5]), 1}
-end
-
-local answer = replay(KEYS[4]) or replay(KEYS[5])
-if answer then
-  return answer
+  local hold_kind = h[7] or 'request'  -- holds opened before kinds existed are requests
+  local replayable = (kind == 'debit' and hold_kind == 'debit') or
+    (kind == 'request' and hold_kind == 'request' and h[6] ~= 'settling')
+  if not replayable then
+    return {'SETTLED'}
+  end
+  return {'OK', num(h[2]), num(h[3]), h[4], num(h[5]), 1}
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
-  -- Settled without a hold of this Check (e.g. a Finalize that reached the ledger first).
   return {'SETTLED'}
 end
 
-expire_due(now_ms, tonumber(ARGV[14]))
+expire_due(now_ms, expire_batch)
 
 local balance, held, state, ttl_ms, max_request = account()
 local available = balance - held
@@ -67,30 +75,41 @@ if state == 'suspended' then
 elseif state == 'closed' then
   return {'REJECT', 'CUSTOMER_CLOSED', available}
 end
-if max_request > 0 and amount > max_request then
+if kind == 'request' and max_request > 0 and amount > max_request then
   return {'REJECT', 'MAX_REQUEST_GRAINS_EXCEEDED', available}
 end
 if amount > available then
   return {'REJECT', 'INSUFFICIENT_BALANCE', available}
 end
-if redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[13]) then
+local holds = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3]) +
+  redis.call('ZCARD', KEYS[6])
+if holds >= max_open_holds then
   return {'REJECT', 'TOO_MANY_OPEN_HOLDS', available}
 end
 if ttl_ms <= 0 then
-  ttl_ms = tonumber(ARGV[12])
+  ttl_ms = default_ttl_ms
 end
 
 held = held + amount
 invariant(held <= balance, 'held > balance after open')
 local expires_at = now_ms + ttl_ms
+local status = 'open'
+if kind == 'debit' then
+  status = 'settling'
+  expires_at = now_ms + settle_ttl_ms
+end
 local remaining = balance - held
 redis.call('HSET', KEYS[1], 'held', fmt(held))
 redis.call('HSET', KEYS[4],
-  'status', 'open', 'amount', fmt(amount), 'consumed', '0',
-  'in_tokens', '0', 'out_tokens', '0', 'cached_tokens', '0',
-  'estimated', ARGV[3], 'fp', fingerprint, 'nonce', ARGV[6], 'model', ARGV[7],
-  'has_prices', ARGV[8], 'p_in', ARGV[9], 'p_out', ARGV[10], 'p_cached', ARGV[11],
-  'ttl_ms', fmt(ttl_ms), 'created', ARGV[1],
+  'status', status, 'kind', kind, 'amount', fmt(amount), 'consumed', '0',
+  'in_tokens', '0', 'out_tokens', '0', 'cached_tokens', '0', 'max_seq', '0',
+  'estimated', fmt(estimated), 'fp', fingerprint, 'nonce', nonce, 'model', model,
+  'has_prices', has_prices, 'p_in', p_in, 'p_out', p_out, 'p_cached', p_cached,
+  'ttl_ms', fmt(ttl_ms), 'created', fmt(now_ms), 'marked', fmt(now_ms),
   'amount0', fmt(amount), 'remaining0', fmt(remaining), 'exp0', fmt(expires_at))
-redis.call('ZADD', KEYS[2], fmt(expires_at), ARGV[2])
-return {'OK', amount, remaining, ARGV[6], expires_at, 0}
+if kind == 'debit' then
+  redis.call('ZADD', KEYS[6], fmt(expires_at), hold_id)
+else
+  redis.call('ZADD', KEYS[2], fmt(expires_at), hold_id)
+end
+return {'OK', amount, remaining, nonce, expires_at, 0}

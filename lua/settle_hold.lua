@@ -1,35 +1,40 @@
--- FinalizeRequest / expiry, last step (after PostgreSQL committed the settlement): release
--- the hold, adopt PostgreSQL's balance if it is newer, and keep a marker of the settlement
--- (with the hold's original Check answer) for retries of Check and Finalize.
---
--- ARGV: 1 request_id, 2 balance_after, 3 balance_version, 4 charged, 5 refunded,
---       6 overage, 7 status, 8 done_ttl_seconds
--- Returns {released, held, balance}. Safe to run twice: the second run releases nothing
--- and a stale balance version is ignored.
+-- The last step of every settlement, after PostgreSQL committed it: release the hold it
+-- settled, adopt the ledger's balance if it is newer, and keep a marker for retries.
+local hold_id         = ARGV[1]
+local nonce           = ARGV[2]            -- the hold to release; '' releases none
+local balance_after   = ARGV[3]
+local balance_version = tonumber(ARGV[4])  -- 0: adopt nothing (a void)
+local write_marker    = ARGV[5]            -- '1': record the settlement in KEYS[5]
+local charged         = ARGV[6]
+local refunded        = ARGV[7]
+local overage         = ARGV[8]
+local status          = ARGV[9]
+local settled_nonce   = ARGV[10]           -- the nonce PostgreSQL recorded for the request
+local done_ttl        = ARGV[11]
+-- Returns {released, held, balance}. Safe to run any number of times: only the hold with
+-- this nonce is released (never a newer hold under a reused id), once; a stale balance
+-- version is ignored. With balance_version 0 and no marker it voids a hold that nothing
+-- was committed for (a Check for a settled id, a failed debit, an abandoned claim).
 local released = 0
-local held = num(redis.call('HGET', KEYS[1], 'held'))
-local original = {}
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  local h = redis.call('HMGET', KEYS[4], 'amount', 'fp', 'amount0', 'remaining0', 'nonce',
-    'exp0')
-  released = num(h[1])
-  invariant(released <= held, 'hold larger than held')
-  held = held - released
-  original = {'fp', h[2], 'amount0', h[3], 'remaining0', h[4], 'nonce', h[5], 'exp0', h[6]}
-  redis.call('DEL', KEYS[4])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
+if nonce ~= '' and redis.call('HGET', KEYS[4], 'nonce') == nonce then
+  released = drop_hold(hold_id)
 end
 local balance = 0
+local held = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  held = num(redis.call('HGET', KEYS[1], 'held')) - released
+  invariant(held >= 0, 'held < 0 after release')
   redis.call('HSET', KEYS[1], 'held', fmt(held))
   local version = num(redis.call('HGET', KEYS[1], 'version'))
-  if tonumber(ARGV[3]) > version then
-    redis.call('HSET', KEYS[1], 'balance', ARGV[2], 'version', ARGV[3])
+  if balance_version > version then
+    redis.call('HSET', KEYS[1], 'balance', balance_after, 'version', fmt(balance_version))
   end
   balance = num(redis.call('HGET', KEYS[1], 'balance'))
 end
-redis.call('HSET', KEYS[5], 'charged', ARGV[4], 'refunded', ARGV[5],
-  'final_balance', ARGV[2], 'overage', ARGV[6], 'status', ARGV[7], unpack(original))
-redis.call('EXPIRE', KEYS[5], ARGV[8])
+if write_marker == '1' then
+  redis.call('HSET', KEYS[5], 'charged', charged, 'refunded', refunded,
+    'final_balance', balance_after, 'overage', overage, 'status', status,
+    'nonce', settled_nonce)
+  redis.call('EXPIRE', KEYS[5], done_ttl)
+end
 return {released, held, balance}

@@ -17,21 +17,40 @@ KEY_NAMESPACE: Final = "beam"
 
 # Account hash: balance, version, held, state, ttl_ms, max_request_grains.
 ACCOUNT_SUFFIX: Final = "acct"
-# Sorted set of open holds (member: request id, score: expiry in unix ms).
+# Sorted set of open holds (member: hold id, score: expiry in unix ms).
 OPEN_HOLDS_SUFFIX: Final = "open"
 # Sorted set of holds that expired and await settlement at their consumed amount.
 EXPIRING_HOLDS_SUFFIX: Final = "exp"
-# Hash per hold: "h:<request_id>".
+# Sorted set of holds whose settlement is being committed to PostgreSQL (score: deadline).
+SETTLING_HOLDS_SUFFIX: Final = "stl"
+# Hash per hold: "h:<hold id>".
 HOLD_PREFIX: Final = "h:"
-# Settled request marker for replies to retries: "done:<request_id>" (string, with TTL).
+# Settled request marker for replies to retries: "done:<request_id>" (hash, with TTL).
 DONE_PREFIX: Final = "done:"
+# Hold ids that no client can name (client ids start with a letter or digit): an admin
+# debit holds "#debit:<transaction id>".
+SYSTEM_HOLD_PREFIX: Final = "#"
+DEBIT_HOLD_PREFIX: Final = "#debit:"
 
-# Lua scripts, by file name in lua/ (without .lua).
+# Transaction id prefixes Beam writes itself; a client transaction id may not start with
+# one (it could pre-empt a settlement, an expiry or an operator credit).
+SYSTEM_TRANSACTION_PREFIXES: Final = (
+    "expiry:",
+    "settlement:",
+    "adjustment:",
+    "crd:",
+    "open:",
+    "credit:",
+    "debit:",
+)
+
+# Lua scripts, by file name in lua/ (without .lua); beam.adapters.scripts is their face.
 SCRIPT_OPEN_HOLD: Final = "open_hold"
 SCRIPT_DEDUCT: Final = "deduct"
-SCRIPT_PEEK_HOLD: Final = "peek_hold"
+SCRIPT_BEGIN_SETTLEMENT: Final = "begin_settlement"
 SCRIPT_SETTLE_HOLD: Final = "settle_hold"
 SCRIPT_EXPIRE_HOLDS: Final = "expire_holds"
+SCRIPT_ABANDON_SETTLEMENT: Final = "abandon_settlement"
 SCRIPT_READ_BALANCE: Final = "read_balance"
 SCRIPT_LOAD_ACCOUNT: Final = "load_account"
 SCRIPT_APPLY_BALANCE: Final = "apply_balance"
@@ -39,9 +58,10 @@ SCRIPT_AUDIT_ACCOUNT: Final = "audit_account"
 ALL_SCRIPTS: Final = (
     SCRIPT_OPEN_HOLD,
     SCRIPT_DEDUCT,
-    SCRIPT_PEEK_HOLD,
+    SCRIPT_BEGIN_SETTLEMENT,
     SCRIPT_SETTLE_HOLD,
     SCRIPT_EXPIRE_HOLDS,
+    SCRIPT_ABANDON_SETTLEMENT,
     SCRIPT_READ_BALANCE,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_APPLY_BALANCE,
@@ -61,6 +81,14 @@ MAX_OPEN_HOLDS_PER_CUSTOMER: Final = 10_000
 MAX_SEQUENCE_NUMBER: Final = 10**9
 EXPIRE_BATCH_PER_CALL: Final = 8
 DONE_MARKER_TTL_SECONDS: Final = 86_400
+# Deduct results a hold remembers per sequence number (the newest ones).
+SEQUENCE_WINDOW: Final = 128
+# A settling hold whose commit has not come after this long is abandoned by the reaper
+# (longer than any commit can take: PostgreSQL's command timeout is 30 s).
+SETTLE_DEADLINE_MS: Final = 120_000
+# The reaper completes a settling hold from the ledger once it has been pending this long
+# (a settlement in flight normally finishes in milliseconds).
+SETTLE_REPAIR_GRACE_MS: Final = 2_000
 MIN_BUFFER_MULTIPLIER: Final = 1.0
 MAX_BUFFER_MULTIPLIER: Final = 100.0
 # Multipliers are applied as integer parts-per-million, rounding up.
@@ -111,15 +139,36 @@ def done_key(tenant: str, customer_id: str, request_id: str) -> str:
     return f"{KEY_NAMESPACE}:{customer_tag(tenant, customer_id)}:{DONE_PREFIX}{request_id}"
 
 
-def customer_keys(tenant: str, customer_id: str, request_id: str = "") -> list[str]:
-    """KEYS for every script, in the order the scripts expect."""
+def settling_holds_key(tenant: str, customer_id: str) -> str:
+    return f"{KEY_NAMESPACE}:{customer_tag(tenant, customer_id)}:{SETTLING_HOLDS_SUFFIX}"
+
+
+def customer_keys(tenant: str, customer_id: str, hold_id: str = "") -> list[str]:
+    """KEYS for every script, in the order the scripts expect (lua/_common.lua)."""
     return [
         account_key(tenant, customer_id),
         open_holds_key(tenant, customer_id),
         expiring_holds_key(tenant, customer_id),
-        hold_key(tenant, customer_id, request_id),
-        done_key(tenant, customer_id, request_id),
+        hold_key(tenant, customer_id, hold_id),
+        done_key(tenant, customer_id, hold_id),
+        settling_holds_key(tenant, customer_id),
     ]
+
+
+def lua_constants() -> str:
+    """The constants block put in front of every script, so Lua and Python share them."""
+    values: dict[str, int | str] = {
+        "MAX_GRAINS": MAX_GRAINS,
+        "MILLION": TOKENS_PER_MILLION,
+        "SEQUENCE_WINDOW": SEQUENCE_WINDOW,
+        "ACCOUNT_SUFFIX": ACCOUNT_SUFFIX,
+        "HOLD_PREFIX": HOLD_PREFIX,
+    }
+    lines = ["-- Generated from beam.constants by beam.adapters.scripts; do not edit."]
+    for name, value in values.items():
+        literal = repr(value) if isinstance(value, str) else str(value)
+        lines.append(f"local {name} = {literal}")
+    return "\n".join(lines) + "\n"
 
 
 def parse_customer_key(key: str) -> tuple[str, str] | None:

@@ -46,6 +46,14 @@ STORE_LATENCY = Histogram(
 )
 REAPER_SETTLED = Counter("beam_reaper_settled_total", "Expired holds settled by the reaper")
 REAPER_PASSES = Counter("beam_reaper_passes_total", "Reaper passes", ["result"])
+REAPER_FAILURES = Counter(
+    "beam_reaper_failures_total",
+    "Holds or customers the reaper could not settle in a pass (retried the next pass)",
+)
+AUTH_LOOKUPS_SHED = Counter(
+    "beam_auth_lookups_shed_total",
+    "Unknown API keys refused without a PostgreSQL lookup (lookup budget spent)",
+)
 
 _SECRET_PATTERNS = re.compile(
     r"(beam_sk_[A-Za-z0-9_\-]+|beam_test_key_[A-Za-z0-9]+|v1\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{16,}"

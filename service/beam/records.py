@@ -90,6 +90,24 @@ class Settlement:
     created_at: datetime | None = None
     completed_at: datetime | None = None
     replayed: bool = False
+    # The nonce of the hold this settles ('' for a Finalize without a hold or token).
+    hold_nonce: str = ""
+
+
+class RecordOutcome(StrEnum):
+    """What recording a settlement found."""
+
+    NEW = "new"  # this call committed it
+    REPLAY = "replay"  # the same hold was settled before: the first settlement stands
+    OTHER_HOLD = "other_hold"  # the request id was settled by another hold
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedSettlement:
+    settlement: Settlement  # the request's settlement (this one, or the one before)
+    outcome: RecordOutcome
+    # OTHER_HOLD with something charged: the entry that charged this hold on its own.
+    orphan_entry: LedgerEntry | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,7 @@ def test_seed_walkthrough_verbatim_then_grpc_by_reflection_then_restart_and_ctrl
     assert check == {
         "approved": True, "remaining_balance": "99940000", "rejection_reason": "",
         "reserved_grains": "60000", "max_affordable_completion_tokens": "1666666",
+        "replayed": False,
     }  # fmt: skip
     deduct = shell(SEED_WALKTHROUGH[2], dev, epoch, token)
     assert deduct == {
@@ -323,6 +324,7 @@ def grpc_walkthrough(dev: BeamDev) -> None:
         assert check == {
             "approved": True, "remaining_balance": "99891300", "rejection_reason": "",
             "reserved_grains": "60000", "max_affordable_completion_tokens": "1665855",
+            "replayed": False,
         }  # fmt: skip
         deduct = balance.call("DeductTokens", {
             "customer_id": "test_customer_1", "request_id": "req_grpc_1",

@@ -28,7 +28,7 @@ async def _expired_request(runtime: Runtime, tenant: Tenant) -> Principal:
     await runtime.ledger.deduct(p, DeductCommand("c", "r", check.request_token, 1_000, "", True, 1))
     await asyncio.sleep(1.2)
     # This reaper, or the one of a `beam serve` sharing the stores, settles the expiry.
-    await Reaper(runtime.ledger).run_once()
+    await runtime.reaper.run_once()
     for _ in range(50):  # bounded: 5 s
         settled = await runtime.postgres.find_settlement(tenant.name, "c", "r")
         if settled is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from beam.core.auth import Principal
@@ -80,10 +82,10 @@ async def test_deduct_grows_hold_then_kills_the_stream(runtime: Runtime, tenant:
 async def test_check_is_idempotent_and_detects_conflicts(runtime: Runtime, tenant: Tenant) -> None:
     p = await new_customer(runtime, tenant, 1_000_000)
     first = await runtime.ledger.check(p, CheckCommand("cus_1", "r", 1_000, 1.5, "gpt-4"))
+    assert first.replayed is False
     for _ in range(5):
-        assert (
-            await runtime.ledger.check(p, CheckCommand("cus_1", "r", 1_000, 1.5, "gpt-4")) == first
-        )
+        again = await runtime.ledger.check(p, CheckCommand("cus_1", "r", 1_000, 1.5, "gpt-4"))
+        assert again == replace(first, replayed=True)
     assert (await runtime.ledger.balance(p, "cus_1")).reserved == 1_500
     with pytest.raises(BeamError) as conflict:
         await runtime.ledger.check(p, CheckCommand("cus_1", "r", 2_000, 1.5, "gpt-4"))

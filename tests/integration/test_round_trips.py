@@ -27,9 +27,9 @@ from beam.adapters.redis_store import load_scripts
 from beam.balance.v1 import balance_pb2 as pb
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc
 from beam.constants import (
+    SCRIPT_BEGIN_SETTLEMENT,
     SCRIPT_DEDUCT,
     SCRIPT_OPEN_HOLD,
-    SCRIPT_PEEK_HOLD,
     SCRIPT_READ_BALANCE,
     SCRIPT_SETTLE_HOLD,
 )
@@ -215,8 +215,9 @@ async def test_check_deduct_and_get_balance_each_cost_one_redis_round_trip(
                 response = await rest.get("/v1/balance/cus", headers=quiet_tenant.header("reader"))
             assert response.json()["reserved"] == "1000"
             assert sent == [("evalsha", shas[SCRIPT_READ_BALANCE])]
-            # Finalize is not on the per-token path: it reads the hold, commits in
-            # PostgreSQL, then releases the hold. Two round trips, both EVALSHA.
+            # Finalize is not on the per-token path: it marks the hold settling (reserving
+            # the charge), commits in PostgreSQL, then releases the hold. Two round trips,
+            # both EVALSHA.
             with monitor.commands() as sent:
                 final = await stub.FinalizeRequest(
                     pb.FinalizeRequestRequest(
@@ -226,8 +227,8 @@ async def test_check_deduct_and_get_balance_each_cost_one_redis_round_trip(
                     metadata=metadata,
                 )  # fmt: skip
             assert (final.charged_grains, final.refunded_grains) == (200, 800)
-            peek, settle = shas[SCRIPT_PEEK_HOLD], shas[SCRIPT_SETTLE_HOLD]
-            assert sent == [("evalsha", peek), ("evalsha", settle)]
+            begin, settle = shas[SCRIPT_BEGIN_SETTLEMENT], shas[SCRIPT_SETTLE_HOLD]
+            assert sent == [("evalsha", begin), ("evalsha", settle)]
             # One Check, one Deduct, two balance reads, one Finalize: six EVALSHA.
             assert evalsha_calls(server) - before == 6
         finally:

@@ -73,6 +73,7 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -
     assert check == {
         "approved": True, "remaining_balance": "99940000", "rejection_reason": "",
         "reserved_grains": "60000", "max_affordable_completion_tokens": "1666666",
+        "replayed": False,
     }  # fmt: skip
     deduct = await post(rest, "/v1/balance/deduct", {
         "customer_id": "cus", "request_id": "r1", "request_token": token,

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -31,6 +32,8 @@ from beam.records import (
     EntryType,
     LedgerEntry,
     PriceRecord,
+    RecordedSettlement,
+    RecordOutcome,
     Role,
     Settlement,
     SettlementStatus,
@@ -44,7 +47,7 @@ _CUSTOMER_COLUMNS = """tenant, customer_id, display_name, platform_user_id,
 _REQUEST_COLUMNS = """tenant, customer_id, request_id, status, model, estimated_cost_grains,
     reserved_grains, consumed_grains, actual_cost_grains, refunded_grains, overage_grains,
     prompt_tokens, completion_tokens, cached_prompt_tokens, balance_after_grains,
-    balance_version, created_at, completed_at"""
+    balance_version, created_at, completed_at, hold_nonce"""
 
 
 def _customer(row: asyncpg.Record) -> Customer:
@@ -88,15 +91,18 @@ def _settlement(row: asyncpg.Record, *, replayed: bool) -> Settlement:
         created_at=row["created_at"],
         completed_at=row["completed_at"],
         replayed=replayed,
+        hold_nonce=row["hold_nonce"],
     )
 
 
-# "PostgreSQL cannot be reached now": refused or dropped connections, a server shutting
-# down or starting up, a connect or pool timeout. Anything else is a bug and stays loud.
+# "PostgreSQL cannot be reached now": refused or dropped connections (asyncpg reports a
+# connection closed under it as InterfaceError), a server shutting down or starting up, a
+# connect or pool timeout. Anything else is a bug and stays loud.
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
 )
 _T = TypeVar("_T")
@@ -356,28 +362,54 @@ class PostgresStore:
                     existing["balance_version"],
                     replayed=True,
                 )
-            balance = account["current_balance_grains"] + amount_grains
-            if balance > MAX_GRAINS:
-                raise BeamError(
-                    Reason.BALANCE_LIMIT_EXCEEDED,
-                    f"the balance would exceed {MAX_GRAINS} grains",
-                    field="amount_grains",
-                )
-            version = account["balance_version"] + 1
-            await conn.execute(
-                """UPDATE customers SET current_balance_grains = $3, balance_version = $4,
-                       updated_at = now() WHERE tenant = $1 AND customer_id = $2""",
-                tenant,
-                customer_id,
-                balance,
-                version,
+            return await self._append(
+                conn, account, (tenant, customer_id, transaction_id, entry_type),
+                amount_grains, reference_id, description, fingerprint,
+            )  # fmt: skip
+
+    async def _append(
+        self,
+        conn: asyncpg.Connection,
+        account: asyncpg.Record,
+        head: tuple[str, str, str, EntryType],
+        amount_grains: int,
+        reference_id: str | None,
+        description: str,
+        fingerprint: str,
+    ) -> LedgerEntry:
+        """Append one entry to a customer locked by this transaction and move its cached
+        balance, version, lifetime spend and overage with it."""
+        tenant, customer_id, transaction_id, entry_type = head
+        before = account["current_balance_grains"]
+        balance = before + amount_grains
+        if balance > MAX_GRAINS:
+            raise BeamError(
+                Reason.BALANCE_LIMIT_EXCEEDED,
+                f"the balance would exceed {MAX_GRAINS} grains",
+                field="amount_grains",
             )
-            await self._insert_transaction(
-                conn,
-                (tenant, customer_id, transaction_id, entry_type.value, amount_grains),
-                (balance, version, reference_id, description, fingerprint),
-            )
-            return LedgerEntry(transaction_id, balance, version, replayed=False)
+        if balance < -MAX_GRAINS:
+            raise BeamError(Reason.OUT_OF_RANGE, "the entry would overflow the balance")
+        spent = -amount_grains if entry_type in _SPENDING else 0
+        version = account["balance_version"] + 1
+        await conn.execute(
+            """UPDATE customers SET current_balance_grains = $3, balance_version = $4,
+                   lifetime_spent_grains = GREATEST(0, lifetime_spent_grains + $5),
+                   overage_grains = overage_grains + $6, updated_at = now()
+               WHERE tenant = $1 AND customer_id = $2""",
+            tenant,
+            customer_id,
+            balance,
+            version,
+            spent,
+            new_deficit(before, balance),
+        )
+        await self._insert_transaction(
+            conn,
+            (tenant, customer_id, transaction_id, entry_type.value, amount_grains),
+            (balance, version, reference_id, description, fingerprint),
+        )
+        return LedgerEntry(transaction_id, balance, version, replayed=False)
 
     @staticmethod
     async def _insert_transaction(
@@ -392,12 +424,16 @@ class PostgresStore:
             *tail,
         )
 
-    async def find_entry(self, tenant: str, transaction_id: str) -> LedgerEntry | None:
+    async def find_entry(
+        self, tenant: str, transaction_id: str, customer_id: str | None = None
+    ) -> LedgerEntry | None:
         row = await self.pool.fetchrow(
             """SELECT transaction_id, balance_after_grains, balance_version FROM transactions
-               WHERE tenant = $1 AND transaction_id = $2""",
+               WHERE tenant = $1 AND transaction_id = $2
+                 AND ($3::text IS NULL OR customer_id = $3)""",
             tenant,
             transaction_id,
+            customer_id,
         )
         if row is None:
             return None
@@ -417,12 +453,73 @@ class PostgresStore:
         )
         return _settlement(row, replayed=True) if row else None
 
-    async def record_settlement(self, s: Settlement, created_at: datetime | None) -> Settlement:
-        """Charge a settled request exactly once; a second call returns the first result."""
-        with STORE_LATENCY.labels("postgres", "record_settlement").time():
-            return await self._record_settlement(s, created_at)
+    async def settled_nonce(self, tenant: str, customer_id: str, request_id: str) -> str | None:
+        """The nonce of the hold that settled this request id; None if it never settled.
+        One primary-key lookup: what a Check for a new request id asks the ledger."""
+        with STORE_LATENCY.labels("postgres", "settled_nonce").time():
+            value = await self.pool.fetchval(
+                """SELECT hold_nonce FROM requests
+                   WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
+                tenant,
+                customer_id,
+                request_id,
+            )
+        return None if value is None else str(value)
 
-    async def _record_settlement(self, s: Settlement, created_at: datetime | None) -> Settlement:
+    async def committed_after_lock(
+        self, tenant: str, customer_id: str, request_id: str, transaction_id: str
+    ) -> tuple[Settlement | None, LedgerEntry | None, Customer | None]:
+        """What the ledger holds for a settling hold: its request's settlement, the entry
+        ``transaction_id`` (a debit or adjustment; '' for none) and the customer, read after
+        share-locking the customer row, so any settlement in flight has committed or rolled
+        back first. The reaper completes or abandons settling holds from this."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
+                    WHERE tenant = $1 AND customer_id = $2 FOR SHARE""",
+                tenant,
+                customer_id,
+            )
+            if row is None:
+                return None, None, None
+            request = await conn.fetchrow(
+                f"""SELECT {_REQUEST_COLUMNS} FROM requests
+                    WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
+                tenant,
+                customer_id,
+                request_id,
+            )
+            entry = await conn.fetchrow(
+                """SELECT transaction_id, balance_after_grains, balance_version
+                   FROM transactions
+                   WHERE tenant = $1 AND transaction_id = $2 AND customer_id = $3""",
+                tenant,
+                transaction_id,
+                customer_id,
+            )
+        return (
+            _settlement(request, replayed=True) if request else None,
+            LedgerEntry(entry[0], entry[1], entry[2], True) if entry else None,
+            _customer(row),
+        )
+
+    async def record_settlement(
+        self, s: Settlement, created_at: datetime | None, *, charge_other_hold: bool = True
+    ) -> RecordedSettlement:
+        """Charge a settled request exactly once. A second call for the same hold (same
+        nonce) returns the first result. A different hold under an id that is already
+        settled is charged on its own (``charge_other_hold``: it consumed real tokens), by
+        one entry ``<type>:<customer>:<request>#<nonce>``, and never settles the request
+        again."""
+        with STORE_LATENCY.labels("postgres", "record_settlement").time():
+            return await self._record_settlement(s, created_at, charge_other_hold)
+
+    async def _record_settlement(
+        self, s: Settlement, created_at: datetime | None, charge_other_hold: bool
+    ) -> RecordedSettlement:
+        entry_type = (
+            EntryType.EXPIRY if s.status is SettlementStatus.EXPIRED else EntryType.SETTLEMENT
+        )
         async with self.pool.acquire() as conn, conn.transaction():
             account = await self._lock_customer(conn, s.tenant, s.customer_id)
             existing = await conn.fetchrow(
@@ -433,47 +530,53 @@ class PostgresStore:
                 s.request_id,
             )
             if existing is not None:
-                return _settlement(existing, replayed=True)
-            balance = account["current_balance_grains"] - s.charged_grains
-            if balance < -MAX_GRAINS:
-                raise BeamError(Reason.OUT_OF_RANGE, "settlement would overflow the balance")
-            version = account["balance_version"] + 1
-            await conn.execute(
-                """UPDATE customers SET current_balance_grains = $3, balance_version = $4,
-                       lifetime_spent_grains = lifetime_spent_grains + $5,
-                       overage_grains = overage_grains + $6, updated_at = now()
-                   WHERE tenant = $1 AND customer_id = $2""",
-                s.tenant,
-                s.customer_id,
-                balance,
-                version,
-                s.charged_grains,
-                s.overage_grains,
+                first = _settlement(existing, replayed=True)
+                if first.hold_nonce == s.hold_nonce:
+                    return RecordedSettlement(first, RecordOutcome.REPLAY)
+                orphan = None
+                if charge_other_hold and s.charged_grains > 0 and s.hold_nonce:
+                    orphan = await self._charge_other_hold(conn, account, entry_type, s)
+                return RecordedSettlement(first, RecordOutcome.OTHER_HOLD, orphan)
+            entry = await self._append(
+                conn, account,
+                (s.tenant, s.customer_id, f"{entry_type.value}:{s.customer_id}:{s.request_id}",
+                 entry_type),
+                -s.charged_grains, s.request_id, s.status.value, "",
+            )  # fmt: skip
+            before = account["current_balance_grains"]
+            recorded = replace(
+                s,
+                overage_grains=new_deficit(before, entry.balance_after_grains),
+                balance_after_grains=entry.balance_after_grains,
+                balance_version=entry.balance_version,
             )
-            entry_type = (
-                EntryType.EXPIRY if s.status is SettlementStatus.EXPIRED else EntryType.SETTLEMENT
-            )
-            await self._insert_transaction(
-                conn,
-                (
-                    s.tenant,
-                    s.customer_id,
-                    f"{entry_type.value}:{s.customer_id}:{s.request_id}",
-                    entry_type.value,
-                ),
-                (-s.charged_grains, balance, version, s.request_id, s.status.value, ""),
-            )
-            row = await self._insert_request(conn, s, balance, version, created_at)
-            assert row is not None
-            return _settlement(row, replayed=False)
+            row = await self._insert_request(conn, recorded, created_at)
+            return RecordedSettlement(_settlement(row, replayed=False), RecordOutcome.NEW)
+
+    async def _charge_other_hold(
+        self,
+        conn: asyncpg.Connection,
+        account: asyncpg.Record,
+        entry_type: EntryType,
+        s: Settlement,
+    ) -> LedgerEntry:
+        transaction_id = f"{entry_type.value}:{s.customer_id}:{s.request_id}#{s.hold_nonce}"
+        existing = await conn.fetchrow(
+            """SELECT balance_after_grains, balance_version FROM transactions
+               WHERE tenant = $1 AND transaction_id = $2""",
+            s.tenant,
+            transaction_id,
+        )
+        if existing is not None:
+            return LedgerEntry(transaction_id, existing[0], existing[1], replayed=True)
+        return await self._append(
+            conn, account, (s.tenant, s.customer_id, transaction_id, entry_type),
+            -s.charged_grains, s.request_id, "a second hold under a settled request id", "",
+        )  # fmt: skip
 
     @staticmethod
     async def _insert_request(
-        conn: asyncpg.Connection,
-        s: Settlement,
-        balance: int,
-        version: int,
-        created_at: datetime | None,
+        conn: asyncpg.Connection, s: Settlement, created_at: datetime | None
     ) -> asyncpg.Record:
         """The request's row and its analytics event, in the settlement's transaction."""
         row = await conn.fetchrow(
@@ -481,9 +584,9 @@ class PostgresStore:
                     estimated_cost_grains, reserved_grains, consumed_grains,
                     actual_cost_grains, refunded_grains, overage_grains, prompt_tokens,
                     completion_tokens, cached_prompt_tokens, balance_after_grains,
-                    balance_version, created_at)
+                    balance_version, created_at, hold_nonce)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                    $16, COALESCE($17, now()))
+                    $16, COALESCE($17, now()), $18)
                 RETURNING {_REQUEST_COLUMNS}""",
             s.tenant,
             s.customer_id,
@@ -499,9 +602,10 @@ class PostgresStore:
             s.prompt_tokens,
             s.completion_tokens,
             s.cached_prompt_tokens,
-            balance,
-            version,
+            s.balance_after_grains,
+            s.balance_version,
             created_at,
+            s.hold_nonce,
         )
         await conn.execute(
             """INSERT INTO usage_events (time, tenant, customer_id, request_id, model,
@@ -532,15 +636,24 @@ class PostgresStore:
         return [_settlement(r, replayed=True) for r in rows]
 
     async def get_request(
-        self, tenant: str, request_id: str, customer_id: str = ""
+        self,
+        tenant: str,
+        request_id: str,
+        customer_id: str = "",
+        allowed_customers: Sequence[str] = (),
     ) -> Settlement | None:
+        """The newest settlement of ``request_id`` in the tenant, among ``allowed_customers``
+        when the caller's key has an allow-list (filtered before LIMIT, so a visible
+        settlement is never hidden behind an invisible one)."""
         row = await self.pool.fetchrow(
             f"""SELECT {_REQUEST_COLUMNS} FROM requests
                 WHERE tenant = $1 AND request_id = $2 AND ($3 = '' OR customer_id = $3)
+                  AND (cardinality($4::text[]) = 0 OR customer_id = ANY($4::text[]))
                 ORDER BY completed_at DESC LIMIT 1""",
             tenant,
             request_id,
             customer_id,
+            list(allowed_customers),
         )
         return _settlement(row, replayed=True) if row else None
 
@@ -564,6 +677,20 @@ class PostgresStore:
             list(customer_ids),
         )
         return [dict(r) for r in rows]
+
+    # -- process-wide state ----------------------------------------------------------------
+
+    async def get_state(self, name: str) -> str | None:
+        value = await self.pool.fetchval("SELECT value FROM beam_state WHERE name = $1", name)
+        return None if value is None else str(value)
+
+    async def set_state(self, name: str, value: str) -> None:
+        await self.pool.execute(
+            """INSERT INTO beam_state (name, value) VALUES ($1, $2)
+               ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()""",
+            name,
+            value,
+        )
 
     # -- API keys ------------------------------------------------------------------------
 
@@ -693,6 +820,16 @@ class PostgresStore:
                 await conn.remove_listener(channel, deliver)
         finally:
             await self.pool.release(conn)
+
+
+# Entry types that spend a customer's money (count towards lifetime spend).
+_SPENDING = (EntryType.SETTLEMENT, EntryType.EXPIRY, EntryType.ADJUSTMENT)
+
+
+def new_deficit(before: int, after: int) -> int:
+    """How far an entry pushed the balance below zero that it was not already below: the
+    overage it caused (0 for an entry that leaves the balance at or above 0)."""
+    return max(0, max(0, -after) - max(0, -before))
 
 
 def _api_key(row: asyncpg.Record) -> ApiKeyRecord:

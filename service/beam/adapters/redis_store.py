@@ -4,11 +4,12 @@ Topologies (``BEAM_REDIS_MODE``): standalone URL, Sentinel (the master is discov
 name and re-discovered after a failover), and Cluster (scripts are routed by their first
 key; every key of a script shares one hash tag, so one slot).
 
-Each script is ``lua/_common.lua`` + ``lua/<name>.lua``. Its SHA-1 is computed here, so the
-first call is already an EVALSHA; a NOSCRIPT answer (new server, failover, SCRIPT FLUSH)
-loads the script and retries once. Connection failures become STORE_UNAVAILABLE. A script
-is retried after a connection failure only when the caller says it is idempotent: a reply
-lost in flight must not charge twice.
+Each script is the constants block from ``beam.constants`` + ``lua/_common.lua`` +
+``lua/<name>.lua``; ``beam.adapters.scripts`` gives each one typed arguments and replies.
+Its SHA-1 is computed here, so the first call is already an EVALSHA; a NOSCRIPT answer
+(new server, failover, SCRIPT FLUSH) loads the script and retries once. Connection
+failures become STORE_UNAVAILABLE. A script is retried after a connection failure only
+when the caller says it is idempotent: a reply lost in flight must not charge twice.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from beam.adapters.resources import lua_dir
 from beam.config import RedisMode, StoreSettings
-from beam.constants import ALL_SCRIPTS, KEY_NAMESPACE
+from beam.constants import ALL_SCRIPTS, KEY_NAMESPACE, lua_constants
 from beam.errors import BeamError, Reason
 from beam.observability import STORE_LATENCY
 
@@ -44,8 +45,9 @@ class Script:
 
 
 def load_scripts() -> dict[str, Script]:
+    """Each script is the constants block + ``_common.lua`` + ``<name>.lua``."""
     directory = lua_dir()
-    common = (directory / "_common.lua").read_text()
+    common = lua_constants() + (directory / "_common.lua").read_text()
     scripts = {}
     for name in ALL_SCRIPTS:
         source = common + "\n" + (directory / f"{name}.lua").read_text()

@@ -112,6 +112,7 @@ class Handlers:
             reserved_grains=result.reserved_grains,
             max_affordable_completion_tokens=result.max_affordable_completion_tokens,
             hold_expires_at_unix_ms=result.hold_expires_at_unix_ms,
+            replayed=result.replayed,
         )
 
     async def deduct(self, p: Principal, m: balance.DeductTokensRequest) -> Message:

@@ -1,9 +1,13 @@
 """Customers, credits and debits, request history, integrity and sync.
 
-Credits go to PostgreSQL first, then Redis adopts the new balance by version. A debit
-takes money a customer could otherwise spend, so it goes through a hold like any request
-(the same open-hold script guards against overspend), is committed to the ledger, then
-the hold is released while the new balance is adopted.
+Credits go to PostgreSQL first, then Redis adopts the new balance by version (a credit cut
+short after its commit leaves Redis *below* the ledger, never above, until the customer's
+next movement or a sync). A debit takes money a customer could otherwise spend, so it goes
+through a hold like a request: the hold opens *settling* under an id no client can name
+(``#debit:<transaction id>``), only if the available balance covers it; the debit commits
+to the ledger; then the hold is released while the new balance is adopted. A debit whose
+commit is refused voids its hold; one cut short after its commit is finished by the caller's
+shielded task or, after a crash, by the reaper from the ledger.
 """
 
 from __future__ import annotations
@@ -12,18 +16,18 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from beam.adapters.postgres_store import PostgresStore
+from beam.adapters.scripts import Scripts
 from beam.constants import (
-    DONE_MARKER_TTL_SECONDS,
+    DEBIT_HOLD_PREFIX,
     EXPIRE_BATCH_PER_CALL,
     MAX_GRAINS,
     MAX_NAME_LENGTH,
     MAX_OPEN_HOLDS_PER_CUSTOMER,
     MULTIPLIER_SCALE,
-    SCRIPT_AUDIT_ACCOUNT,
-    SCRIPT_OPEN_HOLD,
-    SCRIPT_SETTLE_HOLD,
-    customer_keys,
+    SETTLE_DEADLINE_MS,
 )
+from beam.core import faults
 from beam.core.auth import Action, Principal, customer_not_found
 from beam.core.commands import (
     REQUEST_ID_PATTERN,
@@ -31,10 +35,12 @@ from beam.core.commands import (
     require_id,
     require_range,
     require_text,
+    validate_client_transaction_id,
     validate_ledger_command,
     validate_strategy,
 )
-from beam.core.ledger import Ledger, fingerprint, now_ms
+from beam.core.faults import now_ms
+from beam.core.ledger import Ledger, fingerprint
 from beam.errors import BeamError, Reason
 from beam.records import Customer, CustomerState, EntryType, LedgerEntry, Settlement
 
@@ -73,10 +79,10 @@ class CustomerIntegrity:
 
 
 class Admin:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, scripts: Scripts, postgres: PostgresStore) -> None:
         self.ledger = ledger
-        self.postgres = ledger.postgres
-        self.redis = ledger.redis
+        self.scripts = scripts
+        self.postgres = postgres
 
     # -- customers -----------------------------------------------------------------------
 
@@ -117,6 +123,7 @@ class Admin:
                     "opening balance",
                     f"open:{customer.customer_id}",
                 ),
+                system=True,
             )
         return await self.get_customer(principal, customer.customer_id)
 
@@ -150,9 +157,14 @@ class Admin:
 
     # -- credits and debits ----------------------------------------------------------------
 
-    async def credit(self, principal: Principal, command: LedgerCommand) -> EntryResult:
+    async def credit(
+        self, principal: Principal, command: LedgerCommand, *, system: bool = False
+    ) -> EntryResult:
+        """``system``: Beam's own ids (``open:``, the operator's ``crd:``) are allowed."""
         principal.require(Action.ADMIN)
         validate_ledger_command(command)
+        if not system:
+            validate_client_transaction_id(command.transaction_id)
         principal.require_customer(command.customer_id)
         transaction_id = command.transaction_id or f"credit:{uuid.uuid4().hex}"
         entry = await self.postgres.append_entry(
@@ -164,73 +176,82 @@ class Admin:
             description=command.description,
             fingerprint=fingerprint("credit", command.customer_id, command.amount_grains),
         )
-        return await self._adopt(principal.tenant, command.customer_id, entry)
+        return await self.ledger.finish(self._adopt(principal.tenant, command.customer_id, entry))
+
+    async def _adopt(self, tenant: str, customer_id: str, entry: LedgerEntry) -> EntryResult:
+        await faults.point(faults.CREDIT_COMMITTED)
+        held = await self.ledger.adopt_balance(tenant, customer_id, entry)
+        return _entry_result(entry, held)
 
     async def debit(self, principal: Principal, command: LedgerCommand) -> EntryResult:
         principal.require(Action.ADMIN)
         validate_ledger_command(command)
+        validate_client_transaction_id(command.transaction_id)
         principal.require_customer(command.customer_id)
+        tenant, customer_id = principal.tenant, command.customer_id
         transaction_id = command.transaction_id or f"debit:{uuid.uuid4().hex}"
-        hold_id = f"debit:{transaction_id}"
-        digest = fingerprint("debit", command.customer_id, command.amount_grains)
-        opened = await self.ledger.run_customer_script(
-            SCRIPT_OPEN_HOLD, principal.tenant, command.customer_id, hold_id,
-            [
-                now_ms(), hold_id, command.amount_grains, MULTIPLIER_SCALE, digest, "debit",
-                "", 0, 0, 0, 0, 60_000, MAX_OPEN_HOLDS_PER_CUSTOMER, EXPIRE_BATCH_PER_CALL,
-            ],
-            idempotent=True,
+        digest = fingerprint("debit", customer_id, command.amount_grains)
+        if await self.postgres.find_entry(tenant, transaction_id) is not None:
+            # A retry of a committed debit: the ledger answers (or refuses a conflict).
+            entry = await self._append_debit(tenant, command, transaction_id, digest)
+            return await self.ledger.finish(self._adopt(tenant, customer_id, entry))
+        hold_id = DEBIT_HOLD_PREFIX + transaction_id
+        opened = await self.ledger.loaded(
+            tenant,
+            customer_id,
+            lambda: self.scripts.open_hold(
+                tenant, customer_id, hold_id, now_ms=now_ms(),
+                estimated_grains=command.amount_grains, multiplier_ppm=MULTIPLIER_SCALE,
+                fingerprint=digest, nonce=self.ledger.tokens.new_nonce(), prices=None,
+                default_ttl_ms=SETTLE_DEADLINE_MS, max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER,
+                expire_batch=EXPIRE_BATCH_PER_CALL, kind="debit",
+                settle_deadline_ms=SETTLE_DEADLINE_MS,
+            ),
         )  # fmt: skip
-        if opened[0] == "REJECT":
+        if opened.outcome == "REJECT":
             raise BeamError(
-                Reason[opened[1]] if opened[1] in Reason.__members__ else Reason.INTERNAL,
-                f"cannot debit {command.amount_grains} grains: {opened[1]} (available {opened[2]})",
+                Reason[opened.reason] if opened.reason in Reason.__members__ else Reason.INTERNAL,
+                f"cannot debit {command.amount_grains} grains: {opened.reason} "
+                f"(available {opened.available})",
                 field="amount_grains",
             )
-        if opened[0] == "CONFLICT":
+        if opened.outcome != "OK":
             raise BeamError(
                 Reason.TRANSACTION_ID_CONFLICT,
                 f"transaction_id {transaction_id!r} was used with other parameters",
                 field="transaction_id",
             )
+        await faults.point(faults.DEBIT_OPENED)
+        work = self._commit_debit(tenant, command, transaction_id, digest, opened.nonce)
+        return await self.ledger.finish(work)
+
+    async def _commit_debit(
+        self, tenant: str, command: LedgerCommand, transaction_id: str, digest: str, nonce: str
+    ) -> EntryResult:
+        customer_id, hold_id = command.customer_id, DEBIT_HOLD_PREFIX + transaction_id
         try:
-            entry = await self.postgres.append_entry(
-                tenant=principal.tenant,
-                customer_id=command.customer_id,
-                transaction_id=transaction_id,
-                entry_type=EntryType.DEBIT,
-                amount_grains=-command.amount_grains,
-                description=command.description,
-                fingerprint=digest,
-            )
-        except BaseException:
-            await self._release(principal.tenant, command.customer_id, hold_id, 0, 0)
+            entry = await self._append_debit(tenant, command, transaction_id, digest)
+        except BeamError as error:
+            if error.reason is not Reason.STORE_UNAVAILABLE:
+                await self.ledger.release(tenant, customer_id, hold_id, nonce)  # nothing committed
+            # Unavailable: the commit may have happened; the hold stays settling and the
+            # reaper completes or abandons it from the ledger.
             raise
-        await self._release(
-            principal.tenant, command.customer_id, hold_id, entry.balance_after_grains,
-            entry.balance_version,
-        )  # fmt: skip
-        return await self._adopt(principal.tenant, command.customer_id, entry)
+        await faults.point(faults.DEBIT_COMMITTED)
+        held = await self.ledger.release(tenant, customer_id, hold_id, nonce, entry)
+        return _entry_result(entry, held)
 
-    async def _release(
-        self, tenant: str, customer_id: str, hold_id: str, balance: int, version: int
-    ) -> None:
-        await self.redis.run(
-            SCRIPT_SETTLE_HOLD,
-            customer_keys(tenant, customer_id, hold_id),
-            [hold_id, balance, version, 0, 0, 0, "debit", DONE_MARKER_TTL_SECONDS],
-            idempotent=True,
-        )
-
-    async def _adopt(self, tenant: str, customer_id: str, entry: LedgerEntry) -> EntryResult:
-        held = await self.ledger.adopt_balance(
-            tenant, customer_id, entry.balance_after_grains, entry.balance_version
-        )
-        return EntryResult(
-            entry.transaction_id,
-            entry.balance_after_grains,
-            entry.balance_after_grains - held,
-            entry.replayed,
+    async def _append_debit(
+        self, tenant: str, command: LedgerCommand, transaction_id: str, digest: str
+    ) -> LedgerEntry:
+        return await self.postgres.append_entry(
+            tenant=tenant,
+            customer_id=command.customer_id,
+            transaction_id=transaction_id,
+            entry_type=EntryType.DEBIT,
+            amount_grains=-command.amount_grains,
+            description=command.description,
+            fingerprint=digest,
         )
 
     # -- requests ----------------------------------------------------------------------------
@@ -253,7 +274,9 @@ class Admin:
         require_id(request_id, "request_id", REQUEST_ID_PATTERN)
         if customer_id:
             require_id(customer_id, "customer_id")
-        found = await self.postgres.get_request(principal.tenant, request_id, customer_id)
+        found = await self.postgres.get_request(
+            principal.tenant, request_id, customer_id, sorted(principal.customers)
+        )
         if found is None or not principal.can_see(found.customer_id):
             raise BeamError(
                 Reason.REQUEST_NOT_FOUND,
@@ -294,12 +317,15 @@ class Admin:
             report.problems.append(
                 f"balance_version {row['balance_version']} != ledger entries {row['entries']}"
             )
-        audit = await self.redis.run(
-            SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant, row["customer_id"]), [], idempotent=True
+        audit = await self.scripts.audit_account(tenant, row["customer_id"])
+        balance, held, version, holds_sum = (
+            audit.balance,
+            audit.held,
+            audit.version,
+            audit.holds_sum,
         )
-        exists, balance, held, version, holds_sum = (int(v) for v in audit[:5])
         report.redis_balance, report.redis_held, report.open_holds_sum = balance, held, holds_sum
-        if exists:
+        if audit.exists:
             if version != row["balance_version"] or balance != row["current_balance_grains"]:
                 report.problems.append(
                     f"redis balance {balance} (version {version}) != postgres "
@@ -319,11 +345,9 @@ class Admin:
         for tenant_id, customer_id in await self.postgres.all_customer_ids(tenant):
             if not await self.ledger.reload_account(tenant_id, customer_id, force=True):
                 continue
-            audit = await self.redis.run(
-                SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant_id, customer_id), [], idempotent=True
-            )
+            audit = await self.scripts.audit_account(tenant_id, customer_id)
             synced += 1
-            kept += int(audit[5]) + int(audit[6])
+            kept += audit.open_count + audit.expiring_count + audit.settling_count
         return synced, kept
 
     async def set_state(
@@ -332,6 +356,15 @@ class Admin:
         customer = await self.postgres.set_customer_state(tenant, customer_id, state, owner)
         if customer is not None:
             await self.ledger.load_account(customer)
+
+
+def _entry_result(entry: LedgerEntry, held: int) -> EntryResult:
+    return EntryResult(
+        entry.transaction_id,
+        entry.balance_after_grains,
+        entry.balance_after_grains - held,
+        entry.replayed,
+    )
 
 
 def _with_tenant(customer: Customer, tenant: str) -> Customer:

@@ -22,6 +22,7 @@ from beam.constants import (
     MAX_SEQUENCE_NUMBER,
     MAX_TOKENS_PER_CALL,
     MIN_BUFFER_MULTIPLIER,
+    SYSTEM_TRANSACTION_PREFIXES,
 )
 from beam.errors import Reason, invalid
 
@@ -92,7 +93,7 @@ def require_id(value: str, name: str, pattern: re.Pattern[str] = CUSTOMER_ID_PAT
         raise invalid(name, "required", Reason.MISSING_FIELD)
     if len(value) > MAX_ID_LENGTH:
         raise invalid(name, f"at most {MAX_ID_LENGTH} characters", Reason.OUT_OF_RANGE)
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):  # match() with "$" would accept a trailing newline
         raise invalid(name, f"must match {pattern.pattern}")
 
 
@@ -214,6 +215,18 @@ def validate_ledger_command(command: LedgerCommand) -> None:
     require_text(command.description, "description", MAX_DESCRIPTION_LENGTH)
     if command.transaction_id:
         require_id(command.transaction_id, "transaction_id", REQUEST_ID_PATTERN)
+
+
+def validate_client_transaction_id(transaction_id: str) -> None:
+    """A client's transaction id may not start with a prefix Beam writes itself: it could
+    pre-empt a settlement, an expiry, an adjustment or an operator credit."""
+    for prefix in SYSTEM_TRANSACTION_PREFIXES:
+        if transaction_id.startswith(prefix):
+            raise invalid(
+                "transaction_id",
+                f"must not start with {prefix!r} (reserved for Beam's own entries)",
+                Reason.INVALID_FIELD,
+            )
 
 
 def validate_limit(value: int, name: str = "limit") -> None:

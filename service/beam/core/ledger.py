@@ -1,47 +1,59 @@
-"""The four-call lifecycle and the money invariants (DESIGN §1-§2).
+"""The four-call lifecycle and the money invariants (docs/ARCHITECTURE.md, "Invariants").
 
 Where each piece of state lives, and why the order of writes is safe:
 
 * Redis holds in-flight state: holds and ``held``, plus a *cache* of the settled balance
   tagged with PostgreSQL's ``balance_version``. Check and Deduct are one EVALSHA each.
-* PostgreSQL is the ledger. Every settled movement (Finalize, expiry, credit, debit) is
-  committed there FIRST; only then does a script release the hold in Redis and adopt the
-  new balance if its version is newer. A crash between the two leaves an open hold whose
-  settlement is already durable: the next Finalize retry, or the reaper when the hold
-  expires, finds the settlement in PostgreSQL (idempotent by request id) and completes
-  the Redis half. Redis can therefore never be ahead of the ledger, and a stale or
-  repeated apply is ignored by version.
+* PostgreSQL is the ledger. Every settlement (Finalize, expiry, debit, late adjustment)
+  runs in three steps: (1) a script marks the hold *settling* and grows it to at least the
+  charge; (2) the settlement commits to PostgreSQL; (3) ``settle_hold`` releases that hold
+  (matched by its nonce) and adopts the new balance if its version is newer. Between (2)
+  and (3) Redis still reserves the charge, so its ``available`` can only be *below* the
+  ledger's. Step (3) runs in a task the caller's cancellation cannot stop; if the process
+  dies there, the reaper finds the settling hold, reads the ledger, and completes step (3)
+  within seconds (``complete_settling``). Redis is therefore never ahead of the ledger, and
+  a stale or repeated apply is ignored by version.
+* PostgreSQL is also the authority on which request ids are settled: Redis remembers a
+  settlement only while its done marker lives (24 h), so a Check that opens a hold asks the
+  ledger too, and voids the hold if the id was settled before. A settlement releases only
+  the hold it settled, never a later hold under the same id.
 * There are NO cross-process locks: atomicity per customer comes from Lua (Redis runs one
   script at a time) and from ``SELECT ... FOR UPDATE`` on the customer row in PostgreSQL.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import time
-from dataclasses import dataclass, replace
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from beam.adapters.postgres_store import PostgresStore
-from beam.adapters.redis_store import RedisStore
+from beam.adapters.postgres_store import PostgresStore, new_deficit
+from beam.adapters.scripts import (
+    AccountNotLoaded,
+    BeginSettlementReply,
+    DoneMarker,
+    HoldView,
+    PriceArgs,
+    Scripts,
+    SettlingHold,
+)
 from beam.constants import (
     BUFFER_STRATEGY_MULTIPLIERS_PPM,
+    DEBIT_HOLD_PREFIX,
     DONE_MARKER_TTL_SECONDS,
     EXPIRE_BATCH_PER_CALL,
     MAX_GRAINS,
     MAX_OPEN_HOLDS_PER_CUSTOMER,
     MAX_TOKENS_PER_CALL,
     MAX_TOKENS_PER_REQUEST,
-    SCRIPT_APPLY_BALANCE,
-    SCRIPT_DEDUCT,
-    SCRIPT_LOAD_ACCOUNT,
-    SCRIPT_OPEN_HOLD,
-    SCRIPT_PEEK_HOLD,
-    SCRIPT_READ_BALANCE,
-    SCRIPT_SETTLE_HOLD,
-    customer_keys,
+    SETTLE_DEADLINE_MS,
 )
+from beam.core import faults
 from beam.core.auth import Action, Principal, RequestTokens, customer_not_found
 from beam.core.commands import (
     CheckCommand,
@@ -52,10 +64,25 @@ from beam.core.commands import (
     validate_deduct,
     validate_finalize,
 )
+from beam.core.faults import now_ms
 from beam.core.money import Prices, affordable_output_tokens, multiplier_ppm, token_cost
 from beam.core.pricing import PriceBook
 from beam.errors import BeamError, Reason, invalid
-from beam.records import Customer, EntryType, Settlement, SettlementStatus
+from beam.records import (
+    Customer,
+    EntryType,
+    LedgerEntry,
+    RecordedSettlement,
+    RecordOutcome,
+    Settlement,
+    SettlementStatus,
+)
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# A Check waits at most this long for the ledger to say whether its request id is settled.
+SETTLED_LOOKUP_TIMEOUT_SECONDS = 1.0
 
 _FINAL_STATUS = {
     "COMPLETED_SUCCESS": SettlementStatus.COMPLETED,
@@ -74,6 +101,7 @@ class CheckResult:
     reserved_grains: int = 0
     max_affordable_completion_tokens: int = 0
     hold_expires_at_unix_ms: int = 0
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,70 +133,67 @@ class Balance:
         return self.balance - self.reserved
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """A hold as peek_hold reports it."""
-
-    balance: int
-    held: int
-    amount: int
-    consumed: int
-    in_tokens: int
-    out_tokens: int
-    cached_tokens: int
-    prices: Prices | None
-    nonce: str
-    estimated: int
-    status: str
-    created_ms: int
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def fingerprint(*parts: object) -> str:
     text = "\x1f".join(str(p) for p in parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def price_args(prices: Prices | None) -> PriceArgs | None:
+    if prices is None:
+        return None
+    return PriceArgs(
+        prices.model,
+        prices.input_grains_per_million,
+        prices.output_grains_per_million,
+        prices.cached_input_grains_per_million,
+    )
+
+
+def marker_of(s: Settlement) -> DoneMarker:
+    return DoneMarker(
+        s.charged_grains, s.refunded_grains, s.balance_after_grains, s.overage_grains,
+        s.status.value, s.hold_nonce,
+    )  # fmt: skip
+
+
+def request_id_conflict(request_id: str, why: str) -> BeamError:
+    return BeamError(
+        Reason.REQUEST_ID_CONFLICT, f"request_id {request_id!r} {why}", field="request_id"
+    )
+
+
 class Ledger:
     def __init__(
         self,
-        redis: RedisStore,
+        scripts: Scripts,
         postgres: PostgresStore,
         prices: PriceBook,
         tokens: RequestTokens,
         *,
         default_hold_ttl_seconds: int = 900,
     ) -> None:
-        self.redis = redis
+        self.scripts = scripts
         self.postgres = postgres
         self.prices = prices
         self.tokens = tokens
         self.default_hold_ttl_ms = default_hold_ttl_seconds * 1000
+        self._finishing: set[asyncio.Task[Any]] = set()
 
     # -- accounts --------------------------------------------------------------------------
 
-    async def load_account(self, customer: Customer, *, force: bool = False) -> list[int]:
+    async def load_account(self, customer: Customer, *, force: bool = False) -> None:
         """Put a customer's settled balance and configuration into Redis (keeps holds)."""
-        ttl_ms = (customer.hold_ttl_seconds or 0) * 1000
-        buffer_ppm = BUFFER_STRATEGY_MULTIPLIERS_PPM.get(customer.buffer_strategy, 1_500_000)
-        result = await self.redis.run(
-            SCRIPT_LOAD_ACCOUNT,
-            customer_keys(customer.tenant, customer.customer_id),
-            [
-                customer.balance_grains,
-                customer.balance_version,
-                customer.state.value,
-                ttl_ms,
-                customer.max_request_grains or 0,
-                "1" if force else "0",
-                buffer_ppm,
-            ],
-            idempotent=True,
+        await self.scripts.load_account(
+            customer.tenant,
+            customer.customer_id,
+            balance=customer.balance_grains,
+            version=customer.balance_version,
+            state=customer.state.value,
+            hold_ttl_ms=(customer.hold_ttl_seconds or 0) * 1000,
+            max_request_grains=customer.max_request_grains or 0,
+            buffer_ppm=BUFFER_STRATEGY_MULTIPLIERS_PPM.get(customer.buffer_strategy, 1_500_000),
+            force=force,
         )
-        return [int(v) for v in result]
 
     async def reload_account(self, tenant: str, customer_id: str, *, force: bool = False) -> bool:
         """Copy a customer from PostgreSQL into Redis while none of its ledger entries can
@@ -179,28 +204,56 @@ class Ledger:
             await self.load_account(customer, force=force)
             return True
 
-    async def _ensure_loaded(self, tenant: str, customer_id: str) -> None:
-        if not await self.reload_account(tenant, customer_id):
-            raise customer_not_found(customer_id)
+    async def loaded(self, tenant: str, customer_id: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a per-customer script, loading the account from PostgreSQL on first use."""
+        try:
+            return await call()
+        except AccountNotLoaded:
+            if not await self.reload_account(tenant, customer_id):
+                raise customer_not_found(customer_id) from None
+            return await call()
 
-    async def run_customer_script(
+    # -- finishing what was committed --------------------------------------------------------
+
+    async def finish(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work`` (a commit and the Redis update after it) to the end even if the
+        caller is cancelled (a client deadline, a disconnect, shutdown): the caller stops
+        waiting, the work does not. ``drain`` waits for what is still running."""
+        if faults.enabled(faults.BUG_UNSHIELDED_COMMIT):
+            return await work
+        task = asyncio.ensure_future(work)
+        self._finishing.add(task)
+        task.add_done_callback(_forget(self._finishing))
+        return await asyncio.shield(task)
+
+    async def drain(self, timeout_seconds: float) -> None:
+        """Wait (bounded) for settlements whose callers went away."""
+        if self._finishing:
+            await asyncio.wait(list(self._finishing), timeout=timeout_seconds)
+
+    async def release(
         self,
-        script: str,
         tenant: str,
         customer_id: str,
-        request_id: str,
-        args: list[Any],
-        *,
-        idempotent: bool,
-    ) -> list[Any]:
-        """Run a per-customer script, loading the account from PostgreSQL on first use."""
-        keys = customer_keys(tenant, customer_id, request_id)
-        result = await self.redis.run(script, keys, args, idempotent=idempotent)
-        if result and result[0] == "NOT_LOADED":
-            await self._ensure_loaded(tenant, customer_id)
-            result = await self.redis.run(script, keys, args, idempotent=idempotent)
-        assert isinstance(result, list)
-        return result
+        hold_id: str,
+        nonce: str,
+        entry: Settlement | LedgerEntry | Customer | None = None,
+        marker: Settlement | None = None,
+    ) -> int:
+        """Step (3): release hold ``nonce`` and adopt the balance ``entry`` committed (none
+        for a void); returns the customer's ``held`` afterwards."""
+        balance, version = _balance_of(entry)
+        reply = await self.scripts.settle_hold(
+            tenant,
+            customer_id,
+            hold_id,
+            nonce=nonce,
+            balance_after=balance,
+            balance_version=version,
+            marker=marker_of(marker) if marker is not None else None,
+            marker_ttl_seconds=DONE_MARKER_TTL_SECONDS,
+        )
+        return reply.held
 
     # -- CheckBalance ------------------------------------------------------------------------
 
@@ -211,54 +264,39 @@ class Ledger:
         tenant = principal.tenant
         prices = (
             await self.prices.require(tenant, command.model, "metadata.model")
-            if (command.model)
+            if command.model
             else None
         )
         estimated = command.estimated_grains or _estimate(command, prices)
         ppm = multiplier_ppm(command.buffer_multiplier) if command.buffer_multiplier else 0
-        nonce = self.tokens.new_nonce()
         digest = fingerprint(
             estimated, ppm, command.model, command.max_tokens, command.prompt_tokens,
             command.cached_prompt_tokens, sorted(command.custom_properties.items()),
         )  # fmt: skip
-        result = await self.run_customer_script(
-            SCRIPT_OPEN_HOLD,
+        nonce = self.tokens.new_nonce()
+        opened = await self.loaded(
             tenant,
             command.customer_id,
-            command.request_id,
-            [
-                now_ms(), command.request_id, estimated, ppm, digest, nonce, command.model,
-                *_price_args(prices), self.default_hold_ttl_ms, MAX_OPEN_HOLDS_PER_CUSTOMER,
-                EXPIRE_BATCH_PER_CALL,
-            ],
-            idempotent=True,
+            lambda: self.scripts.open_hold(
+                tenant, command.customer_id, command.request_id, now_ms=now_ms(),
+                estimated_grains=estimated, multiplier_ppm=ppm, fingerprint=digest,
+                nonce=nonce, prices=price_args(prices),
+                default_ttl_ms=self.default_hold_ttl_ms,
+                max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER, expire_batch=EXPIRE_BATCH_PER_CALL,
+            ),
         )  # fmt: skip
-        return self._check_result(principal, command, prices, result)
-
-    def _check_result(
-        self,
-        principal: Principal,
-        command: CheckCommand,
-        prices: Prices | None,
-        result: list[Any],
-    ) -> CheckResult:
-        outcome = result[0]
-        if outcome in ("CONFLICT", "SETTLED"):
-            raise BeamError(
-                Reason.REQUEST_ID_CONFLICT,
-                f"request_id {command.request_id!r} was already used with other parameters"
-                if outcome == "CONFLICT"
-                else f"request_id {command.request_id!r} is already settled",
-                field="request_id",
-            )
-        if outcome == "REJECT":
+        if opened.outcome == "CONFLICT":
+            raise request_id_conflict(command.request_id, "was already used with other parameters")
+        if opened.outcome == "SETTLED":
+            raise request_id_conflict(command.request_id, "is already settled")
+        if opened.outcome == "REJECT":
             return CheckResult(
-                approved=False, remaining_balance=int(result[2]), rejection_reason=result[1]
+                approved=False, remaining_balance=opened.available, rejection_reason=opened.reason
             )
-        assert outcome == "OK", result
-        amount, remaining, nonce, expires_at = (
-            int(result[1]), int(result[2]), str(result[3]), int(result[4]),
-        )  # fmt: skip
+        if not faults.enabled(faults.BUG_FREE_REUSE):
+            await self._refuse_settled_id(
+                tenant, command.customer_id, command.request_id, opened.nonce
+            )
         affordable = 0
         if prices is not None:
             prompt_cost = token_cost(
@@ -268,17 +306,48 @@ class Ledger:
                 cached_input_tokens=command.cached_prompt_tokens,
             )
             affordable = affordable_output_tokens(
-                amount + max(remaining, 0) - prompt_cost, prices, MAX_TOKENS_PER_CALL
-            )
-        token = self.tokens.issue(principal.tenant, command.customer_id, command.request_id, nonce)
+                opened.amount + max(opened.remaining, 0) - prompt_cost, prices,
+                MAX_TOKENS_PER_CALL,
+            )  # fmt: skip
+        token = self.tokens.issue(tenant, command.customer_id, command.request_id, opened.nonce)
         return CheckResult(
             approved=True,
-            remaining_balance=remaining,
+            remaining_balance=opened.remaining,
             request_token=token,
-            reserved_grains=amount,
+            reserved_grains=opened.amount,
             max_affordable_completion_tokens=affordable,
-            hold_expires_at_unix_ms=expires_at,
+            hold_expires_at_unix_ms=opened.expires_at_ms,
+            replayed=opened.replayed,
         )
+
+    async def _refuse_settled_id(
+        self, tenant: str, customer_id: str, request_id: str, nonce: str
+    ) -> None:
+        """The ledger, not the done marker (it expires), says whether a request id was
+        settled. A hold opened for a settled id is voided before anyone gets its token; so
+        is one whose Check was cancelled meanwhile (nobody will get its token)."""
+        try:
+            await faults.point(faults.CHECK_OPENED)
+            async with asyncio.timeout(SETTLED_LOOKUP_TIMEOUT_SECONDS):
+                settled_nonce = await self.postgres.settled_nonce(tenant, customer_id, request_id)
+        except faults.SimulatedCrash:
+            raise
+        except (BeamError, TimeoutError) as error:
+            if isinstance(error, BeamError) and error.reason is not Reason.STORE_UNAVAILABLE:
+                raise
+            # The ledger is unreachable: enforcement goes on from Redis. Should this id turn
+            # out to be settled, whatever its new hold consumes is charged on its own when
+            # it settles (PostgresStore.record_settlement), so no token is ever free.
+            log.warning("settled-id lookup unavailable; check proceeds from redis")
+            return
+        except BaseException:
+            await _quietly(self.finish(self.release(tenant, customer_id, request_id, nonce)))
+            raise
+        if settled_nonce is None:
+            return
+        if settled_nonce != nonce:  # equal: this hold's own settlement is committing now
+            await self.finish(self.release(tenant, customer_id, request_id, nonce))
+        raise request_id_conflict(request_id, "is already settled")
 
     # -- DeductTokens ------------------------------------------------------------------------
 
@@ -286,34 +355,32 @@ class Ledger:
         principal.require(Action.ENFORCE)
         validate_deduct(command)
         principal.require_customer(command.customer_id)
+        tenant = principal.tenant
         nonce = self.tokens.verify(
-            command.request_token, principal.tenant, command.customer_id, command.request_id
+            command.request_token, tenant, command.customer_id, command.request_id
         )
-        prices = (
-            await self.prices.lookup(principal.tenant, command.model) if (command.model) else None
+        prices = await self.prices.lookup(tenant, command.model) if command.model else None
+        kind: Literal["in", "out", "cached"] = (
+            "out" if command.is_completion else "cached" if command.is_cached_prompt else "in"
         )
-        kind = "out" if command.is_completion else "cached" if command.is_cached_prompt else "in"
-        result = await self.run_customer_script(
-            SCRIPT_DEDUCT,
-            principal.tenant,
+        reply = await self.loaded(
+            tenant,
             command.customer_id,
-            command.request_id,
-            [
-                now_ms(), command.request_id, nonce, command.tokens_consumed, kind,
-                command.sequence_number, command.model, *_price_args(prices),
-                EXPIRE_BATCH_PER_CALL, MAX_TOKENS_PER_REQUEST,
-            ],
-            idempotent=command.sequence_number > 0,
+            lambda: self.scripts.deduct(
+                tenant, command.customer_id, command.request_id, now_ms=now_ms(), nonce=nonce,
+                tokens=command.tokens_consumed, token_kind=kind,
+                sequence=command.sequence_number, prices=price_args(prices),
+                expire_batch=EXPIRE_BATCH_PER_CALL, max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+            ),
         )  # fmt: skip
-        outcome, code = result[0], result[1]
-        if outcome == "ERR":
-            raise _deduct_error(code, command)
+        if reply.outcome == "ERR":
+            raise _deduct_error(reply.code, command)
         return DeductResult(
-            success=outcome == "OK",
-            remaining_balance=int(result[2]),
-            error_code=code,
-            consumed_grains=int(result[3]),
-            reserved_grains=int(result[4]),
+            success=reply.outcome == "OK",
+            remaining_balance=reply.available,
+            error_code=reply.code,
+            consumed_grains=reply.consumed,
+            reserved_grains=reply.amount,
         )
 
     # -- FinalizeRequest ---------------------------------------------------------------------
@@ -323,162 +390,157 @@ class Ledger:
         validate_finalize(command)
         principal.require_customer(command.customer_id)
         tenant = principal.tenant
-        nonce = (
+        token_nonce = (
             self.tokens.verify(
                 command.request_token, tenant, command.customer_id, command.request_id
             )
             if command.request_token
-            else None
+            else ""
         )
-        peek = await self.run_customer_script(
-            SCRIPT_PEEK_HOLD, tenant, command.customer_id, command.request_id,
-            [now_ms(), EXPIRE_BATCH_PER_CALL], idempotent=True,
-        )  # fmt: skip
-        if peek[0] == "DONE" and peek[5] != SettlementStatus.EXPIRED.value:
-            return FinalizeResult(
-                True, int(peek[2]), int(peek[3]), int(peek[1]), int(peek[4]), True
-            )
-        hold = _hold(peek) if peek[0] == "HOLD" else None
-        if hold is not None and nonce is not None and nonce != hold.nonce:
-            raise BeamError(
-                Reason.INVALID_REQUEST_TOKEN,
-                "request_token belongs to another hold of this request id",
-                field="request_token",
-            )
-        if hold is None:
-            # No hold in Redis: settled before (its marker gone or expired), or never held.
-            existing = await self.postgres.find_settlement(
+        prices = await self.prices.lookup(tenant, command.model) if command.model else None
+        begun = await self._begin(tenant, command, token_nonce, prices)
+        if begun.outcome == "ERR" and begun.code == "UNKNOWN_MODEL" and not command.model:
+            # A late Finalize with tokens but no model: price them as the settlement did.
+            earlier = await self.postgres.find_settlement(
                 tenant, command.customer_id, command.request_id
             )
-            if existing is not None:
-                return await self._answer(tenant, command, existing)
-        available = int(peek[1]) - int(peek[2]) if peek[0] in ("HOLD", "NONE") else 0
-        settlement = await self._settlement(tenant, command, hold, available)
-        recorded = await self.postgres.record_settlement(settlement, _created_at(hold))
-        return await self._answer(tenant, command, recorded)
+            if earlier is not None and earlier.model:
+                prices = await self.prices.lookup(tenant, earlier.model)
+                begun = await self._begin(tenant, command, token_nonce, prices)
+        if begun.outcome == "DONE":
+            assert begun.done is not None
+            return _replayed(command, begun.done, token_nonce)
+        if begun.outcome == "ERR":
+            raise _finalize_error(begun.code, command)
+        assert begun.hold is not None
+        hold = begun.hold
+        settlement = _settlement(tenant, command, hold, token_nonce)
+        await faults.point(faults.FINALIZE_BEGUN)
+        return await self.finish(self._commit_finalize(command, hold, settlement))
 
-    async def _answer(
-        self, tenant: str, command: FinalizeCommand, recorded: Settlement
+    async def _begin(
+        self, tenant: str, command: FinalizeCommand, token_nonce: str, prices: Prices | None
+    ) -> BeginSettlementReply:
+        claim_nonce = self.tokens.new_nonce()
+        return await self.loaded(
+            tenant,
+            command.customer_id,
+            lambda: self.scripts.begin_settlement(
+                tenant, command.customer_id, command.request_id, now_ms=now_ms(),
+                token_nonce=token_nonce, claim_nonce=claim_nonce,
+                total_cost_grains=command.total_actual_cost_grains,
+                prompt_tokens=command.actual_prompt_tokens,
+                completion_tokens=command.actual_completion_tokens,
+                cached_prompt_tokens=command.actual_cached_prompt_tokens,
+                prices=price_args(prices), expire_batch=EXPIRE_BATCH_PER_CALL,
+                settle_deadline_ms=SETTLE_DEADLINE_MS,
+            ),
+        )  # fmt: skip
+
+    async def _commit_finalize(
+        self, command: FinalizeCommand, hold: SettlingHold, settlement: Settlement
     ) -> FinalizeResult:
-        """Finish the Redis half (idempotent) and answer with the ledger's settlement."""
-        await self.settle_in_redis(recorded)
-        if recorded.replayed and recorded.status is SettlementStatus.EXPIRED:
-            return await self._adjust_expired(tenant, command, recorded)
-        return FinalizeResult(
-            success=True,
-            refunded_grains=recorded.refunded_grains,
-            final_balance=recorded.balance_after_grains,
-            charged_grains=recorded.charged_grains,
-            overage_grains=recorded.overage_grains,
-            replayed=recorded.replayed,
+        """Steps (2) and (3) of a Finalize; runs to the end once started (``finish``)."""
+        tenant, customer_id, request_id = settlement.tenant, command.customer_id, command.request_id
+        recorded = await self.postgres.record_settlement(
+            settlement, _created_at(hold), charge_other_hold=not hold.claim
         )
+        await faults.point(faults.FINALIZE_COMMITTED)
+        first = recorded.settlement
+        if recorded.outcome is RecordOutcome.OTHER_HOLD and (
+            not hold.claim or settlement.hold_nonce
+        ):
+            # A hold (or a token) of this id that is not the one that settled it: the id was
+            # reused. Whatever that hold consumed was charged on its own; nothing settles
+            # the request again.
+            await self.release(tenant, customer_id, request_id, hold.nonce, recorded.orphan_entry)
+            raise request_id_conflict(request_id, "is already settled by another hold")
+        if first.status is SettlementStatus.EXPIRED and recorded.outcome is not RecordOutcome.NEW:
+            return await self._adjust_expired(command, hold, first)
+        await self.release(tenant, customer_id, request_id, hold.nonce, first, marker=first)
+        return _finalize_result(recorded)
 
     async def _adjust_expired(
-        self, tenant: str, command: FinalizeCommand, expired: Settlement
+        self, command: FinalizeCommand, hold: SettlingHold, expired: Settlement
     ) -> FinalizeResult:
         """A Finalize that arrives after its hold expired and was charged what it consumed:
         the provider's usage wins, through one ``adjustment`` ledger entry (never an edit),
-        idempotent by request id. Without a reported cost the tokens are priced at the
-        model's current price (the hold that locked its prices is gone)."""
-        if (
-            command.total_actual_cost_grains
-            or command.actual_prompt_tokens
-            or (command.actual_completion_tokens)
-        ):
-            if not command.total_actual_cost_grains and not command.model:
-                command = replace(command, model=expired.model)
-            actual = await self._actual_cost(tenant, command, None)
-        else:
-            actual = expired.charged_grains
+        idempotent by request id. The hold (or claim) that reserved the charge is released
+        only after the adjustment committed."""
+        tenant, customer_id, request_id = expired.tenant, command.customer_id, command.request_id
+        reported = command.total_actual_cost_grains or (
+            command.actual_prompt_tokens or command.actual_completion_tokens
+        )
+        actual = hold.charged if reported else expired.charged_grains
         delta = actual - expired.charged_grains
-        transaction_id = f"adjustment:{command.customer_id}:{command.request_id}"
+        transaction_id = f"adjustment:{customer_id}:{request_id}"
         if delta == 0:
-            if await self.postgres.find_entry(tenant, transaction_id) is not None:
-                raise BeamError(
-                    Reason.REQUEST_ID_CONFLICT,
-                    f"request_id {command.request_id!r} was already finalized with other usage",
-                    field="request_id",
-                )
+            earlier = await self.postgres.find_entry(tenant, transaction_id)
+            await self.release(tenant, customer_id, request_id, hold.nonce, expired, expired)
+            if earlier is not None:
+                raise request_id_conflict(request_id, "was already finalized with other usage")
             return FinalizeResult(
                 True, 0, expired.balance_after_grains, expired.charged_grains, 0, True
             )
-        entry = await self.postgres.append_entry(
-            tenant=tenant,
-            customer_id=command.customer_id,
-            transaction_id=transaction_id,
-            entry_type=EntryType.ADJUSTMENT,
-            amount_grains=-delta,
-            description="late finalize of an expired hold",
-            reference_id=command.request_id,
-            fingerprint=fingerprint("adjustment", command.customer_id, command.request_id, delta),
-        )
-        await self.adopt_balance(
-            tenant, command.customer_id, entry.balance_after_grains, entry.balance_version
-        )
+        try:
+            entry = await self.postgres.append_entry(
+                tenant=tenant,
+                customer_id=customer_id,
+                transaction_id=transaction_id,
+                entry_type=EntryType.ADJUSTMENT,
+                amount_grains=-delta,
+                description="late finalize of an expired hold",
+                reference_id=request_id,
+                fingerprint=fingerprint("adjustment", customer_id, request_id, delta),
+            )
+        except BeamError as error:
+            if error.reason is not Reason.TRANSACTION_ID_CONFLICT:
+                raise
+            await self.release(tenant, customer_id, request_id, hold.nonce)
+            raise request_id_conflict(
+                request_id, "was already finalized with other usage"
+            ) from None
+        await faults.point(faults.ADJUST_COMMITTED)
+        await self.release(tenant, customer_id, request_id, hold.nonce, entry, expired)
+        after = entry.balance_after_grains
         return FinalizeResult(
             success=True,
             refunded_grains=max(0, -delta),
-            final_balance=entry.balance_after_grains,
+            final_balance=after,
             charged_grains=actual,
-            overage_grains=max(0, min(delta, -entry.balance_after_grains)),
+            overage_grains=new_deficit(after + delta, after),
             replayed=entry.replayed,
         )
 
-    async def _settlement(
-        self, tenant: str, command: FinalizeCommand, hold: Hold | None, available: int
-    ) -> Settlement:
-        charged = await self._actual_cost(tenant, command, hold)
-        reserved = hold.amount if hold else 0
-        # `available` excludes this hold (it is part of held); the hold itself pays first.
-        overage = max(0, charged - reserved - max(available, 0))
-        return Settlement(
-            tenant=tenant,
-            customer_id=command.customer_id,
-            request_id=command.request_id,
-            status=_FINAL_STATUS[command.status],
-            model=command.model or (hold.prices.model if hold and hold.prices else ""),
-            estimated_grains=hold.estimated if hold else 0,
-            reserved_grains=reserved,
-            consumed_grains=hold.consumed if hold else 0,
-            charged_grains=charged,
-            refunded_grains=max(0, reserved - charged),
-            overage_grains=overage,
-            prompt_tokens=command.actual_prompt_tokens,
-            completion_tokens=command.actual_completion_tokens,
-            cached_prompt_tokens=command.actual_cached_prompt_tokens,
-        )
+    # -- the reaper's half: holds whose settlement never finished ----------------------------
 
-    async def _actual_cost(self, tenant: str, command: FinalizeCommand, hold: Hold | None) -> int:
-        """The provider's cost if given; else the actual tokens at the locked prices. With
-        neither, what the stream already consumed (delivered tokens are never free)."""
-        if command.total_actual_cost_grains:
-            return command.total_actual_cost_grains
-        tokens = (command.actual_prompt_tokens, command.actual_completion_tokens)
-        if tokens == (0, 0):
-            return hold.consumed if hold else 0
-        prices = hold.prices if hold and hold.prices else None
-        if prices is None:
-            prices = await self.prices.require(tenant, command.model)
-        cost = token_cost(
-            prices,
-            input_tokens=command.actual_prompt_tokens - command.actual_cached_prompt_tokens,
-            output_tokens=command.actual_completion_tokens,
-            cached_input_tokens=command.actual_cached_prompt_tokens,
+    async def complete_settling(self, tenant: str, customer_id: str, hold: HoldView) -> str:
+        """A hold has been settling for a while: its process may have died between the
+        commit and the Redis update. Read the ledger (after any commit in flight for this
+        customer): committed -> finish step (3) from it; not committed and past the hold's
+        deadline -> abandon it (a request hold is then charged what it consumed, like any
+        expired hold). Returns what was done: completed, abandoned or pending."""
+        debit = hold.hold_id.startswith(DEBIT_HOLD_PREFIX)
+        transaction_id = (
+            hold.hold_id[len(DEBIT_HOLD_PREFIX) :]
+            if debit
+            else f"adjustment:{customer_id}:{hold.hold_id}"
         )
-        if cost > MAX_GRAINS:
-            raise invalid("actual_completion_tokens", "cost exceeds the grain limit")
-        return cost
-
-    async def settle_in_redis(self, s: Settlement) -> None:
-        await self.redis.run(
-            SCRIPT_SETTLE_HOLD,
-            customer_keys(s.tenant, s.customer_id, s.request_id),
-            [
-                s.request_id, s.balance_after_grains, s.balance_version, s.charged_grains,
-                s.refunded_grains, s.overage_grains, s.status.value, DONE_MARKER_TTL_SECONDS,
-            ],
-            idempotent=True,
-        )  # fmt: skip
+        settlement, entry, customer = await self.postgres.committed_after_lock(
+            tenant, customer_id, "" if debit else hold.hold_id, transaction_id
+        )
+        if customer is not None and _committed(hold, settlement, entry):
+            await self.release(
+                tenant, customer_id, hold.hold_id, hold.nonce, customer,
+                settlement if settlement is not None and not debit else None,
+            )  # fmt: skip
+            return "completed"
+        if now_ms() >= hold.deadline_ms:
+            await self.scripts.abandon_settlement(
+                tenant, customer_id, hold.hold_id, nonce=hold.nonce, now_ms=now_ms()
+            )
+            return "abandoned"
+        return "pending"
 
     # -- GetBalance --------------------------------------------------------------------------
 
@@ -486,21 +548,22 @@ class Ledger:
         principal.require(Action.READ)
         require_id(customer_id, "customer_id")
         principal.require_customer(customer_id)
-        result = await self.run_customer_script(
-            SCRIPT_READ_BALANCE, principal.tenant, customer_id, "",
-            [now_ms(), EXPIRE_BATCH_PER_CALL], idempotent=True,
-        )  # fmt: skip
-        return Balance(balance=int(result[1]), reserved=int(result[2]))
-
-    async def adopt_balance(self, tenant: str, customer_id: str, balance: int, version: int) -> int:
-        """After a ledger entry: let Redis adopt it; returns ``held`` (0 if not loaded)."""
-        result = await self.redis.run(
-            SCRIPT_APPLY_BALANCE,
-            customer_keys(tenant, customer_id),
-            [balance, version],
-            idempotent=True,
+        tenant = principal.tenant
+        view = await self.loaded(
+            tenant,
+            customer_id,
+            lambda: self.scripts.read_balance(
+                tenant, customer_id, now_ms=now_ms(), expire_batch=EXPIRE_BATCH_PER_CALL
+            ),
         )
-        return int(result[2])
+        return Balance(balance=view.balance, reserved=view.held)
+
+    async def adopt_balance(self, tenant: str, customer_id: str, entry: LedgerEntry) -> int:
+        """After a credit committed: let Redis adopt it; returns ``held`` (0 if not loaded)."""
+        view = await self.scripts.apply_balance(
+            tenant, customer_id, balance=entry.balance_after_grains, version=entry.balance_version
+        )
+        return view.held
 
 
 def _estimate(command: CheckCommand, prices: Prices | None) -> int:
@@ -516,31 +579,103 @@ def _estimate(command: CheckCommand, prices: Prices | None) -> int:
     return max(estimate, 1)
 
 
-def _price_args(prices: Prices | None) -> list[int]:
-    if prices is None:
-        return [0, 0, 0, 0]
-    return [
-        1,
-        prices.input_grains_per_million,
-        prices.output_grains_per_million,
-        prices.cached_input_grains_per_million,
-    ]
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("settlement finished with an error", exc_info=task.exception())
+
+    return done
 
 
-def _hold(peek: list[Any]) -> Hold:
-    (_, balance, held, amount, consumed, in_t, out_t, cached_t, has_prices, p_in, p_out,
-     p_cached, model, nonce, estimated, status, created) = peek  # fmt: skip
-    prices = Prices(model, int(p_in), int(p_out), int(p_cached)) if int(has_prices) else None
-    return Hold(
-        int(balance), int(held), int(amount), int(consumed), int(in_t), int(out_t),
-        int(cached_t), prices, str(nonce), int(estimated), str(status), int(created),
-    )  # fmt: skip
+async def _quietly(work: Awaitable[Any]) -> None:
+    """Best-effort clean-up inside an error path: its own failure must not mask the error
+    being raised (the reaper abandons whatever it leaves)."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await work
 
 
-def _created_at(hold: Hold | None) -> datetime | None:
-    if hold is None or hold.created_ms <= 0:
+def _balance_of(entry: Settlement | LedgerEntry | Customer | None) -> tuple[int, int]:
+    if entry is None:
+        return 0, 0
+    if isinstance(entry, Customer):
+        return entry.balance_grains, entry.balance_version
+    return entry.balance_after_grains, entry.balance_version
+
+
+def _committed(hold: HoldView, settlement: Settlement | None, entry: LedgerEntry | None) -> bool:
+    """Whether what ``hold`` was settling is in the ledger."""
+    if hold.hold_id.startswith(DEBIT_HOLD_PREFIX):
+        return entry is not None
+    if settlement is None:
+        return False
+    if hold.kind != "claim" and settlement.hold_nonce != hold.nonce:
+        return False  # another hold's settlement: this one is abandoned at its deadline
+    if settlement.status is SettlementStatus.EXPIRED:
+        return entry is not None  # a late Finalize: its adjustment is what it commits
+    return True
+
+
+def _settlement(
+    tenant: str, command: FinalizeCommand, hold: SettlingHold, token_nonce: str
+) -> Settlement:
+    return Settlement(
+        tenant=tenant,
+        customer_id=command.customer_id,
+        request_id=command.request_id,
+        status=_FINAL_STATUS[command.status],
+        model=command.model or hold.model,
+        estimated_grains=hold.estimated,
+        reserved_grains=hold.reserved,
+        consumed_grains=hold.consumed,
+        charged_grains=hold.charged,
+        refunded_grains=max(0, hold.reserved - hold.charged),
+        prompt_tokens=command.actual_prompt_tokens,
+        completion_tokens=command.actual_completion_tokens,
+        cached_prompt_tokens=command.actual_cached_prompt_tokens,
+        hold_nonce=token_nonce if hold.claim else hold.nonce,
+    )
+
+
+def _finalize_result(recorded: RecordedSettlement) -> FinalizeResult:
+    s = recorded.settlement
+    return FinalizeResult(
+        success=True,
+        refunded_grains=s.refunded_grains,
+        final_balance=s.balance_after_grains,
+        charged_grains=s.charged_grains,
+        overage_grains=s.overage_grains,
+        replayed=recorded.outcome is not RecordOutcome.NEW,
+    )
+
+
+def _replayed(command: FinalizeCommand, done: DoneMarker, token_nonce: str) -> FinalizeResult:
+    if token_nonce and done.nonce != token_nonce:
+        raise request_id_conflict(command.request_id, "is already settled by another hold")
+    return FinalizeResult(True, done.refunded, done.final_balance, done.charged, done.overage, True)
+
+
+def _created_at(hold: SettlingHold) -> datetime | None:
+    if hold.claim or hold.created_ms <= 0:
         return None
     return datetime.fromtimestamp(hold.created_ms / 1000, tz=UTC)
+
+
+def _finalize_error(code: str, command: FinalizeCommand) -> BeamError:
+    if code == "INVALID_REQUEST_TOKEN":
+        return BeamError(
+            Reason.INVALID_REQUEST_TOKEN,
+            "request_token belongs to another hold of this request id",
+            field="request_token",
+        )
+    if code == "UNKNOWN_MODEL":
+        return BeamError(
+            Reason.UNKNOWN_MODEL,
+            "model: the hold has no locked price and no known model was given",
+            field="model",
+        )
+    assert code == "COST_LIMIT", code
+    return invalid("actual_completion_tokens", "cost exceeds the grain limit", Reason.OUT_OF_RANGE)
 
 
 def _deduct_error(code: str, command: DeductCommand) -> BeamError:

@@ -123,7 +123,7 @@ async def reconcile_customer(
             credit_transaction_id(customer.customer_id, str(credit["id"])),
         )
         try:
-            await admin.credit(principal, command)
+            await admin.credit(principal, command, system=True)
             applied.append(str(credit["id"]))
         except BeamError as error:
             if error.reason is not Reason.TRANSACTION_ID_CONFLICT:

@@ -14,6 +14,7 @@ from typing import Any
 
 from beam.adapters.postgres_store import PostgresStore
 from beam.adapters.redis_store import RedisStore
+from beam.adapters.scripts import Scripts
 from beam.config import ServiceSettings
 from beam.constants import CHANNEL_API_KEYS, CHANNEL_PRICES
 from beam.core.admin import Admin
@@ -23,6 +24,13 @@ from beam.core.pricing import PriceBook
 from beam.core.reaper import Reaper
 
 log = logging.getLogger(__name__)
+
+# beam_state row: the identity of the Redis server(s) the accounts were last synced against.
+_REDIS_IDENTITY = "redis_identity"
+
+
+def _identity_text(identity: frozenset[str]) -> str:
+    return ",".join(sorted(identity))
 
 
 class Runtime:
@@ -35,15 +43,18 @@ class Runtime:
         )
         self.prices = PriceBook(postgres, max_age_seconds=settings.cache_max_age_seconds)
         self.tokens = RequestTokens(settings.request_token_secret.get_secret_value())
+        self.scripts = Scripts(redis)
         self.ledger = Ledger(
-            redis,
+            self.scripts,
             postgres,
             self.prices,
             self.tokens,
             default_hold_ttl_seconds=settings.hold_ttl_seconds,
         )
-        self.admin = Admin(self.ledger)
-        self.reaper = Reaper(self.ledger, batch_size=settings.reaper_batch_size)
+        self.admin = Admin(self.ledger, self.scripts, postgres)
+        self.reaper = Reaper(
+            redis, self.scripts, postgres, self.ledger, batch_size=settings.reaper_batch_size
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self._listener: Any = None
 
@@ -60,6 +71,7 @@ class Runtime:
     async def start(self, *, background: bool = True) -> None:
         await self.auth.reload()
         await self.prices.reload()
+        await self.resync_if_redis_changed()
         self._listener = await self.postgres.listen(
             [CHANNEL_API_KEYS, CHANNEL_PRICES], self._on_notify
         )
@@ -71,6 +83,20 @@ class Runtime:
             self._tasks.append(
                 asyncio.create_task(self.watch_redis(interval), name="beam-redis-watch")
             )
+
+    async def resync_if_redis_changed(self) -> bool:
+        """Resync every account when Redis is not the server the accounts were last synced
+        against (its identity is recorded in PostgreSQL). This catches what a running
+        replica's watch cannot: Redis and every replica restarting together after Redis
+        lost its last writes (AOF ``everysec``). Returns whether it resynced."""
+        current = _identity_text(await self.redis.identity())
+        if not current or await self.postgres.get_state(_REDIS_IDENTITY) == current:
+            return False
+        log.warning("redis is not the server last synced against: resyncing accounts")
+        synced, kept = await self.admin.sync_tenant(None)
+        await self.postgres.set_state(_REDIS_IDENTITY, current)
+        log.warning("resync done", extra={"customers": synced, "open_holds_kept": kept})
+        return True
 
     async def watch_redis(self, interval_seconds: float) -> None:
         """Resync every account from PostgreSQL when Redis restarts or fails over.
@@ -87,6 +113,7 @@ class Runtime:
                 if known is not None and current and current != known:
                     log.warning("redis restarted or failed over: resyncing accounts")
                     synced, kept = await self.admin.sync_tenant(None)
+                    await self.postgres.set_state(_REDIS_IDENTITY, _identity_text(current))
                     log.warning(
                         "resync after redis change done",
                         extra={"customers": synced, "open_holds_kept": kept},
@@ -111,6 +138,7 @@ class Runtime:
         return {"redis": redis_ok, "postgres": postgres_ok}
 
     async def stop(self) -> None:
+        await self.ledger.drain(timeout_seconds=10)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -1,0 +1,413 @@
+"""One typed face per Lua script: keyword arguments in, decoded replies out.
+
+The scripts in ``lua/`` take positional KEYS/ARGV and answer with positional lists. This
+module is the only place that knows those positions (each script names them at its top),
+in the spirit of redis-py's ``AsyncScript`` and arq's named ``ARGV`` locals: the core
+calls ``scripts.begin_settlement(...)`` with names and gets a dataclass back. A script
+that finds the customer's account missing from Redis answers ``NOT_LOADED``; that is
+raised as ``AccountNotLoaded`` so the caller can load the account and call again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from beam.adapters.redis_store import RedisStore
+from beam.constants import (
+    SCRIPT_ABANDON_SETTLEMENT,
+    SCRIPT_APPLY_BALANCE,
+    SCRIPT_AUDIT_ACCOUNT,
+    SCRIPT_BEGIN_SETTLEMENT,
+    SCRIPT_DEDUCT,
+    SCRIPT_EXPIRE_HOLDS,
+    SCRIPT_LOAD_ACCOUNT,
+    SCRIPT_OPEN_HOLD,
+    SCRIPT_READ_BALANCE,
+    SCRIPT_SETTLE_HOLD,
+    customer_keys,
+)
+
+
+class AccountNotLoaded(Exception):
+    """The customer's account is not in Redis: load it from PostgreSQL and call again."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriceArgs:
+    """Grains per million tokens, as a script locks them into a hold."""
+
+    model: str
+    input_grains_per_million: int
+    output_grains_per_million: int
+    cached_input_grains_per_million: int
+
+
+def _price_args(prices: PriceArgs | None) -> list[str | int]:
+    if prices is None:
+        return [0, 0, 0, 0]
+    return [
+        1,
+        prices.input_grains_per_million,
+        prices.output_grains_per_million,
+        prices.cached_input_grains_per_million,
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenHoldReply:
+    outcome: Literal["OK", "REJECT", "CONFLICT", "SETTLED"]
+    amount: int = 0
+    remaining: int = 0
+    nonce: str = ""
+    expires_at_ms: int = 0
+    replayed: bool = False
+    reason: str = ""  # REJECT: the rejection reason
+    available: int = 0  # REJECT: what was available
+
+
+@dataclass(frozen=True, slots=True)
+class DeductReply:
+    outcome: Literal["OK", "FAIL", "ERR"]
+    code: str
+    available: int
+    consumed: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class DoneMarker:
+    """A settlement as the done marker remembers it."""
+
+    charged: int
+    refunded: int
+    final_balance: int
+    overage: int
+    status: str
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettlingHold:
+    """What begin_settlement reserved: the hold (or a new claim) now settling."""
+
+    claim: bool
+    nonce: str
+    reserved: int
+    charged: int
+    consumed: int
+    estimated: int
+    model: str
+    in_tokens: int
+    out_tokens: int
+    cached_tokens: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BeginSettlementReply:
+    outcome: Literal["DONE", "SETTLE", "ERR"]
+    done: DoneMarker | None = None
+    hold: SettlingHold | None = None
+    code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleReply:
+    released: int
+    held: int
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A hold as the reaper sees it (expire_holds)."""
+
+    hold_id: str
+    kind: str  # request | claim | debit
+    status: str  # expiring | settling
+    nonce: str
+    amount: int
+    consumed: int
+    in_tokens: int
+    out_tokens: int
+    cached_tokens: int
+    model: str
+    estimated: int
+    created_ms: int
+    marked_ms: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReaperWork:
+    expiring: list[HoldView]
+    settling: list[HoldView]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    balance: int
+    held: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    exists: bool
+    balance: int
+    held: int
+    version: int
+    holds_sum: int
+    open_count: int
+    expiring_count: int
+    settling_count: int
+
+
+def _hold_view(fields: Sequence[Any]) -> HoldView:
+    (hold_id, kind, status, nonce, amount, consumed, in_tokens, out_tokens, cached_tokens,
+     model, estimated, created, marked, deadline) = fields  # fmt: skip
+    return HoldView(
+        str(hold_id), str(kind), str(status), str(nonce), int(amount), int(consumed),
+        int(in_tokens), int(out_tokens), int(cached_tokens), str(model), int(estimated),
+        int(created), int(marked), int(deadline),
+    )  # fmt: skip
+
+
+class Scripts:
+    """Beam's Lua scripts, called by name with keyword arguments."""
+
+    def __init__(self, redis: RedisStore) -> None:
+        self.redis = redis
+
+    async def _run(
+        self,
+        name: str,
+        keys: list[str],
+        args: Sequence[str | int],
+        *,
+        idempotent: bool,
+    ) -> list[Any]:
+        reply = await self.redis.run(name, keys, args, idempotent=idempotent)
+        if reply and reply[0] == "NOT_LOADED":
+            raise AccountNotLoaded(keys[0])
+        assert isinstance(reply, list), reply
+        return reply
+
+    async def open_hold(
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        now_ms: int,
+        estimated_grains: int,
+        multiplier_ppm: int,
+        fingerprint: str,
+        nonce: str,
+        prices: PriceArgs | None,
+        default_ttl_ms: int,
+        max_open_holds: int,
+        expire_batch: int,
+        kind: Literal["request", "debit"] = "request",
+        settle_deadline_ms: int = 0,
+    ) -> OpenHoldReply:
+        reply = await self._run(
+            SCRIPT_OPEN_HOLD,
+            customer_keys(tenant, customer_id, hold_id),
+            [
+                now_ms, hold_id, estimated_grains, multiplier_ppm, fingerprint, nonce,
+                prices.model if prices else "", *_price_args(prices), default_ttl_ms,
+                max_open_holds, expire_batch, kind, settle_deadline_ms,
+            ],
+            idempotent=True,
+        )  # fmt: skip
+        outcome = reply[0]
+        if outcome == "OK":
+            return OpenHoldReply(
+                "OK", int(reply[1]), int(reply[2]), str(reply[3]), int(reply[4]),
+                bool(int(reply[5])),
+            )  # fmt: skip
+        if outcome == "REJECT":
+            return OpenHoldReply("REJECT", reason=str(reply[1]), available=int(reply[2]))
+        assert outcome in ("CONFLICT", "SETTLED"), reply
+        return OpenHoldReply(outcome)
+
+    async def deduct(
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        now_ms: int,
+        nonce: str,
+        tokens: int,
+        token_kind: Literal["in", "out", "cached"],
+        sequence: int,
+        prices: PriceArgs | None,
+        expire_batch: int,
+        max_tokens_per_request: int,
+    ) -> DeductReply:
+        reply = await self._run(
+            SCRIPT_DEDUCT,
+            customer_keys(tenant, customer_id, hold_id),
+            [
+                now_ms, hold_id, nonce, tokens, token_kind, sequence,
+                prices.model if prices else "", *_price_args(prices), expire_batch,
+                max_tokens_per_request,
+            ],
+            idempotent=sequence > 0,  # without a sequence number a retry would charge twice
+        )  # fmt: skip
+        return DeductReply(reply[0], str(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
+
+    async def begin_settlement(
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        now_ms: int,
+        token_nonce: str,
+        claim_nonce: str,
+        total_cost_grains: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
+        prices: PriceArgs | None,
+        expire_batch: int,
+        settle_deadline_ms: int,
+    ) -> BeginSettlementReply:
+        price_args = _price_args(prices)
+        reply = await self._run(
+            SCRIPT_BEGIN_SETTLEMENT,
+            customer_keys(tenant, customer_id, hold_id),
+            [
+                now_ms, hold_id, token_nonce, claim_nonce, total_cost_grains, prompt_tokens,
+                completion_tokens, cached_prompt_tokens, *price_args, expire_batch,
+                settle_deadline_ms,
+            ],
+            idempotent=True,
+        )  # fmt: skip
+        outcome = reply[0]
+        if outcome == "DONE":
+            marker = DoneMarker(
+                int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), str(reply[5]),
+                str(reply[6]),
+            )  # fmt: skip
+            return BeginSettlementReply("DONE", done=marker)
+        if outcome == "ERR":
+            return BeginSettlementReply("ERR", code=str(reply[1]))
+        assert outcome == "SETTLE", reply
+        (_, claim, nonce, reserved, charged, consumed, estimated, model, in_tokens,
+         out_tokens, cached_tokens, created) = reply  # fmt: skip
+        hold = SettlingHold(
+            bool(int(claim)), str(nonce), int(reserved), int(charged), int(consumed),
+            int(estimated), str(model), int(in_tokens), int(out_tokens), int(cached_tokens),
+            int(created),
+        )  # fmt: skip
+        return BeginSettlementReply("SETTLE", hold=hold)
+
+    async def settle_hold(
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        nonce: str,
+        balance_after: int = 0,
+        balance_version: int = 0,
+        marker: DoneMarker | None = None,
+        marker_ttl_seconds: int = 0,
+    ) -> SettleReply:
+        """Release the hold with ``nonce`` (if it is still there), adopt the balance if
+        its version is newer, and write the done marker when one is given. With only a
+        nonce it voids a hold nothing was committed for."""
+        m = marker or DoneMarker(0, 0, balance_after, 0, "", "")
+        reply = await self._run(
+            SCRIPT_SETTLE_HOLD,
+            customer_keys(tenant, customer_id, hold_id),
+            [
+                hold_id, nonce, balance_after, balance_version, "1" if marker else "0",
+                m.charged, m.refunded, m.overage, m.status, m.nonce, marker_ttl_seconds,
+            ],
+            idempotent=True,
+        )  # fmt: skip
+        return SettleReply(int(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def reaper_work(
+        self, tenant: str, customer_id: str, *, now_ms: int, limit: int, grace_ms: int
+    ) -> ReaperWork:
+        reply = await self._run(
+            SCRIPT_EXPIRE_HOLDS,
+            customer_keys(tenant, customer_id),
+            [now_ms, limit, grace_ms],
+            idempotent=True,
+        )
+        expiring, settling = reply
+        return ReaperWork([_hold_view(h) for h in expiring], [_hold_view(h) for h in settling])
+
+    async def abandon_settlement(
+        self, tenant: str, customer_id: str, hold_id: str, *, nonce: str, now_ms: int
+    ) -> str:
+        reply = await self._run(
+            SCRIPT_ABANDON_SETTLEMENT,
+            customer_keys(tenant, customer_id, hold_id),
+            [hold_id, nonce, now_ms],
+            idempotent=True,
+        )
+        return str(reply[0])
+
+    async def read_balance(
+        self, tenant: str, customer_id: str, *, now_ms: int, expire_batch: int
+    ) -> AccountView:
+        reply = await self._run(
+            SCRIPT_READ_BALANCE,
+            customer_keys(tenant, customer_id),
+            [now_ms, expire_batch],
+            idempotent=True,
+        )
+        return AccountView(int(reply[1]), int(reply[2]), int(reply[3]))
+
+    async def load_account(
+        self,
+        tenant: str,
+        customer_id: str,
+        *,
+        balance: int,
+        version: int,
+        state: str,
+        hold_ttl_ms: int,
+        max_request_grains: int,
+        buffer_ppm: int,
+        force: bool,
+    ) -> AccountView:
+        reply = await self._run(
+            SCRIPT_LOAD_ACCOUNT,
+            customer_keys(tenant, customer_id),
+            [
+                balance, version, state, hold_ttl_ms, max_request_grains,
+                "1" if force else "0", buffer_ppm,
+            ],
+            idempotent=True,
+        )  # fmt: skip
+        return AccountView(int(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def apply_balance(
+        self, tenant: str, customer_id: str, *, balance: int, version: int
+    ) -> AccountView:
+        """Adopt a committed balance if newer; ``held`` is 0 for an account not loaded."""
+        reply = await self._run(
+            SCRIPT_APPLY_BALANCE,
+            customer_keys(tenant, customer_id),
+            [balance, version],
+            idempotent=True,
+        )
+        return AccountView(int(reply[1]), int(reply[2]), 0)
+
+    async def audit_account(self, tenant: str, customer_id: str) -> AuditView:
+        reply = await self._run(
+            SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant, customer_id), [], idempotent=True
+        )
+        values = [int(v) for v in reply]
+        return AuditView(bool(values[0]), *values[1:8])
