@@ -1,0 +1,1059 @@
+"""Runs one schedule against the real stores and checks every invariant after every step.
+
+Each call runs as its own asyncio task, with a hook on ``beam.core.faults`` points: the
+step's fault (if any) cancels that task at its point (a client deadline), raises
+``SimulatedCrash`` there (``kill -9``; the runner then restarts the "process": a new
+Runtime and a reaper pass) or raises ``BeamError(STORE_UNAVAILABLE)`` there (a store call
+failing). Work the core finishes in the background after a cancellation is awaited
+before the next step. The first violated invariant ends the schedule.
+
+Invariants (numbered as in tests/sim/__init__.py):
+
+1. PostgreSQL: a customer's balance is the sum of its ledger, its version the number of
+   entries.
+2. Redis's cached balance and version equal PostgreSQL's, except for a customer a fault
+   left "dirty" (a cancelled or failed call): Redis may then lag, never lead, until the
+   reaper has run (a failed call: the reaper after the settlement's grace period).
+3. ``held`` is the sum of the holds, always; ``verify_integrity`` is ok after reaper and
+   sync steps (dirty customers aside) and for everyone after quiescence.
+4. A balance below zero is covered by recorded overage.
+5. Every acknowledged settlement, credit and debit is in PostgreSQL, once, as answered.
+6. A settled request id is never opened, charged or settled again; its only later entry
+   is one adjustment (after an expiry); a Deduct on it never succeeds.
+7. A call for one customer changes no other customer (tenants share customer and request
+   ids), in either store.
+
+Plus the model (``answer``, ``model``): every answer and every balance of a customer the
+model is certain about is exactly what the rules predict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from beam import constants
+from beam.core import faults
+from beam.core.auth import Principal
+from beam.core.commands import CheckCommand, DeductCommand, FinalizeCommand, LedgerCommand
+from beam.core.runtime import Runtime
+from beam.errors import BeamError, Reason
+from beam.records import Customer, Role
+from tests.sim.model import Mismatch, Model, Settled, Txn, show
+from tests.sim.steps import CUSTOMER_STEPS, HOLD_TTL_SECONDS, QUANTUM_MS, Schedule, Step
+from tests.sim.world import World, stop_runtime
+
+OP_TIMEOUT_SECONDS = 60.0
+DRAIN_TIMEOUT_SECONDS = 30.0
+QUIESCE_PASSES = 4
+
+Key = tuple[int, int]
+
+
+class Violation(Exception):
+    def __init__(self, step: int, invariant: str, detail: str) -> None:
+        super().__init__(f"step {step}: invariant {invariant}: {detail}")
+        self.step = step
+        self.invariant = invariant
+        self.detail = detail
+
+
+@dataclass
+class Result:
+    schedule: Schedule
+    violation: Violation | None
+    steps_run: int = 0
+    faults_fired: int = 0
+    points: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None
+
+    def report(self) -> str:
+        if self.violation is None:
+            return f"seed {self.schedule.seed}: ok ({self.steps_run} steps)"
+        v = self.violation
+        where = "quiescence" if v.step >= len(self.schedule.steps) else f"step {v.step}"
+        return (
+            f"seed {self.schedule.seed}: VIOLATION of invariant {v.invariant} at {where}\n"
+            f"  {v.detail}\n"
+            f"schedule (replay: python -m tests.sim --seed {self.schedule.seed}):\n"
+            f"{self.schedule.describe()}"
+        )
+
+
+@dataclass
+class _Hook:
+    """The fault hook's state for the call in flight."""
+
+    fault: Any = None
+    target: asyncio.Task[Any] | None = None
+    count: int = 0
+    fired: bool = False
+    dead: bool = False  # after a crash: the process is gone, nothing of it may run on
+    points: Counter[str] = field(default_factory=Counter)
+
+    async def __call__(self, name: str) -> None:
+        self.points[name] += 1
+        if self.dead:
+            raise faults.SimulatedCrash(name)
+        fault = self.fault
+        if fault is None or self.fired or name != fault.point:
+            return
+        self.count += 1
+        if self.count < fault.nth:
+            return
+        self.fired = True
+        if fault.kind == "crash":
+            self.dead = True
+            raise faults.SimulatedCrash(name)
+        if fault.kind == "error":
+            raise BeamError(Reason.STORE_UNAVAILABLE, f"injected store failure at {name}")
+        assert self.target is not None
+        self.target.cancel()
+        await asyncio.sleep(0)  # the cancellation lands here when this is the caller's task
+
+
+@dataclass
+class _Outcome:
+    value: Any = None  # an answer or a BeamError
+    cancelled: bool = False
+    crashed: bool = False
+    fired: bool = False  # the step's fault was injected
+
+    @property
+    def answered(self) -> bool:
+        return not self.cancelled and not self.crashed and not isinstance(self.value, BeamError)
+
+
+@dataclass
+class _Pg:
+    balance: int
+    version: int
+    overage: int
+    lifetime: int
+    ledger_sum: int
+    entries: int
+    last_version: int
+
+
+@dataclass
+class _Rd:
+    exists: bool
+    balance: int = 0
+    version: int = 0
+    held: int = 0
+    # hold id -> (set, amount, consumed, status, score)
+    holds: dict[str, tuple[str, int, int, str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _Obs:
+    pg: dict[Key, _Pg]
+    rd: dict[Key, _Rd]
+    settled: dict[Key, dict[str, dict[str, Any]]]  # request rows
+    bad_entries: list[str]
+
+
+class Runner:
+    def __init__(self, world: World, schedule: Schedule, bugs: frozenset[str] = frozenset()):
+        self.world = world
+        self.schedule = schedule
+        self.bugs = bugs
+        self.tenants = [f"sim{schedule.seed}t{i}" for i in range(schedule.tenants)]
+        self.cids = [f"c{i}" for i in range(schedule.customers)]
+        self.keys = [(t, c) for t in range(schedule.tenants) for c in range(schedule.customers)]
+        self.model = Model(schedule.balances, ttl_ms=self._ttl_ms())
+        self.hook = _Hook()
+        self.rt: Runtime | None = None
+        self.obs: _Obs | None = None
+        # Customers whose Redis may lag PostgreSQL: key -> (kind, model time of the fault)
+        self.dirty: dict[Key, tuple[str, int]] = {}
+        self.index = -1
+        self.faults_fired = 0
+        self.fired_in_step = False
+        self.recovered_in_step = False
+        self.reaper_cut = False  # the last reaper pass was cancelled half-way
+
+    @staticmethod
+    def _ttl_ms() -> int:
+        return HOLD_TTL_SECONDS * 1000
+
+    def principal(self, t: int) -> Principal:
+        return Principal(self.tenants[t], Role.ADMIN, "sim", frozenset())
+
+    def fail(self, invariant: str, detail: str) -> Violation:
+        return Violation(self.index, invariant, detail)
+
+    # -- the schedule ---------------------------------------------------------------------
+
+    async def run(self) -> Result:
+        started = time.monotonic()
+        violation: Violation | None = None
+        steps_run = 0
+        try:
+            await self.setup()
+            for index, step in enumerate(self.schedule.steps):
+                self.index = index
+                self.fired_in_step = self.recovered_in_step = False
+                await self.execute(step)
+                steps_run += 1
+                await self.check(step)
+            self.index = len(self.schedule.steps)
+            await self.quiesce()
+        except Violation as found:
+            violation = found
+        except Mismatch as mismatch:
+            violation = Violation(self.index, mismatch.invariant, mismatch.detail)
+        finally:
+            await self.teardown()
+        return Result(
+            self.schedule,
+            violation,
+            steps_run,
+            self.faults_fired,
+            self.hook.points,
+            time.monotonic() - started,
+        )
+
+    async def setup(self) -> None:
+        faults.reset()
+        await self.world.wipe(self.tenants)
+        faults.set_bugs(set(self.bugs))
+        faults.install(self.hook)
+        self.rt = await self.world.runtime()
+        for t, tenant in enumerate(self.tenants):
+            for c, cid in enumerate(self.cids):
+                await self.rt.admin.create_customer(
+                    self.principal(t),
+                    Customer(tenant, cid, cid),
+                    self.schedule.balances[t][c],
+                )
+        self.obs = await self.observe()
+        self.check_stores(None, self.obs)
+
+    async def teardown(self) -> None:
+        await self._drain(set())
+        await stop_runtime(self.rt)
+        self.rt = None
+        faults.reset()
+
+    # -- one step -------------------------------------------------------------------------
+
+    async def execute(self, step: Step) -> None:
+        handler = getattr(self, f"_{step.kind}")
+        await handler(step)
+
+    async def call(
+        self, step: Step, work: Callable[[], Awaitable[Any]], affected: list[Key] | None = None
+    ) -> _Outcome:
+        """Run one call as a task with the step's fault armed; wait for whatever it left
+        running in the background (a settlement the core finishes after a cancellation).
+        If the fault fired, the ``affected`` customers become uncertain (and, unless the
+        process crashed and was restarted, dirty)."""
+        before = set(asyncio.all_tasks())
+        hook = self.hook
+        hook.fault, hook.count, hook.fired = step.fault, 0, False
+
+        async def run() -> Any:
+            return await work()
+
+        task = asyncio.create_task(run(), name=f"sim-step-{self.index}")
+        hook.target = task
+        try:
+            done, _ = await asyncio.wait({task}, timeout=OP_TIMEOUT_SECONDS)
+            if not done:
+                task.cancel()
+                raise self.fail("liveness", f"{step.kind} did not answer in {OP_TIMEOUT_SECONDS}s")
+        finally:
+            hook.fault, hook.target = None, None
+        outcome = _Outcome(fired=hook.fired)
+        if outcome.fired:
+            self.faults_fired += 1
+            self.fired_in_step = True
+        if task.cancelled():
+            outcome.cancelled = True
+        else:
+            error = task.exception()
+            if isinstance(error, faults.SimulatedCrash):
+                outcome.crashed = True
+            elif isinstance(error, BeamError):
+                outcome.value = error
+            elif error is not None:
+                raise self.fail(
+                    "internal error", f"{step.kind} raised {type(error).__name__}: {error}"
+                ) from error
+            else:
+                outcome.value = task.result()
+        if outcome.fired and affected:
+            assert step.fault is not None
+            kind = "crash" if outcome.crashed or hook.dead else step.fault.kind
+            self.after_fault(affected, kind)
+        if outcome.crashed or hook.dead:
+            hook.dead = True
+            await self.recover(before)
+        else:
+            await self._drain(before)
+            if outcome.cancelled and not outcome.fired:
+                raise self.fail("internal error", f"{step.kind} was cancelled by nobody")
+        return outcome
+
+    async def _drain(self, before: set[asyncio.Task[Any]]) -> None:
+        current = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t not in before and t is not current]
+        left = [t for t in left if not t.done()]
+        if not left:
+            return
+        if self.hook.dead:
+            for task in left:
+                task.cancel()
+        _, pending = await asyncio.wait(left, timeout=DRAIN_TIMEOUT_SECONDS)
+        if pending and not self.hook.dead:
+            names = sorted(t.get_name() for t in pending)
+            raise self.fail("liveness", f"background work still running: {names}")
+
+    def after_fault(self, keys: list[Key], kind: str) -> None:
+        """A call was cut short: these customers' state is unknown until re-anchored, and
+        (unless a restart repairs them) their Redis may lag until the reaper has run."""
+        for key in keys:
+            self.model.mark_uncertain(key)
+            if kind != "crash":
+                self.dirty[key] = (kind, self.model.now)
+
+    # -- recovery after a crash -----------------------------------------------------------
+
+    async def recover(self, before: set[asyncio.Task[Any]]) -> None:
+        """kill -9 of the service process, then a restart: a new Runtime and a reaper pass.
+        The restart takes a while (one quantum of simulated time): settlements the dead
+        process left half-done are past their grace period by then."""
+        await self._drain(before)
+        await stop_runtime(self.rt)
+        self.rt = None
+        self.hook.dead = False
+        self.advance(QUANTUM_MS)
+        try:
+            self.rt = await self.world.runtime()
+            for _ in range(2):
+                await self.rt.reaper.run_once()
+        except BeamError as error:
+            raise self.fail("recovery", f"restart after a crash failed: {show(error)}") from error
+        await self.model_reaped()
+        self.dirty.clear()
+        self.recovered_in_step = True
+        self.reaper_cut = False
+
+    def advance(self, ms: int) -> None:
+        faults.advance(ms)
+        self.model.now += ms
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def token(self, t: int, c: int, rid: str, source: str) -> str:
+        issued = self.model.tokens
+        mine = issued.get((t, c, rid), [])
+        if source == "none":
+            return ""
+        if source == "current" and mine:
+            return mine[-1]
+        if source == "stale" and mine:
+            return mine[-2] if len(mine) > 1 else mine[-1]
+        if source in ("other", "stale", "current"):
+            for (ot, oc, orid), tokens in sorted(issued.items()):
+                if orid == rid and (ot, oc) != (t, c) and tokens:
+                    return tokens[-1]  # another tenant's (or customer's) token, same id
+        return "v1.AAAAAAAAAAAAAAAA.forged"
+
+    async def _check(self, step: Step) -> None:
+        t, c, a = step.tenant, step.customer, step.args
+        command = CheckCommand(
+            customer_id=self.cids[c],
+            request_id=a["rid"],
+            estimated_grains=a["est"],
+            buffer_multiplier=a["mult"],
+            model=a["model"],
+            max_tokens=a["max_tokens"],
+            prompt_tokens=a["prompt"],
+        )
+        rid = a["rid"]
+        journal = self.model.journal[t, c]
+        for attempt in self.attempts(step):
+            settled_before = rid in self.settled_ids(t, c)
+            outcome = await self.call(
+                attempt, lambda: self.live.ledger.check(self.p(t), command), [(t, c)]
+            )
+            value = outcome.value
+            approved = outcome.answered and value.approved
+            if outcome.fired or approved:
+                journal.held.add(rid)
+            tokens = self.model.tokens.setdefault((t, c, rid), [])
+            if approved and settled_before and value.request_token not in tokens:
+                raise self.fail(
+                    "6 settled id reused",
+                    f"Check {rid}: the id was settled (PostgreSQL) and a new hold was "
+                    f"opened: {show(value)}",
+                )
+            if not outcome.fired and not self.uncertain(t, c):
+                self.model.check(t, c, a, value)
+            if approved and value.request_token not in tokens:
+                tokens.append(value.request_token)
+
+    async def _deduct(self, step: Step) -> None:
+        t, c, a = step.tenant, step.customer, step.args
+        token = self.token(t, c, a["rid"], a["token"])
+        command = DeductCommand(
+            customer_id=self.cids[c],
+            request_id=a["rid"],
+            request_token=token,
+            tokens_consumed=a["tokens"],
+            model=a["model"],
+            is_completion=a["kind"] == "out",
+            sequence_number=a["seq"],
+            is_cached_prompt=a["kind"] == "cached",
+        )
+        settled_before = a["rid"] in self.settled_ids(t, c)
+        outcome = await self.call(step, lambda: self.live.ledger.deduct(self.p(t), command))
+        value = outcome.value
+        if outcome.answered:
+            journal = self.model.journal[t, c]
+            journal.consumed[a["rid"]] = max(
+                journal.consumed.get(a["rid"], 0), value.consumed_grains
+            )
+            if settled_before and value.success:
+                raise self.fail(
+                    "6 settled id reused",
+                    f"Deduct {a['rid']}: the id was settled (PostgreSQL) and the Deduct "
+                    f"bought tokens: {show(value)}",
+                )
+        if not self.uncertain(t, c):
+            self.model.deduct(t, c, a, token, value)
+
+    async def _finalize(self, step: Step) -> None:
+        t, c, a = step.tenant, step.customer, step.args
+        token = self.token(t, c, a["rid"], a["token"])
+        command = FinalizeCommand(
+            customer_id=self.cids[c],
+            request_id=a["rid"],
+            status=a["status"],
+            actual_prompt_tokens=a["prompt"],
+            actual_completion_tokens=a["completion"],
+            total_actual_cost_grains=a["cost"],
+            model=a["model"],
+            request_token=token,
+        )
+        self.model.journal[t, c].finalized.add(a["rid"])
+        for attempt in self.attempts(step):
+            outcome = await self.call(
+                attempt, lambda: self.live.ledger.finalize(self.p(t), command), [(t, c)]
+            )
+            if not outcome.fired and not self.uncertain(t, c):
+                self.model.finalize(t, c, a, token, outcome.value)
+            if outcome.answered:
+                await self.acknowledged_settlement(t, c, a["rid"], outcome.value)
+
+    async def _credit(self, step: Step) -> None:
+        await self._entry(step, "credit")
+
+    async def _debit(self, step: Step) -> None:
+        await self._entry(step, "debit")
+
+    async def _entry(self, step: Step, kind: str) -> None:
+        t, c, a = step.tenant, step.customer, step.args
+        command = LedgerCommand(
+            customer_id=self.cids[c],
+            amount_grains=a["amount"],
+            description=f"sim {kind}",
+            transaction_id=a["txid"],
+        )
+        journal = self.model.journal[t, c]
+        (journal.credits if kind == "credit" else journal.debits).add((a["txid"], a["amount"]))
+
+        async def work() -> Any:
+            admin = self.live.admin
+            call = admin.credit if kind == "credit" else admin.debit
+            return await call(self.p(t), command)
+
+        for attempt in self.attempts(step):
+            outcome = await self.call(attempt, work, [(t, c)])
+            if not outcome.fired and not self.uncertain(t, c):
+                self.model.entry(t, c, kind, a, outcome.value)
+            if outcome.answered:
+                await self.acknowledged_entry(t, c, kind, a, outcome.value)
+
+    async def _balance(self, step: Step) -> None:
+        t, c = step.tenant, step.customer
+        outcome = await self.call(step, lambda: self.live.ledger.balance(self.p(t), self.cids[c]))
+        if not self.uncertain(t, c):
+            self.model.balance(t, c, outcome.value)
+
+    async def _advance(self, step: Step) -> None:
+        self.advance(step.args["ms"])
+
+    async def _reaper(self, step: Step) -> None:
+        now = faults.now_ms()
+        with_holds = [k for k in self.keys if self.has_holds(k)]
+        resumed = self.reaper_cut
+        if resumed:
+            # The pass before was cut short; this one may resume its SCAN where it stopped
+            # (so it need not reach every customer): the model cannot say whom it reaps.
+            for key in with_holds:
+                self.model.mark_uncertain(key)
+        injected = step.fault is not None and step.fault.kind == "error"
+        outcome = await self.call(
+            step, lambda: self.live.reaper.run_once(), [] if injected else with_holds
+        )
+        self.reaper_cut = outcome.fired and outcome.cancelled
+        if outcome.fired and not injected:
+            return  # cancelled or crashed: its customers are uncertain (and dirty) now
+        if not outcome.answered:
+            raise self.fail(
+                "3 reaper",
+                f"a reaper pass failed as a whole: {show(outcome.value)} (one hold's "
+                "failure must not stop the pass for the other customers)",
+            )
+        if resumed:
+            return
+        obs = await self.observe()
+        left = [k for k in self.keys if self.overdue(obs.rd[k], now)]
+        if outcome.fired:  # one hold failed: only its customer may have holds left over
+            if len(left) > 1:
+                raise self.fail(
+                    "3 reaper",
+                    f"one failing hold left overdue holds of {len(left)} customers "
+                    f"{self.names(left)}: the pass stopped for the others",
+                )
+            self.after_fault(left, "cancel")  # its expiry may be committed, not released
+        for key in list(self.dirty):
+            kind, since = self.dirty[key]
+            if kind == "cancel" or self.model.now - since >= QUANTUM_MS:
+                del self.dirty[key]
+        if outcome.fired:
+            for key in left:
+                self.dirty[key] = ("cancel", self.model.now)
+        await self.model_reaped()
+        still = [k for k in self.keys if k not in self.dirty and self.overdue(obs.rd[k], now)]
+        if still:
+            raise self.fail(
+                "3 reaper", f"overdue holds left after a reaper pass: {self.names(still)}"
+            )
+
+    async def _expire_done(self, step: Step) -> None:
+        """The done markers' 24 h TTL passes (for one customer, or everyone)."""
+        keys = [(step.tenant, step.customer)] if step.customer >= 0 else self.keys
+        rd = self.world.rd
+        assert rd is not None
+        for t, c in keys:
+            pattern = constants.done_key(self.tenants[t], self.cids[c], "*")
+            async for key in rd.scan_iter(match=pattern, count=500):
+                await rd.delete(key)
+
+    async def _sync(self, step: Step) -> None:
+        tenant = self.tenants[step.tenant] if step.tenant >= 0 else None
+        outcome = await self.call(step, lambda: self.live.admin.sync_tenant(tenant))
+        if isinstance(outcome.value, BeamError):
+            raise self.fail("internal error", f"sync failed: {show(outcome.value)}")
+
+    async def _snapshot(self, step: Step) -> None:
+        await self.world.redis_snapshot()
+
+    async def _redis_restart(self, step: Step) -> None:
+        """Redis dies and comes back from its last snapshot: every later write is lost.
+        The service restarts too; at start-up it must notice and resync from PostgreSQL."""
+        await stop_runtime(self.rt)
+        self.rt = None
+        await self.world.redis_restart()
+        await self.restart_runtime()
+        for key in self.keys:
+            self.model.mark_uncertain(key)
+        self.dirty.clear()
+
+    async def _pg_restart(self, step: Step) -> None:
+        await stop_runtime(self.rt)
+        self.rt = None
+        await self.world.postgres_restart()
+        await self.restart_runtime()
+
+    async def restart_runtime(self) -> None:
+        try:
+            self.rt = await self.world.runtime()
+        except BeamError as error:
+            raise self.fail("recovery", f"a new Runtime failed: {show(error)}") from error
+
+    def attempts(self, step: Step) -> list[Step]:
+        """The call, and (after a cancel or an error that the client sees) its retry."""
+        if step.fault is None or not step.fault.retry:
+            return [step]
+        return [step, Step(step.kind, step.tenant, step.customer, step.args)]
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @property
+    def live(self) -> Runtime:
+        assert self.rt is not None
+        return self.rt
+
+    def p(self, t: int) -> Principal:
+        return self.principal(t)
+
+    def uncertain(self, t: int, c: int) -> bool:
+        return not self.model.custs[t, c].certain
+
+    def names(self, keys: list[Key]) -> list[str]:
+        return [f"{self.tenants[t]}/{self.cids[c]}" for t, c in keys]
+
+    def settled_ids(self, t: int, c: int) -> set[str]:
+        assert self.obs is not None
+        return set(self.obs.settled.get((t, c), {}))
+
+    def has_holds(self, key: Key) -> bool:
+        assert self.obs is not None
+        return bool(self.obs.rd[key].holds) or bool(self.model.custs[key].holds)
+
+    @staticmethod
+    def overdue(rd: _Rd, now: int) -> bool:
+        return any(
+            where == "exp" or (where == "open" and score <= now)
+            for where, _, _, _, score in rd.holds.values()
+        )
+
+    async def model_reaped(self) -> None:
+        """Apply a reaper pass to the model, then learn the order the reaper settled in
+        (each expiry's balance and version) from PostgreSQL."""
+        touched = self.model.reap()
+        if not touched:
+            return
+        settled = await self.request_rows()
+        for key in touched:
+            cust = self.model.custs[key]
+            for rid, info in cust.settled.items():
+                row = settled.get(key, {}).get(rid)
+                if info.balance_after is None and row is not None:
+                    info.balance_after = row["balance_after_grains"]
+                    info.version = row["balance_version"]
+
+    # -- acknowledged money must be in the ledger (invariant 5) ---------------------------
+
+    async def acknowledged_settlement(self, t: int, c: int, rid: str, answer: Any) -> None:
+        pg = self.world.pg
+        assert pg is not None
+        row = await pg.fetchrow(
+            """SELECT status, actual_cost_grains FROM requests
+               WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
+            self.tenants[t],
+            self.cids[c],
+            rid,
+        )
+        where = f"Finalize {rid} acknowledged (charged {answer.charged_grains})"
+        if row is None:
+            raise self.fail("5 exactly once", f"{where}: no settlement in PostgreSQL")
+        if row["actual_cost_grains"] == answer.charged_grains:
+            return
+        adjusted = await pg.fetchval(
+            """SELECT sum(amount_grains) FROM transactions WHERE tenant = $1
+               AND customer_id = $2 AND transaction_id = $3""",
+            self.tenants[t],
+            self.cids[c],
+            f"adjustment:{self.cids[c]}:{rid}",
+        )
+        expected = -(answer.charged_grains - row["actual_cost_grains"])
+        if row["status"] != "expired" or adjusted != expected:
+            raise self.fail(
+                "5 exactly once",
+                f"{where}: PostgreSQL charged {row['actual_cost_grains']} "
+                f"({row['status']}) with adjustment {adjusted}",
+            )
+
+    async def acknowledged_entry(
+        self, t: int, c: int, kind: str, a: dict[str, Any], answer: Any
+    ) -> None:
+        pg = self.world.pg
+        assert pg is not None
+        rows = await pg.fetch(
+            """SELECT customer_id, transaction_type, amount_grains FROM transactions
+               WHERE tenant = $1 AND transaction_id = $2""",
+            self.tenants[t],
+            answer.transaction_id,
+        )
+        signed = a["amount"] if kind == "credit" else -a["amount"]
+        got = [(r["customer_id"], r["transaction_type"], r["amount_grains"]) for r in rows]
+        if got != [(self.cids[c], kind, signed)]:
+            raise self.fail(
+                "5 exactly once",
+                f"{kind} {answer.transaction_id} of {signed} acknowledged; PostgreSQL has {got}",
+            )
+
+    # -- observing the stores -------------------------------------------------------------
+
+    async def request_rows(self) -> dict[Key, dict[str, dict[str, Any]]]:
+        pg = self.world.pg
+        assert pg is not None
+        rows = await pg.fetch("SELECT * FROM requests WHERE tenant = ANY($1::text[])", self.tenants)
+        out: dict[Key, dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            key = (self.tenants.index(r["tenant"]), self.cids.index(r["customer_id"]))
+            out.setdefault(key, {})[r["request_id"]] = dict(r)
+        return out
+
+    async def observe(self) -> _Obs:
+        pg, rd = self.world.pg, self.world.rd
+        assert pg is not None
+        assert rd is not None
+        rows = await pg.fetch(
+            """SELECT c.tenant, c.customer_id, c.current_balance_grains, c.balance_version,
+                      c.overage_grains, c.lifetime_spent_grains,
+                      COALESCE(SUM(t.amount_grains), 0)::bigint AS ledger_sum,
+                      COUNT(t.id)::bigint AS entries,
+                      COALESCE(MAX(t.balance_version), 0)::bigint AS last_version
+               FROM customers c LEFT JOIN transactions t
+                 ON t.tenant = c.tenant AND t.customer_id = c.customer_id
+               WHERE c.tenant = ANY($1::text[])
+               GROUP BY c.tenant, c.customer_id""",
+            self.tenants,
+        )
+        pgs: dict[Key, _Pg] = {}
+        for r in rows:
+            key = (self.tenants.index(r["tenant"]), self.cids.index(r["customer_id"]))
+            pgs[key] = _Pg(
+                r["current_balance_grains"], r["balance_version"], r["overage_grains"],
+                r["lifetime_spent_grains"], r["ledger_sum"], r["entries"], r["last_version"],
+            )  # fmt: skip
+        # A request id with two settling entries, or an adjustment without an expiry.
+        bad = await pg.fetch(
+            """SELECT tenant, customer_id, reference_id,
+                      count(*) FILTER (WHERE transaction_type IN ('settlement', 'expiry')
+                                       AND transaction_id NOT LIKE '%#%') AS settles,
+                      count(*) FILTER (WHERE transaction_type = 'adjustment') AS adjusts,
+                      count(*) FILTER (WHERE transaction_type = 'expiry'
+                                       AND transaction_id NOT LIKE '%#%') AS expiries
+               FROM transactions
+               WHERE tenant = ANY($1::text[]) AND reference_id IS NOT NULL
+               GROUP BY tenant, customer_id, reference_id
+               HAVING count(*) FILTER (WHERE transaction_type IN ('settlement', 'expiry')
+                                       AND transaction_id NOT LIKE '%#%') > 1
+                   OR count(*) FILTER (WHERE transaction_type = 'adjustment') >
+                      count(*) FILTER (WHERE transaction_type = 'expiry'
+                                       AND transaction_id NOT LIKE '%#%')""",
+            self.tenants,
+        )
+        bad_entries = [
+            f"{r['tenant']}/{r['customer_id']} request {r['reference_id']}: "
+            f"{r['settles']} settlements, {r['adjusts']} adjustments, {r['expiries']} expiries"
+            for r in bad
+        ]
+        settled = await self.request_rows()
+        return _Obs(pgs, await self._observe_redis(rd), settled, bad_entries)
+
+    async def _observe_redis(self, rd: Any) -> dict[Key, _Rd]:
+        """Every customer's account and holds, in two round trips (nothing else runs
+        between steps, so the reads need no transaction)."""
+        settling = getattr(constants, "settling_holds_key", None)
+        pipe = rd.pipeline(transaction=False)
+        layout: list[tuple[Key, list[str]]] = []
+        for key in self.keys:
+            tenant, cid = self.tenants[key[0]], self.cids[key[1]]
+            sets = {
+                "open": constants.open_holds_key(tenant, cid),
+                "exp": constants.expiring_holds_key(tenant, cid),
+            }
+            if settling is not None:
+                sets["stl"] = settling(tenant, cid)
+            pipe.hmget(constants.account_key(tenant, cid), "balance", "version", "held")
+            pipe.exists(constants.account_key(tenant, cid))
+            for name in sets.values():
+                pipe.zrange(name, 0, -1, withscores=True)
+            layout.append((key, list(sets)))
+        replies = await pipe.execute()
+        out: dict[Key, _Rd] = {}
+        members: list[tuple[Key, str, str, float]] = []
+        at = 0
+        for key, sets_of in layout:
+            (balance, version, held), exists = replies[at], replies[at + 1]
+            for where, reply in zip(sets_of, replies[at + 2 : at + 2 + len(sets_of)], strict=True):
+                members += [(key, where, member, score) for member, score in reply]
+            at += 2 + len(sets_of)
+            out[key] = _Rd(bool(exists), int(balance or 0), int(version or 0), int(held or 0))
+        if members:
+            pipe = rd.pipeline(transaction=False)
+            for (t, c), _, member, _ in members:
+                pipe.hmget(
+                    constants.hold_key(self.tenants[t], self.cids[c], member),
+                    "amount", "consumed", "status",
+                )  # fmt: skip
+            fields = await pipe.execute()
+            for (key, where, member, score), f in zip(members, fields, strict=True):
+                out[key].holds[member] = (where, int(f[0] or 0), int(f[1] or 0), f[2] or "", score)
+        return out
+
+    # -- the invariants after every step --------------------------------------------------
+
+    async def check(self, step: Step) -> None:
+        previous = self.obs
+        obs = await self.observe()
+        self.obs = obs
+        self.check_stores(previous, obs, step)
+        await self.check_model(obs)
+        if step.kind in ("reaper", "sync", "redis_restart", "pg_restart") or self.fired_in_step:
+            await self.check_integrity()
+        await self.reanchor(obs)
+
+    def check_stores(self, previous: _Obs | None, obs: _Obs, step: Step | None = None) -> None:
+        for key in self.keys:
+            name = self.names([key])[0]
+            pg, rd = obs.pg.get(key), obs.rd[key]
+            if pg is None:
+                raise self.fail("1 ledger", f"{name}: customer missing from PostgreSQL")
+            if (pg.ledger_sum, pg.entries, pg.last_version) != (pg.balance, pg.version, pg.version):
+                raise self.fail(
+                    "1 ledger",
+                    f"{name}: balance {pg.balance} version {pg.version}, but the ledger sums "
+                    f"to {pg.ledger_sum} over {pg.entries} entries (last version "
+                    f"{pg.last_version})",
+                )
+            if pg.balance < 0 and pg.overage < -pg.balance:
+                raise self.fail(
+                    "4 overage",
+                    f"{name}: balance {pg.balance} but only {pg.overage} overage recorded",
+                )
+            if rd.exists:
+                if rd.version > pg.version:
+                    raise self.fail(
+                        "2 redis ahead",
+                        f"{name}: Redis version {rd.version} (balance {rd.balance}) is ahead "
+                        f"of PostgreSQL's {pg.version} (balance {pg.balance})",
+                    )
+                if key not in self.dirty and (rd.balance, rd.version) != (pg.balance, pg.version):
+                    raise self.fail(
+                        "2 redis = postgres",
+                        f"{name}: Redis balance {rd.balance} (version {rd.version}) != "
+                        f"PostgreSQL {pg.balance} (version {pg.version})",
+                    )
+                total = sum(amount for _, amount, _, _, _ in rd.holds.values())
+                if rd.held != total:
+                    raise self.fail("3 held", f"{name}: held {rd.held} != sum of its holds {total}")
+            elif rd.holds:
+                raise self.fail("3 held", f"{name}: holds {sorted(rd.holds)} without an account")
+        if obs.bad_entries:
+            raise self.fail("6 settled twice", "; ".join(obs.bad_entries))
+        if previous is None or step is None or step.kind not in CUSTOMER_STEPS:
+            return
+        if self.recovered_in_step:
+            return  # the restart's reaper pass may settle anyone's overdue holds
+        target = (step.tenant, step.customer)
+        for key in self.keys:
+            if key == target:
+                continue
+            before_pg, after_pg = previous.pg[key], obs.pg[key]
+            before_rd, after_rd = previous.rd[key], obs.rd[key]
+            moved_pg = (before_pg.balance, before_pg.version) != (
+                after_pg.balance,
+                after_pg.version,
+            )
+            moved_rd = (before_rd.balance, before_rd.version, before_rd.held) != (
+                after_rd.balance, after_rd.version, after_rd.held,
+            ) or set(before_rd.holds) != set(after_rd.holds)  # fmt: skip
+            if moved_pg or moved_rd:
+                raise self.fail(
+                    "7 isolation",
+                    f"{step.kind} for {self.names([target])[0]} changed "
+                    f"{self.names([key])[0]}: PostgreSQL {before_pg.balance}->"
+                    f"{after_pg.balance}, Redis balance {before_rd.balance}->"
+                    f"{after_rd.balance} held {before_rd.held}->{after_rd.held}",
+                )
+
+    async def check_model(self, obs: _Obs) -> None:
+        for key in self.keys:
+            cust = self.model.custs[key]
+            if not cust.certain:
+                continue
+            name = self.names([key])[0]
+            pg = obs.pg[key]
+            expected = (cust.balance, cust.version, cust.overage, cust.lifetime)
+            got = (pg.balance, pg.version, pg.overage, pg.lifetime)
+            if got != expected:
+                raise self.fail(
+                    "model",
+                    f"{name}: PostgreSQL (balance, version, overage, lifetime spent) = {got}, "
+                    f"the model says {expected}",
+                )
+            rows = obs.settled.get(key, {})
+            if set(rows) != set(cust.settled):
+                raise self.fail(
+                    "model",
+                    f"{name}: settled requests {sorted(rows)} in PostgreSQL, the model says "
+                    f"{sorted(cust.settled)}",
+                )
+            for rid, info in cust.settled.items():
+                row = rows[rid]
+                if (row["status"], row["actual_cost_grains"]) != (info.status, info.charged):
+                    raise self.fail(
+                        "model",
+                        f"{name}: request {rid} settled {row['status']} at "
+                        f"{row['actual_cost_grains']}, the model says {info.status} at "
+                        f"{info.charged}",
+                    )
+            rd = obs.rd[key]
+            if not rd.exists or key in self.dirty:
+                continue
+            client_holds = {h for h in rd.holds if not h.startswith("#")}
+            if client_holds != set(cust.holds):
+                raise self.fail(
+                    "model",
+                    f"{name}: Redis holds {sorted(client_holds)}, the model says "
+                    f"{sorted(cust.holds)}",
+                )
+            for rid, hold in cust.holds.items():
+                _, amount, consumed, _, _ = rd.holds[rid]
+                due = hold.status == "open" and hold.expires <= self.model.now
+                allowed = {hold.amount, hold.consumed} if due else {hold.amount}
+                if amount not in allowed or consumed != hold.consumed:
+                    raise self.fail(
+                        "model",
+                        f"{name}: hold {rid} is (amount {amount}, consumed {consumed}) in "
+                        f"Redis, the model says ({sorted(allowed)}, {hold.consumed})",
+                    )
+
+    async def check_integrity(self) -> None:
+        for t, tenant in enumerate(self.tenants):
+            reports = await self.live.admin.verify_integrity(self.p(t))
+            for report in reports:
+                c = self.cids.index(report.customer_id)
+                if not report.ok and (t, c) not in self.dirty:
+                    raise self.fail(
+                        "3 integrity",
+                        f"verify_integrity {tenant}/{report.customer_id}: {report.problems}",
+                    )
+
+    # -- re-anchoring an uncertain customer from PostgreSQL -------------------------------
+
+    async def reanchor(self, obs: _Obs) -> None:
+        for key in self.keys:
+            cust = self.model.custs[key]
+            if cust.certain or key in self.dirty or obs.rd[key].holds:
+                continue
+            await self._reanchor(key, obs)
+
+    async def _reanchor(self, key: Key, obs: _Obs) -> None:
+        """No hold is left: the customer's whole state is in PostgreSQL. Every entry the
+        model did not predict must come from a call that was made; then the model takes
+        the ledger's state and is certain again."""
+        t, c = key
+        pg = self.world.pg
+        assert pg is not None
+        cust = self.model.custs[key]
+        journal = self.model.journal[key]
+        name = self.names([key])[0]
+        entries = await pg.fetch(
+            """SELECT transaction_id, transaction_type, amount_grains, reference_id,
+                      balance_after_grains, balance_version
+               FROM transactions WHERE tenant = $1 AND customer_id = $2
+               ORDER BY balance_version""",
+            self.tenants[t],
+            self.cids[c],
+        )
+        known = self.model.txns[t]
+        rows = obs.settled.get(key, {})
+        for e in entries:
+            txid, kind, amount, ref = (
+                e["transaction_id"], e["transaction_type"], e["amount_grains"], e["reference_id"],
+            )  # fmt: skip
+            if kind in ("credit", "debit"):
+                calls = journal.credits if kind == "credit" else journal.debits
+                signed = amount if kind == "credit" else -amount
+                generated = txid.startswith(f"{kind}:") and ("", signed) in calls
+                if (txid, signed) not in calls and not generated and txid not in known:
+                    raise self.fail(
+                        "5 exactly once", f"{name}: {kind} {txid} of {amount} that no call made"
+                    )
+            elif kind == "settlement":
+                if ref not in journal.finalized:
+                    raise self.fail(
+                        "6 settled id reused",
+                        f"{name}: settlement of {ref} ({amount}) that no Finalize made",
+                    )
+            elif kind == "expiry":
+                most = max(journal.consumed.get(ref, 0), 0)
+                if ref not in journal.held and not ref.startswith("#"):
+                    raise self.fail(
+                        "6 settled id reused", f"{name}: expiry of {ref} that no Check opened"
+                    )
+                if -amount > most:
+                    raise self.fail(
+                        "5 exactly once",
+                        f"{name}: expiry of {ref} charged {-amount}, more than the "
+                        f"{most} its Deducts ever reported consumed",
+                    )
+            elif kind == "adjustment" and (
+                ref not in journal.finalized or rows.get(ref, {}).get("status") != "expired"
+            ):
+                raise self.fail(
+                    "6 settled id reused",
+                    f"{name}: adjustment of {ref} ({amount}) without an expiry and a late Finalize",
+                )
+        pgrow = obs.pg[key]
+        cust.balance, cust.version = pgrow.balance, pgrow.version
+        cust.overage, cust.lifetime = pgrow.overage, pgrow.lifetime
+        cust.holds.clear()
+        cust.settled = {
+            rid: Settled(
+                r["status"],
+                r["actual_cost_grains"],
+                r["overage_grains"],
+                r["refunded_grains"],
+                r.get("hold_nonce", "") or "",
+                r["model"],
+                r["balance_after_grains"],
+                r["balance_version"],
+            )
+            for rid, r in rows.items()
+        }
+        cust.adjusted = {}
+        for e in entries:
+            if e["transaction_type"] == "adjustment" and "#" not in e["transaction_id"]:
+                cust.adjusted[e["reference_id"]] = (
+                    -e["amount_grains"], e["balance_after_grains"], e["balance_version"],
+                )  # fmt: skip
+        for txid in [x for x, txn in known.items() if txn.customer == c]:
+            del known[txid]
+        for e in entries:
+            if e["transaction_type"] in ("credit", "debit", "adjustment"):
+                known[e["transaction_id"]] = Txn(
+                    c, e["transaction_type"], e["amount_grains"], e["balance_after_grains"],
+                    e["balance_version"],
+                )  # fmt: skip
+        cust.certain = True
+
+    # -- the end of a schedule ------------------------------------------------------------
+
+    async def quiesce(self) -> None:
+        """Let every hold expire and the reaper settle it, then everything must agree:
+        integrity ok everywhere, Redis = PostgreSQL, no hold left, the model = the ledger."""
+        self.advance(QUANTUM_MS * 4)
+        if self.reaper_cut:
+            for key in [k for k in self.keys if self.has_holds(k)]:
+                self.model.mark_uncertain(key)
+        for _ in range(QUIESCE_PASSES):
+            outcome = await self.call(Step("reaper"), lambda: self.live.reaper.run_once())
+            if isinstance(outcome.value, BeamError):
+                raise self.fail("3 reaper", f"a reaper pass failed: {show(outcome.value)}")
+            self.reaper_cut = False
+            self.dirty.clear()
+            await self.model_reaped()
+        obs = await self.observe()
+        self.obs = obs
+        self.check_stores(None, obs)
+        left = {self.names([k])[0]: sorted(obs.rd[k].holds) for k in self.keys if obs.rd[k].holds}
+        if left:
+            raise self.fail("3 reaper", f"holds left after quiescence: {left}")
+        await self.reanchor(obs)
+        await self.check_model(obs)
+        await self.check_integrity()
+        await self.live.admin.sync_tenant(None)
+        obs = await self.observe()
+        self.check_stores(None, obs)
+        await self.check_model(obs)
+        await self.check_integrity()

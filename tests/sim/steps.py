@@ -1,0 +1,342 @@
+"""Schedules: the seeded, replayable list of steps the simulator runs.
+
+A schedule is generated from one integer seed and nothing else, so ``--seed N`` replays it
+exactly. Steps name tenants and customers by index and requests by short shared names
+(``r0``..``r5``): every tenant has customers ``c0``.. and uses the same request ids, so a
+step that moved another tenant's money would show up at once. A step carries no tokens
+or other run-time values; the runner resolves them (a Deduct's "current" token is the
+last token a Check returned for that request), so a schedule with steps removed (while
+shrinking) still runs.
+
+Time moves in quanta of ``QUANTUM_MS`` (5 min) and the hold TTL is 3 quanta. Real time
+that passes while a schedule runs (seconds) is far below a quantum, so "is this hold
+overdue?" has the same answer for the stores (real clock + offset) and for the model
+(offset only); see ``tests/sim/model.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from beam.core import faults
+
+QUANTUM_MS = 300_000
+HOLD_TTL_SECONDS = 900  # 3 quanta; the Runtime's default hold TTL in the simulator
+REQUEST_IDS = ("r0", "r1", "r2", "r3", "r4", "r5")
+MAX_REQUESTS_PER_CUSTOMER = 5  # far below the 8 overdue holds one script call expires
+STATUSES = ("COMPLETED_SUCCESS", "KILLED_INSUFFICIENT_BALANCE", "FAILED_ERROR", "FAILED_TIMEOUT")
+
+# Which fault points each operation can pass (the hook cancels or crashes the call there).
+OP_POINTS: dict[str, tuple[str, ...]] = {
+    "check": (faults.CHECK_OPENED,),
+    "finalize": (faults.FINALIZE_BEGUN, faults.FINALIZE_COMMITTED, faults.ADJUST_COMMITTED),
+    "credit": (faults.CREDIT_COMMITTED,),
+    "debit": (faults.DEBIT_OPENED, faults.DEBIT_COMMITTED),
+    "reaper": (faults.REAPER_COMMITTED,),
+}
+FAULT_KINDS = ("cancel", "crash", "error")
+
+# Steps that act on one customer (everything else acts on the whole system).
+CUSTOMER_STEPS = frozenset({"check", "deduct", "finalize", "credit", "debit", "balance"})
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Inject ``kind`` when the call reaches ``point`` for the ``nth`` time.
+
+    cancel: the caller's task is cancelled there (a client deadline); crash: the process
+    dies there (``faults.SimulatedCrash``, then a restart); error: a store call fails there
+    (``BeamError(STORE_UNAVAILABLE)`` raised at the point)."""
+
+    kind: str
+    point: str
+    nth: int = 1
+    retry: bool = False  # after a cancel or an error, the client retries the call once
+
+    def describe(self) -> str:
+        nth = f"#{self.nth}" if self.nth != 1 else ""
+        retry = "+retry" if self.retry else ""
+        return f"{self.kind}@{self.point}{nth}{retry}"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    tenant: int = -1
+    customer: int = -1
+    args: dict[str, Any] = field(default_factory=dict)
+    fault: Fault | None = None
+
+    def describe(self) -> str:
+        who = f" t{self.tenant}/c{self.customer}" if self.customer >= 0 else ""
+        if self.customer < 0 and self.tenant >= 0:
+            who = f" t{self.tenant}"
+        args = " ".join(f"{k}={v}" for k, v in self.args.items())
+        fault = f" [{self.fault.describe()}]" if self.fault else ""
+        return f"{self.kind}{who} {args}".rstrip() + fault
+
+
+@dataclass(frozen=True)
+class Schedule:
+    seed: int
+    tenants: int
+    customers: int
+    balances: tuple[tuple[int, ...], ...]  # [tenant][customer] opening balance
+    steps: tuple[Step, ...]
+
+    def with_steps(self, steps: list[Step]) -> Schedule:
+        return Schedule(self.seed, self.tenants, self.customers, self.balances, tuple(steps))
+
+    def describe(self) -> str:
+        lines = [
+            f"seed {self.seed}: {self.tenants} tenants x {self.customers} customers, "
+            f"opening balances {[list(b) for b in self.balances]}"
+        ]
+        lines += [f"  {i:3d} {s.describe()}" for i, s in enumerate(self.steps)]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> Schedule:
+        data = json.loads(text)
+        steps = tuple(
+            Step(
+                s["kind"],
+                s["tenant"],
+                s["customer"],
+                dict(s["args"]),
+                Fault(**s["fault"]) if s["fault"] else None,
+            )
+            for s in data["steps"]
+        )
+        balances = tuple(tuple(b) for b in data["balances"])
+        return Schedule(data["seed"], data["tenants"], data["customers"], balances, steps)
+
+
+@dataclass
+class _Request:
+    """What the generator remembers of one request id of one customer."""
+
+    check: dict[str, Any] | None = None  # the last Check's parameters
+    seq: int = 0  # the last sequence number used
+
+
+@dataclass
+class _Gen:
+    rng: random.Random
+    tenants: int
+    customers: int
+    fault_rate: float
+    requests: dict[tuple[int, int], dict[str, _Request]] = field(default_factory=dict)
+    # per tenant: transaction id -> (customer, kind, amount)
+    txids: dict[int, dict[str, tuple[int, str, int]]] = field(default_factory=dict)
+    txid_counter: int = 0
+
+    def pick_customer(self) -> tuple[int, int]:
+        return self.rng.randrange(self.tenants), self.rng.randrange(self.customers)
+
+    def known(self, t: int, c: int) -> dict[str, _Request]:
+        return self.requests.setdefault((t, c), {})
+
+    def fresh_rid(self, t: int, c: int) -> str | None:
+        known = self.known(t, c)
+        if len(known) >= MAX_REQUESTS_PER_CUSTOMER:
+            return None
+        unused = [r for r in REQUEST_IDS if r not in known]
+        return self.rng.choice(unused) if unused else None
+
+    def used_rid(self, t: int, c: int) -> str | None:
+        known = self.known(t, c)
+        return self.rng.choice(sorted(known)) if known else None
+
+    def fault(self, op: str) -> Fault | None:
+        if op not in OP_POINTS or self.rng.random() >= self.fault_rate:
+            return None
+        kind = self.rng.choices(FAULT_KINDS, weights=(6, 3, 2))[0]
+        points = OP_POINTS[op]
+        if self.rng.random() < 0.1:
+            points = faults.ALL_POINTS  # a point this call is not expected to pass
+        nth = 1 if op != "reaper" else self.rng.choice((1, 1, 2))
+        retry = op != "reaper" and kind != "crash" and self.rng.random() < 0.5
+        return Fault(kind, self.rng.choice(points), nth, retry)
+
+    # -- one step of each kind -----------------------------------------------------------
+
+    def check(self) -> Step:
+        t, c = self.pick_customer()
+        rng = self.rng
+        fresh = rng.random() < 0.6
+        rid = (self.fresh_rid(t, c) if fresh else self.used_rid(t, c)) or self.used_rid(t, c)
+        rid = rid or rng.choice(REQUEST_IDS)
+        request = self.known(t, c).setdefault(rid, _Request())
+        if request.check is not None and rng.random() < 0.7:
+            args = dict(request.check)  # a retry (or a reuse of a settled id)
+        else:
+            args = self.check_params()
+        request.check = dict(args)
+        return Step("check", t, c, {"rid": rid, **args}, self.fault("check"))
+
+    def check_params(self) -> dict[str, Any]:
+        rng = self.rng
+        mult = rng.choice((1.0, 1.0, 0.0, 1.2, 1.5, 2.0, 1.0000001))
+        if rng.random() < 0.8:
+            est = rng.choice((1, 7, 100, 500, 1_000, 2_500, rng.randint(1, 5_000)))
+            model = rng.choice(("cheap", "cheap", "cheap", ""))
+            return {"est": est, "mult": mult, "model": model, "max_tokens": 0, "prompt": 0}
+        # Beam estimates from the model's prices: prompt x 1 + max_tokens x 2 grains.
+        return {
+            "est": 0,
+            "mult": mult,
+            "model": "cheap",
+            "max_tokens": rng.randint(1, 1_500),
+            "prompt": rng.randint(0, 500),
+        }
+
+    def deduct(self) -> Step:
+        t, c = self.pick_customer()
+        rng = self.rng
+        rid = self.used_rid(t, c) if rng.random() < 0.9 else None
+        rid = rid or rng.choice(REQUEST_IDS)
+        request = self.known(t, c).setdefault(rid, _Request())
+        roll = rng.random()
+        if roll < 0.5:
+            request.seq += 1
+            seq = request.seq
+        elif roll < 0.65:
+            seq = request.seq  # a retry of the last one (0 if none yet)
+        elif roll < 0.8:
+            seq = 0  # no sequence number: not idempotent
+        elif roll < 0.9:
+            seq = rng.randint(1, max(1, request.seq))  # an old one, reordered
+        else:
+            request.seq += rng.randint(2, 4)  # a gap (an earlier one is still in flight)
+            seq = request.seq
+        args = {
+            "rid": rid,
+            "tokens": rng.choice((1, 10, 50, 50, 100, 400, rng.randint(1, 3_000))),
+            "kind": rng.choice(("out", "out", "out", "in", "cached")),
+            "seq": seq,
+            "model": rng.choice(("cheap", "cheap", "cheap", "")),
+            "token": rng.choices(("current", "stale", "other", "forged"), (85, 6, 6, 3))[0],
+        }
+        return Step("deduct", t, c, args)
+
+    def finalize(self) -> Step:
+        t, c = self.pick_customer()
+        rng = self.rng
+        rid = self.used_rid(t, c) if rng.random() < 0.85 else None
+        rid = rid or self.fresh_rid(t, c) or rng.choice(REQUEST_IDS)
+        self.known(t, c).setdefault(rid, _Request())
+        usage = rng.random()
+        args: dict[str, Any] = {"rid": rid, "status": rng.choice(STATUSES)}
+        args["cost"] = (
+            rng.choice((1, 250, 1_000, 3_000, rng.randint(1, 20_000))) if (usage < 0.4) else 0
+        )
+        if 0.4 <= usage < 0.75:
+            args["prompt"] = rng.randint(0, 800)
+            args["completion"] = rng.randint(0 if args["prompt"] else 1, 2_000)
+        else:
+            args["prompt"] = args["completion"] = 0
+        args["model"] = rng.choice(("cheap", "cheap", ""))
+        args["token"] = rng.choices(("current", "none", "stale", "other"), (60, 30, 5, 5))[0]
+        return Step("finalize", t, c, args, self.fault("finalize"))
+
+    def ledger_entry(self, kind: str) -> Step:
+        t, c = self.pick_customer()
+        rng = self.rng
+        mine = self.txids.setdefault(t, {})
+        roll = rng.random()
+        amount = rng.choice((1, 100, 1_000, 5_000, rng.randint(1, 30_000)))
+        if mine and roll < 0.3:  # a retry: same transaction id, customer, kind and amount
+            txid = rng.choice(sorted(mine))
+            c, kind, amount = mine[txid]
+        elif mine and roll < 0.4:  # a conflicting reuse (other amount, customer or kind)
+            txid = rng.choice(sorted(mine))
+        elif roll < 0.5:
+            txid = ""  # Beam generates one: not retry-safe
+        else:
+            self.txid_counter += 1
+            txid = f"tx{self.txid_counter}"
+            mine[txid] = (c, kind, amount)
+        return Step(kind, t, c, {"amount": amount, "txid": txid}, self.fault(kind))
+
+    def system(self, kind: str) -> Step:
+        rng = self.rng
+        if kind == "advance":
+            return Step("advance", args={"ms": QUANTUM_MS * rng.choice((1, 1, 2, 4))})
+        if kind == "reaper":
+            return Step("reaper", fault=self.fault("reaper"))
+        if kind == "expire_done":
+            if rng.random() < 0.5:
+                t, c = self.pick_customer()
+                return Step("expire_done", t, c)
+            return Step("expire_done")
+        if kind == "sync":
+            return Step("sync", rng.randrange(self.tenants) if rng.random() < 0.6 else -1)
+        return Step(kind)
+
+
+# Relative weights of step kinds; a schedule picks one "profile" to vary the mix.
+_BASE_WEIGHTS = {
+    "check": 24,
+    "deduct": 22,
+    "finalize": 18,
+    "credit": 4,
+    "debit": 5,
+    "balance": 3,
+    "advance": 6,
+    "reaper": 6,
+    "expire_done": 4,
+    "sync": 2,
+    "snapshot": 2,
+    "redis_restart": 1.5,
+    "pg_restart": 0.04,
+}
+_PROFILES: tuple[dict[str, float], ...] = (
+    {},
+    {"advance": 12, "reaper": 10, "expire_done": 8},  # late Finalizes, reused ids
+    {"snapshot": 5, "redis_restart": 4},  # lost Redis writes
+    {"credit": 10, "debit": 12},  # ledger entries and their idempotency
+)
+
+
+def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = None) -> Schedule:
+    rng = random.Random(seed)
+    tenants = rng.choice((2, 3))
+    customers = rng.choice((2, 3))
+    balances = tuple(
+        tuple(
+            rng.choice((0, 500, 2_000, 5_000, 20_000, 100_000, rng.randint(1, 50_000)))
+            for _ in range(customers)
+        )
+        for _ in range(tenants)
+    )
+    if fault_rate is None:
+        fault_rate = rng.choice((0.0, 0.1, 0.25, 0.5))
+    gen = _Gen(rng, tenants, customers, fault_rate)
+    weights = dict(_BASE_WEIGHTS)
+    weights.update(rng.choice(_PROFILES))
+    kinds = list(weights)
+    count = steps if steps is not None else rng.randint(20, 60)
+    out: list[Step] = []
+    for _ in range(count):
+        kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
+        if kind == "check":
+            out.append(gen.check())
+        elif kind == "deduct":
+            out.append(gen.deduct())
+        elif kind == "finalize":
+            out.append(gen.finalize())
+        elif kind in ("credit", "debit"):
+            out.append(gen.ledger_entry(kind))
+        elif kind == "balance":
+            t, c = gen.pick_customer()
+            out.append(Step("balance", t, c))
+        else:
+            out.append(gen.system(kind))
+    return Schedule(seed, tenants, customers, balances, tuple(out))
