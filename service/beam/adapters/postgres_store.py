@@ -738,6 +738,41 @@ class PostgresStore:
         )
         return [_api_key(r) for r in rows]
 
+    async def api_keys_of(self, tenant: str, resource: str) -> list[ApiKeyRecord]:
+        """Every key of one BeamApiKey, of every generation: the keys of the tenant named
+        ``<resource>#<digits>`` (exactly: ``api`` does not match ``api-2#0``), in one query."""
+        prefix = f"{resource}#"
+        rows = await self.pool.fetch(
+            """SELECT key_hash, key_id, tenant, role, name, customers, expires_at, revoked_at
+               FROM api_keys
+               WHERE tenant = $1 AND left(name, length($2)) = $2
+                 AND substr(name, length($2) + 1) ~ '^[0-9]+$'
+               ORDER BY created_at""",
+            tenant,
+            prefix,
+        )
+        return [_api_key(r) for r in rows]
+
+    async def revoke_api_keys(self, revoked_at: dict[str, datetime]) -> int:
+        """Revoke many keys (key hash -> moment) in one statement and one NOTIFY. A key's
+        ``revoked_at`` only ever moves earlier: a key already revoked sooner keeps its moment
+        (an ended grace period is never extended). Returns how many keys changed."""
+        if not revoked_at:
+            return 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """UPDATE api_keys AS k SET revoked_at = r.revoked_at
+                   FROM unnest($1::text[], $2::timestamptz[]) AS r(key_hash, revoked_at)
+                   WHERE k.key_hash = r.key_hash
+                     AND (k.revoked_at IS NULL OR k.revoked_at > r.revoked_at)
+                   RETURNING k.key_id""",
+                list(revoked_at),
+                list(revoked_at.values()),
+            )
+            if rows:
+                await conn.execute("SELECT pg_notify('beam_api_keys', $1)", rows[0]["key_id"])
+        return len(rows)
+
     # -- prices --------------------------------------------------------------------------
 
     async def load_prices(self) -> list[PriceRecord]:

@@ -224,9 +224,8 @@ async def reconcile_api_key(
     generation = int(rotation.get("generation") or 0)
     grace = int(rotation.get("gracePeriodSeconds", default_grace_seconds))
     key_name = f"{name}#{generation}"
-    live = [
-        k for k in await admin.postgres.api_keys_named(tenant, key_name) if k.revoked_at is None
-    ]  # fmt: skip
+    keys = await admin.postgres.api_keys_of(tenant, name)  # every generation, one query
+    live = [k for k in keys if k.name == key_name and k.revoked_at is None]
     current = next((k for k in live if k.key_hash == current_key_hash), None)
     if current is None and keep_existing and live:
         current = live[-1]
@@ -238,43 +237,44 @@ async def reconcile_api_key(
         current.key_hash, current.key_id, tenant, role, key_name, customers, expires_at
     )
     await admin.postgres.upsert_api_key(current)
-    previous_expiry = await _retire_older(admin, tenant, name, generation, current, grace)
+    previous_expiry = await _retire_older(admin, keys, generation, current, grace)
     return ApiKeyResult(current.key_id, plaintext, generation, previous_expiry)
 
 
 async def _retire_older(
-    admin: Admin, tenant: str, name: str, generation: int, current: ApiKeyRecord, grace: int
+    admin: Admin, keys: list[ApiKeyRecord], generation: int, current: ApiKeyRecord, grace: int
 ) -> datetime | None:
-    """Older generations stay valid for the grace period; stray keys of this generation go."""
+    """Every older generation's live key stays valid for the grace period, however far the
+    generation jumped; stray keys of this generation go at once. Keys already revoked keep
+    their moment, and keys of a later generation (a spec that went back) are left alone.
+    One statement, whatever the number of generations."""
     now = datetime.now(UTC)
-    latest_expiry = None
-    for older in range(max(0, generation - 3), generation + 1):
-        for key in await admin.postgres.api_keys_named(tenant, f"{name}#{older}"):
-            if key.key_hash == current.key_hash or key.revoked_at is not None:
-                continue
-            until = now if older == generation else now + timedelta(seconds=grace)
-            await admin.postgres.upsert_api_key(_revoked(key, until))
-            latest_expiry = max(latest_expiry or until, until)
-    return latest_expiry
+    until: dict[str, datetime] = {}
+    for key in keys:
+        if key.key_hash == current.key_hash or key.revoked_at is not None:
+            continue
+        older = _generation_of(key)
+        if older < generation:
+            until[key.key_hash] = now + timedelta(seconds=grace)
+        elif older == generation:
+            until[key.key_hash] = now
+    await admin.postgres.revoke_api_keys(until)
+    return max(until.values(), default=None)
 
 
-def _revoked(key: ApiKeyRecord, when: datetime) -> ApiKeyRecord:
-    return ApiKeyRecord(
-        key.key_hash, key.key_id, key.tenant, key.role, key.name, key.customers,
-        key.expires_at, when,
-    )  # fmt: skip
+def _generation_of(key: ApiKeyRecord) -> int:
+    """``<name>#<generation>``: the store only returns names ending in ``#<digits>``."""
+    return int(key.name.rpartition("#")[2])
 
 
 async def revoke_api_key(admin: Admin, tenant: str, name: str, generation: int) -> int:
-    """Deleting a BeamApiKey revokes all its keys at once (grace periods end too)."""
-    revoked = 0
+    """Deleting a BeamApiKey revokes all its keys at once (grace periods end too): every
+    generation's, not only up to ``generation`` (kept for callers), in two queries."""
     now = datetime.now(UTC)
-    for older in range(0, generation + 1):
-        for key in await admin.postgres.api_keys_named(tenant, f"{name}#{older}"):
-            if key.revoked_at is None or key.revoked_at > now:
-                await admin.postgres.upsert_api_key(_revoked(key, now))
-                revoked += 1
-    return revoked
+    keys = await admin.postgres.api_keys_of(tenant, name)
+    return await admin.postgres.revoke_api_keys(
+        {k.key_hash: now for k in keys if k.revoked_at is None or k.revoked_at > now}
+    )
 
 
 def _parse_time(value: Any, name: str) -> datetime:
