@@ -17,6 +17,7 @@ from beam.core.auth import (
     KEY_PREFIX,
     Principal,
     RequestTokens,
+    TokenBucket,
     bearer_token,
     generate_key,
     hash_key,
@@ -80,6 +81,47 @@ def test_request_tokens_bind_tenant_customer_request_and_nonce() -> None:
         tokens.verify(other_key, "acme", "cus_1", "req_1")
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["mac non-ASCII", "mac all non-ASCII", "mac with an unpaired surrogate", "nonce non-ASCII",
+     "nonce with an unpaired surrogate", "version non-ASCII"],
+)  # fmt: skip
+def test_a_non_ascii_request_token_is_invalid_not_an_error(case: str) -> None:
+    """compare_digest raises TypeError on a non-ASCII str and encode() raises on a
+    surrogate: either used to escape as a 500. Such a token is INVALID_REQUEST_TOKEN."""
+    tokens = RequestTokens(STRONG)
+    token = tokens.issue("acme", "cus_1", "req_1", "nonce123")
+    version, nonce, mac = token.split(".")
+    bad = {
+        "mac non-ASCII": f"{version}.{nonce}.\u00e9{mac[1:]}",
+        "mac all non-ASCII": f"{version}.{nonce}." + "\u00e9" * len(mac),
+        "mac with an unpaired surrogate": f"{version}.{nonce}.\ud800{mac[1:]}",
+        "nonce non-ASCII": f"{version}.n\u00f6nce123.{mac}",
+        "nonce with an unpaired surrogate": f"{version}.\udc80.{mac}",
+        "version non-ASCII": f"v\u00b9.{nonce}.{mac}",
+    }[case]
+    with pytest.raises(BeamError) as error:
+        tokens.verify(bad, "acme", "cus_1", "req_1")
+    assert (error.value.reason, error.value.field, error.value.message) == (
+        Reason.INVALID_REQUEST_TOKEN,
+        "request_token",
+        "request_token does not match this customer and request",
+    )
+    assert tokens.verify(token, "acme", "cus_1", "req_1") == "nonce123"
+
+
+def test_the_lookup_bucket_allows_its_burst_then_its_rate() -> None:
+    now = [100.0]
+    bucket = TokenBucket(10.0, 20, lambda: now[0])
+    assert [bucket.take() for _ in range(21)] == [True] * 20 + [False]
+    now[0] += 0.25  # 2.5 tokens: two takes, and half a token left over
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] += 0.0625  # the half token and 0.625 more make one (times are exact binary)
+    assert [bucket.take() for _ in range(2)] == [True, False]
+    now[0] += 3600.0  # idle: refilled to the burst, not beyond
+    assert sum(bucket.take() for _ in range(100)) == 20
+
+
 def test_generated_keys_are_random_and_only_their_hash_is_kept() -> None:
     plaintext, key_id, digest = generate_key()
     assert plaintext.startswith(f"{KEY_PREFIX}{key_id}_")
@@ -129,6 +171,7 @@ def test_every_key_of_a_customer_shares_one_hash_tag() -> None:
         "beam:{acme:cus_1}:exp",
         "beam:{acme:cus_1}:h:req:1",
         "beam:{acme:cus_1}:done:req:1",
+        "beam:{acme:cus_1}:stl",
     ]
     assert account_key("a", "b") == keys[0].replace("acme:cus_1", "a:b")
     assert hold_key("acme", "cus_1", "req:1") == keys[3]
