@@ -9,7 +9,6 @@ import pytest
 
 from beam.core.auth import Principal
 from beam.core.commands import CheckCommand, DeductCommand, FinalizeCommand
-from beam.core.reaper import Reaper
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
 from beam.records import Customer, Role
