@@ -1,6 +1,6 @@
 """Beam's CheckBalance benchmark: every figure a ratio to a baseline measured in the same run.
 
-DESIGN §9: timing claims live here, never in pass/fail tests. One run (about a minute):
+Timing claims live here, never in pass/fail tests. One run (about a minute):
 
 1. Store ceiling: ``redis-benchmark`` runs Beam's own ``open_hold`` script by EVALSHA
    against the same Redis (a new hold per call: ``__rand_int__`` request ids), 50 clients,

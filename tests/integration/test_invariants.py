@@ -1,4 +1,4 @@
-"""The money invariants of DESIGN §2, proven on every Redis topology.
+"""The money invariants of docs/ARCHITECTURE.md, proven on every Redis topology.
 
 No overspend under real concurrency (several client processes, two service replicas),
 exactly-once for every mutation, expiry of abandoned holds at their consumed amount,

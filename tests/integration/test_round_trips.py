@@ -1,4 +1,4 @@
-"""The hot path costs one Redis round trip per call (DESIGN §9, issue 2 item 6).
+"""The hot path costs one Redis round trip per call (docs/PERFORMANCE.md).
 
 Counted on the server, not assumed from the code: a dedicated Redis (so no other test's
 service or reaper talks to it) is watched with MONITOR while exactly one call goes
