@@ -31,6 +31,8 @@ DONE_PREFIX: Final = "done:"
 # debit holds "#debit:<transaction id>".
 SYSTEM_HOLD_PREFIX: Final = "#"
 DEBIT_HOLD_PREFIX: Final = "#debit:"
+# A credit being committed: "#credit:<transaction id>" (0 grains; lets the reaper finish it).
+CREDIT_HOLD_PREFIX: Final = "#credit:"
 
 # Transaction id prefixes Beam writes itself; a client transaction id may not start with
 # one (it could pre-empt a settlement, an expiry or an operator credit).
@@ -51,6 +53,7 @@ SCRIPT_BEGIN_SETTLEMENT: Final = "begin_settlement"
 SCRIPT_SETTLE_HOLD: Final = "settle_hold"
 SCRIPT_EXPIRE_HOLDS: Final = "expire_holds"
 SCRIPT_ABANDON_SETTLEMENT: Final = "abandon_settlement"
+SCRIPT_OPEN_PENDING: Final = "open_pending"
 SCRIPT_READ_BALANCE: Final = "read_balance"
 SCRIPT_LOAD_ACCOUNT: Final = "load_account"
 SCRIPT_APPLY_BALANCE: Final = "apply_balance"
@@ -62,6 +65,7 @@ ALL_SCRIPTS: Final = (
     SCRIPT_SETTLE_HOLD,
     SCRIPT_EXPIRE_HOLDS,
     SCRIPT_ABANDON_SETTLEMENT,
+    SCRIPT_OPEN_PENDING,
     SCRIPT_READ_BALANCE,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_APPLY_BALANCE,

@@ -500,3 +500,18 @@ async def test_a_dropped_postgresql_connection_is_store_unavailable(stores: Stor
         assert unavailable.value.reason is Reason.STORE_UNAVAILABLE
     finally:
         await rt.stop()
+
+
+async def test_killed_credit_is_repaired_from_the_ledger(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    p = await customer(runtime, tenant, 10_000)
+    crash_at(faults.CREDIT_COMMITTED)
+    with pytest.raises(faults.SimulatedCrash):
+        await runtime.admin.credit(p, LedgerCommand(CUSTOMER, 2_500, "top-up", "top-1"))
+    faults.install(None)
+    # Redis is below the ledger (never above) until the reaper finishes the credit.
+    assert await redis_account(runtime, tenant.name) == (10_000, 0)
+    await reap_after_grace(runtime)
+    assert await redis_account(runtime, tenant.name) == (12_500, 0)
+    await assert_consistent(runtime, p)

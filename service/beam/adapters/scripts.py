@@ -24,6 +24,7 @@ from beam.constants import (
     SCRIPT_EXPIRE_HOLDS,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_OPEN_HOLD,
+    SCRIPT_OPEN_PENDING,
     SCRIPT_READ_BALANCE,
     SCRIPT_SETTLE_HOLD,
     customer_keys,
@@ -357,6 +358,27 @@ class Scripts:
             idempotent=True,
         )
         return str(reply[0])
+
+    async def open_pending(
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        now_ms: int,
+        nonce: str,
+        kind: Literal["credit"],
+        deadline_ms: int,
+    ) -> str:
+        """Mark a credit as being committed; returns the pending hold's nonce (a retry
+        reuses the first). AccountNotLoaded: nothing in Redis to protect."""
+        reply = await self._run(
+            SCRIPT_OPEN_PENDING,
+            customer_keys(tenant, customer_id, hold_id),
+            [now_ms, hold_id, nonce, kind, deadline_ms],
+            idempotent=True,
+        )
+        return str(reply[1])
 
     async def read_balance(
         self, tenant: str, customer_id: str, *, now_ms: int, expire_batch: int

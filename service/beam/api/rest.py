@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beam.admin.v1 import admin_pb2 as admin
@@ -31,6 +32,24 @@ from beam.core.auth import Principal
 from beam.errors import BeamError, Reason, invalid
 
 Handler = Callable[[Principal, Any], Awaitable[Message]]
+
+
+class _RestOfPath(Convertor[str]):
+    """The rest of the URL path, '/' included: request ids may contain '/' (encoded as %2F
+    or not), which Starlette's default ``str`` segment cannot match. Not Starlette's
+    ``path`` convertor: its ``.*`` stops before a trailing newline, where the route's ``$``
+    also matches, so ``req_1%0A`` would be read as ``req_1``."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("rest_of_path", _RestOfPath())
 
 
 def render(message: Message) -> dict[str, Any]:
@@ -323,7 +342,7 @@ def _admin_routes(app: FastAPI, api: RestApi) -> None:
             {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
-    @app.get("/v1/requests/{request_id}", tags=["requests"])
+    @app.get("/v1/requests/{request_id:rest_of_path}", tags=["requests"])
     async def get_request(request_id: str, request: Request) -> Response:
         return await api.serve(
             request, "get_request", h.get_request, admin.GetRequestRequest,

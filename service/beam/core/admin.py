@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from beam.adapters.postgres_store import PostgresStore
-from beam.adapters.scripts import Scripts
+from beam.adapters.scripts import AccountNotLoaded, Scripts
 from beam.constants import (
+    CREDIT_HOLD_PREFIX,
     DEBIT_HOLD_PREFIX,
     EXPIRE_BATCH_PER_CALL,
     MAX_GRAINS,
@@ -166,20 +167,43 @@ class Admin:
         if not system:
             validate_client_transaction_id(command.transaction_id)
         principal.require_customer(command.customer_id)
+        tenant, customer_id = principal.tenant, command.customer_id
         transaction_id = command.transaction_id or f"credit:{uuid.uuid4().hex}"
-        entry = await self.postgres.append_entry(
-            tenant=principal.tenant,
-            customer_id=command.customer_id,
-            transaction_id=transaction_id,
-            entry_type=EntryType.CREDIT,
-            amount_grains=command.amount_grains,
-            description=command.description,
-            fingerprint=fingerprint("credit", command.customer_id, command.amount_grains),
-        )
-        return await self.ledger.finish(self._adopt(principal.tenant, command.customer_id, entry))
+        hold_id = CREDIT_HOLD_PREFIX + transaction_id
+        try:
+            nonce = await self.scripts.open_pending(
+                tenant, customer_id, hold_id, now_ms=now_ms(),
+                nonce=self.ledger.tokens.new_nonce(), kind="credit",
+                deadline_ms=now_ms() + SETTLE_DEADLINE_MS,
+            )  # fmt: skip
+        except AccountNotLoaded:
+            nonce = ""  # Redis will load the account from the ledger, credit included
+        work = self._commit_credit(tenant, command, transaction_id, nonce)
+        return await self.ledger.finish(work)
+
+    async def _commit_credit(
+        self, tenant: str, command: LedgerCommand, transaction_id: str, nonce: str
+    ) -> EntryResult:
+        customer_id, hold_id = command.customer_id, CREDIT_HOLD_PREFIX + transaction_id
+        try:
+            entry = await self.postgres.append_entry(
+                tenant=tenant,
+                customer_id=customer_id,
+                transaction_id=transaction_id,
+                entry_type=EntryType.CREDIT,
+                amount_grains=command.amount_grains,
+                description=command.description,
+                fingerprint=fingerprint("credit", customer_id, command.amount_grains),
+            )
+        except BeamError as error:
+            if nonce and error.reason is not Reason.STORE_UNAVAILABLE:
+                await self.ledger.release(tenant, customer_id, hold_id, nonce)
+            raise
+        await faults.point(faults.CREDIT_COMMITTED)
+        held = await self.ledger.release(tenant, customer_id, hold_id, nonce, entry)
+        return _entry_result(entry, held)
 
     async def _adopt(self, tenant: str, customer_id: str, entry: LedgerEntry) -> EntryResult:
-        await faults.point(faults.CREDIT_COMMITTED)
         held = await self.ledger.adopt_balance(tenant, customer_id, entry)
         return _entry_result(entry, held)
 

@@ -4,8 +4,14 @@ A key is ``beam_sk_<key_id>_<secret>``; only its SHA-256 is stored. Keys are cac
 process so the hot path costs no store round trip: the cache reloads when PostgreSQL
 NOTIFYs ``beam_api_keys`` (revocation reaches every replica in milliseconds) and at least
 every ``cache_max_age_seconds`` otherwise. An unknown hash is looked up once in
-PostgreSQL (new keys work at once) and negatively cached briefly, so a flood of bad keys
-cannot turn into a flood of queries.
+PostgreSQL (a key created a moment ago works before its NOTIFY arrives) and negatively
+cached briefly. Those look-ups share one budget per process, a token bucket of
+``MISS_LOOKUPS_PER_SECOND`` with bursts of up to ``MISS_LOOKUP_BURST``: once it is spent,
+an unknown key is refused UNAUTHENTICATED without a query and counted in
+``beam_auth_lookups_shed_total``. So a flood of distinct bad keys costs PostgreSQL at most
+that many queries per second per replica, however many keys it tries; during such a flood
+a new key still arrives by NOTIFY or the periodic reload, it only loses the look-up
+shortcut.
 
 Tenancy: a key belongs to one tenant and every lookup is scoped by it, so another tenant's
 customer is indistinguishable from an unknown one. A customer outside a key's allow-list
@@ -23,7 +29,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -32,11 +38,16 @@ from beam.adapters.postgres_store import PostgresStore
 from beam.constants import DEV_API_KEY
 from beam.core.snapshot import Snapshot
 from beam.errors import BeamError, Reason
+from beam.observability import AUTH_LOOKUPS_SHED
 from beam.records import ApiKeyRecord, Role
 
 KEY_PREFIX = "beam_sk_"
 _NEGATIVE_CACHE_SECONDS = 2.0
 _NEGATIVE_CACHE_MAX = 10_000
+# PostgreSQL look-ups of keys missing from the in-process copy, per process: the steady
+# rate and the burst (bucket size). Beyond them unknown keys are refused without a query.
+MISS_LOOKUPS_PER_SECOND = 10.0
+MISS_LOOKUP_BURST = 20
 
 
 class Action(Enum):
@@ -102,14 +113,21 @@ def bearer_token(authorization: str | None) -> str:
 
 class Authenticator:
     def __init__(
-        self, postgres: PostgresStore, *, dev_mode: bool, max_age_seconds: float = 5.0
+        self,
+        postgres: PostgresStore,
+        *,
+        dev_mode: bool,
+        max_age_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._postgres = postgres
         self._dev_mode = dev_mode
         self._keys: Snapshot[dict[str, ApiKeyRecord]] = Snapshot(
             "API keys", self._load, {}, max_age_seconds
         )
+        self._clock = clock
         self._misses: dict[str, float] = {}
+        self._lookups = TokenBucket(MISS_LOOKUPS_PER_SECOND, MISS_LOOKUP_BURST, clock)
         self._dev_key_hash = hash_key(DEV_API_KEY)
 
     async def _load(self) -> dict[str, ApiKeyRecord]:
@@ -135,8 +153,11 @@ class Authenticator:
         return Principal(record.tenant, record.role, record.key_id, record.customers)
 
     async def _lookup_miss(self, digest: str) -> ApiKeyRecord | None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._misses.get(digest, -1e9) < _NEGATIVE_CACHE_SECONDS:
+            return None
+        if not self._lookups.take():
+            AUTH_LOOKUPS_SHED.inc()
             return None
         record = await self._postgres.get_api_key(digest)
         if record is None:
@@ -146,6 +167,26 @@ class Authenticator:
             return None
         self._keys.value[digest] = record
         return record
+
+
+class TokenBucket:
+    """``rate`` takes per second on average, at most ``burst`` at once (starts full)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 def _usable(record: ApiKeyRecord) -> bool:
@@ -170,21 +211,30 @@ class RequestTokens:
 
     def verify(self, token: str, tenant: str, customer_id: str, request_id: str) -> str:
         """The token's nonce, or INVALID_REQUEST_TOKEN."""
+        # Tokens are ASCII. Anything else (non-ASCII, an unpaired surrogate from JSON) is
+        # refused here: compare_digest raises TypeError on non-ASCII str, encode() on a
+        # surrogate. The MAC is compared as bytes.
+        if not token.isascii():
+            raise _invalid_token()
         version, _, rest = token.partition(".")
         nonce, _, mac = rest.partition(".")
         expected = self._mac(tenant, customer_id, request_id, nonce)
-        if version != "v1" or not nonce or not hmac.compare_digest(mac, expected):
-            raise BeamError(
-                Reason.INVALID_REQUEST_TOKEN,
-                "request_token does not match this customer and request",
-                field="request_token",
-            )
+        if version != "v1" or not nonce or not hmac.compare_digest(mac.encode(), expected.encode()):
+            raise _invalid_token()
         return nonce
 
     def _mac(self, *parts: str) -> str:
         message = "\x1f".join(_escape(parts)).encode()
         digest = hmac.new(self._secret, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest[:24]).decode().rstrip("=")
+
+
+def _invalid_token() -> BeamError:
+    return BeamError(
+        Reason.INVALID_REQUEST_TOKEN,
+        "request_token does not match this customer and request",
+        field="request_token",
+    )
 
 
 def _escape(parts: Iterable[str]) -> list[str]:

@@ -44,7 +44,6 @@ from beam.adapters.scripts import (
 )
 from beam.constants import (
     BUFFER_STRATEGY_MULTIPLIERS_PPM,
-    DEBIT_HOLD_PREFIX,
     DONE_MARKER_TTL_SECONDS,
     EXPIRE_BATCH_PER_CALL,
     MAX_GRAINS,
@@ -52,6 +51,7 @@ from beam.constants import (
     MAX_TOKENS_PER_CALL,
     MAX_TOKENS_PER_REQUEST,
     SETTLE_DEADLINE_MS,
+    SYSTEM_HOLD_PREFIX,
 )
 from beam.core import faults
 from beam.core.auth import Action, Principal, RequestTokens, customer_not_found
@@ -520,19 +520,17 @@ class Ledger:
         customer): committed -> finish step (3) from it; not committed and past the hold's
         deadline -> abandon it (a request hold is then charged what it consumed, like any
         expired hold). Returns what was done: completed, abandoned or pending."""
-        debit = hold.hold_id.startswith(DEBIT_HOLD_PREFIX)
+        system = hold.hold_id.startswith(SYSTEM_HOLD_PREFIX)  # a debit or a credit
         transaction_id = (
-            hold.hold_id[len(DEBIT_HOLD_PREFIX) :]
-            if debit
-            else f"adjustment:{customer_id}:{hold.hold_id}"
+            hold.hold_id.partition(":")[2] if system else f"adjustment:{customer_id}:{hold.hold_id}"
         )
         settlement, entry, customer = await self.postgres.committed_after_lock(
-            tenant, customer_id, "" if debit else hold.hold_id, transaction_id
+            tenant, customer_id, "" if system else hold.hold_id, transaction_id
         )
         if customer is not None and _committed(hold, settlement, entry):
             await self.release(
                 tenant, customer_id, hold.hold_id, hold.nonce, customer,
-                settlement if settlement is not None and not debit else None,
+                settlement if settlement is not None and not system else None,
             )  # fmt: skip
             return "completed"
         if now_ms() >= hold.deadline_ms:
@@ -605,7 +603,7 @@ def _balance_of(entry: Settlement | LedgerEntry | Customer | None) -> tuple[int,
 
 def _committed(hold: HoldView, settlement: Settlement | None, entry: LedgerEntry | None) -> bool:
     """Whether what ``hold`` was settling is in the ledger."""
-    if hold.hold_id.startswith(DEBIT_HOLD_PREFIX):
+    if hold.hold_id.startswith(SYSTEM_HOLD_PREFIX):
         return entry is not None
     if settlement is None:
         return False

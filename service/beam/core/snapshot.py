@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -31,11 +32,13 @@ class Snapshot(Generic[T]):
         self._max_age = max_age_seconds
         self.value: T = empty
         self._loaded = False
-        self._loaded_at = 0.0
+        # Never loaded / invalidated: older than any max age. Not 0.0: time.monotonic()
+        # may count from boot, and a host up for less than max_age_seconds would keep it.
+        self._loaded_at = -math.inf
         self._lock = asyncio.Lock()
 
     def invalidate(self) -> None:
-        self._loaded_at = 0.0
+        self._loaded_at = -math.inf
 
     async def reload(self) -> T:
         async with self._lock:
