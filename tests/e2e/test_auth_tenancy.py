@@ -448,6 +448,43 @@ async def test_a_key_limited_to_customers_sees_only_them(scene: Scene, transport
     assert await scene.probe.snapshot(scene.a) == before
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_get_request_finds_the_settlement_a_limited_key_may_see(
+    scene: Scene, transport: str
+) -> None:
+    """Two customers of one tenant settle the same request id, cus_old first. Without a
+    customer id GetRequest answers the newest settlement the key may see: a key allowed
+    only on cus_old reads cus_old's (it used to take the newest of all, cus_new's, with
+    LIMIT 1 and then hide it: REQUEST_NOT_FOUND)."""
+    tenant = await provision_tenant(scene.dsn)  # its own tenant: the shared one is counted
+    for customer_id in ("cus_old", "cus_new"):
+        await create_customer(scene.api, tenant, customer_id, 100_000)
+    await settle(scene.api, tenant, "cus_old", "req-dup", 300)
+    await settle(scene.api, tenant, "cus_new", "req-dup", 500)
+    old_only, _ = await add_key(scene, tenant, Role.READER, customers=frozenset({"cus_old"}))
+    new_only, _ = await add_key(scene, tenant, Role.READER, customers=frozenset({"cus_new"}))
+
+    async def read(key: str, **narrow: str) -> dict[str, Any] | Failure:
+        fields = {"request_id": "req-dup", **narrow}
+        return await send(scene.api, transport, "get_request", fields, key)
+
+    def seen(result: dict[str, Any] | Failure) -> tuple[str, str, str, str, str]:
+        assert isinstance(result, dict), result
+        return (result["request_id"], result["customer_id"], result["status"],
+                result["actual_cost_grains"], result["refunded_grains"])  # fmt: skip
+
+    old, new = ("req-dup", "cus_old", "completed", "300", "0"), (
+        "req-dup", "cus_new", "completed", "500", "0",
+    )  # fmt: skip
+    assert seen(await read(old_only)) == old
+    assert seen(await read(new_only)) == new
+    assert seen(await read(tenant.keys["reader"])) == new  # no allow-list: the newest
+    assert seen(await read(tenant.keys["reader"], customer_id="cus_old")) == old
+    assert seen(await read(old_only, customer_id="cus_old")) == old
+    hidden = refused(await read(old_only, customer_id="cus_new"), "NOT_FOUND", "REQUEST_NOT_FOUND")
+    assert (hidden.field, hidden.message) == ("request_id", "no settled request 'req-dup'")
+
+
 # -- request tokens ---------------------------------------------------------------------------
 
 

@@ -115,8 +115,14 @@ def grpc_only(call: str, case: str, field_: str, reason: str, changes: Changes |
 # -- row generators -------------------------------------------------------------------------
 
 
+_EXISTING_IDS = {"customer_id": "cus_main", "request_id": "req_done"}  # in the world fixture
+
+
 def id_rows(call: str, name: str, *, required: bool = True, in_path: bool = False) -> list[Row]:
     """An identifier: missing/empty (when required), too long, bad characters, wrong type."""
+    # An existing id plus "\n": re.match with "$" accepted it, and so would a route's "$"
+    # after Starlette's ``path`` convertor (it would read "req_done").
+    newline_id = _EXISTING_IDS.get(name, "cus_1") + "\n"
     rows = []
     if required:
         rows.append(
@@ -130,6 +136,7 @@ def id_rows(call: str, name: str, *, required: bool = True, in_path: bool = Fals
         both(call, f"{name} starting with a dot", name, INVALID, {name: ".hidden"}),
         both(call, f"{name} with NUL", name, INVALID, {name: "a\x00b"}),
         both(call, f"{name} non-ASCII", name, INVALID, {name: "kund\u00e9"}),
+        both(call, f"{name} with a trailing newline", name, INVALID, {name: newline_id}),
     ]
     if not in_path and CALLS[call].http_method == "POST":
         rows.append(
@@ -655,6 +662,68 @@ async def test_grpc_refuses_bad_input(world: World, row: Row) -> None:
     _assert_refused(result, row)
     assert await world.state() == before
     assert "Traceback" not in _log_since(world.service, log_offset)
+
+
+async def _refusal(world: World, transport: str, call: str, fields: dict[str, Any]) -> Failure:
+    if transport == "rest":
+        response = await world.api.rest(call, fields, world.key)
+        failure = rest_failure(response)
+        assert failure.http_status == response.status_code
+        return failure
+    result = await world.api.grpc(call, fields, world.key)
+    assert isinstance(result, Failure), result
+    return result
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+async def test_a_non_ascii_request_token_is_refused_not_an_internal_error(
+    world: World, transport: str
+) -> None:
+    """A token whose MAC (or nonce) is not ASCII made hmac.compare_digest raise TypeError:
+    a 500. It is a token that does not match: 403 INVALID_REQUEST_TOKEN, nothing moved."""
+    version, nonce, mac = world.token.split(".")
+    tokens = [
+        f"{version}.{nonce}.\u00e9{mac[1:]}",
+        f"{version}.{nonce}." + "\u00e9" * len(mac),
+        f"{version}.n\u00f6nce.{mac}",
+    ]
+    before = await world.state()
+    log_offset = world.service.log_path.stat().st_size
+    http_status = 403 if transport == "rest" else None
+    for token in tokens:
+        for call in ("deduct", "finalize"):
+            fields = {**world.bases[call], "request_token": token}
+            failure = await _refusal(world, transport, call, fields)
+            assert failure == Failure(
+                "PERMISSION_DENIED", "INVALID_REQUEST_TOKEN", "request_token",
+                "request_token does not match this customer and request", http_status,
+            ), (call, token)  # fmt: skip
+    assert await world.state() == before
+    assert "Traceback" not in _log_since(world.service, log_offset)
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+async def test_a_customer_id_with_a_trailing_newline_creates_no_customer(
+    world: World, transport: str
+) -> None:
+    """CreateCustomer with "cus_1\\n": 400 INVALID_FIELD on customer_id, and no customer
+    "cus_1\\n" (nor "cus_1") afterwards."""
+    before = await world.state()
+    fields = {**world.bases["create_customer"], "customer_id": "cus_1\n"}
+    failure = await _refusal(world, transport, "create_customer", fields)
+    assert failure == Failure(
+        "INVALID_ARGUMENT", INVALID, "customer_id",
+        "customer_id: must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        400 if transport == "rest" else None,
+    )  # fmt: skip
+    assert await world.state() == before
+    found = await world.probe.conn.fetch(
+        "SELECT customer_id FROM customers WHERE tenant = $1 AND customer_id LIKE 'cus\\_1%'",
+        world.tenant.name,
+    )
+    assert found == []
+    missing = await world.api.rest("get_customer", {"customer_id": "cus_1"}, world.key)
+    assert (missing.status_code, rest_failure(missing).reason) == (404, "CUSTOMER_NOT_FOUND")
 
 
 async def test_nothing_moved_across_all_rows(world: World) -> None:
