@@ -1,7 +1,7 @@
 """Every setting of the service and the operator, read from ``BEAM_*`` environment variables.
 
 One class per process kind, one home per setting. Secrets have no usable default outside dev:
-``Settings.check_production`` refuses placeholders so a forgotten ``existingSecret`` fails at
+``StoreSettings.check_production`` refuses placeholders so a forgotten ``existingSecret`` fails at
 start-up, not after money has moved under a guessable request-token key.
 """
 

@@ -1,7 +1,7 @@
 """Faults: kill -9 of the service, a Redis crash, a Sentinel failover, PostgreSQL down.
 
-The promise under test (docs/ARCHITECTURE.md, "Invariants"): an acknowledged Finalize is committed in PostgreSQL
-before its reply, so no crash loses acknowledged money, and no retry charges twice. A
+The promise under test (docs/ARCHITECTURE.md, "Invariants"): an acknowledged Finalize is
+committed in PostgreSQL before its reply, so no crash loses acknowledged money, and no retry charges twice. A
 store outage answers UNAVAILABLE (reason STORE_UNAVAILABLE), never a success without
 the commit. These tests run on their own PostgreSQL and Redis (and their own Sentinel
 group), so the crashes they cause cannot disturb the other tests' servers.

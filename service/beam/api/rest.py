@@ -240,13 +240,9 @@ def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        reason = Reason.REQUEST_NOT_FOUND if exc.status_code == 404 else Reason.MALFORMED_BODY
-        return JSONResponse(
-            {"error": {"code": "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT",
-                       "reason": "ROUTE_NOT_FOUND" if exc.status_code == 404 else reason.value,
-                       "message": str(exc.detail)}},
-            status_code=exc.status_code,
-        )  # fmt: skip
+        reason = Reason.ROUTE_NOT_FOUND if exc.status_code == 404 else Reason.MALFORMED_BODY
+        _, body = http_body(BeamError(reason, str(exc.detail)))
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
