@@ -1,10 +1,9 @@
 """Metrics (Prometheus) and structured JSON logs.
 
 Every metric of the service's layers (api, core, adapters) is declared here, once; the
-operator's own reconcile metrics live in ``beam_operator.metrics``. Logs are JSON lines; a filter scrubs
-anything shaped like an API key or request token from every record as a last line of
-defence (no code path logs them on purpose).
-"""
+operator's own reconcile metrics live in ``beam_operator.metrics``. Logs are JSON lines; a
+filter scrubs anything shaped like an API key or request token from every record as a last
+line of defence (no code path logs them on purpose)."""
 
 from __future__ import annotations
 

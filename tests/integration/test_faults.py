@@ -1,10 +1,10 @@
 """Faults: kill -9 of the service, a Redis crash, a Sentinel failover, PostgreSQL down.
 
 The promise under test (docs/ARCHITECTURE.md, "Invariants"): an acknowledged Finalize is
-committed in PostgreSQL before its reply, so no crash loses acknowledged money, and no retry charges twice. A
-store outage answers UNAVAILABLE (reason STORE_UNAVAILABLE), never a success without
-the commit. These tests run on their own PostgreSQL and Redis (and their own Sentinel
-group), so the crashes they cause cannot disturb the other tests' servers.
+committed in PostgreSQL before its reply, so no crash loses acknowledged money, and no retry
+charges twice. A store outage answers UNAVAILABLE (reason STORE_UNAVAILABLE), never a
+success without the commit. These tests run on their own PostgreSQL and Redis (and their own
+Sentinel group), so the crashes they cause cannot disturb the other tests' servers.
 
 Client behaviour modelled here: a request's lifecycle (Check, then Finalize with the
 provider's cost) is retried with the same request id until it is acknowledged, as an

@@ -46,6 +46,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="steps per schedule (default: 20-60)")
     parser.add_argument("--fault-rate", type=float, help="chance a call gets a fault")
     parser.add_argument("--bug", action="append", default=[], choices=sorted(BUGS))
+    parser.add_argument(
+        "--mask",
+        action="append",
+        default=[],
+        metavar="KIND@POINT",
+        help="drop these faults from every schedule (a known finding), e.g. "
+        "crash@credit.committed; * matches any kind or point",
+    )
     parser.add_argument("--shrink", action="store_true", help="reduce a failing schedule")
     parser.add_argument("--keep-going", action="store_true", help="soak past failures")
     parser.add_argument("--workdir", type=Path, help="where the stores live (default: tmp)")
@@ -64,6 +72,7 @@ async def _main(args: argparse.Namespace) -> int:
                 schedule = Schedule.from_json(args.replay.read_text())
             else:
                 schedule = generate(args.seed, steps=args.steps, fault_rate=args.fault_rate)
+            schedule = schedule.masked(frozenset(args.mask))
             return await _one(world, schedule, bugs, args.shrink)
         return await _soak(world, args, bugs)
     finally:
@@ -93,6 +102,7 @@ async def _soak(world: World, args: argparse.Namespace, bugs: frozenset[str]) ->
     count = args.seeds
     for n, seed in enumerate(range(args.start, args.start + count), start=1):
         schedule = generate(seed, steps=args.steps, fault_rate=args.fault_rate)
+        schedule = schedule.masked(frozenset(args.mask))
         result = await Runner(world, schedule, bugs).run()
         steps += result.steps_run
         fired += result.faults_fired

@@ -67,6 +67,7 @@ class Result:
     schedule: Schedule
     violation: Violation | None
     steps_run: int = 0
+    bugs: frozenset[str] = frozenset()
     faults_fired: int = 0
     points: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
@@ -83,7 +84,7 @@ class Result:
         return (
             f"seed {self.schedule.seed}: VIOLATION of invariant {v.invariant} at {where}\n"
             f"  {v.detail}\n"
-            f"schedule (replay: python -m tests.sim --seed {self.schedule.seed}):\n"
+            f"schedule (replay: {self.schedule.replay_command(self.bugs)}):\n"
             f"{self.schedule.describe()}"
         )
 
@@ -217,6 +218,7 @@ class Runner:
             self.schedule,
             violation,
             steps_run,
+            self.bugs,
             self.faults_fired,
             self.hook.points,
             time.monotonic() - started,

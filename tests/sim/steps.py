@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from beam.core import faults
@@ -86,9 +86,40 @@ class Schedule:
     customers: int
     balances: tuple[tuple[int, ...], ...]  # [tenant][customer] opening balance
     steps: tuple[Step, ...]
+    options: dict[str, Any] = field(default_factory=dict)  # generate()'s non-default options
 
     def with_steps(self, steps: list[Step]) -> Schedule:
-        return Schedule(self.seed, self.tenants, self.customers, self.balances, tuple(steps))
+        return replace(self, steps=tuple(steps))
+
+    def replay_command(self, bugs: frozenset[str] = frozenset()) -> str:
+        words = ["python -m tests.sim", f"--seed {self.seed}"]
+        if self.options.get("steps") is not None:
+            words.append(f"--steps {self.options['steps']}")
+        if self.options.get("fault_rate") is not None:
+            words.append(f"--fault-rate {self.options['fault_rate']}")
+        words += [f"--mask {m}" for m in self.options.get("mask", [])]
+        words += [f"--bug {b}" for b in sorted(bugs)]
+        return " ".join(words)
+
+    def masked(self, masks: frozenset[str]) -> Schedule:
+        """Without the faults ``masks`` names (``kind@point``, e.g. ``crash@credit.committed``;
+        ``*`` matches any kind or point) and without the steps it names (a step kind, e.g.
+        ``redis_restart``): to look past a known finding."""
+
+        def hidden(fault: Fault | None) -> bool:
+            if fault is None:
+                return False
+            return bool(
+                {f"{fault.kind}@{fault.point}", f"*@{fault.point}", f"{fault.kind}@*"} & masks
+            )
+
+        steps = [
+            Step(s.kind, s.tenant, s.customer, s.args, None) if hidden(s.fault) else s
+            for s in self.steps
+            if s.kind not in masks
+        ]
+        masked = self.with_steps(steps)
+        return replace(masked, options={**self.options, "mask": sorted(masks)}) if masks else masked
 
     def describe(self) -> str:
         lines = [
@@ -115,7 +146,10 @@ class Schedule:
             for s in data["steps"]
         )
         balances = tuple(tuple(b) for b in data["balances"])
-        return Schedule(data["seed"], data["tenants"], data["customers"], balances, steps)
+        return Schedule(
+            data["seed"], data["tenants"], data["customers"], balances, steps,
+            data.get("options", {}),
+        )  # fmt: skip
 
 
 @dataclass
@@ -307,6 +341,7 @@ _PROFILES: tuple[dict[str, float], ...] = (
 
 def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = None) -> Schedule:
     rng = random.Random(seed)
+    fault_rate_arg = fault_rate
     tenants = rng.choice((2, 3))
     customers = rng.choice((2, 3))
     balances = tuple(
@@ -339,4 +374,8 @@ def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = 
             out.append(Step("balance", t, c))
         else:
             out.append(gen.system(kind))
-    return Schedule(seed, tenants, customers, balances, tuple(out))
+    options = {"steps": steps, "fault_rate": fault_rate_arg}
+    return Schedule(
+        seed, tenants, customers, balances, tuple(out),
+        {k: v for k, v in options.items() if v is not None},
+    )  # fmt: skip

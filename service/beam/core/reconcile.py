@@ -1,13 +1,13 @@
 """Reconcile BeamCustomer, BeamApiKey and BeamPriceList specs into the stores.
 
-These functions know nothing of Kopf or the Kubernetes API: they take a tenant
-(namespace), a name and a spec (the CRD's camelCase shape), converge the stores, and return
-the status to publish as plain values (including ``metav1.Condition``-shaped conditions,
-which the operator merges into the object). The operator's handlers call them; ``beam apply -f`` calls them without a
-cluster. Every step is idempotent or looks before it acts, so a restart in the middle of
-a reconcile, or two operators one after the other, converge to the same ledger:
-credits are ledger transactions keyed ``crd:<customerId>:<credit id>``, applied once.
-"""
+These functions know nothing of Kopf or the Kubernetes API: they take a tenant (namespace),
+a name and a spec (the CRD's camelCase shape), converge the stores, and return the status to
+publish as plain values (including ``metav1.Condition``-shaped conditions, which the
+operator merges into the object). The operator's handlers call them; ``beam apply -f`` calls
+them without a cluster. Every step is idempotent or looks before it acts, so a restart in
+the middle of a reconcile, or two operators one after the other, converge to the same
+ledger: credits are ledger transactions keyed ``crd:<customerId>:<credit id>``, applied
+once."""
 
 from __future__ import annotations
 
