@@ -58,6 +58,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-going", action="store_true", help="soak past failures")
     parser.add_argument("--workdir", type=Path, help="where the stores live (default: tmp)")
     parser.add_argument("--verbose", action="store_true", help="log the core's warnings")
+    parser.add_argument("--trace", action="store_true", help="print every call's outcome")
     return parser.parse_args(argv)
 
 
@@ -73,15 +74,17 @@ async def _main(args: argparse.Namespace) -> int:
             else:
                 schedule = generate(args.seed, steps=args.steps, fault_rate=args.fault_rate)
             schedule = schedule.masked(frozenset(args.mask))
-            return await _one(world, schedule, bugs, args.shrink)
+            return await _one(world, schedule, bugs, args.shrink, args.trace)
         return await _soak(world, args, bugs)
     finally:
         await world.disconnect()
         await asyncio.to_thread(world.stop)
 
 
-async def _one(world: World, schedule: Schedule, bugs: frozenset[str], do_shrink: bool) -> int:
-    result = await Runner(world, schedule, bugs).run()
+async def _one(
+    world: World, schedule: Schedule, bugs: frozenset[str], do_shrink: bool, trace: bool
+) -> int:
+    result = await Runner(world, schedule, bugs, print if trace else None).run()
     print(result.report())
     if result.ok:
         print(schedule.describe())

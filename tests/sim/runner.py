@@ -163,7 +163,14 @@ class _Obs:
 
 
 class Runner:
-    def __init__(self, world: World, schedule: Schedule, bugs: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        world: World,
+        schedule: Schedule,
+        bugs: frozenset[str] = frozenset(),
+        trace: Callable[[str], object] | None = None,
+    ):
+        self.trace = trace
         self.world = world
         self.schedule = schedule
         self.bugs = bugs
@@ -276,6 +283,8 @@ class Runner:
         finally:
             hook.fault, hook.target = None, None
         outcome = _Outcome(fired=hook.fired)
+        if self.trace is not None:
+            self.trace(self._traced(step, task, hook.fired))
         if outcome.fired:
             self.faults_fired += 1
             self.fired_in_step = True
@@ -305,6 +314,21 @@ class Runner:
             if outcome.cancelled and not outcome.fired:
                 raise self.fail("internal error", f"{step.kind} was cancelled by nobody")
         return outcome
+
+    def _traced(self, step: Step, task: asyncio.Task[Any], fired: bool) -> str:
+        if task.cancelled():
+            what = "cancelled"
+        elif task.exception() is not None:
+            error = task.exception()
+            what = show(error) if isinstance(error, BeamError) else type(error).__name__
+        else:
+            what = repr(task.result())
+        fault = (
+            f" [{step.fault.describe()} {'FIRED' if fired else 'not reached'}]"
+            if (step.fault)
+            else ""
+        )
+        return f"  {self.index:3d} {step.kind}{fault} -> {what}"
 
     async def _drain(self, before: set[asyncio.Task[Any]]) -> None:
         current = asyncio.current_task()
@@ -486,6 +510,27 @@ class Runner:
                 self.model.entry(t, c, kind, a, outcome.value)
             if outcome.answered:
                 await self.acknowledged_entry(t, c, kind, a, outcome.value)
+        if a["txid"] and self.uncertain(t, c):
+            await self.resolve_txid(t, a["txid"])
+
+    async def resolve_txid(self, t: int, txid: str) -> None:
+        """Transaction ids are unique per tenant, so the model of every customer of the
+        tenant needs to know whether a call it could not follow committed this one: the
+        ledger says."""
+        pg = self.world.pg
+        assert pg is not None
+        row = await pg.fetchrow(
+            """SELECT customer_id, transaction_type, amount_grains, balance_after_grains,
+                      balance_version FROM transactions
+               WHERE tenant = $1 AND transaction_id = $2""",
+            self.tenants[t],
+            txid,
+        )
+        if row is not None:
+            self.model.txns[t][txid] = Txn(
+                self.cids.index(row["customer_id"]), row["transaction_type"],
+                row["amount_grains"], row["balance_after_grains"], row["balance_version"],
+            )  # fmt: skip
 
     async def _balance(self, step: Step) -> None:
         t, c = step.tenant, step.customer
@@ -520,8 +565,13 @@ class Runner:
             )
         if resumed:
             return
+        assert self.obs is not None
+        settling = {  # abandoned by this pass (past their deadline): the next one records them
+            k: {h for h, (where, *_) in self.obs.rd[k].holds.items() if where == "stl"}
+            for k in self.keys
+        }
         obs = await self.observe()
-        left = [k for k in self.keys if self.overdue(obs.rd[k], now)]
+        left = [k for k in self.keys if self.overdue(obs.rd[k], now, settling[k])]
         if outcome.fired:  # one hold failed: only its customer may have holds left over
             if len(left) > 1:
                 raise self.fail(
@@ -538,7 +588,11 @@ class Runner:
             for key in left:
                 self.dirty[key] = ("cancel", self.model.now)
         await self.model_reaped()
-        still = [k for k in self.keys if k not in self.dirty and self.overdue(obs.rd[k], now)]
+        still = [
+            k
+            for k in self.keys
+            if k not in self.dirty and self.overdue(obs.rd[k], now, settling[k])
+        ]
         if still:
             raise self.fail(
                 "3 reaper", f"overdue holds left after a reaper pass: {self.names(still)}"
@@ -617,10 +671,10 @@ class Runner:
         return bool(self.obs.rd[key].holds) or bool(self.model.custs[key].holds)
 
     @staticmethod
-    def overdue(rd: _Rd, now: int) -> bool:
+    def overdue(rd: _Rd, now: int, exempt: set[str] | None = None) -> bool:
         return any(
-            where == "exp" or (where == "open" and score <= now)
-            for where, _, _, _, score in rd.holds.values()
+            (where == "exp" or (where == "open" and score <= now)) and hold not in (exempt or ())
+            for hold, (where, _, _, _, score) in rd.holds.items()
         )
 
     async def model_reaped(self) -> None:
