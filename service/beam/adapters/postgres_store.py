@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import replace
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
 
+from beam.adapters.batching import Batcher
 from beam.adapters.migrations import migrate
 from beam.config import StoreSettings
 from beam.constants import MAX_GRAINS
@@ -70,7 +71,7 @@ def _customer(row: asyncpg.Record) -> Customer:
     )
 
 
-def _settlement(row: asyncpg.Record, *, replayed: bool) -> Settlement:
+def _settlement(row: Mapping[str, Any], *, replayed: bool) -> Settlement:
     return Settlement(
         tenant=row["tenant"],
         customer_id=row["customer_id"],
@@ -139,9 +140,19 @@ def _translate_unavailable(cls: type[_T]) -> type[_T]:
 
 @_translate_unavailable
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, settle_batch_size: int = 64) -> None:
         self.pool = pool
         self._listening: dict[asyncpg.Connection, tuple[list[str], Any]] = {}
+        # At most a quarter of the pool settles at once: the rest stays for reads, credits
+        # and debits, even while one hot customer's settlements queue up.
+        self._settlements: Batcher[dict[str, Any], RecordedSettlement] = Batcher(
+            self._settle_batch,
+            max_items=settle_batch_size,
+            max_in_flight=max(1, pool.get_max_size() // 4),
+        )
+        self._lookups: Batcher[tuple[str, str, str], str | None] = Batcher(
+            self._settled_nonces, max_items=256, max_in_flight=max(1, pool.get_max_size() // 4)
+        )
 
     @classmethod
     async def connect(cls, settings: StoreSettings) -> PostgresStore:
@@ -154,6 +165,8 @@ class PostgresStore:
         return cls(pool)
 
     async def close(self, timeout_seconds: float = 10.0) -> None:
+        await self._settlements.close(timeout_seconds)
+        await self._lookups.close(timeout_seconds)
         try:
             await asyncio.wait_for(self.pool.close(), timeout_seconds)
         except TimeoutError:
@@ -455,16 +468,30 @@ class PostgresStore:
 
     async def settled_nonce(self, tenant: str, customer_id: str, request_id: str) -> str | None:
         """The nonce of the hold that settled this request id; None if it never settled.
-        One primary-key lookup: what a Check for a new request id asks the ledger."""
-        with STORE_LATENCY.labels("postgres", "settled_nonce").time():
-            value = await self.pool.fetchval(
-                """SELECT hold_nonce FROM requests
-                   WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
-                tenant,
-                customer_id,
-                request_id,
-            )
-        return None if value is None else str(value)
+        What a Check for a new request id asks the ledger; concurrent Checks share one
+        query (natural batching, like settlements)."""
+        with (
+            STORE_LATENCY.labels("postgres", "settled_nonce").time(),
+            _unavailable_as_store_error(),
+        ):
+            return await self._lookups.submit((tenant, customer_id, request_id))
+
+    async def _settled_nonces(
+        self, keys: Sequence[tuple[str, str, str]]
+    ) -> list[str | BaseException | None]:
+        rows = await self.pool.fetch(
+            """SELECT q.i, r.hold_nonce
+               FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+                    AS q(tenant, customer_id, request_id, i)
+               JOIN requests r USING (tenant, customer_id, request_id)""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+        found: list[str | BaseException | None] = [None] * len(keys)
+        for row in rows:
+            found[row["i"] - 1] = str(row["hold_nonce"])
+        return found
 
     async def committed_after_lock(
         self, tenant: str, customer_id: str, request_id: str, transaction_id: str
@@ -510,118 +537,29 @@ class PostgresStore:
         nonce) returns the first result. A different hold under an id that is already
         settled is charged on its own (``charge_other_hold``: it consumed real tokens), by
         one entry ``<type>:<customer>:<request>#<nonce>``, and never settles the request
-        again."""
-        with STORE_LATENCY.labels("postgres", "record_settlement").time():
-            return await self._record_settlement(s, created_at, charge_other_hold)
+        again. Concurrent calls share one round trip and one commit (group commit,
+        ``beam_settle`` in migrations/0004_settle_batch.sql); each is acknowledged only
+        after the batch it joined committed, and one bad settlement never fails another."""
+        item = _settlement_item(s, created_at, charge_other_hold)
+        with (
+            STORE_LATENCY.labels("postgres", "record_settlement").time(),
+            _unavailable_as_store_error(),
+        ):
+            return await self._settlements.submit(item)
 
-    async def _record_settlement(
-        self, s: Settlement, created_at: datetime | None, charge_other_hold: bool
-    ) -> RecordedSettlement:
-        entry_type = (
-            EntryType.EXPIRY if s.status is SettlementStatus.EXPIRED else EntryType.SETTLEMENT
-        )
-        async with self.pool.acquire() as conn, conn.transaction():
-            account = await self._lock_customer(conn, s.tenant, s.customer_id)
-            existing = await conn.fetchrow(
-                f"""SELECT {_REQUEST_COLUMNS} FROM requests
-                    WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
-                s.tenant,
-                s.customer_id,
-                s.request_id,
-            )
-            if existing is not None:
-                first = _settlement(existing, replayed=True)
-                if first.hold_nonce == s.hold_nonce:
-                    return RecordedSettlement(first, RecordOutcome.REPLAY)
-                orphan = None
-                if charge_other_hold and s.charged_grains > 0 and s.hold_nonce:
-                    orphan = await self._charge_other_hold(conn, account, entry_type, s)
-                return RecordedSettlement(first, RecordOutcome.OTHER_HOLD, orphan)
-            entry = await self._append(
-                conn, account,
-                (s.tenant, s.customer_id, f"{entry_type.value}:{s.customer_id}:{s.request_id}",
-                 entry_type),
-                -s.charged_grains, s.request_id, s.status.value, "",
-            )  # fmt: skip
-            before = account["current_balance_grains"]
-            recorded = replace(
-                s,
-                overage_grains=new_deficit(before, entry.balance_after_grains),
-                balance_after_grains=entry.balance_after_grains,
-                balance_version=entry.balance_version,
-            )
-            row = await self._insert_request(conn, recorded, created_at)
-            return RecordedSettlement(_settlement(row, replayed=False), RecordOutcome.NEW)
-
-    async def _charge_other_hold(
-        self,
-        conn: asyncpg.Connection,
-        account: asyncpg.Record,
-        entry_type: EntryType,
-        s: Settlement,
-    ) -> LedgerEntry:
-        transaction_id = f"{entry_type.value}:{s.customer_id}:{s.request_id}#{s.hold_nonce}"
-        existing = await conn.fetchrow(
-            """SELECT balance_after_grains, balance_version FROM transactions
-               WHERE tenant = $1 AND transaction_id = $2""",
-            s.tenant,
-            transaction_id,
-        )
-        if existing is not None:
-            return LedgerEntry(transaction_id, existing[0], existing[1], replayed=True)
-        return await self._append(
-            conn, account, (s.tenant, s.customer_id, transaction_id, entry_type),
-            -s.charged_grains, s.request_id, "a second hold under a settled request id", "",
-        )  # fmt: skip
-
-    @staticmethod
-    async def _insert_request(
-        conn: asyncpg.Connection, s: Settlement, created_at: datetime | None
-    ) -> asyncpg.Record:
-        """The request's row and its analytics event, in the settlement's transaction."""
-        row = await conn.fetchrow(
-            f"""INSERT INTO requests (tenant, customer_id, request_id, status, model,
-                    estimated_cost_grains, reserved_grains, consumed_grains,
-                    actual_cost_grains, refunded_grains, overage_grains, prompt_tokens,
-                    completion_tokens, cached_prompt_tokens, balance_after_grains,
-                    balance_version, created_at, hold_nonce)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                    $16, COALESCE($17, now()), $18)
-                RETURNING {_REQUEST_COLUMNS}""",
-            s.tenant,
-            s.customer_id,
-            s.request_id,
-            s.status.value,
-            s.model,
-            s.estimated_grains,
-            s.reserved_grains,
-            s.consumed_grains,
-            s.charged_grains,
-            s.refunded_grains,
-            s.overage_grains,
-            s.prompt_tokens,
-            s.completion_tokens,
-            s.cached_prompt_tokens,
-            s.balance_after_grains,
-            s.balance_version,
-            created_at,
-            s.hold_nonce,
-        )
-        await conn.execute(
-            """INSERT INTO usage_events (time, tenant, customer_id, request_id, model,
-                   status, prompt_tokens, completion_tokens, cost_grains)
-               VALUES (now(), $1, $2, $3, $4, $5, $6, $7, $8)""",
-            s.tenant,
-            s.customer_id,
-            s.request_id,
-            s.model,
-            s.status.value,
-            s.prompt_tokens,
-            s.completion_tokens,
-            s.charged_grains,
-        )
-        assert row is not None
-        return row
+    async def _settle_batch(
+        self, items: Sequence[dict[str, Any]]
+    ) -> list[RecordedSettlement | BaseException]:
+        batch = [{**item, "i": index} for index, item in enumerate(items)]
+        with STORE_LATENCY.labels("postgres", "settle_batch").time():
+            async with self.pool.acquire() as conn:
+                answer = await conn.fetchval("SELECT beam_settle($1::jsonb)", json.dumps(batch))
+        results: list[RecordedSettlement | BaseException] = [
+            BeamError(Reason.INTERNAL, "no answer for this settlement")
+        ] * len(items)
+        for result in json.loads(answer):
+            results[int(result["i"])] = _recorded(result)
+        return results
 
     # -- requests ------------------------------------------------------------------------
 
@@ -855,6 +793,51 @@ class PostgresStore:
                 await conn.remove_listener(channel, deliver)
         finally:
             await self.pool.release(conn)
+
+
+_SQLSTATE_REASONS = {
+    "BL001": Reason.BALANCE_LIMIT_EXCEEDED,
+    "BL002": Reason.OUT_OF_RANGE,
+    "BL003": Reason.CUSTOMER_NOT_FOUND,
+}
+
+
+def _settlement_item(
+    s: Settlement, created_at: datetime | None, charge_other_hold: bool
+) -> dict[str, Any]:
+    return {
+        "tenant": s.tenant, "customer_id": s.customer_id, "request_id": s.request_id,
+        "status": s.status.value, "model": s.model, "estimated_grains": s.estimated_grains,
+        "reserved_grains": s.reserved_grains, "consumed_grains": s.consumed_grains,
+        "charged_grains": s.charged_grains, "refunded_grains": s.refunded_grains,
+        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+        "cached_prompt_tokens": s.cached_prompt_tokens, "hold_nonce": s.hold_nonce,
+        "created_at_ms": int(created_at.timestamp() * 1000) if created_at else None,
+        "charge_other_hold": charge_other_hold,
+    }  # fmt: skip
+
+
+def _recorded(result: dict[str, Any]) -> RecordedSettlement | BeamError:
+    """One item of beam_settle's answer."""
+    if "error" in result:
+        reason = _SQLSTATE_REASONS.get(result["error"], Reason.INTERNAL)
+        field = "customer_id" if reason is Reason.CUSTOMER_NOT_FOUND else None
+        return BeamError(reason, str(result["message"]), field=field)
+    row = result["row"]
+    for name in ("created_at", "completed_at"):
+        row[name] = datetime.fromisoformat(row[name])
+    outcome = RecordOutcome(result["outcome"])
+    settlement = _settlement(row, replayed=outcome is not RecordOutcome.NEW)
+    orphan = result.get("orphan")
+    if not orphan:
+        return RecordedSettlement(settlement, outcome)
+    entry = LedgerEntry(
+        orphan["transaction_id"],
+        int(orphan["balance_after_grains"]),
+        int(orphan["balance_version"]),
+        bool(orphan["replayed"]),
+    )
+    return RecordedSettlement(settlement, outcome, entry)
 
 
 # Entry types that spend a customer's money (count towards lifetime spend).

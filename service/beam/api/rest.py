@@ -241,7 +241,7 @@ def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) ->
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = Reason.ROUTE_NOT_FOUND if exc.status_code == 404 else Reason.MALFORMED_BODY
-        _, body = http_body(BeamError(reason, str(exc.detail)))
+        body = http_body(BeamError(reason, str(exc.detail)))[1]
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
