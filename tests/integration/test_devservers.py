@@ -32,16 +32,14 @@ from beam.devservers import (
     BinaryLocation,
     BinaryNotFoundError,
     BinarySource,
-    ClusterCreation,
     DevServerError,
     PostgresServer,
-    RedisClusterGroup,
-    RedisSentinelGroup,
     RedisServer,
     find_pg_bin_dir,
     find_redis_server,
     free_port,
 )
+from tests.support.topologies import ClusterCreation, RedisClusterGroup, RedisSentinelGroup
 
 SOURCES = ["PATH", "wheel"]
 PROCESS_GONE_TIMEOUT_SECONDS = 10.0

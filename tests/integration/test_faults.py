@@ -27,10 +27,10 @@ import grpc
 import httpx
 import pytest
 
-from beam import devservers
 from beam.balance.v1 import balance_pb2 as pb
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc
 from tests.support.stack import ServiceProcess, Stores, Tenant, provision_tenant
+from tests.support.topologies import RedisSentinelGroup
 
 BALANCE = 10_000_000
 # A kill lands at a random point of a round; the seed is printed so a failure can be replayed.
@@ -305,7 +305,7 @@ async def test_a_redis_crash_mid_stream_loses_no_acknowledged_money(
 async def test_enforcement_resumes_through_sentinel_after_the_master_dies(
     fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    group = devservers.RedisSentinelGroup(tmp_path / "sentinel")
+    group = RedisSentinelGroup(tmp_path / "sentinel")
     await asyncio.to_thread(group.start)
     stores = Stores(tmp_path, "sentinel", postgres=fault_stores.postgres, redis=group)
     service = ServiceProcess(stores, tmp_path).start()

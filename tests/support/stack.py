@@ -1,9 +1,10 @@
 """Real stores and a real `beam serve` process for the integration and end-to-end tests.
 
 `Stores` starts PostgreSQL plus one Redis topology (standalone, Sentinel or Cluster) from
-beam.devservers. `ServiceProcess` runs `beam serve` as a child process against them, so
-tests talk to it over loopback exactly as an application would, and can SIGKILL it.
-`Tenant` provisions a fresh tenant with keys of every role, so tests never share money.
+beam.devservers and tests.support.topologies. `ServiceProcess` runs `beam serve` as a child
+process against them, so tests talk to it over loopback exactly as an application would, and
+can SIGKILL it. `Tenant` provisions a fresh tenant with keys of every role, so tests never
+share money.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from beam.config import Environment, RedisMode, ServiceSettings
 from beam.core.auth import generate_key
 from beam.core.pricing import parse_price_entries
 from beam.records import ApiKeyRecord, Role
+from tests.support.topologies import RedisClusterGroup, RedisSentinelGroup
 
 TEST_TOKEN_SECRET = "test-request-token-secret-0123456789abcdef"
 PRICES = [
@@ -56,9 +58,9 @@ class Stores:
         self.postgres = devservers.PostgresServer(self.workdir / "postgres")
         self.postgres.start()
         if self.topology == "sentinel":
-            self.redis = devservers.RedisSentinelGroup(self.workdir / "sentinel")
+            self.redis = RedisSentinelGroup(self.workdir / "sentinel")
         elif self.topology == "cluster":
-            self.redis = devservers.RedisClusterGroup(self.workdir / "cluster", masters=3)
+            self.redis = RedisClusterGroup(self.workdir / "cluster", masters=3)
         else:
             self.redis = devservers.RedisServer(self.workdir / "redis")
         self.redis.start()
