@@ -34,14 +34,14 @@ end
 local h = redis.call('HMGET', KEYS[4], 'fp', 'amount0', 'remaining0', 'nonce', 'exp0',
   'status', 'kind')
 if h[6] then
-  if h[1] ~= fingerprint then
-    return {'CONFLICT'}
-  end
   local hold_kind = h[7] or 'request'  -- holds opened before kinds existed are requests
   local replayable = (kind == 'debit' and hold_kind == 'debit') or
     (kind == 'request' and hold_kind == 'request' and h[6] ~= 'settling')
   if not replayable then
-    return {'SETTLED'}
+    return {'SETTLED'}  -- being settled (a Finalize, a claim): never a new hold
+  end
+  if h[1] ~= fingerprint then
+    return {'CONFLICT'}
   end
   return {'OK', num(h[2]), num(h[3]), h[4], num(h[5]), 1}
 end

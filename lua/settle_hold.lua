@@ -11,12 +11,16 @@ local overage         = ARGV[8]
 local status          = ARGV[9]
 local settled_nonce   = ARGV[10]           -- the nonce PostgreSQL recorded for the request
 local done_ttl        = ARGV[11]
+local only_status     = ARGV[12]           -- release only a hold in this status ('' = any)
 -- Returns {released, held, balance}. Safe to run any number of times: only the hold with
 -- this nonce is released (never a newer hold under a reused id), once; a stale balance
 -- version is ignored. With balance_version 0 and no marker it voids a hold that nothing
 -- was committed for (a Check for a settled id, a failed debit, an abandoned claim).
+-- The reaper releases an expired hold only while it is still expiring: a Finalize that
+-- took it over meanwhile keeps its reservation until its own commit (a late adjustment).
 local released = 0
-if nonce ~= '' and redis.call('HGET', KEYS[4], 'nonce') == nonce then
+local h = redis.call('HMGET', KEYS[4], 'nonce', 'status')
+if nonce ~= '' and h[1] == nonce and (only_status == '' or h[2] == only_status) then
   released = drop_hold(hold_id)
 end
 local balance = 0

@@ -79,7 +79,8 @@ BEGIN
         END IF;
         IF (s->>'charge_other_hold')::BOOLEAN AND v_charged > 0 AND v_nonce <> '' THEN
             -- A second hold under a settled id: charged on its own, never settles again.
-            v_txid := v_type || ':' || v_customer || ':' || v_request || '#' || v_nonce;
+            -- One id whether a Finalize or the reaper charges it: never twice.
+            v_txid := 'settlement:' || v_customer || ':' || v_request || '#' || v_nonce;
             SELECT balance_after_grains, balance_version INTO v_entry FROM transactions
              WHERE tenant = v_tenant AND transaction_id = v_txid;
             IF FOUND THEN

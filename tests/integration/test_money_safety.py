@@ -515,3 +515,36 @@ async def test_killed_credit_is_repaired_from_the_ledger(
     await reap_after_grace(runtime)
     assert await redis_account(runtime, tenant.name) == (12_500, 0)
     await assert_consistent(runtime, p)
+
+
+async def test_reaper_never_releases_a_hold_a_late_finalize_took_over(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """The reaper reads an expired hold, a Finalize takes the hold over (reserving its
+    charge), then the reaper commits the expiry: the hold must stay reserved until the
+    Finalize's adjustment commits, or a crash there would leave Redis above the ledger."""
+    p = await customer(runtime, tenant, 10_000, hold_ttl_seconds=1)
+    check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap"))
+    await runtime.ledger.deduct(
+        p, DeductCommand(CUSTOMER, "r", check.request_token, 100, "cheap", True, 1)
+    )
+    faults.advance(2_000)
+    work = await runtime.scripts.reaper_work(
+        tenant.name, CUSTOMER, now_ms=faults.now_ms(), limit=10, grace_ms=0
+    )
+    (expired,) = work.expiring  # shrunk to what it consumed: 200
+    reserved_during: list[int] = []
+
+    async def reaper_commits_meanwhile(name: str) -> None:
+        if name == faults.FINALIZE_BEGUN:
+            faults.install(None)
+            await runtime.reaper._expire(tenant.name, CUSTOMER, expired)
+            reserved_during.append((await runtime.ledger.balance(p, CUSTOMER)).reserved)
+
+    faults.install(reaper_commits_meanwhile)
+    final = await settle(runtime, p, "r", 3_000, check.request_token)
+    assert reserved_during == [3_000]  # the expiry committed; the charge stays reserved
+    assert (final.charged_grains, final.final_balance) == (3_000, 7_000)
+    assert await redis_account(runtime, tenant.name) == (7_000, 0)
+    assert await ledger_row(stores, tenant.name) == (7_000, 7_000, 3_000, 0)
+    await assert_consistent(runtime, p)

@@ -536,7 +536,7 @@ class PostgresStore:
         """Charge a settled request exactly once. A second call for the same hold (same
         nonce) returns the first result. A different hold under an id that is already
         settled is charged on its own (``charge_other_hold``: it consumed real tokens), by
-        one entry ``<type>:<customer>:<request>#<nonce>``, and never settles the request
+        one entry ``settlement:<customer>:<request>#<nonce>``, and never settles the request
         again. Concurrent calls share one round trip and one commit (group commit,
         ``beam_settle`` in migrations/0004_settle_batch.sql); each is acknowledged only
         after the batch it joined committed, and one bad settlement never fails another."""

@@ -320,6 +320,7 @@ class Scripts:
         balance_version: int = 0,
         marker: DoneMarker | None = None,
         marker_ttl_seconds: int = 0,
+        only_status: str = "",
     ) -> SettleReply:
         """Release the hold with ``nonce`` (if it is still there), adopt the balance if
         its version is newer, and write the done marker when one is given. With only a
@@ -331,6 +332,7 @@ class Scripts:
             [
                 hold_id, nonce, balance_after, balance_version, "1" if marker else "0",
                 m.charged, m.refunded, m.overage, m.status, m.nonce, marker_ttl_seconds,
+                only_status,
             ],
             idempotent=True,
         )  # fmt: skip

@@ -239,6 +239,8 @@ class Ledger:
         nonce: str,
         entry: Settlement | LedgerEntry | Customer | None = None,
         marker: Settlement | None = None,
+        *,
+        only_status: str = "",
     ) -> int:
         """Step (3): release hold ``nonce`` and adopt the balance ``entry`` committed (none
         for a void); returns the customer's ``held`` afterwards."""
@@ -252,6 +254,7 @@ class Ledger:
             balance_version=version,
             marker=marker_of(marker) if marker is not None else None,
             marker_ttl_seconds=DONE_MARKER_TTL_SECONDS,
+            only_status=only_status,
         )
         return reply.held
 

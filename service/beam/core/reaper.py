@@ -154,12 +154,17 @@ class Reaper:
         recorded = await self.postgres.record_settlement(_expiry(tenant, customer_id, hold), None)
         await faults.point(faults.REAPER_COMMITTED)
         first = recorded.settlement
+        # Only while it is still expiring: a Finalize may have taken the hold over meanwhile
+        # (it then settles it, with an adjustment, and keeps it reserved until then).
         if recorded.outcome is RecordOutcome.OTHER_HOLD:
             await self.ledger.release(
-                tenant, customer_id, hold.hold_id, hold.nonce, recorded.orphan_entry
-            )
+                tenant, customer_id, hold.hold_id, hold.nonce, recorded.orphan_entry,
+                only_status="expiring",
+            )  # fmt: skip
             return
-        await self.ledger.release(tenant, customer_id, hold.hold_id, hold.nonce, first, first)
+        await self.ledger.release(
+            tenant, customer_id, hold.hold_id, hold.nonce, first, first, only_status="expiring"
+        )
 
     async def run_forever(self, interval_seconds: float) -> None:
         while True:
