@@ -1,0 +1,87 @@
+"""Fixtures of the Python client's tests: a client of the shared `beam serve`, customers.
+
+The client talks gRPC to the session's real service (tests/conftest.py ``service``), as an
+enforcer of a fresh tenant. Customers are created, and requests and balances read back,
+over the service's REST admin API with the tenant's admin key, independently of the client
+under test. Prices (tests/support/stack.py): "cheap" is 1 grain per input token and 2 per
+output token; "gpt-4o-mini" 0.15 / 0.6 / 0.075 (cached) grains per token.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from beam_client import AsyncBeamClient, RetryPolicy
+
+from tests.support.stack import ServiceProcess, Tenant
+
+# Fast retries for tests that expect Beam to stay away.
+QUICK_RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01)
+
+
+@dataclass
+class Admin:
+    """REST admin calls of one tenant on one service (the tests' independent view)."""
+
+    service: ServiceProcess
+    tenant: Tenant
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.service.http_url, headers=self.tenant.header("admin"), timeout=30
+        )
+
+    async def customer(self, balance: int, customer_id: str | None = None) -> str:
+        customer_id = customer_id or f"cus_{secrets.token_hex(4)}"
+        async with self._client() as http:
+            answer = await http.post(
+                "/v1/customers",
+                json={"customer_id": customer_id, "display_name": customer_id,
+                      "initial_balance_grains": str(balance)},
+            )  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        return customer_id
+
+    async def balance(self, customer_id: str) -> tuple[int, int, int]:
+        """(balance, reserved, available)."""
+        async with self._client() as http:
+            answer = await http.get(f"/v1/balance/{customer_id}")
+        assert answer.status_code == 200, answer.text
+        data = answer.json()
+        return int(data["balance"]), int(data["reserved"]), int(data["available"])
+
+    async def request(self, request_id: str, customer_id: str) -> dict[str, Any]:
+        async with self._client() as http:
+            answer = await http.get(
+                f"/v1/requests/{request_id}", params={"customer_id": customer_id}
+            )
+        assert answer.status_code == 200, answer.text
+        data = answer.json()
+        assert isinstance(data, dict)
+        return data
+
+    async def ledger_entries(self, customer_id: str) -> int:
+        """Settled requests of the customer (each settles by one ledger entry)."""
+        async with self._client() as http:
+            answer = await http.get(f"/v1/customers/{customer_id}/requests", params={"limit": 1000})
+        assert answer.status_code == 200, answer.text
+        return len(answer.json()["requests"])
+
+
+@pytest.fixture
+async def admin(service: ServiceProcess, tenant: Tenant) -> Admin:
+    return Admin(service, tenant)
+
+
+@pytest.fixture
+async def client(service: ServiceProcess, tenant: Tenant) -> AsyncIterator[AsyncBeamClient]:
+    beam = AsyncBeamClient(service.grpc_target, tenant.keys["enforcer"])
+    try:
+        yield beam
+    finally:
+        await beam.close()

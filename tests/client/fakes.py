@@ -1,0 +1,268 @@
+"""Fake LLM providers: streams of objects shaped like the OpenAI and Anthropic SDKs' chunks.
+
+Nothing here imports an SDK; the objects have the attributes the SDKs' objects have, so the
+client's duck-typed adapters read them as they would read the real ones. A stream is
+scripted by a list of text pieces and the usage the provider reports at its end, and
+records whether it was closed (the adapter closes it when Beam says stop). ``endless``
+pieces model a provider that would go on forever: only a stop ends it.
+
+``fake_openai_module`` / ``fake_anthropic_module`` are importable stand-ins for the SDK
+packages (``AsyncOpenAI().chat.completions.create(..., stream=True)``,
+``AsyncAnthropic().messages.create(..., stream=True)``), used to run the documentation's
+examples as written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import types
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace as NS
+from typing import Any
+
+# -- chunk shapes --------------------------------------------------------------------------
+
+
+def openai_chunk(text: str) -> NS:
+    return NS(
+        id="chatcmpl-1",
+        object="chat.completion.chunk",
+        choices=[
+            NS(index=0, delta=NS(role=None, content=text, tool_calls=None), finish_reason=None)
+        ],
+        usage=None,
+    )
+
+
+def openai_usage_chunk(prompt: int, completion: int, cached: int = 0) -> NS:
+    return NS(
+        id="chatcmpl-1",
+        object="chat.completion.chunk",
+        choices=[],
+        usage=NS(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=NS(cached_tokens=cached),
+        ),
+    )
+
+
+def anthropic_events_head(input_tokens: int, cache_read: int = 0, cache_write: int = 0) -> list[NS]:
+    return [
+        NS(
+            type="message_start",
+            message=NS(
+                id="msg_1",
+                role="assistant",
+                usage=NS(
+                    input_tokens=input_tokens,
+                    cache_read_input_tokens=cache_read,
+                    cache_creation_input_tokens=cache_write,
+                    output_tokens=1,
+                ),
+            ),
+        ),
+        NS(type="content_block_start", index=0, content_block=NS(type="text", text="")),
+    ]
+
+
+def anthropic_text(text: str) -> NS:
+    return NS(type="content_block_delta", index=0, delta=NS(type="text_delta", text=text))
+
+
+def anthropic_events_tail(output_tokens: int) -> list[NS]:
+    return [
+        NS(type="content_block_stop", index=0),
+        NS(
+            type="message_delta",
+            delta=NS(stop_reason="end_turn"),
+            usage=NS(output_tokens=output_tokens),
+        ),
+        NS(type="message_stop"),
+    ]
+
+
+# -- streams -------------------------------------------------------------------------------
+
+
+@dataclass
+class Script:
+    """What a fake provider streams: head events, text pieces, tail events."""
+
+    head: list[Any] = field(default_factory=list)
+    pieces: Iterable[str] = ()
+    tail: list[Any] = field(default_factory=list)
+    chunk: Any = openai_chunk
+
+
+class FakeStream:
+    """An async and sync iterable of chunks that records what was read and whether closed."""
+
+    def __init__(self, script: Script, delay: float = 0.0) -> None:
+        self.script = script
+        self.delay = delay
+        self.closed = False
+        self.pieces_sent = 0
+
+    def _events(self) -> Iterator[Any]:
+        yield from self.script.head
+        for piece in self.script.pieces:
+            if self.closed:
+                return
+            self.pieces_sent += 1
+            yield self.script.chunk(piece)
+        yield from self.script.tail
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        for event in self._events():
+            if self.closed:
+                return
+            await asyncio.sleep(self.delay)
+            yield event
+
+    def __iter__(self) -> Iterator[Any]:
+        for event in self._events():
+            if self.closed:
+                return
+            yield event
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def openai_stream(
+    pieces: Iterable[str], usage: tuple[int, int, int] | None, delay: float = 0.0
+) -> FakeStream:
+    """Chat Completions chunks, then (if ``usage``) the include_usage chunk."""
+    tail = [openai_usage_chunk(*usage)] if usage is not None else []
+    return FakeStream(Script(pieces=pieces, tail=tail), delay)
+
+
+def anthropic_stream(
+    pieces: Iterable[str],
+    input_tokens: int,
+    output_tokens: int,
+    cache_read: int = 0,
+    delay: float = 0.0,
+) -> FakeStream:
+    return FakeStream(
+        Script(
+            head=anthropic_events_head(input_tokens, cache_read),
+            pieces=pieces,
+            tail=anthropic_events_tail(output_tokens),
+            chunk=anthropic_text,
+        ),
+        delay,
+    )
+
+
+def endless(piece: str = "tok ") -> Iterator[str]:
+    """A provider that never stops on its own (one ~1-token piece at a time)."""
+    return itertools.repeat(piece)
+
+
+# -- importable SDK stand-ins (for the documentation's examples) ----------------------------
+
+
+@dataclass
+class Provider:
+    """What the fake SDKs answer: ``reply_tokens`` one-token pieces, then usage of
+    ``prompt_tokens`` (of which ``cached_tokens``) and the pieces sent; ``endless`` ignores
+    max_tokens and never ends (a stop must end it)."""
+
+    prompt_tokens: int = 120
+    cached_tokens: int = 0
+    reply_tokens: int = 300
+    endless: bool = False
+    delay: float = 0.0
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    streams: list[FakeStream] = field(default_factory=list)
+
+    def pieces(self, max_tokens: int | None) -> Iterable[str]:
+        if self.endless:
+            return endless()
+        count = self.reply_tokens if max_tokens is None else min(self.reply_tokens, max_tokens)
+        return ["tok "] * count
+
+    def openai(self, kwargs: dict[str, Any]) -> FakeStream:
+        self.calls.append(kwargs)
+        include_usage = bool((kwargs.get("stream_options") or {}).get("include_usage"))
+        pieces = list(self.pieces(kwargs.get("max_tokens"))) if not self.endless else endless()
+        stream = FakeStream(Script(pieces=pieces), self.delay)
+        if include_usage and not self.endless:
+            stream.script.tail = [
+                openai_usage_chunk(self.prompt_tokens, len(pieces), self.cached_tokens)
+            ]  # type: ignore[arg-type]
+        self.streams.append(stream)
+        return stream
+
+    def anthropic(self, kwargs: dict[str, Any]) -> FakeStream:
+        self.calls.append(kwargs)
+        pieces = self.pieces(kwargs.get("max_tokens"))
+        pieces = list(pieces) if not self.endless else pieces
+        stream = FakeStream(
+            Script(
+                head=anthropic_events_head(
+                    self.prompt_tokens - self.cached_tokens, self.cached_tokens
+                ),
+                pieces=pieces,
+                tail=[] if self.endless else anthropic_events_tail(len(pieces)),  # type: ignore[arg-type]
+                chunk=anthropic_text,
+            ),
+            self.delay,
+        )
+        self.streams.append(stream)
+        return stream
+
+
+def fake_openai_module(provider: Provider) -> types.ModuleType:
+    module = types.ModuleType("openai")
+
+    class _Completions:
+        def __init__(self, is_async: bool) -> None:
+            self.is_async = is_async
+
+        def create(self, **kwargs: Any) -> Any:
+            assert kwargs.get("stream") is True
+            stream = provider.openai(kwargs)
+            if not self.is_async:
+                return stream
+
+            async def answer() -> FakeStream:
+                return stream
+
+            return answer()
+
+    class AsyncOpenAI:
+        def __init__(self, **_: Any) -> None:
+            self.chat = NS(completions=_Completions(is_async=True))
+
+    class OpenAI:
+        def __init__(self, **_: Any) -> None:
+            self.chat = NS(completions=_Completions(is_async=False))
+
+    module.AsyncOpenAI = AsyncOpenAI  # type: ignore[attr-defined]
+    module.OpenAI = OpenAI  # type: ignore[attr-defined]
+    return module
+
+
+def fake_anthropic_module(provider: Provider) -> types.ModuleType:
+    module = types.ModuleType("anthropic")
+
+    class _Messages:
+        async def create(self, **kwargs: Any) -> FakeStream:
+            assert kwargs.get("stream") is True
+            return provider.anthropic(kwargs)
+
+    class AsyncAnthropic:
+        def __init__(self, **_: Any) -> None:
+            self.messages = _Messages()
+
+    module.AsyncAnthropic = AsyncAnthropic  # type: ignore[attr-defined]
+    return module

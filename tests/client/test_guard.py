@@ -1,0 +1,250 @@
+"""The streaming guard against a real `beam serve`: exact charges, stops, cancellation.
+
+Prices (tests/support/stack.py): "cheap" 1 grain per input token, 2 per output token;
+"gpt-4o-mini" 150000 / 600000 / 75000 (cached input) grains per million tokens. Every
+expected value is computed by hand in a comment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from beam_client import (
+    AsyncBeamClient,
+    BeamClient,
+    BeamError,
+    InsufficientBalance,
+    RequestStatus,
+)
+
+from tests.client.conftest import Admin
+from tests.client.fakes import anthropic_stream, endless, openai_stream
+from tests.support.stack import ServiceProcess, Tenant
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_an_openai_stream_is_charged_exactly_its_usage(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(1_000_000)
+    # The app estimates 100 prompt tokens; the provider streams 130 one-token pieces and
+    # reports prompt 110 (of which 40 cached), completion 130.
+    stream = openai_stream(["tok "] * 130, usage=(110, 130, 40))
+    async with client.guard(customer, model="gpt-4o-mini", prompt_tokens=100, max_tokens=500) as g:
+        assert g.affordable_completion_tokens > 500
+        pieces = [chunk async for chunk in g.openai(stream)]
+    assert len(pieces) == 131  # 130 content chunks and the usage chunk, unchanged
+    # 130 tokens at 50 a Deduct: two Deducts (prompt + 50, then 50); 30 left for Finalize.
+    assert g.last_deduct is not None
+    assert g.last_deduct.success
+    assert g.reported_usage.prompt_tokens == 110
+    assert g.status is RequestStatus.COMPLETED_SUCCESS
+    # (70 x 150000 + 40 x 75000 + 130 x 600000) / 1e6 = 10.5 + 3 + 78 = 91.5 -> 92
+    assert g.result is not None
+    assert g.result.charged_grains == 92
+    assert await admin.balance(customer) == (1_000_000 - 92, 0, 1_000_000 - 92)
+    settled = await admin.request(g.request_id, customer)
+    assert (settled["status"], settled["actual_cost_grains"]) == ("completed", "92")
+    assert (settled["prompt_tokens"], settled["completion_tokens"]) == ("110", "130")
+    assert client.stats()["finalizes"] == 1
+
+
+async def test_an_anthropic_stream_is_charged_exactly_its_usage(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(1_000_000)
+    # message_start: 200 fresh input tokens + 1000 read from cache; message_delta: 75 out.
+    stream = anthropic_stream(["word"] * 60, input_tokens=200, output_tokens=75, cache_read=1000)
+    async with client.guard(customer, model="gpt-4o-mini", prompt_tokens=1200, max_tokens=100) as g:
+        async for _ in g.anthropic(stream):
+            pass
+    assert g.reported_usage.prompt_tokens == 1200
+    assert g.reported_usage.cached_prompt_tokens == 1000
+    assert g.reported_usage.completion_tokens == 75
+    # (200 x 150000 + 1000 x 75000 + 75 x 600000) / 1e6 = 30 + 75 + 45 = 150
+    assert g.result is not None
+    assert g.result.charged_grains == 150
+    assert await admin.balance(customer) == (1_000_000 - 150, 0, 1_000_000 - 150)
+    settled = await admin.request(g.request_id, customer)
+    assert (settled["prompt_tokens"], settled["completion_tokens"]) == ("1200", "75")
+
+
+async def test_the_sync_guard_charges_exactly_the_usage_and_reported_cost_wins(
+    service: ServiceProcess, tenant: Tenant, admin: Admin
+) -> None:
+    customer = await admin.customer(10_000)
+
+    def run() -> tuple[int, int]:
+        with BeamClient(service.grpc_target, tenant.keys["enforcer"]) as beam:
+            with beam.guard(customer, model="cheap", prompt_tokens=10, max_tokens=100) as g:
+                for _ in g.openai(openai_stream(["ab"] * 80, usage=(12, 80))):
+                    pass
+            assert g.result is not None
+            charged_by_tokens = g.result.charged_grains
+            # total_cost_grains, when given, is the charge.
+            with beam.guard(customer, model="cheap", prompt_tokens=10, max_tokens=100) as g2:
+                g2.add(3)
+                g2.usage(prompt_tokens=10, completion_tokens=3, total_cost_grains=1234)
+            assert g2.result is not None
+            return charged_by_tokens, g2.result.charged_grains
+
+    by_tokens, by_cost = await asyncio.to_thread(run)
+    assert by_tokens == 12 * 1 + 80 * 2  # 172
+    assert by_cost == 1234
+    assert await admin.balance(customer) == (10_000 - 172 - 1234, 0, 10_000 - 172 - 1234)
+
+
+async def test_a_stream_is_stopped_when_the_money_runs_out_and_the_deficit_is_overage(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(1000)
+    stream = openai_stream(endless(), usage=None)
+    # Hold: estimate 100 x 1 + 300 x 2 = 700 at multiplier 1.0; the provider ignores
+    # max_tokens and never ends.
+    async with client.guard(
+        customer, model="cheap", prompt_tokens=100, max_tokens=300, buffer_multiplier=1.0
+    ) as g:
+        assert g.check is not None
+        assert g.check.reserved_grains == 700
+        async for _ in g.openai(stream):
+            pass
+    # Deducts every 50 tokens: consumed = 100 (prompt) + 100 per Deduct. The 10th Deduct
+    # (500 tokens, 1100 grains) passes the balance of 1000: the hold grows to all there is
+    # and Beam says stop.
+    assert stream.closed
+    assert stream.pieces_sent == 500
+    assert g.should_stop
+    assert g.stop_reason == "INSUFFICIENT_BALANCE"
+    assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
+    assert g.last_deduct is not None
+    assert (g.last_deduct.consumed_grains, g.last_deduct.reserved_grains) == (1000, 1000)
+    # Settled at what was delivered: 100 + 500 x 2 = 1100; the balance ends at -100, and
+    # exactly that deficit is recorded as overage: one Deduct interval (50 x 2 grains).
+    assert g.result is not None
+    assert (g.result.charged_grains, g.result.overage_grains) == (1100, 100)
+    balance, reserved, _ = await admin.balance(customer)
+    assert (balance, reserved) == (-100, 0)
+    settled = await admin.request(g.request_id, customer)
+    assert (settled["status"], settled["overage_grains"]) == ("killed", "100")
+    assert -balance == int(settled["overage_grains"]) <= 50 * 2
+    # A customer below zero by an overage cannot open a new hold.
+    with pytest.raises(InsufficientBalance) as refused:
+        await client.guard(customer, model="cheap", prompt_tokens=1, max_tokens=1).open()
+    assert refused.value.reason == "INSUFFICIENT_BALANCE"
+
+
+async def test_cancelling_the_caller_mid_stream_still_settles_the_hold(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(100_000)
+    stream = openai_stream(endless(), usage=None, delay=0.002)
+    guards: list[object] = []
+    reached = asyncio.Event()
+
+    async def caller() -> None:
+        async with client.guard(customer, model="cheap", prompt_tokens=40, max_tokens=2000) as g:
+            guards.append(g)
+            async for _ in g.openai(stream):
+                if g.completion_tokens >= 120:
+                    reached.set()
+
+    task = asyncio.create_task(caller())
+    await asyncio.wait_for(reached.wait(), 30)
+    task.cancel()
+    # Cancel again while the guard's exit is waiting for its FinalizeRequest: the wait ends,
+    # the settlement does not.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await client.close()  # waits for settlements still in flight
+    (g,) = guards
+    assert g.status is RequestStatus.FAILED_TIMEOUT  # type: ignore[attr-defined]
+    counted = g.completion_tokens  # type: ignore[attr-defined]
+    assert counted >= 120
+    # Charged the prompt estimate and the counted tokens: 40 + counted x 2.
+    balance, reserved, available = await admin.balance(customer)
+    assert reserved == 0
+    assert balance == available == 100_000 - (40 + counted * 2)
+    settled = await admin.request(g.request_id, customer)  # type: ignore[attr-defined]
+    assert settled["status"] == "timeout"
+    assert settled["actual_cost_grains"] == str(40 + counted * 2)
+    assert client.stats()["finalizes"] == 1
+
+
+async def test_an_exception_in_the_block_settles_as_failed_and_is_not_swallowed(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(10_000)
+    g = client.guard(customer, model="cheap", prompt_tokens=30, max_tokens=100)
+
+    async def stream_then_fail() -> None:
+        async with g:
+            for _ in range(60):
+                await g.add(1)
+            raise RuntimeError("provider broke")
+
+    with pytest.raises(RuntimeError, match="provider broke"):
+        await stream_then_fail()
+    assert g.status is RequestStatus.FAILED_ERROR
+    # 30 x 1 + 60 x 2 = 150
+    assert g.result is not None
+    assert g.result.charged_grains == 150
+    assert (await admin.request(g.request_id, customer))["status"] == "failed"
+
+    # Failing before anything streamed reports no tokens: nothing was used, nothing charged.
+    g2 = client.guard(customer, model="cheap", prompt_tokens=30, max_tokens=100)
+
+    async def fail_at_once() -> None:
+        async with g2:
+            raise ValueError("bad prompt")
+
+    with pytest.raises(ValueError, match="bad prompt"):
+        await fail_at_once()
+    assert g2.result is not None
+    assert g2.result.charged_grains == 0
+    assert await admin.balance(customer) == (10_000 - 150, 0, 10_000 - 150)
+
+
+async def test_a_customer_who_cannot_pay_gets_insufficient_balance_and_no_hold(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(100)
+    with pytest.raises(InsufficientBalance) as refused:
+        async with client.guard(customer, model="cheap", prompt_tokens=50, max_tokens=100):
+            raise AssertionError("the block must not run")
+    assert refused.value.reason == "INSUFFICIENT_BALANCE"
+    assert refused.value.remaining_balance == 100
+    assert await admin.balance(customer) == (100, 0, 100)
+    assert client.stats()["checks_rejected"] == 1
+
+
+async def test_a_reused_request_id_is_one_request(client: AsyncBeamClient, admin: Admin) -> None:
+    customer = await admin.customer(10_000)
+    # Opening the same request id twice (a retried job) answers the same hold.
+    first = client.guard(
+        customer, model="cheap", prompt_tokens=10, max_tokens=10, request_id="job-7"
+    )
+    await first.open()
+    second = client.guard(
+        customer, model="cheap", prompt_tokens=10, max_tokens=10, request_id="job-7"
+    )
+    await second.open()
+    assert second.check is not None
+    assert second.check.replayed
+    assert second.request_token == first.request_token
+    await first.add(5)
+    await first.aclose()
+    await second.aclose()  # a second Finalize is the first settlement, replayed
+    assert first.result is not None
+    assert second.result is not None
+    assert first.result.charged_grains == second.result.charged_grains == 10 + 5 * 2
+    assert second.result.replayed
+    # Once settled, the id cannot buy anything again.
+    with pytest.raises(BeamError) as conflict:
+        await client.guard(customer, model="cheap", max_tokens=10, request_id="job-7").open()
+    assert conflict.value.reason == "REQUEST_ID_CONFLICT"
+    assert await admin.balance(customer) == (10_000 - 20, 0, 10_000 - 20)
