@@ -23,7 +23,6 @@ import asyncpg
 from beam.adapters.batching import Batcher
 from beam.adapters.migrations import migrate
 from beam.config import StoreSettings
-from beam.constants import MAX_GRAINS
 from beam.errors import BeamError, Reason
 from beam.observability import STORE_LATENCY
 from beam.records import (
@@ -391,51 +390,24 @@ class PostgresStore:
         fingerprint: str,
     ) -> LedgerEntry:
         """Append one entry to a customer locked by this transaction and move its cached
-        balance, version, lifetime spend and overage with it."""
+        balance, version, lifetime spend and overage with it (``beam_append_entry``, the
+        same SQL that settlements use, so the rules live once)."""
         tenant, customer_id, transaction_id, entry_type = head
-        before = account["current_balance_grains"]
-        balance = before + amount_grains
-        if balance > MAX_GRAINS:
-            raise BeamError(
-                Reason.BALANCE_LIMIT_EXCEEDED,
-                f"the balance would exceed {MAX_GRAINS} grains",
-                field="amount_grains",
-            )
-        if balance < -MAX_GRAINS:
-            raise BeamError(Reason.OUT_OF_RANGE, "the entry would overflow the balance")
-        spent = -amount_grains if entry_type in _SPENDING else 0
-        version = account["balance_version"] + 1
-        await conn.execute(
-            """UPDATE customers SET current_balance_grains = $3, balance_version = $4,
-                   lifetime_spent_grains = GREATEST(0, lifetime_spent_grains + $5),
-                   overage_grains = overage_grains + $6, updated_at = now()
-               WHERE tenant = $1 AND customer_id = $2""",
-            tenant,
-            customer_id,
-            balance,
-            version,
-            spent,
-            new_deficit(before, balance),
-        )
-        await self._insert_transaction(
-            conn,
-            (tenant, customer_id, transaction_id, entry_type.value, amount_grains),
-            (balance, version, reference_id, description, fingerprint),
-        )
-        return LedgerEntry(transaction_id, balance, version, replayed=False)
-
-    @staticmethod
-    async def _insert_transaction(
-        conn: asyncpg.Connection, head: tuple[Any, ...], tail: tuple[Any, ...]
-    ) -> None:
-        await conn.execute(
-            """INSERT INTO transactions (tenant, customer_id, transaction_id, transaction_type,
-                   amount_grains, balance_after_grains, balance_version, reference_id,
-                   description, fingerprint)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
-            *head,
-            *tail,
-        )
+        try:
+            row = await conn.fetchrow(
+                "SELECT balance, version FROM beam_append_entry($1, $2, $3, $4, $5, $6, $7,"
+                " $8, $9, $10)",
+                tenant, customer_id, transaction_id, entry_type.value, amount_grains,
+                reference_id, description, fingerprint, account["current_balance_grains"],
+                account["balance_version"],
+            )  # fmt: skip
+        except asyncpg.PostgresError as error:
+            reason = _SQLSTATE_REASONS.get(getattr(error, "sqlstate", "") or "")
+            if reason is None:
+                raise
+            raise BeamError(reason, str(error), field="amount_grains") from None
+        assert row is not None
+        return LedgerEntry(transaction_id, row["balance"], row["version"], replayed=False)
 
     async def find_entry(
         self, tenant: str, transaction_id: str, customer_id: str | None = None
@@ -838,16 +810,6 @@ def _recorded(result: dict[str, Any]) -> RecordedSettlement | BeamError:
         bool(orphan["replayed"]),
     )
     return RecordedSettlement(settlement, outcome, entry)
-
-
-# Entry types that spend a customer's money (count towards lifetime spend).
-_SPENDING = (EntryType.SETTLEMENT, EntryType.EXPIRY, EntryType.ADJUSTMENT)
-
-
-def new_deficit(before: int, after: int) -> int:
-    """How far an entry pushed the balance below zero that it was not already below: the
-    overage it caused (0 for an entry that leaves the balance at or above 0)."""
-    return max(0, max(0, -after) - max(0, -before))
 
 
 def _api_key(row: asyncpg.Record) -> ApiKeyRecord:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from beam.adapters.postgres_store import PostgresStore, new_deficit
+from beam.adapters.postgres_store import PostgresStore
 from beam.adapters.scripts import (
     AccountNotLoaded,
     BeginSettlementReply,
@@ -65,7 +65,15 @@ from beam.core.commands import (
     validate_finalize,
 )
 from beam.core.faults import now_ms
-from beam.core.money import Prices, affordable_output_tokens, multiplier_ppm, token_cost
+from beam.core.money import (
+    Prices,
+    affordable_output_tokens,
+    check_settlement,
+    multiplier_ppm,
+    new_deficit,
+    refunded,
+    token_cost,
+)
 from beam.core.pricing import PriceBook
 from beam.errors import BeamError, Reason, invalid
 from beam.records import (
@@ -418,6 +426,12 @@ class Ledger:
         assert begun.hold is not None
         hold = begun.hold
         settlement = _settlement(tenant, command, hold, token_nonce)
+        check_settlement(
+            reserved_grains=settlement.reserved_grains,
+            charged_grains=settlement.charged_grains,
+            refunded_grains=settlement.refunded_grains,
+            overage_grains=0,
+        )
         await faults.point(faults.FINALIZE_BEGUN)
         return await self.finish(self._commit_finalize(command, hold, settlement))
 
@@ -630,7 +644,7 @@ def _settlement(
         reserved_grains=hold.reserved,
         consumed_grains=hold.consumed,
         charged_grains=hold.charged,
-        refunded_grains=max(0, hold.reserved - hold.charged),
+        refunded_grains=refunded(hold.reserved, hold.charged),
         prompt_tokens=command.actual_prompt_tokens,
         completion_tokens=command.actual_completion_tokens,
         cached_prompt_tokens=command.actual_cached_prompt_tokens,
@@ -640,6 +654,12 @@ def _settlement(
 
 def _finalize_result(recorded: RecordedSettlement) -> FinalizeResult:
     s = recorded.settlement
+    check_settlement(
+        reserved_grains=s.reserved_grains,
+        charged_grains=s.charged_grains,
+        refunded_grains=s.refunded_grains,
+        overage_grains=s.overage_grains,
+    )
     return FinalizeResult(
         success=True,
         refunded_grains=s.refunded_grains,
