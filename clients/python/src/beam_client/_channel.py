@@ -15,7 +15,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "grpc.primary_user_agent": f"beam-client-python/{__version__}",
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 2000,
+    "grpc.max_reconnect_backoff_ms": 1000,
 }
 
 

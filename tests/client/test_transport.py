@@ -1,0 +1,271 @@
+"""Retries, deadlines, errors, metadata and TLS, against a scripted gRPC BalanceService.
+
+A small in-process server answers the four methods from a script (fail N times with a
+given code and ``beam-reason`` trailer, or stall, then answer), and records every request
+it receives with its metadata: what the client sent on each attempt can be compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from beam_client import (
+    AsyncBeamClient,
+    BeamClient,
+    BeamError,
+    BeamUnavailable,
+    RequestStatus,
+    RetryPolicy,
+)
+from beam_client._generated import balance_pb2 as pb
+
+from beam import devservers
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.02)
+
+
+@dataclass
+class Failure:
+    code: grpc.StatusCode
+    reason: str = ""
+    field: str = ""
+    stall: float = 0.0  # sleep this long first (to pass the client's deadline)
+
+
+@dataclass
+class Scripted:
+    """Fails the first calls of each method as scripted, then answers."""
+
+    failures: dict[str, list[Failure]] = field(default_factory=dict)
+    received: list[tuple[str, Any, dict[str, str]]] = field(default_factory=list)
+
+    def handler(self, method: str, answer: Callable[[Any], Any]) -> Any:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            self.received.append((method, request, metadata))
+            pending = self.failures.get(method) or []
+            if pending:
+                failure = pending.pop(0)
+                if failure.stall:
+                    await asyncio.sleep(failure.stall)
+                trailers = []
+                if failure.reason:
+                    trailers.append(("beam-reason", failure.reason))
+                if failure.field:
+                    trailers.append(("beam-field", failure.field))
+                context.set_trailing_metadata(tuple(trailers))
+                await context.abort(failure.code, f"scripted {failure.code.name}")
+            return answer(request)
+
+        return handle
+
+    def service(self) -> grpc.GenericRpcHandler:
+        def rpc(method: str, request_type: Any, answer: Callable[[Any], Any]) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                self.handler(method, answer),
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+
+        return grpc.method_handlers_generic_handler(
+            "beam.balance.v1.BalanceService",
+            {
+                "CheckBalance": rpc(
+                    "CheckBalance",
+                    pb.CheckBalanceRequest,
+                    lambda r: pb.CheckBalanceResponse(
+                        approved=True,
+                        request_token="v1.t",
+                        reserved_grains=100,
+                        max_affordable_completion_tokens=1000,
+                    ),
+                ),
+                "DeductTokens": rpc(
+                    "DeductTokens",
+                    pb.DeductTokensRequest,
+                    lambda r: pb.DeductTokensResponse(success=True, consumed_grains=7),
+                ),
+                "FinalizeRequest": rpc(
+                    "FinalizeRequest",
+                    pb.FinalizeRequestRequest,
+                    lambda r: pb.FinalizeRequestResponse(success=True, charged_grains=42),
+                ),
+                "GetBalance": rpc(
+                    "GetBalance",
+                    pb.GetBalanceRequest,
+                    lambda r: pb.GetBalanceResponse(balance=5, reserved=2, available=3),
+                ),
+            },
+        )
+
+    def calls(self, method: str) -> list[Any]:
+        return [request for name, request, _ in self.received if name == method]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
+    script = Scripted()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((script.service(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield script, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_store_unavailable_and_unavailable_are_retried_with_the_same_ids(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    script.failures = {
+        # Beam's own refusal when its stores are down: UNAVAILABLE + beam-reason.
+        "CheckBalance": [Failure(grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")],
+        # The reason alone is enough, whatever the code.
+        "DeductTokens": [Failure(grpc.StatusCode.INTERNAL, "STORE_UNAVAILABLE")] * 2,
+        "FinalizeRequest": [Failure(grpc.StatusCode.UNAVAILABLE)] * 3,
+    }
+    beam = AsyncBeamClient(target, "beam_sk_k_s", retry=FAST, finalize_retry=FAST)
+    async with beam:
+        async with beam.guard(
+            "cus_1", model="m", prompt_tokens=5, max_tokens=10, deduct_every=3
+        ) as g:
+            await g.add(3)  # Deduct 1 (prompt) and 2 (3 tokens)
+        assert g.result is not None
+        assert g.result.charged_grains == 42
+        stats = beam.stats()
+    checks = script.calls("CheckBalance")
+    assert len(checks) == 2
+    assert checks[0] == checks[1]
+    assert checks[0].request_id == g.request_id
+    assert checks[0].metadata.max_tokens == 10
+    deducts = script.calls("DeductTokens")
+    # seq 1 failed twice, then was answered; then seq 2.
+    assert [d.sequence_number for d in deducts] == [1, 1, 1, 2]
+    assert [d.is_completion for d in deducts] == [False, False, False, True]
+    assert (deducts[0].tokens_consumed, deducts[3].tokens_consumed) == (5, 3)
+    finalizes = script.calls("FinalizeRequest")
+    assert len(finalizes) == 4
+    assert all(f == finalizes[0] for f in finalizes)
+    assert finalizes[0].status == RequestStatus.COMPLETED_SUCCESS
+    assert (finalizes[0].actual_prompt_tokens, finalizes[0].actual_completion_tokens) == (5, 3)
+    assert finalizes[0].request_token == "v1.t"
+    assert (stats["retries"], stats["calls"], stats["finalizes"]) == (6, 10, 1)
+    # Every call carried the key.
+    assert {meta.get("authorization") for _, _, meta in script.received} == {"Bearer beam_sk_k_s"}
+
+
+async def test_a_refused_call_is_not_retried_and_keeps_reason_and_field(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    script.failures = {
+        "GetBalance": [Failure(grpc.StatusCode.INVALID_ARGUMENT, "OUT_OF_RANGE", "customer_id")]
+    }
+    async with AsyncBeamClient(target, "k", retry=FAST) as beam:
+        with pytest.raises(BeamError) as refused:
+            await beam.get_balance("x" * 200)
+    error = refused.value
+    assert not isinstance(error, BeamUnavailable)
+    assert (error.code, error.reason, error.field) == (
+        "INVALID_ARGUMENT",
+        "OUT_OF_RANGE",
+        "customer_id",
+    )
+    assert error.message == "scripted INVALID_ARGUMENT"
+    assert len(script.calls("GetBalance")) == 1
+
+
+async def test_deadlines_are_per_attempt_and_retries_are_bounded(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    stall = Failure(grpc.StatusCode.UNAVAILABLE, stall=1.0)
+    script.failures = {"GetBalance": [stall] * 4}
+    async with AsyncBeamClient(target, "k", timeout=0.1, retry=FAST) as beam:
+        with pytest.raises(BeamUnavailable) as gave_up:
+            await beam.get_balance("cus_1")
+        assert (gave_up.value.code, gave_up.value.attempts) == ("DEADLINE_EXCEEDED", 4)
+    script.failures = {"GetBalance": [stall]}
+    async with AsyncBeamClient(target, "k", timeout=0.1, retry=FAST) as beam:
+        # One attempt times out, the next is answered.
+        balance = await beam.get_balance("cus_1")
+    assert (balance.balance, balance.reserved, balance.available) == (5, 2, 3)
+
+
+async def test_the_sync_client_retries_the_same_way(scripted: tuple[Scripted, str]) -> None:
+    script, target = scripted
+    script.failures = {"DeductTokens": [Failure(grpc.StatusCode.UNAVAILABLE)] * 2}
+
+    def run() -> int:
+        with BeamClient(target, "k", retry=FAST) as beam:
+            result = beam.deduct_tokens("cus_1", "r1", "v1.t", 50, sequence_number=9)
+            return result.consumed_grains
+
+    assert await asyncio.to_thread(run) == 7
+    assert [d.sequence_number for d in script.calls("DeductTokens")] == [9, 9, 9]
+
+
+def test_a_deduct_without_a_sequence_number_is_refused_by_the_client() -> None:
+    beam = BeamClient("127.0.0.1:1", "k")
+    with pytest.raises(ValueError, match="sequence_number"):
+        beam.deduct_tokens("c", "r", "t", 50, sequence_number=0)
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    directory: Path = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"),
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return (directory / "key.pem").read_bytes(), (directory / "cert.pem").read_bytes()
+
+
+async def test_grpcs_targets_use_tls(certificate: tuple[bytes, bytes]) -> None:
+    key, cert = certificate
+    script = Scripted()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((script.service(),))
+    port = devservers.free_port()
+    server.add_secure_port(f"localhost:{port}", grpc.ssl_server_credentials([(key, cert)]))
+    await server.start()
+    try:
+        async with AsyncBeamClient(
+            f"grpcs://localhost:{port}", "k", root_certificates=cert
+        ) as beam:
+            assert beam.target.tls
+            assert (await beam.get_balance("cus_1")).available == 3
+
+        def sync_call() -> int:
+            with BeamClient(f"grpcs://localhost:{port}", "k", root_certificates=cert) as beam:
+                return beam.get_balance("cus_1").available
+
+        assert await asyncio.to_thread(sync_call) == 3
+        # Plaintext to a TLS port, or TLS without trusting the certificate, never connects.
+        for target in (f"grpc://localhost:{port}", f"grpcs://localhost:{port}"):
+            async with AsyncBeamClient(target, "k", retry=FAST, timeout=1) as beam:
+                with pytest.raises(BeamUnavailable):
+                    await beam.get_balance("cus_1")
+    finally:
+        await server.stop(None)
+    assert len(script.calls("GetBalance")) == 2
