@@ -296,6 +296,7 @@ def test_examples_are_reconciled_and_printed(
         "available": EXAMPLE_BALANCE,
         "lifetimeSpentGrains": 0,
         "overageGrains": 0,
+        "spentLast24hGrains": 0,
         "appliedCredits": ["welcome", "2026-11-topup"],
         "observedGeneration": obj["metadata"]["generation"],
     }

@@ -170,6 +170,7 @@ def _balance_fields(view: CustomerStatus) -> dict[str, Any]:
         "available": view.available,
         "lifetimeSpentGrains": view.lifetime_spent_grains,
         "overageGrains": view.overage_grains,
+        "spentLast24hGrains": view.spent_last_24h_grains,
     }
 
 

@@ -167,16 +167,23 @@ def migrate() -> None:
 
     from beam.adapters.postgres_store import PostgresStore
     from beam.config import StoreSettings
+    from beam.core.usage import Usage, UsageSettings
 
-    async def run() -> list[str]:
+    usage_settings = UsageSettings()  # refused before anything is applied when invalid
+
+    async def run() -> tuple[list[str], list[str]]:
         store = await PostgresStore.connect(StoreSettings())
         try:
-            return await store.migrate()
+            applied = await store.migrate()
+            # TimescaleDB's usage retention/compression from BEAM_USAGE_* (none on plain PG).
+            return applied, await Usage(store).apply_policies(usage_settings)
         finally:
             await store.close()
 
-    applied = asyncio.run(run())
+    applied, policies = asyncio.run(run())
     click.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+    for line in policies:
+        click.echo(f"usage analytics: {line}")
 
 
 @main.command()
@@ -357,6 +364,11 @@ def admin_sync(server: str, api_key: str | None, as_json: bool) -> None:
     data = client.call("POST", "/v1/admin/sync", {})
     client.show(data, [data], ["customers_synced", "open_holds_kept"])
 
+
+# `beam usage` (usage analytics) lives in its own module.
+from beam.api import usage_cli  # noqa: E402
+
+usage_cli.register(main, with_client, Client)
 
 if __name__ == "__main__":
     main(prog_name=os.path.basename(sys.argv[0]))

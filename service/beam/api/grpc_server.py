@@ -140,6 +140,14 @@ class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
     async def SyncAll(self, request: Any, context: Any) -> Message:
         return await self._serve("sync_all", self.handlers.sync_all, request, context)
 
+    async def GetUsage(self, request: Any, context: Any) -> Message:
+        return await self._serve("get_usage", self.handlers.get_usage, request, context)
+
+    async def GetTopCustomers(self, request: Any, context: Any) -> Message:
+        return await self._serve(
+            "get_top_customers", self.handlers.get_top_customers, request, context
+        )
+
 
 def create_server(
     handlers: Handlers, address: str, max_message_bytes: int

@@ -25,6 +25,14 @@ from beam.core.commands import (
     validate_limit,
 )
 from beam.core.runtime import Runtime
+from beam.core.usage import (
+    CustomerSpend,
+    TopCustomersQuery,
+    TopCustomersReport,
+    Usage,
+    UsageQuery,
+    UsageReport,
+)
 from beam.errors import BeamError, Reason, invalid
 from beam.observability import CALL_LATENCY, DECISIONS, GRAINS, STREAM_KILLS
 from beam.records import Customer, CustomerState, Settlement
@@ -86,6 +94,7 @@ class Handlers:
         self.runtime = runtime
         self.ledger = runtime.ledger
         self.admin = runtime.admin
+        self.usage = Usage(runtime.postgres)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self.runtime.auth.authenticate(authorization)
@@ -200,6 +209,16 @@ class Handlers:
         synced, kept = await self.admin.sync(p)
         return admin.SyncAllResponse(customers_synced=synced, open_holds_kept=kept)
 
+    # -- usage analytics ----------------------------------------------------------------------
+
+    async def get_usage(self, p: Principal, m: admin.GetUsageRequest) -> Message:
+        query = UsageQuery(m.customer_id, m.start, m.end, m.bucket, m.group_by)
+        return usage_message(await self.usage.customer_usage(p, query))
+
+    async def get_top_customers(self, p: Principal, m: admin.GetTopCustomersRequest) -> Message:
+        query = TopCustomersQuery(m.start, m.end, m.limit)
+        return top_customers_message(await self.usage.top_customers(p, query))
+
 
 _STATES = {
     CustomerState.ACTIVE: admin.ACTIVE,
@@ -273,6 +292,41 @@ def integrity_message(r: CustomerIntegrity) -> admin.CustomerIntegrity:
         open_holds_sum=r.open_holds_sum,
         ok=r.ok,
         problems=r.problems,
+    )
+
+
+def usage_message(report: UsageReport) -> admin.GetUsageResponse:
+    answer = admin.GetUsageResponse(bucket=report.bucket.value)
+    answer.start.FromDatetime(report.start)
+    answer.end.FromDatetime(report.end)
+    for row in report.rows:
+        bucket = answer.buckets.add(
+            model=row.model,
+            requests=row.requests,
+            charged_grains=row.charged_grains,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            cached_prompt_tokens=row.cached_prompt_tokens,
+        )
+        bucket.start.FromDatetime(row.start)
+    return answer
+
+
+def top_customers_message(report: TopCustomersReport) -> admin.GetTopCustomersResponse:
+    answer = admin.GetTopCustomersResponse(customers=[spend_message(c) for c in report.customers])
+    answer.start.FromDatetime(report.start)
+    answer.end.FromDatetime(report.end)
+    return answer
+
+
+def spend_message(c: CustomerSpend) -> admin.CustomerSpend:
+    return admin.CustomerSpend(
+        customer_id=c.customer_id,
+        requests=c.requests,
+        charged_grains=c.charged_grains,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        cached_prompt_tokens=c.cached_prompt_tokens,
     )
 
 

@@ -345,6 +345,20 @@ def _admin_routes(app: FastAPI, api: RestApi) -> None:
             {"request_id": request_id}, query=True,
         )  # fmt: skip
 
+    @app.get("/v1/customers/{customer_id}/usage", tags=["usage"])
+    async def get_usage(customer_id: str, request: Request) -> Response:
+        return await api.serve(
+            request, "get_usage", h.get_usage, admin.GetUsageRequest,
+            {"customer_id": customer_id}, query=True,
+        )  # fmt: skip
+
+    @app.get("/v1/usage/top-customers", tags=["usage"])
+    async def get_top_customers(request: Request) -> Response:
+        return await api.serve(
+            request, "get_top_customers", h.get_top_customers, admin.GetTopCustomersRequest,
+            query=True,
+        )  # fmt: skip
+
     @app.post("/v1/admin/verify-integrity", tags=["admin"],
               openapi_extra=_body_doc(admin.VerifyIntegrityRequest))  # fmt: skip
     async def verify_integrity(request: Request) -> Response:

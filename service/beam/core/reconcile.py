@@ -26,6 +26,7 @@ from beam.core.commands import (
     validate_strategy,
 )
 from beam.core.pricing import parse_price_entries
+from beam.core.usage import spent_since
 from beam.errors import BeamError, Reason, invalid
 from beam.records import ApiKeyRecord, Customer, CustomerState, Role
 
@@ -51,6 +52,8 @@ class CustomerStatus:
     overage_grains: int
     applied_credits: list[str]
     conditions: list[Condition] = field(default_factory=list)
+    # Settlements, expiries and adjustments of the last 24 hours (usage analytics).
+    spent_last_24h_grains: int = 0
 
 
 @dataclass(slots=True)
@@ -174,6 +177,9 @@ async def customer_status(
         overage_grains=c.overage_grains,
         applied_credits=[],
         conditions=conditions,
+        spent_last_24h_grains=await spent_since(
+            admin.postgres, tenant, customer_id, timedelta(hours=24)
+        ),
     )
 
 
