@@ -9,10 +9,12 @@ STAMP  := $(VENV)/.installed
 .PHONY: dev test check lint format typecheck contracts unit integration k8s e2e \
         controlplane bench clean proto
 
-$(STAMP): pyproject.toml hatch_build.py $(wildcard proto/beam/*/v1/*.proto)
+$(STAMP): pyproject.toml hatch_build.py $(wildcard proto/beam/*/v1/*.proto) \
+          clients/python/pyproject.toml clients/python/hatch_build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e ./clients/python  # beam_client, for tests/client
 	touch $(STAMP)
 
 ## Run Beam with embedded Redis and PostgreSQL (REST :8080, gRPC :9090).
@@ -27,15 +29,16 @@ test: check
 check: lint typecheck contracts
 
 lint: $(STAMP)
-	$(BIN)/ruff check service operator tests bench hatch_build.py
-	$(BIN)/ruff format --check service operator tests bench hatch_build.py
+	$(BIN)/ruff check service operator tests bench hatch_build.py clients/python
+	$(BIN)/ruff format --check service operator tests bench hatch_build.py clients/python
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix service operator tests bench hatch_build.py
-	$(BIN)/ruff format service operator tests bench hatch_build.py
+	$(BIN)/ruff check --fix service operator tests bench hatch_build.py clients/python
+	$(BIN)/ruff format service operator tests bench hatch_build.py clients/python
 
 typecheck: $(STAMP)
 	$(BIN)/mypy service/beam operator/beam_operator
+	cd clients/python && ../../$(BIN)/mypy src/beam_client  # strict (its pyproject)
 
 contracts: $(STAMP)
 	$(BIN)/lint-imports
@@ -58,9 +61,11 @@ controlplane:
 
 proto: $(STAMP)
 	$(BIN)/python hatch_build.py
+	$(BIN)/python clients/python/hatch_build.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .beam .mypy_cache .ruff_cache .pytest_cache service/beam/balance service/beam/admin
+	rm -rf $(VENV) .beam .mypy_cache .ruff_cache .pytest_cache service/beam/balance service/beam/admin \
+	       clients/python/src/beam_client/_generated

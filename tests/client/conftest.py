@@ -65,12 +65,18 @@ class Admin:
         assert isinstance(data, dict)
         return data
 
-    async def ledger_entries(self, customer_id: str) -> int:
-        """Settled requests of the customer (each settles by one ledger entry)."""
+    async def request_list(self, customer_id: str) -> list[dict[str, Any]]:
+        """Settled requests of the customer (ListRequests)."""
         async with self._client() as http:
             answer = await http.get(f"/v1/customers/{customer_id}/requests", params={"limit": 1000})
         assert answer.status_code == 200, answer.text
-        return len(answer.json()["requests"])
+        requests = answer.json()["requests"]
+        assert isinstance(requests, list)
+        return requests
+
+    async def ledger_entries(self, customer_id: str) -> int:
+        """Settled requests of the customer (each settles by one ledger entry)."""
+        return len(await self.request_list(customer_id))
 
 
 @pytest.fixture

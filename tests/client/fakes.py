@@ -172,9 +172,10 @@ def endless(piece: str = "tok ") -> Iterator[str]:
 
 @dataclass
 class Provider:
-    """What the fake SDKs answer: ``reply_tokens`` one-token pieces, then usage of
-    ``prompt_tokens`` (of which ``cached_tokens``) and the pieces sent; ``endless`` ignores
-    max_tokens and never ends (a stop must end it)."""
+    """What the fake SDKs answer: ``reply_tokens`` one-token pieces (at most the call's
+    ``max_tokens``), then usage of ``prompt_tokens`` (of which ``cached_tokens``) and the
+    pieces sent. ``endless``: ignores max_tokens and never ends (only a stop ends it) and
+    never reports usage. ``delay``: seconds before each chunk."""
 
     prompt_tokens: int = 120
     cached_tokens: int = 0
@@ -184,39 +185,28 @@ class Provider:
     calls: list[dict[str, Any]] = field(default_factory=list)
     streams: list[FakeStream] = field(default_factory=list)
 
-    def pieces(self, max_tokens: int | None) -> Iterable[str]:
+    def _pieces(self, kwargs: dict[str, Any]) -> tuple[Iterable[str], int]:
+        self.calls.append(kwargs)
         if self.endless:
-            return endless()
-        count = self.reply_tokens if max_tokens is None else min(self.reply_tokens, max_tokens)
-        return ["tok "] * count
+            return endless(), 0
+        count = min(self.reply_tokens, kwargs.get("max_tokens") or self.reply_tokens)
+        return ["tok "] * count, count
 
     def openai(self, kwargs: dict[str, Any]) -> FakeStream:
-        self.calls.append(kwargs)
+        pieces, count = self._pieces(kwargs)
         include_usage = bool((kwargs.get("stream_options") or {}).get("include_usage"))
-        pieces = list(self.pieces(kwargs.get("max_tokens"))) if not self.endless else endless()
-        stream = FakeStream(Script(pieces=pieces), self.delay)
+        tail = []
         if include_usage and not self.endless:
-            stream.script.tail = [
-                openai_usage_chunk(self.prompt_tokens, len(pieces), self.cached_tokens)
-            ]  # type: ignore[arg-type]
+            tail = [openai_usage_chunk(self.prompt_tokens, count, self.cached_tokens)]
+        stream = FakeStream(Script(pieces=pieces, tail=tail), self.delay)
         self.streams.append(stream)
         return stream
 
     def anthropic(self, kwargs: dict[str, Any]) -> FakeStream:
-        self.calls.append(kwargs)
-        pieces = self.pieces(kwargs.get("max_tokens"))
-        pieces = list(pieces) if not self.endless else pieces
-        stream = FakeStream(
-            Script(
-                head=anthropic_events_head(
-                    self.prompt_tokens - self.cached_tokens, self.cached_tokens
-                ),
-                pieces=pieces,
-                tail=[] if self.endless else anthropic_events_tail(len(pieces)),  # type: ignore[arg-type]
-                chunk=anthropic_text,
-            ),
-            self.delay,
-        )
+        pieces, count = self._pieces(kwargs)
+        head = anthropic_events_head(self.prompt_tokens - self.cached_tokens, self.cached_tokens)
+        tail = [] if self.endless else anthropic_events_tail(count)
+        stream = FakeStream(Script(head, pieces, tail, chunk=anthropic_text), self.delay)
         self.streams.append(stream)
         return stream
 

@@ -32,6 +32,8 @@ STOP_UNAVAILABLE = "BEAM_UNAVAILABLE"
 STOP_FAIL_OPEN_MAX_TOKENS = "FAIL_OPEN_MAX_TOKENS"
 
 State = Literal["new", "open", "closing", "closed"]
+# How a caller stops waiting; the request settles as FAILED_TIMEOUT.
+_GAVE_UP = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, TimeoutError)
 
 
 def new_request_id() -> str:
@@ -56,9 +58,10 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
       ``MAX_REQUEST_GRAINS_EXCEEDED``): ``KILLED_INSUFFICIENT_BALANCE``, however the block
       then ended;
     - the caller stopped waiting: ``asyncio.CancelledError`` (a deadline, a client that
-      disconnected, shutdown), ``KeyboardInterrupt``, ``TimeoutError`` or any exception
-      whose class name contains ``Timeout`` (``httpx.ReadTimeout``,
-      ``openai.APITimeoutError``), or Beam said the hold expired: ``FAILED_TIMEOUT``;
+      disconnected, shutdown), ``GeneratorExit`` (the guard was inside a generator that its
+      consumer abandoned), ``KeyboardInterrupt``, ``TimeoutError`` or any exception whose
+      class name contains ``Timeout`` (``httpx.ReadTimeout``, ``openai.APITimeoutError``),
+      or Beam said the hold expired: ``FAILED_TIMEOUT``;
     - any other exception, or a stream stopped because Beam could not be reached (or
       refused a Deduct): ``FAILED_ERROR``;
     - otherwise ``COMPLETED_SUCCESS`` (also when a fail-open stream was cut at max_tokens).
@@ -66,7 +69,7 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
     if stop_reason in MONEY_STOPS:
         return RequestStatus.KILLED_INSUFFICIENT_BALANCE
     if error is not None:
-        if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | TimeoutError):
+        if isinstance(error, _GAVE_UP):
             return RequestStatus.FAILED_TIMEOUT
         if any("Timeout" in cls.__name__ for cls in type(error).__mro__):
             return RequestStatus.FAILED_TIMEOUT

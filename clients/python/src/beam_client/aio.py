@@ -328,8 +328,20 @@ class AsyncGuard(GuardCore):
         await self._close(exc)
 
     async def aclose(self, error: BaseException | None = None) -> None:
-        """Settle now if open (as if the block ended with ``error``); idempotent."""
+        """Settle now if open, as if the block ended with ``error``; idempotent.
+
+        For a guard driven by hand (``open``, ``add``, ``usage``, ``aclose``).
+        """
         await self._close(error)
+
+    async def abandon(self) -> None:
+        """Settle now if still open, as abandoned (``FAILED_TIMEOUT``); idempotent.
+
+        For work that will not finish: e.g. a web response whose client went away before
+        its stream started. Charged what was reported or counted so far (nothing if
+        nothing was).
+        """
+        await self._close(asyncio.CancelledError())
 
     async def add(self, tokens: int) -> bool:
         """Count ``tokens`` completion tokens; Deduct when ``deduct_every`` are pending.

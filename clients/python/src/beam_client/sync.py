@@ -280,6 +280,10 @@ class Guard(GuardCore):
         self._client.counters.bump("finalizes")
         self._settled(_wire.finalize_result(answer), None)
 
+    def abandon(self) -> None:
+        """Settle now if still open, as abandoned (``FAILED_TIMEOUT``); idempotent."""
+        self.close(TimeoutError("abandoned"))
+
     def add(self, tokens: int) -> bool:
         """Count ``tokens`` completion tokens; Deduct when ``deduct_every`` are pending.
 
