@@ -106,7 +106,8 @@ def show_usage(data: dict[str, Any], as_json: bool, by_model: bool) -> None:
     requests = sum(int(r["requests"]) for r in rows)
     click.echo("")
     click.echo(bar_chart([(label(s, str(data.get("bucket"))), v) for s, v in totals.items()]))
-    click.echo(f"total: {grains(sum(totals.values()))} grains, {requests:,} requests")
+    plural = "" if requests == 1 else "s"
+    click.echo(f"total: {grains(sum(totals.values()))} grains, {requests:,} request{plural}")
 
 
 def show_top(data: dict[str, Any], as_json: bool) -> None:
@@ -121,17 +122,13 @@ def show_top(data: dict[str, Any], as_json: bool) -> None:
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Text columns left-aligned, numbers right-aligned; "(none)" for no rows."""
+    """Columns as the other client commands print them; "(none)" for no rows."""
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    numeric = [c not in ("start", "model", "customer_id") for c in columns]
-
-    def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric,
-                                                                    strict=True)]  # fmt: skip
-        return "  ".join(parts).rstrip()
-
-    lines = [line([c.upper() for c in columns]), *(line(r) for r in cells)]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+        for values in [[c.upper() for c in columns], *cells]
+    ]
     if not rows:
         lines.append("(none)")
     return "\n".join(lines)
@@ -150,6 +147,8 @@ def bar_chart(points: list[tuple[str, int]], width: int = BAR_WIDTH) -> str:
     for name, value in points:
         scaled = max(0, value) * width * 8 // top
         bar = full * (scaled // 8) + (eighths[scaled % 8] if scaled % 8 else "")
+        if value > 0 and not bar.strip():
+            bar = eighths[1] if full == "█" else full  # visible, however small
         lines.append(f"{name.ljust(name_width)} {axis}{bar.ljust(width)} {grains(value)}")
     return "\n".join(lines)
 
