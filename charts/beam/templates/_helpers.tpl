@@ -126,7 +126,9 @@ podAntiAffinity:
 
 {{/*
 Scheduling fields shared by every pod spec (nodeSelector, tolerations, affinity, spread,
-priority). Call with (dict "component" "service" "values" .Values.service "context" $).
+priority). A component with a zoneSpreadPreset ("soft" = ScheduleAnyway, "hard" =
+DoNotSchedule) spreads its pods over topology.kubernetes.io/zone unless its own
+topologySpreadConstraints are set. Call with (dict "component" "service" "values" .Values.service "context" $).
 */}}
 {{- define "beam.scheduling" -}}
 {{- with .values.priorityClassName }}
@@ -145,9 +147,17 @@ tolerations:
 affinity:
   {{- $affinity | nindent 2 }}
 {{- end }}
-{{- with .values.topologySpreadConstraints }}
+{{- if .values.topologySpreadConstraints }}
 topologySpreadConstraints:
-  {{- toYaml . | nindent 2 }}
+  {{- toYaml .values.topologySpreadConstraints | nindent 2 }}
+{{- else if .values.zoneSpreadPreset }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: {{ ternary "DoNotSchedule" "ScheduleAnyway" (eq .values.zoneSpreadPreset "hard") }}
+    labelSelector:
+      matchLabels:
+        {{- include "beam.selectorLabels" (dict "context" .context "component" .component) | nindent 8 }}
 {{- end }}
 {{- end -}}
 

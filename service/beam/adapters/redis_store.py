@@ -8,7 +8,8 @@ Each script is the constants block from ``beam.constants`` + ``lua/_common.lua``
 ``lua/<name>.lua``; ``beam.adapters.scripts`` gives each one typed arguments and replies.
 Its SHA-1 is computed here, so the first call is already an EVALSHA; a NOSCRIPT answer
 (new server, failover, SCRIPT FLUSH) loads the script and retries once. Connection
-failures become STORE_UNAVAILABLE. A script is retried after a connection failure only
+failures, and the replies NOREPLICAS, MASTERDOWN, TRYAGAIN and LOADING, become
+STORE_UNAVAILABLE. A script is retried after a connection failure only
 when the caller says it is idempotent: a reply lost in flight must not charge twice.
 """
 
@@ -24,7 +25,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    MasterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from beam.adapters.resources import lua_dir
@@ -34,7 +41,22 @@ from beam.errors import BeamError, Reason
 from beam.observability import STORE_LATENCY
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# Error replies that mean "not now, nothing was done": NOREPLICAS (the master has fewer
+# in-sync replicas than min-replicas-to-write, e.g. while a replica resyncs after a failover),
+# MASTERDOWN (a replica lost its master), TRYAGAIN (a Cluster slot is moving). Like LOADING
+# (BusyLoadingError, a ConnectionError), they are STORE_UNAVAILABLE and retried, never INTERNAL.
+# redis-py parses the last two into their own classes (without the code in the message);
+# an error raised inside a script keeps its code as text.
+_TRANSIENT_REPLIES = ("NOREPLICAS", "MASTERDOWN", "TRYAGAIN")
+_TRANSIENT_REPLY_CLASSES = (MasterDownError, TryAgainError)
 _RETRY_DELAYS_SECONDS = (0.05, 0.2, 0.5, 1.0)
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure worth retrying: the connection, or a reply that says "not now"."""
+    if isinstance(error, (*_TRANSIENT, *_TRANSIENT_REPLY_CLASSES)):
+        return True
+    return isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +146,9 @@ class RedisStore:
         for attempt in range(attempts):
             try:
                 return await self._evalsha(script, keys, args)
-            except _TRANSIENT as error:
+            except (*_TRANSIENT, ResponseError) as error:
+                if not is_transient(error):
+                    raise
                 if attempt + 1 >= attempts:
                     raise BeamError(
                         Reason.STORE_UNAVAILABLE, f"redis unavailable: {type(error).__name__}"
@@ -155,7 +179,9 @@ class RedisStore:
                     infos = [replies]
             else:
                 infos = [await self.client.info("server"), await self.client.info("replication")]
-        except _TRANSIENT as error:
+        except (*_TRANSIENT, ResponseError) as error:
+            if not is_transient(error):
+                raise
             raise BeamError(Reason.STORE_UNAVAILABLE, "redis unavailable") from error
         return frozenset(
             f"{key}={info[key]}"
