@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: dev test check lint format typecheck contracts unit integration k8s e2e \
-        controlplane bench clean proto
+        controlplane bench soak clean proto
 
 $(STAMP): pyproject.toml hatch_build.py $(wildcard proto/beam/*/v1/*.proto) \
           clients/python/pyproject.toml clients/python/hatch_build.py
@@ -65,6 +65,13 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## The money simulator's soak: SOAK_SEEDS seeded, fault-injecting schedules on its own real
+## Redis and PostgreSQL (tests/sim; docs/PERFORMANCE.md has the last count and duration).
+SOAK_SEEDS ?= 10000
+SOAK_START ?= 0
+soak: $(STAMP)
+	$(BIN)/python -m tests.sim --seeds $(SOAK_SEEDS) --start $(SOAK_START)
 
 clean:
 	rm -rf $(VENV) .beam .mypy_cache .ruff_cache .pytest_cache service/beam/balance service/beam/admin \

@@ -59,6 +59,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="where the stores live (default: tmp)")
     parser.add_argument("--verbose", action="store_true", help="log the core's warnings")
     parser.add_argument("--trace", action="store_true", help="print every call's outcome")
+    parser.add_argument("--stats", action="store_true", help="soak: calls by kind and answer")
     return parser.parse_args(argv)
 
 
@@ -101,6 +102,7 @@ async def _soak(world: World, args: argparse.Namespace, bugs: frozenset[str]) ->
     started = time.monotonic()
     failures: list[Result] = []
     points: Counter[str] = Counter()
+    stats: Counter[str] = Counter()
     steps = fired = 0
     count = args.seeds
     for n, seed in enumerate(range(args.start, args.start + count), start=1):
@@ -110,6 +112,7 @@ async def _soak(world: World, args: argparse.Namespace, bugs: frozenset[str]) ->
         steps += result.steps_run
         fired += result.faults_fired
         points.update(result.points)
+        stats.update(result.stats)
         if not result.ok:
             failures.append(result)
             print(result.report(), flush=True)
@@ -131,6 +134,10 @@ async def _soak(world: World, args: argparse.Namespace, bugs: frozenset[str]) ->
         f"({platform.processor() or platform.machine()}, Python {platform.python_version()})"
     )
     print(f"fault points passed: {dict(sorted(points.items()))}")
+    if args.stats:
+        print("calls by answer:")
+        for name, n in sorted(stats.items()):
+            print(f"  {n:7d}  {name}")
     if failures:
         seeds = [r.schedule.seed for r in failures]
         print(f"FAILING seeds: {seeds} (replay: python -m tests.sim --seed N)")

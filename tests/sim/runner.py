@@ -33,6 +33,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,13 @@ from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
 from beam.records import Customer, Role
 from tests.sim.model import Mismatch, Model, Settled, Txn, show
-from tests.sim.steps import CUSTOMER_STEPS, HOLD_TTL_SECONDS, QUANTUM_MS, Schedule, Step
+from tests.sim.steps import (
+    HOLD_TTL_SECONDS,
+    QUANTUM_MS,
+    Fault,
+    Schedule,
+    Step,
+)
 from tests.sim.world import World, stop_runtime
 
 OP_TIMEOUT_SECONDS = 60.0
@@ -71,6 +78,7 @@ class Result:
     faults_fired: int = 0
     points: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    stats: Counter[str] = field(default_factory=Counter)  # calls by kind and answer
 
     @property
     def ok(self) -> bool:
@@ -89,35 +97,44 @@ class Result:
         )
 
 
+# Which call of the step a task works for (tasks the core spawns inherit it), so the hook
+# knows whose fault a point belongs to when several calls run at once.
+_CALL: ContextVar[int] = ContextVar("sim_call", default=-1)
+
+
 @dataclass
 class _Hook:
-    """The fault hook's state for the call in flight."""
+    """The fault hook's state for the calls in flight."""
 
-    fault: Any = None
-    target: asyncio.Task[Any] | None = None
-    count: int = 0
-    fired: bool = False
+    faults: dict[int, Fault] = field(default_factory=dict)  # call -> its fault
+    targets: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    counts: Counter[int] = field(default_factory=Counter)
+    fired: set[int] = field(default_factory=set)
     dead: bool = False  # after a crash: the process is gone, nothing of it may run on
     points: Counter[str] = field(default_factory=Counter)
+
+    def arm(self, faults_by_call: dict[int, Fault]) -> None:
+        self.faults, self.targets = faults_by_call, {}
+        self.counts, self.fired = Counter(), set()
 
     async def __call__(self, name: str) -> None:
         self.points[name] += 1
         if self.dead:
             raise faults.SimulatedCrash(name)
-        fault = self.fault
-        if fault is None or self.fired or name != fault.point:
+        call = _CALL.get()
+        fault = self.faults.get(call)
+        if fault is None or call in self.fired or name != fault.point:
             return
-        self.count += 1
-        if self.count < fault.nth:
+        self.counts[call] += 1
+        if self.counts[call] < fault.nth:
             return
-        self.fired = True
+        self.fired.add(call)
         if fault.kind == "crash":
             self.dead = True
             raise faults.SimulatedCrash(name)
         if fault.kind == "error":
             raise BeamError(Reason.STORE_UNAVAILABLE, f"injected store failure at {name}")
-        assert self.target is not None
-        self.target.cancel()
+        self.targets[call].cancel()
         await asyncio.sleep(0)  # the cancellation lands here when this is the caller's task
 
 
@@ -125,12 +142,23 @@ class _Hook:
 class _Outcome:
     value: Any = None  # an answer or a BeamError
     cancelled: bool = False
-    crashed: bool = False
-    fired: bool = False  # the step's fault was injected
+    crashed: bool = False  # the process died before this call answered
+    fired: bool = False  # this call's fault was injected
 
     @property
     def answered(self) -> bool:
         return not self.cancelled and not self.crashed and not isinstance(self.value, BeamError)
+
+
+@dataclass
+class _Call:
+    """One call of a step: what runs, whom a fault would leave uncertain, and what to
+    check once it answered (the model, the money oracles)."""
+
+    step: Step
+    work: Callable[[], Awaitable[Any]]
+    affected: list[Key]
+    conclude: Callable[[_Outcome], Awaitable[None]]
 
 
 @dataclass
@@ -184,6 +212,7 @@ class Runner:
         # Customers whose Redis may lag PostgreSQL: key -> (kind, model time of the fault)
         self.dirty: dict[Key, tuple[str, int]] = {}
         self.index = -1
+        self.stats: Counter[str] = Counter()
         self.faults_fired = 0
         self.fired_in_step = False
         self.recovered_in_step = False
@@ -229,6 +258,7 @@ class Runner:
             self.faults_fired,
             self.hook.points,
             time.monotonic() - started,
+            self.stats,
         )
 
     async def setup(self) -> None:
@@ -262,58 +292,110 @@ class Runner:
     async def call(
         self, step: Step, work: Callable[[], Awaitable[Any]], affected: list[Key] | None = None
     ) -> _Outcome:
-        """Run one call as a task with the step's fault armed; wait for whatever it left
-        running in the background (a settlement the core finishes after a cancellation).
-        If the fault fired, the ``affected`` customers become uncertain (and, unless the
-        process crashed and was restarted, dirty)."""
+        async def nothing(_: _Outcome) -> None:
+            return None
+
+        (outcome,) = await self.run_calls([_Call(step, work, affected or [], nothing)])
+        return outcome
+
+    async def run_calls(self, calls: list[_Call]) -> list[_Outcome]:
+        """Run the calls at once, each as its own task with its fault armed; wait for
+        whatever they left running (a settlement the core finishes after a cancellation).
+        A fired fault leaves its call's ``affected`` customers uncertain (and dirty); a
+        crash kills every call still in flight (none of them answered) and restarts."""
         before = set(asyncio.all_tasks())
         hook = self.hook
-        hook.fault, hook.count, hook.fired = step.fault, 0, False
+        hook.arm({i: c.step.fault for i, c in enumerate(calls) if c.step.fault is not None})
+        finished_alive: set[int] = set()  # answered before any crash
 
-        async def run() -> Any:
+        async def run(i: int, work: Callable[[], Awaitable[Any]]) -> Any:
+            _CALL.set(i)
             return await work()
 
-        task = asyncio.create_task(run(), name=f"sim-step-{self.index}")
-        hook.target = task
+        def finished(i: int) -> Callable[[asyncio.Task[Any]], None]:
+            def done(_: asyncio.Task[Any]) -> None:
+                if not hook.dead:
+                    finished_alive.add(i)
+
+            return done
+
+        tasks: list[asyncio.Task[Any]] = []
+        for i, c in enumerate(calls):
+            task = asyncio.create_task(run(i, c.work), name=f"sim-{self.index}-{i}")
+            task.add_done_callback(finished(i))
+            hook.targets[i] = task
+            tasks.append(task)
         try:
-            done, _ = await asyncio.wait({task}, timeout=OP_TIMEOUT_SECONDS)
-            if not done:
-                task.cancel()
-                raise self.fail("liveness", f"{step.kind} did not answer in {OP_TIMEOUT_SECONDS}s")
+            _, pending = await asyncio.wait(tasks, timeout=OP_TIMEOUT_SECONDS)
+            if pending:
+                for task in pending:
+                    task.cancel()
+                kinds = [calls[tasks.index(t)].step.kind for t in pending]
+                raise self.fail("liveness", f"{kinds} did not answer in {OP_TIMEOUT_SECONDS}s")
         finally:
-            hook.fault, hook.target = None, None
-        outcome = _Outcome(fired=hook.fired)
-        if self.trace is not None:
-            self.trace(self._traced(step, task, hook.fired))
-        if outcome.fired:
-            self.faults_fired += 1
-            self.fired_in_step = True
-        if task.cancelled():
-            outcome.cancelled = True
-        else:
-            error = task.exception()
-            if isinstance(error, faults.SimulatedCrash):
-                outcome.crashed = True
-            elif isinstance(error, BeamError):
-                outcome.value = error
-            elif error is not None:
-                raise self.fail(
-                    "internal error", f"{step.kind} raised {type(error).__name__}: {error}"
-                ) from error
+            fired = set(hook.fired)
+            hook.arm({})
+        crashed = hook.dead
+        outcomes = []
+        for i, (c, task) in enumerate(zip(calls, tasks, strict=True)):
+            outcome = _Outcome(fired=i in fired)
+            if self.trace is not None:
+                self.trace(self._traced(c.step, task, outcome.fired))
+            if task.cancelled():
+                outcome.cancelled = True
             else:
-                outcome.value = task.result()
-        if outcome.fired and affected:
-            assert step.fault is not None
-            kind = "crash" if outcome.crashed or hook.dead else step.fault.kind
-            self.after_fault(affected, kind)
-        if outcome.crashed or hook.dead:
-            hook.dead = True
+                error = task.exception()
+                # Answered after the process died: the answer never reached the client (the
+                # value is kept: what the call did is still evidence for the journal).
+                outcome.crashed = crashed and i not in finished_alive
+                if isinstance(error, faults.SimulatedCrash):
+                    outcome.crashed = True
+                elif isinstance(error, BeamError):
+                    outcome.value = error
+                elif error is not None:
+                    raise self.fail(
+                        "internal error", f"{c.step.kind} raised {type(error).__name__}: {error}"
+                    ) from error
+                else:
+                    outcome.value = task.result()
+            if outcome.cancelled and not outcome.fired:
+                raise self.fail("internal error", f"{c.step.kind} was cancelled by nobody")
+            self.stats[f"{c.step.kind} {self._category(outcome)}"] += 1
+            outcomes.append(outcome)
+        self.faults_fired += len(fired)
+        self.fired_in_step |= bool(fired)
+        for i, (c, outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            if crashed and not (outcome.answered and i in finished_alive):
+                self.after_fault(c.affected, "crash")
+            elif outcome.fired:
+                fault = c.step.fault
+                assert fault is not None
+                self.after_fault(c.affected, fault.kind)
+        if crashed:
             await self.recover(before)
         else:
             await self._drain(before)
-            if outcome.cancelled and not outcome.fired:
-                raise self.fail("internal error", f"{step.kind} was cancelled by nobody")
-        return outcome
+        return outcomes
+
+    @staticmethod
+    def _category(outcome: _Outcome) -> str:
+        """What kind of answer a call got (the soak's coverage report)."""
+        value = outcome.value
+        if outcome.crashed:
+            return "crashed"
+        if outcome.cancelled:
+            return "cancelled"
+        if isinstance(value, BeamError):
+            return value.reason.value
+        for name in ("approved", "success"):
+            if hasattr(value, name):
+                ok = getattr(value, name)
+                code = getattr(value, "rejection_reason", "") or getattr(value, "error_code", "")
+                replay = " replayed" if getattr(value, "replayed", False) else ""
+                return ("ok" if ok else f"refused {code}") + replay
+        if getattr(value, "replayed", False):
+            return "ok replayed"
+        return "ok"
 
     def _traced(self, step: Step, task: asyncio.Task[Any], fired: bool) -> str:
         if task.cancelled():
@@ -328,7 +410,8 @@ class Runner:
             if (step.fault)
             else ""
         )
-        return f"  {self.index:3d} {step.kind}{fault} -> {what}"
+        who = f" t{step.tenant}/c{step.customer}" if step.customer >= 0 else ""
+        return f"  {self.index:3d} {step.kind}{who}{fault} -> {what}"
 
     async def _drain(self, before: set[asyncio.Task[Any]]) -> None:
         current = asyncio.current_task()
@@ -395,28 +478,53 @@ class Runner:
                     return tokens[-1]  # another tenant's (or customer's) token, same id
         return "v1.AAAAAAAAAAAAAAAA.forged"
 
-    async def _check(self, step: Step) -> None:
+    async def customer_step(self, step: Step) -> None:
+        """One customer's call, and (after a cancel or an error) the client's retry."""
+        for attempt in self.attempts(step):
+            call = self.prepare(attempt)
+            (outcome,) = await self.run_calls([call])
+            await call.conclude(outcome)
+        await self.after_customer_step(step)
+
+    async def after_customer_step(self, step: Step) -> None:
+        txid = step.args.get("txid") if step.kind in ("credit", "debit") else None
+        if txid and self.uncertain(step.tenant, step.customer):
+            await self.resolve_txid(step.tenant, txid)
+
+    async def _burst(self, step: Step) -> None:
+        """Calls for distinct customers at once: they share the Redis connection pool and
+        PostgreSQL's group commit; each customer's outcome must be what it is alone."""
+        calls = [self.prepare(sub) for sub in step.subs]
+        outcomes = await self.run_calls(calls)
+        for call, outcome in zip(calls, outcomes, strict=True):
+            await call.conclude(outcome)
+        for sub in step.subs:
+            await self.after_customer_step(sub)
+
+    _check = _deduct = _finalize = _credit = _debit = _balance = customer_step
+
+    def prepare(self, step: Step) -> _Call:
+        return getattr(self, f"prepare_{step.kind}")(step)  # type: ignore[no-any-return]
+
+    def prepare_check(self, step: Step) -> _Call:
         t, c, a = step.tenant, step.customer, step.args
+        rid = a["rid"]
         command = CheckCommand(
             customer_id=self.cids[c],
-            request_id=a["rid"],
+            request_id=rid,
             estimated_grains=a["est"],
             buffer_multiplier=a["mult"],
             model=a["model"],
             max_tokens=a["max_tokens"],
             prompt_tokens=a["prompt"],
         )
-        rid = a["rid"]
-        journal = self.model.journal[t, c]
-        for attempt in self.attempts(step):
-            settled_before = rid in self.settled_ids(t, c)
-            outcome = await self.call(
-                attempt, lambda: self.live.ledger.check(self.p(t), command), [(t, c)]
-            )
+        settled_before = rid in self.settled_ids(t, c)
+
+        async def conclude(outcome: _Outcome) -> None:
             value = outcome.value
             approved = outcome.answered and value.approved
-            if outcome.fired or approved:
-                journal.held.add(rid)
+            if outcome.fired or outcome.crashed or approved:
+                self.model.journal[t, c].held.add(rid)
             tokens = self.model.tokens.setdefault((t, c, rid), [])
             if approved and settled_before and value.request_token not in tokens:
                 raise self.fail(
@@ -424,12 +532,14 @@ class Runner:
                     f"Check {rid}: the id was settled (PostgreSQL) and a new hold was "
                     f"opened: {show(value)}",
                 )
-            if not outcome.fired and not self.uncertain(t, c):
+            if not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
                 self.model.check(t, c, a, value)
             if approved and value.request_token not in tokens:
                 tokens.append(value.request_token)
 
-    async def _deduct(self, step: Step) -> None:
+        return _Call(step, lambda: self.live.ledger.check(self.p(t), command), [(t, c)], conclude)
+
+    def prepare_deduct(self, step: Step) -> _Call:
         t, c, a = step.tenant, step.customer, step.args
         token = self.token(t, c, a["rid"], a["token"])
         command = DeductCommand(
@@ -443,23 +553,26 @@ class Runner:
             is_cached_prompt=a["kind"] == "cached",
         )
         settled_before = a["rid"] in self.settled_ids(t, c)
-        outcome = await self.call(step, lambda: self.live.ledger.deduct(self.p(t), command))
-        value = outcome.value
-        if outcome.answered:
-            journal = self.model.journal[t, c]
-            journal.consumed[a["rid"]] = max(
-                journal.consumed.get(a["rid"], 0), value.consumed_grains
-            )
-            if settled_before and value.success:
-                raise self.fail(
-                    "6 settled id reused",
-                    f"Deduct {a['rid']}: the id was settled (PostgreSQL) and the Deduct "
-                    f"bought tokens: {show(value)}",
-                )
-        if not self.uncertain(t, c):
-            self.model.deduct(t, c, a, token, value)
 
-    async def _finalize(self, step: Step) -> None:
+        async def conclude(outcome: _Outcome) -> None:
+            value = outcome.value
+            if value is not None and not isinstance(value, BeamError):
+                journal = self.model.journal[t, c]
+                journal.consumed[a["rid"]] = max(
+                    journal.consumed.get(a["rid"], 0), value.consumed_grains
+                )
+                if settled_before and value.success and outcome.answered:
+                    raise self.fail(
+                        "6 settled id reused",
+                        f"Deduct {a['rid']}: the id was settled (PostgreSQL) and the Deduct "
+                        f"bought tokens: {show(value)}",
+                    )
+            if not outcome.crashed and not self.uncertain(t, c):
+                self.model.deduct(t, c, a, token, value)
+
+        return _Call(step, lambda: self.live.ledger.deduct(self.p(t), command), [(t, c)], conclude)
+
+    def prepare_finalize(self, step: Step) -> _Call:
         t, c, a = step.tenant, step.customer, step.args
         token = self.token(t, c, a["rid"], a["token"])
         command = FinalizeCommand(
@@ -473,22 +586,24 @@ class Runner:
             request_token=token,
         )
         self.model.journal[t, c].finalized.add(a["rid"])
-        for attempt in self.attempts(step):
-            outcome = await self.call(
-                attempt, lambda: self.live.ledger.finalize(self.p(t), command), [(t, c)]
-            )
-            if not outcome.fired and not self.uncertain(t, c):
+
+        async def conclude(outcome: _Outcome) -> None:
+            if not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
                 self.model.finalize(t, c, a, token, outcome.value)
             if outcome.answered:
                 await self.acknowledged_settlement(t, c, a["rid"], outcome.value)
 
-    async def _credit(self, step: Step) -> None:
-        await self._entry(step, "credit")
+        return _Call(
+            step, lambda: self.live.ledger.finalize(self.p(t), command), [(t, c)], conclude
+        )
 
-    async def _debit(self, step: Step) -> None:
-        await self._entry(step, "debit")
+    def prepare_credit(self, step: Step) -> _Call:
+        return self.prepare_entry(step, "credit")
 
-    async def _entry(self, step: Step, kind: str) -> None:
+    def prepare_debit(self, step: Step) -> _Call:
+        return self.prepare_entry(step, "debit")
+
+    def prepare_entry(self, step: Step, kind: str) -> _Call:
         t, c, a = step.tenant, step.customer, step.args
         command = LedgerCommand(
             customer_id=self.cids[c],
@@ -504,14 +619,24 @@ class Runner:
             call = admin.credit if kind == "credit" else admin.debit
             return await call(self.p(t), command)
 
-        for attempt in self.attempts(step):
-            outcome = await self.call(attempt, work, [(t, c)])
-            if not outcome.fired and not self.uncertain(t, c):
+        async def conclude(outcome: _Outcome) -> None:
+            if not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
                 self.model.entry(t, c, kind, a, outcome.value)
             if outcome.answered:
                 await self.acknowledged_entry(t, c, kind, a, outcome.value)
-        if a["txid"] and self.uncertain(t, c):
-            await self.resolve_txid(t, a["txid"])
+
+        return _Call(step, work, [(t, c)], conclude)
+
+    def prepare_balance(self, step: Step) -> _Call:
+        t, c = step.tenant, step.customer
+
+        async def conclude(outcome: _Outcome) -> None:
+            if not outcome.crashed and not self.uncertain(t, c):
+                self.model.balance(t, c, outcome.value)
+
+        return _Call(
+            step, lambda: self.live.ledger.balance(self.p(t), self.cids[c]), [(t, c)], conclude
+        )
 
     async def resolve_txid(self, t: int, txid: str) -> None:
         """Transaction ids are unique per tenant, so the model of every customer of the
@@ -531,12 +656,6 @@ class Runner:
                 self.cids.index(row["customer_id"]), row["transaction_type"],
                 row["amount_grains"], row["balance_after_grains"], row["balance_version"],
             )  # fmt: skip
-
-    async def _balance(self, step: Step) -> None:
-        t, c = step.tenant, step.customer
-        outcome = await self.call(step, lambda: self.live.ledger.balance(self.p(t), self.cids[c]))
-        if not self.uncertain(t, c):
-            self.model.balance(t, c, outcome.value)
 
     async def _advance(self, step: Step) -> None:
         self.advance(step.args["ms"])
@@ -895,13 +1014,13 @@ class Runner:
                 raise self.fail("3 held", f"{name}: holds {sorted(rd.holds)} without an account")
         if obs.bad_entries:
             raise self.fail("6 settled twice", "; ".join(obs.bad_entries))
-        if previous is None or step is None or step.kind not in CUSTOMER_STEPS:
+        targets = step.customers() if step is not None else set()
+        if previous is None or step is None or not targets:
             return
         if self.recovered_in_step:
             return  # the restart's reaper pass may settle anyone's overdue holds
-        target = (step.tenant, step.customer)
         for key in self.keys:
-            if key == target:
+            if key in targets:
                 continue
             before_pg, after_pg = previous.pg[key], obs.pg[key]
             before_rd, after_rd = previous.rd[key], obs.rd[key]
@@ -915,7 +1034,7 @@ class Runner:
             if moved_pg or moved_rd:
                 raise self.fail(
                     "7 isolation",
-                    f"{step.kind} for {self.names([target])[0]} changed "
+                    f"{step.kind} for {self.names(sorted(targets))} changed "
                     f"{self.names([key])[0]}: PostgreSQL {before_pg.balance}->"
                     f"{after_pg.balance}, Redis balance {before_rd.balance}->"
                     f"{after_rd.balance} held {before_rd.held}->{after_rd.held}",

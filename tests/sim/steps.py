@@ -69,6 +69,7 @@ class Step:
     customer: int = -1
     args: dict[str, Any] = field(default_factory=dict)
     fault: Fault | None = None
+    subs: tuple[Step, ...] = ()  # a burst: calls for distinct customers, all at once
 
     def describe(self) -> str:
         who = f" t{self.tenant}/c{self.customer}" if self.customer >= 0 else ""
@@ -76,7 +77,22 @@ class Step:
             who = f" t{self.tenant}"
         args = " ".join(f"{k}={v}" for k, v in self.args.items())
         fault = f" [{self.fault.describe()}]" if self.fault else ""
-        return f"{self.kind}{who} {args}".rstrip() + fault
+        subs = "".join(f"\n        | {sub.describe()}" for sub in self.subs)
+        return f"{self.kind}{who} {args}".rstrip() + fault + subs
+
+    def customers(self) -> set[tuple[int, int]]:
+        """The customers a customer step (or a burst) acts on."""
+        if self.subs:
+            return {(s.tenant, s.customer) for s in self.subs}
+        return {(self.tenant, self.customer)} if self.kind in CUSTOMER_STEPS else set()
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Step:
+        return Step(
+            d["kind"], d["tenant"], d["customer"], dict(d["args"]),
+            Fault(**d["fault"]) if d["fault"] else None,
+            tuple(Step.from_dict(sub) for sub in d.get("subs", ())),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,11 +129,11 @@ class Schedule:
                 {f"{fault.kind}@{fault.point}", f"*@{fault.point}", f"{fault.kind}@*"} & masks
             )
 
-        steps = [
-            Step(s.kind, s.tenant, s.customer, s.args, None) if hidden(s.fault) else s
-            for s in self.steps
-            if s.kind not in masks
-        ]
+        def strip(step: Step) -> Step:
+            subs = tuple(strip(sub) for sub in step.subs)
+            return replace(step, fault=None if hidden(step.fault) else step.fault, subs=subs)
+
+        steps = [strip(s) for s in self.steps if s.kind not in masks]
         masked = self.with_steps(steps)
         return replace(masked, options={**self.options, "mask": sorted(masks)}) if masks else masked
 
@@ -135,16 +151,7 @@ class Schedule:
     @staticmethod
     def from_json(text: str) -> Schedule:
         data = json.loads(text)
-        steps = tuple(
-            Step(
-                s["kind"],
-                s["tenant"],
-                s["customer"],
-                dict(s["args"]),
-                Fault(**s["fault"]) if s["fault"] else None,
-            )
-            for s in data["steps"]
-        )
+        steps = tuple(Step.from_dict(s) for s in data["steps"])
         balances = tuple(tuple(b) for b in data["balances"])
         return Schedule(
             data["seed"], data["tenants"], data["customers"], balances, steps,
@@ -167,6 +174,7 @@ class _Gen:
     customers: int
     fault_rate: float
     requests: dict[tuple[int, int], dict[str, _Request]] = field(default_factory=dict)
+    seqs: dict[tuple[int, int, str], _Request] = field(default_factory=dict)  # Deducts
     # per tenant: transaction id -> (customer, kind, amount)
     txids: dict[int, dict[str, tuple[int, str, int]]] = field(default_factory=dict)
     txid_counter: int = 0
@@ -175,6 +183,7 @@ class _Gen:
         return self.rng.randrange(self.tenants), self.rng.randrange(self.customers)
 
     def known(self, t: int, c: int) -> dict[str, _Request]:
+        """Request ids this customer has Checked (a Check is the only way in)."""
         return self.requests.setdefault((t, c), {})
 
     def fresh_rid(self, t: int, c: int) -> str | None:
@@ -187,6 +196,22 @@ class _Gen:
     def used_rid(self, t: int, c: int) -> str | None:
         known = self.known(t, c)
         return self.rng.choice(sorted(known)) if known else None
+
+    def checked_target(self, customer: tuple[int, int] | None, odds: float) -> tuple[int, int, str]:
+        """Usually (``odds``) a customer and one of its Checked request ids; otherwise any
+        customer and any request id (never Checked, or another customer's: the call must
+        fail without moving money)."""
+        rng = self.rng
+        if rng.random() < odds:
+            if customer is None:
+                candidates = sorted(k for k, v in self.requests.items() if v)
+                customer = rng.choice(candidates) if candidates else None
+            if customer is not None and self.known(*customer):
+                rid = self.used_rid(*customer)
+                assert rid is not None
+                return customer[0], customer[1], rid
+        t, c = customer or self.pick_customer()
+        return t, c, rng.choice(REQUEST_IDS)
 
     def fault(self, op: str) -> Fault | None:
         if op not in OP_POINTS or self.rng.random() >= self.fault_rate:
@@ -201,8 +226,8 @@ class _Gen:
 
     # -- one step of each kind -----------------------------------------------------------
 
-    def check(self) -> Step:
-        t, c = self.pick_customer()
+    def check(self, customer: tuple[int, int] | None = None) -> Step:
+        t, c = customer or self.pick_customer()
         rng = self.rng
         fresh = rng.random() < 0.6
         rid = (self.fresh_rid(t, c) if fresh else self.used_rid(t, c)) or self.used_rid(t, c)
@@ -231,12 +256,10 @@ class _Gen:
             "prompt": rng.randint(0, 500),
         }
 
-    def deduct(self) -> Step:
-        t, c = self.pick_customer()
+    def deduct(self, customer: tuple[int, int] | None = None) -> Step:
+        t, c, rid = self.checked_target(customer, 0.95)
         rng = self.rng
-        rid = self.used_rid(t, c) if rng.random() < 0.9 else None
-        rid = rid or rng.choice(REQUEST_IDS)
-        request = self.known(t, c).setdefault(rid, _Request())
+        request = self.seqs.setdefault((t, c, rid), _Request())
         roll = rng.random()
         if roll < 0.5:
             request.seq += 1
@@ -260,12 +283,9 @@ class _Gen:
         }
         return Step("deduct", t, c, args)
 
-    def finalize(self) -> Step:
-        t, c = self.pick_customer()
+    def finalize(self, customer: tuple[int, int] | None = None) -> Step:
+        t, c, rid = self.checked_target(customer, 0.9)
         rng = self.rng
-        rid = self.used_rid(t, c) if rng.random() < 0.85 else None
-        rid = rid or self.fresh_rid(t, c) or rng.choice(REQUEST_IDS)
-        self.known(t, c).setdefault(rid, _Request())
         usage = rng.random()
         args: dict[str, Any] = {"rid": rid, "status": rng.choice(STATUSES)}
         args["cost"] = (
@@ -280,24 +300,51 @@ class _Gen:
         args["token"] = rng.choices(("current", "none", "stale", "other"), (60, 30, 5, 5))[0]
         return Step("finalize", t, c, args, self.fault("finalize"))
 
-    def ledger_entry(self, kind: str) -> Step:
-        t, c = self.pick_customer()
+    def ledger_entry(
+        self, kind: str, *, fresh: bool = False, customer: tuple[int, int] | None = None
+    ) -> Step:
+        t, c = customer or self.pick_customer()
         rng = self.rng
         mine = self.txids.setdefault(t, {})
-        roll = rng.random()
+        roll = 0.45 if fresh else rng.random()
         amount = rng.choice((1, 100, 1_000, 5_000, rng.randint(1, 30_000)))
         if mine and roll < 0.3:  # a retry: same transaction id, customer, kind and amount
             txid = rng.choice(sorted(mine))
             c, kind, amount = mine[txid]
         elif mine and roll < 0.4:  # a conflicting reuse (other amount, customer or kind)
             txid = rng.choice(sorted(mine))
-        elif roll < 0.5:
+        elif roll < 0.5 and not fresh:
             txid = ""  # Beam generates one: not retry-safe
         else:
             self.txid_counter += 1
             txid = f"tx{self.txid_counter}"
             mine[txid] = (c, kind, amount)
         return Step(kind, t, c, {"amount": amount, "txid": txid}, self.fault(kind))
+
+    def burst(self) -> Step:
+        """2-8 calls for distinct customers at once (ledger entries with fresh ids only, so
+        their order cannot matter); at most one of them gets a fault."""
+        rng = self.rng
+        customers = [(t, c) for t in range(self.tenants) for c in range(self.customers)]
+        chosen = rng.sample(customers, rng.randint(2, min(8, len(customers))))
+        subs = []
+        for t, c in chosen:
+            kind = rng.choices(
+                ("check", "deduct", "finalize", "credit", "debit", "balance"), (4, 3, 8, 1, 2, 1)
+            )[0]
+            if kind in ("credit", "debit"):
+                step = self.ledger_entry(kind, fresh=True, customer=(t, c))
+            elif kind == "balance":
+                step = Step("balance", t, c)
+            else:
+                step = getattr(self, kind)((t, c))
+            subs.append(replace(step, fault=None))
+        if rng.random() < self.fault_rate:
+            at = rng.randrange(len(subs))
+            fault = self.fault(subs[at].kind) if subs[at].kind in OP_POINTS else None
+            if fault is not None:
+                subs[at] = replace(subs[at], fault=replace(fault, retry=False))
+        return Step("burst", subs=tuple(subs))
 
     def system(self, kind: str) -> Step:
         rng = self.rng
@@ -330,6 +377,7 @@ _BASE_WEIGHTS = {
     "snapshot": 2,
     "redis_restart": 1.5,
     "pg_restart": 0.04,
+    "burst": 5,
 }
 _PROFILES: tuple[dict[str, float], ...] = (
     {},
@@ -346,7 +394,7 @@ def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = 
     customers = rng.choice((2, 3))
     balances = tuple(
         tuple(
-            rng.choice((0, 500, 2_000, 5_000, 20_000, 100_000, rng.randint(1, 50_000)))
+            rng.choice((0, 500, 5_000, 20_000, 50_000, 100_000, 100_000, rng.randint(1, 100_000)))
             for _ in range(customers)
         )
         for _ in range(tenants)
@@ -361,6 +409,8 @@ def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = 
     out: list[Step] = []
     for _ in range(count):
         kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
+        if kind in ("deduct", "finalize") and not any(gen.requests.values()):
+            kind = "check"  # nothing was Checked yet: there is nothing to stream or settle
         if kind == "check":
             out.append(gen.check())
         elif kind == "deduct":
@@ -372,6 +422,8 @@ def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = 
         elif kind == "balance":
             t, c = gen.pick_customer()
             out.append(Step("balance", t, c))
+        elif kind == "burst":
+            out.append(gen.burst())
         else:
             out.append(gen.system(kind))
     options = {"steps": steps, "fault_rate": fault_rate_arg}

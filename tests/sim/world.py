@@ -63,11 +63,13 @@ class World:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def settings(self) -> ServiceSettings:
+        """A small pool on purpose: a quarter of it (one connection) settles at a time, so
+        the settlements of a burst queue up and share group commits."""
         assert self.stores is not None
         return self.stores.settings(
             hold_ttl_seconds=HOLD_TTL_SECONDS,
             database_pool_min=1,
-            database_pool_max=8,
+            database_pool_max=4,
             migrate_on_start=not self.migrated,
         )
 
