@@ -92,31 +92,45 @@ UPDATE usage_events u
                AND r.request_id = u.request_id), 0)
  WHERE u.transaction_id = '';
 
--- Spending entries that have no event yet (every adjustment and second hold's charge so
--- far, and any settlement an older version did not record): one event each, at the
--- entry's time.
-INSERT INTO usage_events (time, tenant, customer_id, request_id, model, status, prompt_tokens,
-       completion_tokens, cached_prompt_tokens, cost_grains, request_count, entry_type,
-       transaction_id)
-SELECT t.created_at, t.tenant, t.customer_id, COALESCE(t.reference_id, ''),
-       COALESCE(r.model, ''),
-       CASE WHEN own.is_request THEN COALESCE(r.status, t.transaction_type)
-            ELSE t.transaction_type END,
-       CASE WHEN own.is_request THEN COALESCE(r.prompt_tokens, 0) ELSE 0 END,
-       CASE WHEN own.is_request THEN COALESCE(r.completion_tokens, 0) ELSE 0 END,
-       CASE WHEN own.is_request THEN COALESCE(r.cached_prompt_tokens, 0) ELSE 0 END,
-       -t.amount_grains,
-       CASE WHEN own.is_request THEN 1 ELSE 0 END,
-       t.transaction_type, t.transaction_id
-  FROM transactions t
-  CROSS JOIN LATERAL (SELECT beam_is_request_settlement(t.transaction_type, t.transaction_id,
-                                                        t.customer_id, t.reference_id)
-                             AS is_request) own
-  LEFT JOIN requests r
-    ON r.tenant = t.tenant AND r.customer_id = t.customer_id AND r.request_id = t.reference_id
- WHERE t.transaction_type IN ('settlement', 'expiry', 'adjustment')
-   AND NOT EXISTS (SELECT 1 FROM usage_events u
-                    WHERE u.tenant = t.tenant AND u.transaction_id = t.transaction_id);
+-- Spending entries that have no event yet get one each, at the entry's time: here every
+-- adjustment and second hold's charge so far (and any settlement an older version did not
+-- record); later, after restoring a dump that left usage_events out (docs/DATABASE.md),
+-- the whole table (or, with p_since, the entries since then). Answers how many it wrote.
+CREATE OR REPLACE FUNCTION beam_usage_backfill(p_since TIMESTAMPTZ DEFAULT NULL) RETURNS BIGINT
+    LANGUAGE plpgsql AS $$
+DECLARE
+    v_count BIGINT;
+BEGIN
+    INSERT INTO usage_events (time, tenant, customer_id, request_id, model, status,
+           prompt_tokens, completion_tokens, cached_prompt_tokens, cost_grains, request_count,
+           entry_type, transaction_id)
+    SELECT t.created_at, t.tenant, t.customer_id, COALESCE(t.reference_id, ''),
+           COALESCE(r.model, ''),
+           CASE WHEN own.is_request THEN COALESCE(r.status, t.transaction_type)
+                ELSE t.transaction_type END,
+           CASE WHEN own.is_request THEN COALESCE(r.prompt_tokens, 0) ELSE 0 END,
+           CASE WHEN own.is_request THEN COALESCE(r.completion_tokens, 0) ELSE 0 END,
+           CASE WHEN own.is_request THEN COALESCE(r.cached_prompt_tokens, 0) ELSE 0 END,
+           -t.amount_grains,
+           CASE WHEN own.is_request THEN 1 ELSE 0 END,
+           t.transaction_type, t.transaction_id
+      FROM transactions t
+      CROSS JOIN LATERAL (SELECT beam_is_request_settlement(t.transaction_type,
+                                 t.transaction_id, t.customer_id, t.reference_id)
+                                 AS is_request) own
+      LEFT JOIN requests r
+        ON r.tenant = t.tenant AND r.customer_id = t.customer_id
+       AND r.request_id = t.reference_id
+     WHERE t.transaction_type IN ('settlement', 'expiry', 'adjustment')
+       AND (p_since IS NULL OR t.created_at >= p_since)
+       AND NOT EXISTS (SELECT 1 FROM usage_events u
+                        WHERE u.tenant = t.tenant AND u.transaction_id = t.transaction_id);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END;
+$$;
+
+SELECT beam_usage_backfill();
 
 DROP TRIGGER IF EXISTS usage_events_fill ON usage_events;
 CREATE TRIGGER usage_events_fill

@@ -381,6 +381,15 @@ async def test_migration_0005_makes_existing_history_add_up(stores: Stores, tmp_
             ("settlement:c:r1", "settlement", 1, 5, "gpt-4"),
             ("settlement:c:r1#n-x", "settlement", 0, 0, "gpt-4"),
         ]
+        # A restore that left usage_events out: beam_usage_backfill() rebuilds it.
+        before_loss = await conn.fetch("SELECT * FROM usage_events ORDER BY transaction_id")
+        await conn.execute("DELETE FROM usage_events")
+        recent = datetime.now(UTC) - timedelta(hours=1)
+        assert await conn.fetchval("SELECT beam_usage_backfill($1)", recent) == 2
+        assert await conn.fetchval("SELECT beam_usage_backfill()") == 3
+        assert await conn.fetchval("SELECT beam_usage_backfill()") == 0
+        rebuilt = await conn.fetch("SELECT * FROM usage_events ORDER BY transaction_id")
+        assert [tuple(r) for r in rebuilt] == [tuple(r) for r in before_loss]
         # Plain PostgreSQL: no TimescaleDB policy to set.
         assert await store.timescale() is False
         assert await store.apply_policies(UsagePolicies(raw_retention_days=30)) == []
