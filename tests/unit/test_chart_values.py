@@ -142,7 +142,7 @@ def test_readme_parameter_tables_match_the_param_lines() -> None:
         r"^\s*## @param (\S+) (.*)$", VALUES_FILE.read_text(encoding="utf-8"), re.MULTILINE
     )
     expected = [(name, text.replace("|", "\\|")) for name, text in params]
-    assert rows == expected, "regenerate the Parameters section of charts/beam/README.md"
+    assert rows == expected, "run `python -m tests.chart.readme` to regenerate the README tables"
 
 
 def test_no_key_is_documented_twice() -> None:
@@ -188,10 +188,11 @@ def test_ci_value_sets_satisfy_the_schema(values_file: Path) -> None:
     assert validation_errors(coalesce(load_values(), override)) == []
 
 
-def test_the_three_ci_value_sets_exist() -> None:
+def test_the_ci_value_sets_exist() -> None:
     assert [path.name for path in CI_VALUES] == [
         "default-values.yaml",
         "external-values.yaml",
+        "gitops-values.yaml",
         "minimal-values.yaml",
     ]
 
@@ -225,6 +226,9 @@ def test_the_three_ci_value_sets_exist() -> None:
         ("config.environment", "staging", "'staging' is not one of ['dev', 'production']"),
         ("externalRedis.sentinels", ["no-port"], "'no-port' does not match"),
         ("service.containerSecurityContext.runAsUsr", 0, "('runAsUsr' was unexpected)"),
+        ("gitops.enabled", "yes", "'yes' is not of type 'boolean'"),
+        ("service.migrateOnStart", "sometimes", "'sometimes' is not valid under any"),
+        ("redis.sentinel.zoneSpreadPreset", "zone", "'zone' is not one of ['', 'soft', 'hard']"),
     ],
 )
 def test_schema_rejects_mistakes(path: str, value: Any, expected: str) -> None:

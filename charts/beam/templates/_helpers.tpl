@@ -192,6 +192,9 @@ always show a fresh value; install and upgrade reuse. Call with
 (dict "context" $ "name" "beam-redis-auth" "key" "redis-password" "length" 48).
 */}}
 {{- define "beam.secretValue" -}}
+{{- if .context.Values.gitops.enabled -}}
+{{- fail (printf "gitops.enabled: the chart may not generate Secret %s (it would need lookup)" .name) -}}
+{{- end -}}
 {{- $existing := lookup "v1" "Secret" .context.Release.Namespace .name -}}
 {{- if and $existing $existing.data (hasKey $existing.data .key) -}}
 {{- index $existing.data .key -}}
@@ -405,6 +408,15 @@ Refuse value combinations that would install but never work. Rendered once, from
 NOTES.txt and from every workload, so `helm template` fails as early as `helm install`.
 */}}
 {{- define "beam.validateValues" -}}
+{{- if .Values.gitops.enabled -}}
+{{- $missing := list -}}
+{{- if not .Values.secrets.existingSecret -}}{{- $missing = append $missing "secrets.existingSecret" -}}{{- end -}}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) -}}{{- $missing = append $missing "redis.auth.existingSecret" -}}{{- end -}}
+{{- if and .Values.timescaledb.enabled (not .Values.timescaledb.auth.existingSecret) -}}{{- $missing = append $missing "timescaledb.auth.existingSecret" -}}{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "gitops.enabled=true: a GitOps render cannot look up or keep generated Secrets, so every Secret must already exist (e.g. from External Secrets). Set %s" (join ", " $missing)) -}}
+{{- end -}}
+{{- end -}}
 {{- if not .Values.redis.enabled -}}
 {{- if and (eq .Values.externalRedis.mode "sentinel") (empty .Values.externalRedis.sentinels) -}}
 {{- fail "externalRedis.sentinels must list at least one host:port when externalRedis.mode=sentinel" -}}
@@ -428,6 +440,20 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{- if empty .Values.externalDatabase.existingSecret -}}
 {{- fail "externalDatabase.existingSecret is required when timescaledb.enabled=false (the chart never takes a database password inline)" -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the service applies migrations at start-up (BEAM_MIGRATE_ON_START). "auto" turns it
+on when nothing else would migrate a first install: under gitops.enabled (no hook Job) or
+without the operator (the Job runs on upgrades only).
+*/}}
+{{- define "beam.service.migrateOnStart" -}}
+{{- $value := toString .Values.service.migrateOnStart -}}
+{{- if eq $value "auto" -}}
+{{- ternary "true" "false" (or .Values.gitops.enabled (not .Values.operator.enabled)) -}}
+{{- else -}}
+{{- $value -}}
 {{- end -}}
 {{- end -}}
 
