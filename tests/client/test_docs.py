@@ -210,12 +210,29 @@ async def test_example_five_lines(docs: Docs) -> None:
 async def test_example_openai(docs: Docs) -> None:
     provider = Provider(prompt_tokens=31, reply_tokens=90)
     docs.providers(provider)
-    await docs.run("openai")
+    namespace = await docs.run("openai")
     assert docs.printed() == "tok " * 90 + "\n[out of credit: 5 grains available]\n"
     assert len(provider.calls) == 1  # the customer who cannot pay never reaches the provider
     assert provider.calls[0]["max_tokens"] == 500  # min(500, affordable)
     assert await docs.charged() == cost(31, 90) == 59
     assert await docs.admin.balance("cus_broke") == (5, 0, 5)
+
+    # Its third branch: a customer whose money runs out mid-answer. The hold (306 grains
+    # estimated x 1.5) fits in 500; the provider would go on forever. Deducts report the
+    # prompt estimate (6 grains) and 30 grains per 50 tokens: the 17th (850 tokens, 516
+    # grains) passes 500 and stops the stream.
+    await docs.admin.customer(500, "cus_small")
+    provider.endless = True  # the example's client is bound to this provider
+    answer = await namespace["answer"]("cus_small", "Tell me everything.")
+    assert answer == "tok " * 850 + " [stopped: out of credit]"
+    # Settled at the prompt estimate and the 850 tokens delivered: 6 + 510 = 516; the 16
+    # grains past the balance are its recorded overage.
+    (settled,) = await docs.admin.request_list("cus_small")
+    assert (settled["status"], settled["actual_cost_grains"]) == ("killed", "516")
+    assert (settled["overage_grains"], await docs.admin.balance("cus_small")) == (
+        "16",
+        (-16, 0, -16),
+    )
 
 
 async def test_example_anthropic(docs: Docs, stores: Stores) -> None:

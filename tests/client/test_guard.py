@@ -248,3 +248,21 @@ async def test_a_reused_request_id_is_one_request(client: AsyncBeamClient, admin
         await client.guard(customer, model="cheap", max_tokens=10, request_id="job-7").open()
     assert conflict.value.reason == "REQUEST_ID_CONFLICT"
     assert await admin.balance(customer) == (10_000 - 20, 0, 10_000 - 20)
+
+
+async def test_abandoning_a_guard_whose_block_never_ran_releases_the_hold(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(10_000)
+    g = client.guard(customer, model="cheap", prompt_tokens=30, max_tokens=100)
+    await g.open()
+    assert (await admin.balance(customer))[1] > 0  # held
+    await g.abandon()  # e.g. the web client left before the stream started
+    await g.abandon()  # idempotent
+    assert g.status is RequestStatus.FAILED_TIMEOUT
+    assert g.result is not None
+    assert g.result.charged_grains == 0
+    assert await admin.balance(customer) == (10_000, 0, 10_000)
+    assert (await admin.request(g.request_id, customer))["status"] == "timeout"
+    with pytest.raises(RuntimeError, match="closed"):
+        await g.open()  # a settled guard cannot be entered again

@@ -269,3 +269,34 @@ async def test_grpcs_targets_use_tls(certificate: tuple[bytes, bytes]) -> None:
     finally:
         await server.stop(None)
     assert len(script.calls("GetBalance")) == 2
+
+
+async def test_the_first_deduct_reports_the_prompt_fresh_and_cached_then_completions(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    async with AsyncBeamClient(target, "k") as beam, beam.guard(
+        "cus_1", model="m", prompt_tokens=300, cached_prompt_tokens=200, max_tokens=99,
+        deduct_every=10,
+    ) as g:  # fmt: skip
+        assert await g.add(9)  # below the interval: nothing sent
+        assert script.calls("DeductTokens") == []
+        await g.add(1)
+        await g.add(25)
+        assert await g.flush()  # nothing pending: nothing sent
+        await g.add(4)
+        assert await g.flush()  # 4 pending: sent now
+    sent = [
+        (d.sequence_number, d.tokens_consumed, d.is_completion, d.is_cached_prompt, d.model)
+        for d in script.calls("DeductTokens")
+    ]
+    assert sent == [
+        (1, 100, False, False, "m"),  # the prompt's uncached part
+        (2, 200, False, True, "m"),  # its cached part
+        (3, 10, True, False, "m"),
+        (4, 25, True, False, "m"),
+        (5, 4, True, False, "m"),
+    ]
+    (final,) = script.calls("FinalizeRequest")
+    assert (final.actual_prompt_tokens, final.actual_cached_prompt_tokens) == (300, 200)
+    assert final.actual_completion_tokens == 39
