@@ -137,7 +137,7 @@ class FakeStream:
 
 
 def openai_stream(
-    pieces: Iterable[str], usage: tuple[int, int, int] | None, delay: float = 0.0
+    pieces: Iterable[str], usage: tuple[int, ...] | None, delay: float = 0.0
 ) -> FakeStream:
     """Chat Completions chunks, then (if ``usage``) the include_usage chunk."""
     tail = [openai_usage_chunk(*usage)] if usage is not None else []

@@ -155,8 +155,8 @@ async def add_claude_price(stores: Stores, docs: Docs) -> None:
     assert stores.postgres is not None
     store = await PostgresStore.connect(
         ServiceSettings(
-            database_url=stores.postgres.dsn,  # type: ignore[arg-type]
-            request_token_secret=TEST_TOKEN_SECRET,  # type: ignore[arg-type]
+            database_url=stores.postgres.dsn,
+            request_token_secret=TEST_TOKEN_SECRET,
             database_pool_min=1,
             database_pool_max=1,
         )
