@@ -19,7 +19,6 @@ from typing import Any, Literal
 from beam_client import _wire
 from beam_client.errors import BeamError, BeamUnavailable, InsufficientBalance, RequestRejected
 from beam_client.policy import FailurePolicy, LetThrough
-from beam_client.retry import is_retryable
 from beam_client.stats import Counters
 from beam_client.types import CheckResult, DeductResult, FinalizeResult, RequestStatus, Usage
 
@@ -438,7 +437,3 @@ def finalize_failed(counters: Counters, request: Any, error: BeamError) -> None:
         "expire and be charged what its Deducts reported: %s",
         request.request_id, request.customer_id, error,
     )  # fmt: skip
-
-
-def is_unavailable(error: BeamError) -> bool:
-    return isinstance(error, BeamUnavailable) or is_retryable(error)
