@@ -23,7 +23,7 @@ dev: $(STAMP)
 
 ## Every gate, then the whole suite (unit, integration, Kubernetes, end-to-end).
 test: check
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --basetemp=$(CURDIR)/.pytest-tmp
 
 ## Static gates only.
 check: lint typecheck contracts
