@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -447,7 +448,7 @@ async def beam_dev(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
         yield grpc_port, log
     finally:
         if process.returncode is None:
-            process.send_signal(2)  # Ctrl-C: beam dev stops its Redis and PostgreSQL
+            process.send_signal(signal.SIGINT)  # Ctrl-C: beam dev stops its Redis, PostgreSQL
             try:
                 await asyncio.wait_for(process.wait(), 60)
             except TimeoutError:

@@ -18,10 +18,11 @@ from beam_client import AsyncBeamClient, RetryPolicy
 from tests.client.conftest import QUICK_RETRY, Admin
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
-# Long enough to outlast a restart (~2 s here), bounded: at most ~40 s of back-off.
-PATIENT = RetryPolicy(max_attempts=200, initial_backoff=0.05, max_backoff=0.2)
+# Long enough to outlast a restart (~2 s here, more on a busy machine), bounded: at most
+# ~80 s of back-off.
+PATIENT = RetryPolicy(max_attempts=400, initial_backoff=0.05, max_backoff=0.2)
 
 
 @pytest.fixture
