@@ -94,6 +94,10 @@ class ServiceSettings(StoreSettings):
     max_body_bytes: int = Field(default=65_536, ge=1024, le=10_485_760)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
     migrate_on_start: bool = False
+    # A direct PostgreSQL connection for LISTEN (API key and price changes), for when
+    # BEAM_DATABASE_URL goes through a transaction-mode pooler such as PgBouncer, which cannot
+    # carry LISTEN. Unset: LISTEN uses a connection of the pool.
+    database_listen_url: SecretStr | None = None
 
 
 class OperatorSettings(StoreSettings):

@@ -120,3 +120,89 @@ def test_service_migrates_on_start_when_no_operator_would(helm: Helm) -> None:
     assert (
         env(container(forced_off, "Deployment", "beam-service"))["BEAM_MIGRATE_ON_START"] == "false"
     )
+
+
+# --- connection budget and PgBouncer ---------------------------------------------------------
+
+
+def test_pool_sizes_and_max_connections_come_from_values(helm: Helm) -> None:
+    docs = render(helm, "--set", "timescaledb.maxConnections=300")
+    service = env(container(docs, "Deployment", "beam-service"))
+    operator = env(container(docs, "Deployment", "beam-operator"))
+    assert (service["BEAM_DATABASE_POOL_MIN"], service["BEAM_DATABASE_POOL_MAX"]) == ("2", "10")
+    assert (operator["BEAM_DATABASE_POOL_MIN"], operator["BEAM_DATABASE_POOL_MAX"]) == ("1", "4")
+    migrate = find(docs, "Job", "beam-migrate")["spec"]["template"]["spec"]["containers"][0]
+    assert env(migrate)["BEAM_DATABASE_POOL_MAX"] == "2"
+    database = container(docs, "StatefulSet", "beam-timescaledb")
+    assert database["args"] == ["postgres", "-c", "max_connections=300"]
+    assert env(database)["TS_TUNE_MAX_CONNS"] == "300"
+
+
+def test_the_render_fails_when_the_connection_budget_exceeds_max_connections(helm: Helm) -> None:
+    # 11 pods (10 + surge 1) x 10 + operator 4 + migrations 2 + reserved 6 = 122 fits in 200.
+    render(helm)
+    error = refused(helm, "--set", "service.autoscaling.maxReplicas=30")
+    assert "database connection budget exceeded: 322 connections > max_connections 200" in error
+    assert "Service 310 (31 processes x service.database.poolMax 10)" in error
+    assert "operator 4, migrations 2, reserved 6" in error
+    # A percentage surge rounds up: 10 pods + 25% = 13 pods.
+    error = refused(
+        helm,
+        "--set",
+        "service.updateStrategy.rollingUpdate.maxSurge=25%",
+        "--set",
+        "timescaledb.maxConnections=140",
+    )
+    assert "13 processes" in error
+    # External databases are checked when their max_connections is given.
+    external = ("-f", str(CHART / "ci" / "external-values.yaml"))
+    render(helm, *external)
+    error = refused(helm, *external, "--set", "externalDatabase.maxConnections=100")
+    assert "(externalDatabase.maxConnections)" in error
+    render(helm, *external, "--set", "externalDatabase.maxConnections=100",
+           "--set", "connectionBudget.check=false")  # fmt: skip
+
+
+def test_pgbouncer_pools_the_service_and_keeps_listen_direct(helm: Helm) -> None:
+    docs = render(helm, "--set", "pgbouncer.enabled=true", "--set",
+                  "service.autoscaling.maxReplicas=30")  # fmt: skip
+    service = env(container(docs, "Deployment", "beam-service"))
+    assert service["BEAM_DATABASE_URL"] == (
+        "postgresql://$(PGUSER):$(PGPASSWORD)@beam-pgbouncer.beam-test.svc.cluster.local:6432"
+        "/beam?sslmode=disable"
+    )
+    direct = (
+        "postgresql://$(PGUSER):$(PGPASSWORD)@beam-timescaledb.beam-test.svc.cluster.local:5432"
+        "/beam?sslmode=disable"
+    )
+    assert service["BEAM_DATABASE_LISTEN_URL"] == direct
+    assert service["BEAM_MIGRATE_ON_START"] == "false"  # never through the pooler
+    for name in ("beam-operator",):
+        assert env(container(docs, "Deployment", name))["BEAM_DATABASE_URL"] == direct
+    ini = find(docs, "ConfigMap", "beam-pgbouncer")["data"]["pgbouncer.ini"]
+    for line in (
+        "beam = host=beam-timescaledb.beam-test.svc.cluster.local port=5432 dbname=beam",
+        "pool_mode = transaction",
+        "default_pool_size = 20",
+        "max_db_connections = 20",
+        "max_prepared_statements = 200",
+        "auth_file = /run/pgbouncer/userlist.txt",
+    ):
+        assert line in ini.splitlines(), ini
+    pgbouncer = container(docs, "Deployment", "beam-pgbouncer")
+    assert env(pgbouncer)["PGPASSWORD"] == {
+        "secretKeyRef": {"name": "beam-timescaledb-auth", "key": "password"}
+    }
+    find(docs, "Service", "beam-pgbouncer")
+    find(docs, "PodDisruptionBudget", "beam-pgbouncer")
+
+
+def test_pgbouncer_refuses_what_transaction_pooling_breaks(helm: Helm) -> None:
+    on = ("--set", "pgbouncer.enabled=true")
+    assert "cannot go through PgBouncer" in refused(
+        helm, *on, "--set", "service.migrateOnStart=true"
+    )
+    assert "needs the operator" in refused(helm, *on, "--set", "operator.enabled=false")
+    assert "pgbouncer.maxClientConnections (50) is below" in refused(
+        helm, *on, "--set", "pgbouncer.maxClientConnections=50"
+    )

@@ -221,11 +221,13 @@ def test_optional_features_are_accepted_by_the_api_server(
             "networkPolicy.ingressNamespaceSelector.matchLabels.team=apps",
             "--set",
             f"operator.watchNamespaces={{{','.join(tenants)}}}",
+            "--set",
+            "pgbouncer.enabled=true",
         )
         docs = documents(manifest)
         roles = sorted(doc["metadata"]["namespace"] for doc in docs if doc["kind"] == "Role")
         assert roles == tenants
-        assert sum(doc["kind"] == "NetworkPolicy" for doc in docs) == 4
+        assert sum(doc["kind"] == "NetworkPolicy" for doc in docs) == 5
         apply_dry_run(kube, manifest)
     finally:
         for tenant in tenants:

@@ -343,64 +343,158 @@ password
 {{- end -}}
 
 {{/*
-Environment of every Beam container (service, operator, migrations): where the stores are
-and the secrets. BEAM_DATABASE_URL is assembled in the pod with $(VAR) expansion, so the
-password only ever travels in a Secret; PGUSER/PGPASSWORD must come first for that, and are
-also the libpq variables asyncpg falls back to. Passwords must be URL-safe (the generated
-ones are alphanumeric).
+Environment of every Beam container: where the stores are and the secrets. Call with
+(dict "context" $ "component" "service"|"operator"|"migrations"); the component picks its
+database pool size, and only the service goes through PgBouncer (pgbouncer.enabled), with
+LISTEN kept on a direct connection (BEAM_DATABASE_LISTEN_URL): the operator and migrations
+need sessions (advisory locks). BEAM_DATABASE_URL is assembled in the pod with $(VAR)
+expansion, so the password only ever travels in a Secret; PGUSER/PGPASSWORD must come first
+for that, and are also the libpq variables asyncpg falls back to. Passwords must be URL-safe
+(the generated ones are alphanumeric).
 */}}
 {{- define "beam.env.stores" -}}
+{{- $ctx := .context -}}
+{{- $values := $ctx.Values -}}
 - name: BEAM_ENVIRONMENT
-  value: {{ .Values.config.environment | quote }}
-{{- if .Values.redis.enabled }}
-{{- if include "beam.redis.sentinelEnabled" . }}
+  value: {{ $values.config.environment | quote }}
+{{- if $values.redis.enabled }}
+{{- if include "beam.redis.sentinelEnabled" $ctx }}
 - name: BEAM_REDIS_MODE
   value: sentinel
 - name: BEAM_REDIS_SENTINELS
-  value: {{ include "beam.sentinel.addresses" . | quote }}
+  value: {{ include "beam.sentinel.addresses" $ctx | quote }}
 - name: BEAM_REDIS_SENTINEL_MASTER
-  value: {{ .Values.redis.sentinel.masterSet | quote }}
+  value: {{ $values.redis.sentinel.masterSet | quote }}
 {{- else }}
 - name: BEAM_REDIS_MODE
   value: standalone
 - name: BEAM_REDIS_URL
-  value: {{ printf "redis://%s.%s:%d/0" (include "beam.redis.fullname" .) (include "beam.dnsSuffix" .) (int .Values.redis.service.ports.redis) | quote }}
+  value: {{ printf "redis://%s.%s:%d/0" (include "beam.redis.fullname" $ctx) (include "beam.dnsSuffix" $ctx) (int $values.redis.service.ports.redis) | quote }}
 {{- end }}
 {{- else }}
 - name: BEAM_REDIS_MODE
-  value: {{ .Values.externalRedis.mode | quote }}
-{{- if eq .Values.externalRedis.mode "sentinel" }}
+  value: {{ $values.externalRedis.mode | quote }}
+{{- if eq $values.externalRedis.mode "sentinel" }}
 - name: BEAM_REDIS_SENTINELS
-  value: {{ join "," .Values.externalRedis.sentinels | quote }}
+  value: {{ join "," $values.externalRedis.sentinels | quote }}
 - name: BEAM_REDIS_SENTINEL_MASTER
-  value: {{ .Values.externalRedis.sentinelMaster | quote }}
+  value: {{ $values.externalRedis.sentinelMaster | quote }}
 {{- else }}
 - name: BEAM_REDIS_URL
-  value: {{ .Values.externalRedis.url | quote }}
+  value: {{ $values.externalRedis.url | quote }}
 {{- end }}
 {{- end }}
-{{- $redisSecret := include "beam.redis.secretName" . }}
+{{- $redisSecret := include "beam.redis.secretName" $ctx }}
 {{- if $redisSecret }}
 - name: BEAM_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ $redisSecret }}
-      key: {{ include "beam.redis.secretKey" . }}
+      key: {{ include "beam.redis.secretKey" $ctx }}
 {{- end }}
 - name: PGUSER
-  value: {{ include "beam.database.user" . | quote }}
+  value: {{ include "beam.database.user" $ctx | quote }}
 - name: PGPASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "beam.database.secretName" . }}
-      key: {{ include "beam.database.secretKey" . }}
+      name: {{ include "beam.database.secretName" $ctx }}
+      key: {{ include "beam.database.secretKey" $ctx }}
+{{- $direct := printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s:%v/%s?sslmode=%s" (include "beam.database.host" $ctx) (include "beam.database.port" $ctx) (include "beam.database.name" $ctx) (include "beam.database.sslmode" $ctx) }}
+{{- if and (eq .component "service") $values.pgbouncer.enabled }}
 - name: BEAM_DATABASE_URL
-  value: {{ printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s:%v/%s?sslmode=%s" (include "beam.database.host" .) (include "beam.database.port" .) (include "beam.database.name" .) (include "beam.database.sslmode" .) | quote }}
+  value: {{ printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s.%s:%d/%s?sslmode=disable" (include "beam.pgbouncer.fullname" $ctx) (include "beam.dnsSuffix" $ctx) (int $values.pgbouncer.service.ports.pgbouncer) (include "beam.database.name" $ctx) | quote }}
+- name: BEAM_DATABASE_LISTEN_URL
+  value: {{ $direct | quote }}
+{{- else }}
+- name: BEAM_DATABASE_URL
+  value: {{ $direct | quote }}
+{{- end }}
+{{- $pool := dict "poolMin" 1 "poolMax" 2 }}
+{{- if eq .component "service" }}{{ $pool = $values.service.database }}{{ end }}
+{{- if eq .component "operator" }}{{ $pool = $values.operator.database }}{{ end }}
+- name: BEAM_DATABASE_POOL_MIN
+  value: {{ $pool.poolMin | quote }}
+- name: BEAM_DATABASE_POOL_MAX
+  value: {{ $pool.poolMax | quote }}
 - name: BEAM_REQUEST_TOKEN_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ include "beam.requestToken.secretName" . }}
-      key: {{ include "beam.requestToken.secretKey" . }}
+      name: {{ include "beam.requestToken.secretName" $ctx }}
+      key: {{ include "beam.requestToken.secretKey" $ctx }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- PgBouncer */}}
+
+{{- define "beam.pgbouncer.fullname" -}}
+{{- printf "%s-pgbouncer" (include "beam.fullname" .) -}}
+{{- end -}}
+
+{{/* pgbouncer.ini (its checksum rolls the PgBouncer pods when it changes). */}}
+{{- define "beam.pgbouncer.ini" -}}
+{{- $values := .Values.pgbouncer -}}
+[databases]
+{{ include "beam.database.name" . }} = host={{ include "beam.database.host" . }} port={{ include "beam.database.port" . }} dbname={{ include "beam.database.name" . }}
+
+[pgbouncer]
+listen_addr = *
+listen_port = {{ $values.containerPorts.pgbouncer }}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = /run/pgbouncer/userlist.txt
+pool_mode = {{ $values.poolMode }}
+default_pool_size = {{ $values.defaultPoolSize }}
+max_client_conn = {{ $values.maxClientConnections }}
+max_db_connections = {{ $values.defaultPoolSize }}
+max_prepared_statements = {{ $values.maxPreparedStatements }}
+ignore_startup_parameters = extra_float_digits
+client_tls_sslmode = disable
+server_tls_sslmode = {{ include "beam.database.sslmode" . }}
+server_check_query = SELECT 1
+{{- with $values.extraConfig }}
+{{ . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The database connection budget, as YAML (Helm templates return strings; read it with fromYaml):
+service, pgbouncer, operator, migrations, reserved, total and max ("0" = unknown). Every
+process's pool is counted at its maximum, service pods at the autoscaler's maximum plus the
+rollout surge, and each service process (service.workers) has its own pool. Behind PgBouncer
+the service holds one direct connection per process (LISTEN) and PgBouncer
+defaultPoolSize per PgBouncer pod.
+*/}}
+{{- define "beam.connectionBudget.values" -}}
+{{- $v := .Values -}}
+{{- $pods := ternary $v.service.autoscaling.maxReplicas $v.service.replicaCount $v.service.autoscaling.enabled | int -}}
+{{- $surge := 0 -}}
+{{- if eq $v.service.updateStrategy.type "RollingUpdate" -}}
+{{- $maxSurge := toString (dig "rollingUpdate" "maxSurge" 1 $v.service.updateStrategy) -}}
+{{- if hasSuffix "%" $maxSurge -}}
+{{- $surge = div (add (mul $pods (int (trimSuffix "%" $maxSurge))) 99) 100 | int -}}
+{{- else -}}
+{{- $surge = int $maxSurge -}}
+{{- end -}}
+{{- end -}}
+{{- $processes := mul (add $pods $surge) (int (dig "workers" 1 $v.service)) -}}
+{{- $service := mul $processes (int $v.service.database.poolMax) -}}
+{{- $pgbouncer := 0 -}}
+{{- if $v.pgbouncer.enabled -}}
+{{- $service = $processes -}}
+{{- $pgbouncer = mul (add (int $v.pgbouncer.replicaCount) 1) (int $v.pgbouncer.defaultPoolSize) -}}
+{{- end -}}
+{{- $operator := ternary (int $v.operator.database.poolMax) 0 $v.operator.enabled -}}
+{{- $migrations := ternary 2 0 (and $v.migrations.enabled (not $v.gitops.enabled)) -}}
+{{- $reserved := int $v.connectionBudget.reserved -}}
+{{- $max := ternary (int $v.timescaledb.maxConnections) (int $v.externalDatabase.maxConnections) $v.timescaledb.enabled -}}
+service: {{ $service }}
+serviceProcesses: {{ $processes }}
+serviceClients: {{ mul $processes (int $v.service.database.poolMax) }}
+pgbouncer: {{ $pgbouncer }}
+operator: {{ $operator }}
+migrations: {{ $migrations }}
+reserved: {{ $reserved }}
+total: {{ add $service $pgbouncer $operator $migrations $reserved }}
+max: {{ $max }}
 {{- end -}}
 
 {{/*
@@ -433,6 +527,21 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{- fail "redis.sentinel.quorum cannot exceed redis.sentinel.replicaCount" -}}
 {{- end -}}
 {{- end -}}
+{{- $budget := include "beam.connectionBudget.values" . | fromYaml -}}
+{{- if and .Values.connectionBudget.check (gt (int $budget.max) 0) (gt (int $budget.total) (int $budget.max)) -}}
+{{- fail (printf "database connection budget exceeded: %d connections > max_connections %d (%s). Service %d (%s), PgBouncer %d, operator %d, migrations %d, reserved %d. Lower service.database.poolMax, service.autoscaling.maxReplicas or service.workers, enable pgbouncer, or raise the database's max_connections" (int $budget.total) (int $budget.max) (ternary "timescaledb.maxConnections" "externalDatabase.maxConnections" .Values.timescaledb.enabled) (int $budget.service) (ternary "one direct LISTEN connection per process" (printf "%d processes x service.database.poolMax %d" (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) .Values.pgbouncer.enabled) (int $budget.pgbouncer) (int $budget.operator) (int $budget.migrations) (int $budget.reserved)) -}}
+{{- end -}}
+{{- if .Values.pgbouncer.enabled -}}
+{{- if gt (int $budget.serviceClients) (int .Values.pgbouncer.maxClientConnections) -}}
+{{- fail (printf "pgbouncer.maxClientConnections (%d) is below what the service pools may open (%d = %d processes x service.database.poolMax %d)" (int .Values.pgbouncer.maxClientConnections) (int $budget.serviceClients) (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) -}}
+{{- end -}}
+{{- if eq (toString .Values.service.migrateOnStart) "true" -}}
+{{- fail "service.migrateOnStart=true cannot go through PgBouncer (migrations hold a session-level advisory lock, which transaction pooling breaks): let the operator (operator.migrateOnStart) or the migration Job migrate" -}}
+{{- end -}}
+{{- if and (or .Values.gitops.enabled (not .Values.operator.enabled)) (not (and .Values.operator.enabled .Values.operator.migrateOnStart)) -}}
+{{- fail "with pgbouncer.enabled the service does not migrate, so a first install needs the operator to (operator.enabled and operator.migrateOnStart)" -}}
+{{- end -}}
+{{- end -}}
 {{- if not .Values.timescaledb.enabled -}}
 {{- if empty .Values.externalDatabase.host -}}
 {{- fail "externalDatabase.host is required when timescaledb.enabled=false" -}}
@@ -446,12 +555,12 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{/*
 "true" when the service applies migrations at start-up (BEAM_MIGRATE_ON_START). "auto" turns it
 on when nothing else would migrate a first install: under gitops.enabled (no hook Job) or
-without the operator (the Job runs on upgrades only).
+without the operator (the Job runs on upgrades only); never behind PgBouncer.
 */}}
 {{- define "beam.service.migrateOnStart" -}}
 {{- $value := toString .Values.service.migrateOnStart -}}
 {{- if eq $value "auto" -}}
-{{- ternary "true" "false" (or .Values.gitops.enabled (not .Values.operator.enabled)) -}}
+{{- ternary "true" "false" (and (or .Values.gitops.enabled (not .Values.operator.enabled)) (not .Values.pgbouncer.enabled)) -}}
 {{- else -}}
 {{- $value -}}
 {{- end -}}
