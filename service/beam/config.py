@@ -94,6 +94,11 @@ class ServiceSettings(StoreSettings):
     max_body_bytes: int = Field(default=65_536, ge=1024, le=10_485_760)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
     migrate_on_start: bool = False
+    # gRPC connections are closed (GOAWAY) after this age, so clients reconnect and reach pods
+    # the autoscaler added (HTTP/2 otherwise stays on its first pod); in-flight calls get the
+    # grace to finish. 0 = never.
+    grpc_max_connection_age_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    grpc_max_connection_age_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
     # A direct PostgreSQL connection for LISTEN (API key and price changes), for when
     # BEAM_DATABASE_URL goes through a transaction-mode pooler such as PgBouncer, which cannot
     # carry LISTEN. Unset: LISTEN uses a connection of the pool.

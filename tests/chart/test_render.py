@@ -206,3 +206,23 @@ def test_pgbouncer_refuses_what_transaction_pooling_breaks(helm: Helm) -> None:
     assert "pgbouncer.maxClientConnections (50) is below" in refused(
         helm, *on, "--set", "pgbouncer.maxClientConnections=50"
     )
+
+
+# --- gRPC balancing --------------------------------------------------------------------------
+
+
+def test_grpc_connections_age_and_a_headless_service_lists_every_ready_pod(helm: Helm) -> None:
+    docs = render(helm, "--set", "service.grpc.maxConnectionAgeSeconds=120")
+    service = env(container(docs, "Deployment", "beam-service"))
+    assert service["BEAM_GRPC_MAX_CONNECTION_AGE_SECONDS"] == "120"
+    assert service["BEAM_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS"] == "30"
+    headless = find(docs, "Service", "beam-headless")["spec"]
+    assert headless["clusterIP"] == "None"
+    assert "publishNotReadyAddresses" not in headless  # only ready pods get calls
+    assert headless["selector"] == find(docs, "Service", "beam")["spec"]["selector"]
+    assert [(p["name"], p["port"], p.get("appProtocol")) for p in headless["ports"]] == [
+        ("grpc", 9090, "grpc"),
+        ("http", 8080, "http"),
+    ]
+    off = render(helm, "--set", "service.headlessService.enabled=false")
+    assert not [d for d in off if d["metadata"]["name"] == "beam-headless"]

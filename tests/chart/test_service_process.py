@@ -3,6 +3,8 @@
 - Behind PgBouncer (transaction pooling cannot carry LISTEN) the chart gives each service
   process BEAM_DATABASE_LISTEN_URL, a direct connection: key revocations must arrive through
   it, and it must come back when the connection drops.
+- gRPC connections have a maximum age (GOAWAY), so clients reconnect and reach pods the
+  autoscaler added.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from beam.adapters.postgres_store import PostgresStore
 from beam.config import ServiceSettings
@@ -121,3 +125,36 @@ async def test_revocations_arrive_on_the_direct_listen_connection(
         assert "Traceback" not in service.log_text()
     finally:
         service.stop()
+
+
+async def _state_after_idle(service: ServiceProcess, seconds: float) -> grpc.ChannelConnectivity:
+    """Connect, make one call, then wait (idle) up to `seconds` for the connection to close."""
+    async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert channel.get_state() is grpc.ChannelConnectivity.READY
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            state = channel.get_state()
+            if state is not grpc.ChannelConnectivity.READY:
+                return state
+            await asyncio.sleep(0.1)
+        return channel.get_state()
+
+
+async def test_grpc_connections_are_closed_at_their_max_age(stores: Stores, tmp_path: Path) -> None:
+    aged = ServiceProcess(
+        stores,
+        tmp_path,
+        BEAM_GRPC_MAX_CONNECTION_AGE_SECONDS="1",
+        BEAM_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS="1",
+    ).start()
+    try:
+        assert await _state_after_idle(aged, 8) is grpc.ChannelConnectivity.IDLE
+    finally:
+        aged.stop()
+    unlimited = ServiceProcess(stores, tmp_path, BEAM_GRPC_MAX_CONNECTION_AGE_SECONDS="0").start()
+    try:
+        assert await _state_after_idle(unlimited, 4) is grpc.ChannelConnectivity.READY
+    finally:
+        unlimited.stop()

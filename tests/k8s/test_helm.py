@@ -298,6 +298,7 @@ def test_install_upgrade_uninstall_keeps_generated_secrets(
         f"service/{prefix}{suffix}"
         for suffix in (
             "",
+            "-headless",
             "-metrics",
             "-operator-metrics",
             "-redis-headless",

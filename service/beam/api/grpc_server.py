@@ -149,15 +149,38 @@ class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
         )
 
 
+def server_options(
+    *, max_connection_age_seconds: float = 0, max_connection_age_grace_seconds: float = 0
+) -> list[tuple[str, int]]:
+    """Channel arguments of the server. A max connection age makes clients reconnect now and
+    then (GOAWAY, in-flight calls get the grace), so connections spread over pods the
+    autoscaler adds; HTTP/2 would otherwise keep every client on its first pod."""
+    options = [
+        ("grpc.max_receive_message_length", _TRANSPORT_MAX_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    if max_connection_age_seconds > 0:
+        options.append(("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)))
+        options.append(
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_seconds * 1000))
+        )
+    return options
+
+
 def create_server(
-    handlers: Handlers, address: str, max_message_bytes: int
+    handlers: Handlers,
+    address: str,
+    max_message_bytes: int,
+    *,
+    max_connection_age_seconds: float = 0,
+    max_connection_age_grace_seconds: float = 0,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server = grpc.aio.server(
         interceptors=[_DecodeGuard()],
-        options=[
-            ("grpc.max_receive_message_length", _TRANSPORT_MAX_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=server_options(
+            max_connection_age_seconds=max_connection_age_seconds,
+            max_connection_age_grace_seconds=max_connection_age_grace_seconds,
+        ),
     )
     balance_pb2_grpc.add_BalanceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         BalanceService(handlers, max_message_bytes), server

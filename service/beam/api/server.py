@@ -113,6 +113,8 @@ class Service:
             self.handlers,
             f"{settings.grpc_host}:{settings.grpc_port}",
             settings.max_body_bytes,
+            max_connection_age_seconds=settings.grpc_max_connection_age_seconds,
+            max_connection_age_grace_seconds=settings.grpc_max_connection_age_grace_seconds,
         )
         config = uvicorn.Config(
             self.app,
