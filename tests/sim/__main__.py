@@ -1,31 +1,36 @@
 """``python -m tests.sim``: replay one seed, or soak thousands.
 
     python -m tests.sim --seed 42                 # one schedule, its steps printed
-    python -m tests.sim --seeds 10000             # seeds 0..9999; schedules/s at the end
+    python -m tests.sim --seed 42 --trace         # ... with every call's answer
+    python -m tests.sim --seeds 10000 --jobs 2    # seeds 0..9999 in 2 processes
     python -m tests.sim --seeds 500 --start 7000  # seeds 7000..7499
     python -m tests.sim --seed 42 --bug free_reuse    # with a known defect switched on
     python -m tests.sim --seed 42 --shrink        # a failing seed, reduced to few steps
     python -m tests.sim --replay schedule.json    # a schedule printed by --shrink
+    python -m tests.sim --seeds 2000 --mask redis_restart --mask crash@credit.committed
+                                                  # look past known findings
 
-The simulator starts its own PostgreSQL and Redis (beam.devservers) in a temporary
-directory (or ``--workdir``) and stops them at the end. Exit status 1 if any schedule
-violated an invariant.
+Each process starts its own PostgreSQL and Redis (beam.devservers) in a temporary directory
+(or ``--workdir``) and stops them at the end. Exit status 1 if any schedule violated an
+invariant; the soak ends with the count, the duration and schedules/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import concurrent.futures
+import multiprocessing
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
+from beam import devservers
 from beam.core import faults
-from tests.sim.runner import Result, Runner
+from tests.sim.runner import Runner
 from tests.sim.shrink import shrink
+from tests.sim.soak import Chunk, quiet, run_chunk
 from tests.sim.steps import Schedule, generate
 from tests.sim.world import World
 
@@ -34,6 +39,7 @@ BUGS = {
     "unshielded_commit": faults.BUG_UNSHIELDED_COMMIT,
     "reaper_poison": faults.BUG_REAPER_POISON,
 }
+CHUNK = 50  # seeds a worker runs before reporting back
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +49,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--seeds", type=int, help="soak: run this many seeds")
     what.add_argument("--replay", type=Path, help="run a schedule saved as JSON")
     parser.add_argument("--start", type=int, default=0, help="first seed of a soak")
+    parser.add_argument("--jobs", type=int, default=1, help="soak: worker processes")
     parser.add_argument("--steps", type=int, help="steps per schedule (default: 20-60)")
     parser.add_argument("--fault-rate", type=float, help="chance a call gets a fault")
     parser.add_argument("--bug", action="append", default=[], choices=sorted(BUGS))
@@ -52,7 +59,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KIND@POINT",
         help="drop these faults from every schedule (a known finding), e.g. "
-        "crash@credit.committed; * matches any kind or point",
+        "crash@credit.committed (* matches any kind or point), or a step kind, e.g. "
+        "redis_restart",
     )
     parser.add_argument("--shrink", action="store_true", help="reduce a failing schedule")
     parser.add_argument("--keep-going", action="store_true", help="soak past failures")
@@ -63,84 +71,90 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _main(args: argparse.Namespace) -> int:
-    bugs = frozenset(BUGS[b] for b in args.bug)
+# -- one schedule -------------------------------------------------------------------------
+
+
+async def _one(args: argparse.Namespace, bugs: frozenset[str]) -> int:
+    if args.replay is not None:
+        schedule = Schedule.from_json(args.replay.read_text())
+    else:
+        schedule = generate(args.seed, steps=args.steps, fault_rate=args.fault_rate)
+    schedule = schedule.masked(frozenset(args.mask))
     world = World(args.workdir)
     await asyncio.to_thread(world.start)
     try:
         await world.connect()
-        if args.seed is not None or args.replay is not None:
-            if args.replay is not None:
-                schedule = Schedule.from_json(args.replay.read_text())
-            else:
-                schedule = generate(args.seed, steps=args.steps, fault_rate=args.fault_rate)
-            schedule = schedule.masked(frozenset(args.mask))
-            return await _one(world, schedule, bugs, args.shrink, args.trace)
-        return await _soak(world, args, bugs)
+        result = await Runner(world, schedule, bugs, print if args.trace else None).run()
+        print(result.report())
+        if result.ok:
+            print(schedule.describe())
+            print(f"faults fired: {result.faults_fired}; points passed: {dict(result.points)}")
+            return 0
+        if args.shrink:
+            small = await shrink(world, result, bugs, log=print)
+            print("\nshrunk:\n" + small.report())
+            print("\nJSON (python -m tests.sim --replay FILE):\n" + small.schedule.to_json())
+        return 1
     finally:
         await world.disconnect()
         await asyncio.to_thread(world.stop)
 
 
-async def _one(
-    world: World, schedule: Schedule, bugs: frozenset[str], do_shrink: bool, trace: bool
-) -> int:
-    result = await Runner(world, schedule, bugs, print if trace else None).run()
-    print(result.report())
-    if result.ok:
-        print(schedule.describe())
-        print(f"faults fired: {result.faults_fired}; points passed: {dict(result.points)}")
-        return 0
-    if do_shrink:
-        small = await shrink(world, result, bugs, log=print)
-        print("\nshrunk:\n" + small.report())
-        print("\nJSON (python -m tests.sim --replay FILE):\n" + small.schedule.to_json())
-    return 1
+# -- a soak -------------------------------------------------------------------------------
 
 
-async def _soak(world: World, args: argparse.Namespace, bugs: frozenset[str]) -> int:
+def _soak(args: argparse.Namespace, bugs: frozenset[str]) -> int:
     started = time.monotonic()
-    failures: list[Result] = []
-    points: Counter[str] = Counter()
-    stats: Counter[str] = Counter()
-    steps = fired = 0
-    count = args.seeds
-    for n, seed in enumerate(range(args.start, args.start + count), start=1):
-        schedule = generate(seed, steps=args.steps, fault_rate=args.fault_rate)
-        schedule = schedule.masked(frozenset(args.mask))
-        result = await Runner(world, schedule, bugs).run()
-        steps += result.steps_run
-        fired += result.faults_fired
-        points.update(result.points)
-        stats.update(result.stats)
-        if not result.ok:
-            failures.append(result)
-            print(result.report(), flush=True)
-            if not args.keep_going:
-                break
-        if n % 100 == 0 or n == count:
-            elapsed = time.monotonic() - started
-            print(
-                f"{n}/{count} schedules, {len(failures)} failing, {elapsed:.0f}s "
-                f"({n / elapsed:.1f} schedules/s)",
-                flush=True,
-            )
+    seeds = list(range(args.start, args.start + args.seeds))
+    chunks = [seeds[i : i + CHUNK] for i in range(0, len(seeds), CHUNK)]
+    total = Chunk()
+    stop = not args.keep_going
+    jobs = max(1, args.jobs)
+    context = multiprocessing.get_context("spawn")  # not fork: workers must run atexit
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=quiet, initargs=(args.verbose,)
+    ) as pool:
+        pending = [pool.submit(run_chunk, chunk, args, bugs, stop) for chunk in chunks]
+        try:
+            for future in concurrent.futures.as_completed(pending):
+                part = future.result()
+                total.ran += part.ran
+                total.steps += part.steps
+                total.fired += part.fired
+                total.points.update(part.points)
+                total.stats.update(part.stats)
+                for _, report in part.failures:
+                    print(report, flush=True)
+                total.failures += part.failures
+                elapsed = time.monotonic() - started
+                print(
+                    f"{total.ran}/{len(seeds)} schedules, {len(total.failures)} failing, "
+                    f"{elapsed:.0f}s ({total.ran / elapsed:.2f} schedules/s)",
+                    flush=True,
+                )
+                if total.failures and stop:
+                    break
+        except BaseException:  # SIGTERM in the parent: the workers stop their servers too
+            for child in multiprocessing.active_children():
+                child.terminate()
+            raise
+        finally:
+            for future in pending:
+                future.cancel()
     elapsed = time.monotonic() - started
-    ran = args.seeds if args.keep_going or not failures else n
     print(
-        f"\nsoak: {ran} schedules (seeds {args.start}..{args.start + ran - 1}), {steps} steps, "
-        f"{fired} faults injected, in {elapsed:.1f}s = {ran / elapsed:.2f} schedules/s "
-        f"({steps / elapsed:.0f} steps/s) on {platform.node()} "
-        f"({platform.processor() or platform.machine()}, Python {platform.python_version()})"
+        f"\nsoak: {total.ran} schedules (seeds from {args.start}), {total.steps} steps, "
+        f"{total.fired} faults injected, in {elapsed:.1f}s = {total.ran / elapsed:.2f} "
+        f"schedules/s ({total.steps / elapsed:.0f} steps/s), {jobs} process(es), on "
+        f"{platform.node()} ({platform.machine()}, Python {platform.python_version()})"
     )
-    print(f"fault points passed: {dict(sorted(points.items()))}")
+    print(f"fault points passed: {dict(sorted(total.points.items()))}")
     if args.stats:
         print("calls by answer:")
-        for name, n in sorted(stats.items()):
+        for name, n in sorted(total.stats.items()):
             print(f"  {n:7d}  {name}")
-    if failures:
-        seeds = [r.schedule.seed for r in failures]
-        print(f"FAILING seeds: {seeds} (replay: python -m tests.sim --seed N)")
+    if total.failures:
+        print(f"FAILING seeds: {sorted(s for s, _ in total.failures)}")
         return 1
     print("no invariant violated")
     return 0
@@ -148,8 +162,12 @@ async def _soak(world: World, args: argparse.Namespace, bugs: frozenset[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    logging.basicConfig(level=logging.WARNING if args.verbose else logging.CRITICAL)
-    return asyncio.run(_main(args))
+    quiet(args.verbose)
+    bugs = frozenset(BUGS[b] for b in args.bug)
+    devservers.stop_servers_on_signals()
+    if args.seeds is not None:
+        return _soak(args, bugs)
+    return asyncio.run(_one(args, bugs))
 
 
 if __name__ == "__main__":

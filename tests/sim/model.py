@@ -154,6 +154,7 @@ class Journal:
     finalized: set[str] = field(default_factory=set)
     held: set[str] = field(default_factory=set)  # request ids a Check may have opened
     consumed: dict[str, int] = field(default_factory=dict)  # highest consumed reported
+    sequences: dict[str, set[int]] = field(default_factory=dict)  # Deduct sequence numbers
 
 
 class Model:

@@ -61,6 +61,30 @@ QUIESCE_PASSES = 4
 Key = tuple[int, int]
 
 
+# Per customer (5 keys: account, open, expiring, settling sets, hold-key prefix):
+# {exists, balance, version, held, {{set, member, score, amount, consumed, status}, ...}}.
+_OBSERVE_LUA = """
+local out = {}
+for i = 1, #KEYS, 5 do
+  local a = redis.call('HMGET', KEYS[i], 'balance', 'version', 'held')
+  local holds = {}
+  for j, where in ipairs({'open', 'exp', 'stl'}) do
+    local set = KEYS[i + j]
+    if set ~= '' then
+      local flat = redis.call('ZRANGE', set, 0, -1, 'WITHSCORES')
+      for k = 1, #flat, 2 do
+        local h = redis.call('HMGET', KEYS[i + 4] .. flat[k], 'amount', 'consumed', 'status')
+        table.insert(holds, {where, flat[k], flat[k + 1], h[1] or '0', h[2] or '0', h[3] or ''})
+      end
+    end
+  end
+  table.insert(out, {redis.call('EXISTS', KEYS[i]), a[1] or '0', a[2] or '0', a[3] or '0',
+    holds})
+end
+return out
+"""
+
+
 class Violation(Exception):
     def __init__(self, step: int, invariant: str, detail: str) -> None:
         super().__init__(f"step {step}: invariant {invariant}: {detail}")
@@ -263,7 +287,8 @@ class Runner:
 
     async def setup(self) -> None:
         faults.reset()
-        await self.world.wipe(self.tenants)
+        restarts = any(step.kind == "redis_restart" for step in self.schedule.steps)
+        await self.world.wipe(self.tenants, snapshot=restarts)
         faults.set_bugs(set(self.bugs))
         faults.install(self.hook)
         self.rt = await self.world.runtime()
@@ -553,15 +578,19 @@ class Runner:
             is_cached_prompt=a["kind"] == "cached",
         )
         settled_before = a["rid"] in self.settled_ids(t, c)
+        journal = self.model.journal[t, c]
+        # A repeated sequence number answers the stored outcome and charges nothing.
+        replay = a["seq"] > 0 and a["seq"] in journal.sequences.get(a["rid"], set())
 
         async def conclude(outcome: _Outcome) -> None:
             value = outcome.value
             if value is not None and not isinstance(value, BeamError):
-                journal = self.model.journal[t, c]
                 journal.consumed[a["rid"]] = max(
                     journal.consumed.get(a["rid"], 0), value.consumed_grains
                 )
-                if settled_before and value.success and outcome.answered:
+                if a["seq"]:
+                    journal.sequences.setdefault(a["rid"], set()).add(a["seq"])
+                if settled_before and value.success and outcome.answered and not replay:
                     raise self.fail(
                         "6 settled id reused",
                         f"Deduct {a['rid']}: the id was settled (PostgreSQL) and the Deduct "
@@ -924,44 +953,26 @@ class Runner:
         return _Obs(pgs, await self._observe_redis(rd), settled, bad_entries)
 
     async def _observe_redis(self, rd: Any) -> dict[Key, _Rd]:
-        """Every customer's account and holds, in two round trips (nothing else runs
-        between steps, so the reads need no transaction)."""
+        """Every customer's account and holds in one round trip (a read-only script of the
+        simulator's; nothing else runs between steps)."""
         settling = getattr(constants, "settling_holds_key", None)
-        pipe = rd.pipeline(transaction=False)
-        layout: list[tuple[Key, list[str]]] = []
-        for key in self.keys:
-            tenant, cid = self.tenants[key[0]], self.cids[key[1]]
-            sets = {
-                "open": constants.open_holds_key(tenant, cid),
-                "exp": constants.expiring_holds_key(tenant, cid),
-            }
-            if settling is not None:
-                sets["stl"] = settling(tenant, cid)
-            pipe.hmget(constants.account_key(tenant, cid), "balance", "version", "held")
-            pipe.exists(constants.account_key(tenant, cid))
-            for name in sets.values():
-                pipe.zrange(name, 0, -1, withscores=True)
-            layout.append((key, list(sets)))
-        replies = await pipe.execute()
+        keys: list[str] = []
+        for t, c in self.keys:
+            tenant, cid = self.tenants[t], self.cids[c]
+            keys += [
+                constants.account_key(tenant, cid),
+                constants.open_holds_key(tenant, cid),
+                constants.expiring_holds_key(tenant, cid),
+                settling(tenant, cid) if settling is not None else "",
+                constants.hold_key(tenant, cid, ""),
+            ]
+        reply = await rd.eval(_OBSERVE_LUA, len(keys), *keys)
         out: dict[Key, _Rd] = {}
-        members: list[tuple[Key, str, str, float]] = []
-        at = 0
-        for key, sets_of in layout:
-            (balance, version, held), exists = replies[at], replies[at + 1]
-            for where, reply in zip(sets_of, replies[at + 2 : at + 2 + len(sets_of)], strict=True):
-                members += [(key, where, member, score) for member, score in reply]
-            at += 2 + len(sets_of)
-            out[key] = _Rd(bool(exists), int(balance or 0), int(version or 0), int(held or 0))
-        if members:
-            pipe = rd.pipeline(transaction=False)
-            for (t, c), _, member, _ in members:
-                pipe.hmget(
-                    constants.hold_key(self.tenants[t], self.cids[c], member),
-                    "amount", "consumed", "status",
-                )  # fmt: skip
-            fields = await pipe.execute()
-            for (key, where, member, score), f in zip(members, fields, strict=True):
-                out[key].holds[member] = (where, int(f[0] or 0), int(f[1] or 0), f[2] or "", score)
+        for key, (exists, balance, version, held, holds) in zip(self.keys, reply, strict=True):
+            rd_ = _Rd(bool(exists), int(balance), int(version), int(held))
+            for where, member, score, amount, consumed, status in holds:
+                rd_.holds[member] = (where, int(amount), int(consumed), status, float(score))
+            out[key] = rd_
         return out
 
     # -- the invariants after every step --------------------------------------------------

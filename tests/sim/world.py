@@ -101,15 +101,17 @@ class World:
 
     # -- between schedules ----------------------------------------------------------------
 
-    async def wipe(self, tenants: list[str]) -> None:
-        """Empty both stores, then seed the schedule's tenants' prices."""
+    async def wipe(self, tenants: list[str], *, snapshot: bool = True) -> None:
+        """Empty both stores, then seed the schedule's tenants' prices. ``snapshot``: save
+        the empty Redis, so a restart before any other snapshot comes back empty."""
         assert self.pg is not None
         assert self.rd is not None
         if not self.migrated:
             await migrate(self.pg)
             self.migrated = True
         await self.rd.flushall()
-        await self.rd.save()  # a restart without a later snapshot comes back empty
+        if snapshot:
+            await self.rd.save()
         tables = [
             r["table_name"]
             for r in await self.pg.fetch(
