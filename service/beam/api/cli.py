@@ -2,9 +2,9 @@
 
 Server commands: ``serve``, ``dev``, ``operator``, ``migrate``, ``apply -f``.
 Client commands talk to a running service over REST: ``balance``, ``requests``,
-``customers``, ``admin``. They print readable tables, or the API's JSON with ``--json``;
-errors go to stderr with the stable reason code; exit status 1 for an API error, 3 when the
-server cannot be reached, 2 for usage errors.
+``customers``, ``admin``, ``usage``. They print readable tables, or the API's JSON with
+``--json``; errors go to stderr with the stable reason code; exit status 1 for an API error,
+3 when the server cannot be reached, 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -169,7 +169,10 @@ def migrate() -> None:
     from beam.config import StoreSettings
     from beam.core.usage import Usage, UsageSettings
 
-    usage_settings = UsageSettings()  # refused before anything is applied when invalid
+    try:  # refused before anything is applied when invalid
+        usage_settings = UsageSettings()
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
 
     async def run() -> tuple[list[str], list[str]]:
         store = await PostgresStore.connect(StoreSettings())
