@@ -8,7 +8,7 @@ start-up, not after money has moved under a guessable request-token key.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -93,6 +93,16 @@ class ServiceSettings(StoreSettings):
     cache_max_age_seconds: float = Field(default=5.0, gt=0, le=300)
     max_body_bytes: int = Field(default=65_536, ge=1024, le=10_485_760)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+    # After SIGTERM, keep serving this long with readiness 503 and gRPC health NOT_SERVING
+    # before draining, so load balancers (Endpoints, kube-proxy, ingresses) stop sending first.
+    shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=300)
+    # While PostgreSQL or Redis is not reachable yet, or the schema is not migrated yet,
+    # start-up retries with back-off for this long instead of exiting. 0 = until stopped.
+    startup_timeout_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    # /ready (and gRPC health) needs "all" stores to answer, or "any": then a Redis failover
+    # or a PostgreSQL restart does not take every replica out of its Service at once (calls
+    # answer STORE_UNAVAILABLE, which clients retry, instead of connection refused).
+    ready_stores: Literal["all", "any"] = "all"
     migrate_on_start: bool = False
     # gRPC connections are closed (GOAWAY) after this age, so clients reconnect and reach pods
     # the autoscaler added (HTTP/2 otherwise stays on its first pod); in-flight calls get the

@@ -226,3 +226,21 @@ def test_grpc_connections_age_and_a_headless_service_lists_every_ready_pod(helm:
     ]
     off = render(helm, "--set", "service.headlessService.enabled=false")
     assert not [d for d in off if d["metadata"]["name"] == "beam-headless"]
+
+
+# --- start-up and drains ---------------------------------------------------------------------
+
+
+def test_drain_start_up_and_readiness_settings_reach_the_service(helm: Helm) -> None:
+    service = env(container(render(helm), "Deployment", "beam-service"))
+    assert service["BEAM_SHUTDOWN_DELAY_SECONDS"] == "5"
+    assert service["BEAM_SHUTDOWN_GRACE_SECONDS"] == "20"
+    assert service["BEAM_STARTUP_TIMEOUT_SECONDS"] == "600"
+    assert service["BEAM_READY_STORES"] == "any"
+
+
+def test_the_grace_period_must_cover_the_drain(helm: Helm) -> None:
+    error = refused(helm, "--set", "service.shutdown.delaySeconds=15")
+    assert "service.terminationGracePeriodSeconds (30) must cover" in error
+    render(helm, "--set", "service.shutdown.delaySeconds=15",
+           "--set", "service.terminationGracePeriodSeconds=40")  # fmt: skip

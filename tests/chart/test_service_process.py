@@ -5,12 +5,22 @@
   it, and it must come back when the connection drops.
 - gRPC connections have a maximum age (GOAWAY), so clients reconnect and reach pods the
   autoscaler added.
+- Start-up waits (with back-off) for PostgreSQL and for the schema instead of exiting: a
+  first install starts the service before the database, and before the operator migrated.
+- A stopping pod keeps serving, unready, for the drain delay (Endpoints catch up), then drains.
+- Readiness can ask for any store instead of all: one store's failover does not take every
+  replica out of its Service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import socket
+import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +30,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from beam import devservers
 from beam.adapters.postgres_store import PostgresStore
 from beam.config import ServiceSettings
 from beam.core.auth import hash_key
@@ -158,3 +169,185 @@ async def test_grpc_connections_are_closed_at_their_max_age(stores: Stores, tmp_
         assert await _state_after_idle(unlimited, 4) is grpc.ChannelConnectivity.READY
     finally:
         unlimited.stop()
+
+
+class Forwarder:
+    """A TCP port that refuses connections until `open()`, then forwards them to a target:
+    a database that is not up yet, then is."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = devservers.free_port()
+        self._listener: socket.socket | None = None
+        self._closed = False
+
+    def open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+
+
+def _dsn_parts(dsn: str) -> tuple[str, str, int, str]:
+    """(prefix up to the host, host, port, rest) of postgresql://user@host:port/db?..."""
+    scheme, _, rest = dsn.partition("://")
+    userinfo, _, hostpart = rest.rpartition("@")
+    hostport, _, tail = hostpart.partition("/")
+    host, _, port = hostport.rpartition(":")
+    return f"{scheme}://{userinfo}@", host, int(port), tail
+
+
+def test_start_up_waits_for_postgresql(stores: Stores, tmp_path: Path) -> None:
+    assert stores.postgres is not None
+    prefix, host, port, tail = _dsn_parts(stores.postgres.dsn)
+    database = Forwarder(host, port)
+    late = f"{prefix}127.0.0.1:{database.port}/{tail}"
+    service = ServiceProcess(stores, tmp_path, BEAM_DATABASE_URL=late)
+    timer = threading.Timer(4.0, database.open)
+    timer.start()
+    try:
+        service.start(timeout=60)  # raises if `beam serve` exits before it is ready
+        log = service.log_text()
+        assert "stores not ready; retrying start-up" in log
+        assert "ConnectionRefusedError" in log
+    finally:
+        timer.cancel()
+        service.stop()
+        database.close()
+
+
+async def test_start_up_waits_for_the_schema(stores: Stores, tmp_path: Path) -> None:
+    assert stores.postgres is not None
+    admin = await asyncpg.connect(stores.postgres.dsn)
+    name = f"beam_empty_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    prefix, host, port, _ = _dsn_parts(stores.postgres.dsn)
+    empty = f"{prefix}{host}:{port}/{name}"
+    service = ServiceProcess(
+        stores, tmp_path, BEAM_DATABASE_URL=empty, BEAM_MIGRATE_ON_START="false"
+    )
+    try:
+        starting = asyncio.get_running_loop().run_in_executor(None, service.start, 60)
+        async with httpx.AsyncClient(timeout=5) as client:
+            deadline = time.monotonic() + 20
+            while True:
+                assert time.monotonic() < deadline, service.log_tail()
+                try:
+                    ready = await client.get(f"{service.http_url}/ready")
+                    health = await client.get(f"{service.http_url}/health")
+                except httpx.TransportError:
+                    await asyncio.sleep(0.2)
+                    continue
+                if ready.json().get("waiting_for") == "SchemaNotReady":
+                    break
+                await asyncio.sleep(0.2)
+            assert (health.status_code, ready.status_code) == (200, 503)
+            assert ready.json() == {"status": "starting", "waiting_for": "SchemaNotReady"}
+        await asyncio.sleep(2)
+        assert service.process is not None
+        assert service.process.poll() is None, service.log_tail()  # waiting, not exiting
+        migrator = await PostgresStore.connect(
+            ServiceSettings(
+                database_url=empty,  # type: ignore[arg-type]
+                request_token_secret=TEST_TOKEN_SECRET,  # type: ignore[arg-type]
+                database_pool_min=1,
+                database_pool_max=1,
+            )
+        )
+        try:
+            await migrator.migrate()  # what the operator does when it starts
+        finally:
+            await migrator.close()
+        await starting  # ready now
+        assert "SchemaNotReady" in service.log_text()
+    finally:
+        service.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_a_stopping_pod_keeps_serving_unready_then_drains(
+    stores: Stores, tenant: Tenant, tmp_path: Path
+) -> None:
+    service = ServiceProcess(stores, tmp_path, BEAM_SHUTDOWN_DELAY_SECONDS="3").start()
+    assert service.process is not None
+    headers = tenant.header("reader")
+    async with (
+        httpx.AsyncClient(base_url=service.http_url, timeout=5) as client,
+        grpc.aio.insecure_channel(service.grpc_target) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        service.process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        await asyncio.sleep(0.5)
+        assert (await client.get("/ready")).status_code == 503
+        answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        served = 0
+        while time.monotonic() - stopped_at < 2.5:  # well inside the 3 s delay
+            response = await client.get("/v1/balance/nobody", headers=headers)
+            assert response.status_code == 404, response.text  # answered, not refused
+            served += 1
+            await asyncio.sleep(0.1)
+        assert served >= 10
+    code = await asyncio.get_running_loop().run_in_executor(None, service.process.wait, 30)
+    assert code == 0, service.log_tail()
+    assert time.monotonic() - stopped_at >= 3
+    assert "not ready; still serving before the drain" in service.log_text()
+
+
+async def test_readiness_can_survive_one_store_down(stores: Stores, tmp_path: Path) -> None:
+    redis = devservers.RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        services = {
+            mode: ServiceProcess(
+                stores, tmp_path, BEAM_REDIS_URL=redis.url, BEAM_READY_STORES=mode
+            ).start()
+            for mode in ("any", "all")
+        }
+        try:
+            redis.stop()  # a Redis failover, from the service's point of view
+            async with httpx.AsyncClient(timeout=10) as client:
+                deadline = time.monotonic() + 15
+                while True:
+                    codes = {
+                        mode: (await client.get(f"{svc.http_url}/ready")).status_code
+                        for mode, svc in services.items()
+                    }
+                    if codes == {"any": 200, "all": 503} or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+            assert codes == {"any": 200, "all": 503}
+        finally:
+            for svc in services.values():
+                svc.stop()
+    finally:
+        redis.stop()

@@ -527,6 +527,10 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{- fail "redis.sentinel.quorum cannot exceed redis.sentinel.replicaCount" -}}
 {{- end -}}
 {{- end -}}
+{{- $drain := add (int .Values.service.shutdown.delaySeconds) (int .Values.service.shutdown.graceSeconds) 5 -}}
+{{- if gt (int $drain) (int .Values.service.terminationGracePeriodSeconds) -}}
+{{- fail (printf "service.terminationGracePeriodSeconds (%d) must cover service.shutdown.delaySeconds (%d) + service.shutdown.graceSeconds (%d) + 5: the kubelet would kill pods in the middle of their drain" (int .Values.service.terminationGracePeriodSeconds) (int .Values.service.shutdown.delaySeconds) (int .Values.service.shutdown.graceSeconds)) -}}
+{{- end -}}
 {{- $budget := include "beam.connectionBudget.values" . | fromYaml -}}
 {{- if and .Values.connectionBudget.check (gt (int $budget.max) 0) (gt (int $budget.total) (int $budget.max)) -}}
 {{- fail (printf "database connection budget exceeded: %d connections > max_connections %d (%s). Service %d (%s), PgBouncer %d, operator %d, migrations %d, reserved %d. Lower service.database.poolMax, service.autoscaling.maxReplicas or service.workers, enable pgbouncer, or raise the database's max_connections" (int $budget.total) (int $budget.max) (ternary "timescaledb.maxConnections" "externalDatabase.maxConnections" .Values.timescaledb.enabled) (int $budget.service) (ternary "one direct LISTEN connection per process" (printf "%d processes x service.database.poolMax %d" (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) .Values.pgbouncer.enabled) (int $budget.pgbouncer) (int $budget.operator) (int $budget.migrations) (int $budget.reserved)) -}}

@@ -1,29 +1,41 @@
 """``beam serve``: gRPC and REST in one process, one event loop, one Runtime.
 
-Shutdown (SIGTERM/SIGINT) drains: readiness turns 503 and gRPC health NOT_SERVING first (so
-load balancers stop sending), then both servers stop accepting and wait up to
-``shutdown_grace_seconds`` for in-flight calls, and only then are the stores closed. An
-acknowledged Finalize is in PostgreSQL before its reply is written, so even a SIGKILL
-loses nothing that was acknowledged.
+Start-up: the HTTP port opens first and answers /health 200 and /ready 503 ("starting"); the
+stores are then waited for with back-off (PostgreSQL not up yet, the schema not migrated yet
+by the operator or the migration Job, Redis or its sentinels not answering) for at most
+``startup_timeout_seconds``, instead of exiting into a crash loop. A permanent error (a wrong
+password) still fails at once.
+
+Shutdown (SIGTERM/SIGINT) drains: readiness turns 503 and gRPC health NOT_SERVING first,
+calls are still served for ``shutdown_delay_seconds`` (so load balancers stop sending), then
+both servers stop accepting and wait up to ``shutdown_grace_seconds`` for in-flight calls,
+and only then are the stores closed. An acknowledged Finalize is in PostgreSQL before its
+reply is written, so even a SIGKILL loses nothing that was acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
+import time
 from collections.abc import Generator
+from typing import Any
 
 import asyncpg
 import uvicorn
 
+from beam.adapters.migrations import migration_files
+from beam.adapters.redis_store import RedisStore
 from beam.api.grpc_server import NOT_SERVING, SERVING, create_server
 from beam.api.handlers import Handlers
 from beam.api.rest import RestApi, create_app
 from beam.config import ServiceSettings
 from beam.constants import CHANNEL_API_KEYS, CHANNEL_PRICES
 from beam.core.runtime import Runtime
+from beam.errors import BeamError, Reason
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +114,39 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-class Service:
-    def __init__(self, settings: ServiceSettings, runtime: Runtime) -> None:
-        self.settings = settings
-        self.runtime = runtime
-        self.handlers = Handlers(runtime)
-        self.rest = RestApi(self.handlers, settings.max_body_bytes)
-        self.app = create_app(self.rest, runtime.ready)
-        self.grpc, self.health, self.grpc_port = create_server(
-            self.handlers,
-            f"{settings.grpc_host}:{settings.grpc_port}",
-            settings.max_body_bytes,
-            max_connection_age_seconds=settings.grpc_max_connection_age_seconds,
-            max_connection_age_grace_seconds=settings.grpc_max_connection_age_grace_seconds,
+class FrontDoor:
+    """The ASGI app uvicorn serves. Until the service's app is attached (start-up may wait for
+    the stores), it answers /health 200 (the process is alive; no restart needed) and
+    everything else 503 with status "starting"; then it hands every request to the app."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.waiting_for = "the stores"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        alive = scope.get("path") == "/health"
+        body = {"status": "ok" if alive else "starting", "waiting_for": self.waiting_for}
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if alive else 503,
+                "headers": [(b"content-type", b"application/json")],
+            }
         )
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+class HttpServer:
+    """Uvicorn on the HTTP port, started before the stores are reachable."""
+
+    def __init__(self, settings: ServiceSettings, front: FrontDoor) -> None:
         config = uvicorn.Config(
-            self.app,
+            front,
             host=settings.http_host,
             port=settings.http_port,
             log_config=None,
@@ -125,63 +154,204 @@ class Service:
             lifespan="off",
             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         )
-        self.http = _Uvicorn(config)
-        self._http_task: asyncio.Task[None] | None = None
+        self.server = _Uvicorn(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.server.serve(), name="beam-http")
+        for _ in range(200):  # bounded: 10 s for the socket to bind
+            if self.server.started or self._task.done():
+                break
+            await asyncio.sleep(0.05)
+        if self._task.done():
+            await self._task
+            raise RuntimeError("the HTTP server stopped during start-up")
+
+    async def stop(self, grace: float) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, timeout=grace + 5)
+
+
+class Service:
+    def __init__(
+        self, settings: ServiceSettings, runtime: Runtime, http: HttpServer, front: FrontDoor
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.handlers = Handlers(runtime)
+        self.rest = RestApi(self.handlers, settings.max_body_bytes)
+        self.app = create_app(self.rest, self.ready_checks)
+        self.http = http
+        self.front = front
+        self.grpc, self.health, self.grpc_port = create_server(
+            self.handlers,
+            f"{settings.grpc_host}:{settings.grpc_port}",
+            settings.max_body_bytes,
+            max_connection_age_seconds=settings.grpc_max_connection_age_seconds,
+            max_connection_age_grace_seconds=settings.grpc_max_connection_age_grace_seconds,
+        )
         self.stopped = asyncio.Event()
         listen_url = settings.database_listen_url
         self.listener = (
             DirectListener(listen_url.get_secret_value(), runtime) if listen_url else None
         )
 
+    async def ready_checks(self) -> dict[str, bool]:
+        """What /ready needs besides accepting calls: every store, or (ready_stores=any) at
+        least one, so one store's failover does not empty every replica's endpoints."""
+        checks = await self.runtime.ready()
+        if self.settings.ready_stores == "any":
+            return {"stores": any(checks.values())}
+        return checks
+
     async def start(self) -> None:
         if self.listener is not None:
             self.listener.start()
         await self.grpc.start()
         await self.health.set("", SERVING)
-        await self.health.set("beam.balance.v1.BalanceService", SERVING)
-        self._http_task = asyncio.create_task(self.http.serve(), name="beam-http")
-        for _ in range(200):  # bounded: 10 s for the socket to bind
-            if self.http.started or self._http_task.done():
-                break
-            await asyncio.sleep(0.05)
-        if self._http_task.done():
-            await self._http_task
-            raise RuntimeError("the HTTP server stopped during start-up")
+        await self.health.set(_BALANCE_SERVICE, SERVING)
+        self.front.app = self.app
         log.info(
             "beam serving",
             extra={"grpc_port": self.grpc_port, "http_port": self.settings.http_port},
         )
 
     async def stop(self) -> None:
+        """Drain: not ready first, still serving for shutdown_delay_seconds (load balancers
+        stop sending), then stop accepting and give in-flight calls shutdown_grace_seconds."""
         self.rest.ready = False
-        await self.health.enter_graceful_shutdown()
         await self.health.set("", NOT_SERVING)
+        await self.health.set(_BALANCE_SERVICE, NOT_SERVING)
+        delay = self.settings.shutdown_delay_seconds
+        if delay > 0:
+            log.info("not ready; still serving before the drain", extra={"seconds": delay})
+            await asyncio.sleep(delay)
+        await self.health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_seconds
-        self.http.should_exit = True
+        self.http.server.should_exit = True
         await self.grpc.stop(grace)
-        if self._http_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http_task, timeout=grace + 5)
+        await self.http.stop(grace)
         if self.listener is not None:
             await self.listener.stop()
         await self.runtime.stop()
         self.stopped.set()
 
 
+_BALANCE_SERVICE = "beam.balance.v1.BalanceService"
+_STARTUP_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# Failures that mean "not yet": a store starting, restarting or unreachable, or the schema
+# still being migrated (by the operator, the migration Job or another replica). Anything
+# else (a wrong password, a bad setting) fails start-up at once.
+_NOT_READY = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # the database system is starting up / shutting down
+    asyncpg.InsufficientResourcesError,  # too many connections
+    asyncpg.InterfaceError,
+    asyncpg.InvalidCatalogNameError,  # the database is still being created
+    asyncpg.UndefinedTableError,
+)
+
+
+class SchemaNotReady(Exception):
+    """The database lacks migrations this build ships, and this process does not migrate."""
+
+
+def _not_ready(error: BaseException) -> bool:
+    if isinstance(error, BeamError):
+        return error.reason is Reason.STORE_UNAVAILABLE
+    return isinstance(error, (SchemaNotReady, *_NOT_READY))
+
+
+async def check_stores(settings: ServiceSettings) -> None:
+    """Return when PostgreSQL answers with the schema this build needs (unless it migrates
+    itself) and Redis answers; raise why not otherwise. Opens and closes one connection to
+    each, so a failed attempt leaves no pool behind."""
+    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=5)
+    try:
+        if not settings.migrate_on_start:
+            applied: set[str] = set()
+            if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+                rows = await conn.fetch("SELECT version FROM schema_migrations")
+                applied = {row["version"] for row in rows}
+            missing = sorted({path.stem for path in migration_files()} - applied)
+            if missing:
+                raise SchemaNotReady(
+                    f"{len(missing)} migration(s) not applied yet, from {missing[0]} "
+                    "(the operator or the migration Job applies them)"
+                )
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 5)
+    redis = RedisStore.connect(settings)
+    try:
+        await redis.identity()
+    finally:
+        await redis.close()
+
+
+async def open_runtime(
+    settings: ServiceSettings, stop: asyncio.Event, front: FrontDoor | None = None
+) -> Runtime | None:
+    """Runtime.create, retried with back-off while the stores are not ready (instead of
+    exiting into a crash-loop back-off that can outlast `helm install --wait`). None when
+    `stop` is set first; raises when startup_timeout_seconds pass or on a permanent error."""
+    timeout = settings.startup_timeout_seconds
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    attempt = 0
+    while True:
+        try:
+            await check_stores(settings)
+            return await Runtime.create(settings)
+        except Exception as error:
+            if not _not_ready(error):
+                raise
+            reason = f"{type(error).__name__}: {error}"
+            if front is not None:  # the type only: /ready is reachable by every client
+                front.waiting_for = type(error).__name__
+            if deadline is not None and time.monotonic() >= deadline:
+                log.error(
+                    "stores still not ready; giving up", extra={"reason": reason, "after": timeout}
+                )
+                raise
+            delay = _STARTUP_RETRY_SECONDS[min(attempt, len(_STARTUP_RETRY_SECONDS) - 1)]
+            attempt += 1
+            log.warning(
+                "stores not ready; retrying start-up",
+                extra={"reason": reason, "retry_in_seconds": delay, "attempt": attempt},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+                return None
+
+
 async def serve(settings: ServiceSettings, *, on_started: object = None) -> None:
-    runtime = await Runtime.create(settings)
-    service = Service(settings, runtime)
-    await service.start()
-    if callable(on_started):
-        on_started(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    front = FrontDoor()
+    http = HttpServer(settings, front)
+    service: Service | None = None
     try:
+        await http.start()
+        runtime = await open_runtime(settings, stop, front)
+        if runtime is None:
+            log.info("stopped during start-up")
+            return
+        service = Service(settings, runtime, http, front)
+        await service.start()
+        if callable(on_started):
+            on_started(service)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await service.stop()
+        if service is not None:
+            await service.stop()
+        else:
+            await http.stop(0)
