@@ -15,6 +15,12 @@
 -- request's settlement, 0 for an adjustment or a second hold's charge, so `requests`
 -- counts settled requests once), entry_type and transaction_id (the ledger entry).
 
+-- Tables are locked in the order beam_settle_one writes them (the ledger, then usage_events),
+-- so a settlement in flight during an upgrade waits for this migration instead of
+-- deadlocking with it. Settlements wait until it commits (the backfill below reads the
+-- whole ledger once).
+LOCK TABLE transactions IN SHARE ROW EXCLUSIVE MODE;
+
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS cached_prompt_tokens BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS request_count SMALLINT NOT NULL DEFAULT 1;
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS entry_type TEXT NOT NULL DEFAULT '';
@@ -80,6 +86,19 @@ BEGIN
 END;
 $$;
 
+-- The triggers before the backfill: with writers locked out until this migration commits,
+-- no entry can miss its event, and the backfill sees every entry committed before.
+DROP TRIGGER IF EXISTS usage_events_fill ON usage_events;
+CREATE TRIGGER usage_events_fill
+    BEFORE INSERT ON usage_events
+    FOR EACH ROW EXECUTE FUNCTION beam_usage_event_fill();
+
+DROP TRIGGER IF EXISTS transactions_usage_events ON transactions;
+CREATE TRIGGER transactions_usage_events
+    AFTER INSERT ON transactions
+    FOR EACH ROW WHEN (NEW.transaction_type IN ('settlement', 'expiry', 'adjustment'))
+    EXECUTE FUNCTION beam_usage_from_ledger();
+
 -- Events written before this migration: name their entries, take the cached tokens.
 UPDATE usage_events u
    SET entry_type = CASE WHEN u.status = 'expired' THEN 'expiry' ELSE 'settlement' END,
@@ -131,17 +150,6 @@ END;
 $$;
 
 SELECT beam_usage_backfill();
-
-DROP TRIGGER IF EXISTS usage_events_fill ON usage_events;
-CREATE TRIGGER usage_events_fill
-    BEFORE INSERT ON usage_events
-    FOR EACH ROW EXECUTE FUNCTION beam_usage_event_fill();
-
-DROP TRIGGER IF EXISTS transactions_usage_events ON transactions;
-CREATE TRIGGER transactions_usage_events
-    AFTER INSERT ON transactions
-    FOR EACH ROW WHEN (NEW.transaction_type IN ('settlement', 'expiry', 'adjustment'))
-    EXECUTE FUNCTION beam_usage_from_ledger();
 
 -- TimescaleDB (when usage_events is a hypertable): an hourly continuous aggregate with
 -- real-time aggregation (rows newer than the last refresh are read from usage_events), and
