@@ -43,6 +43,7 @@ if h[6] then
   if h[1] ~= fingerprint then
     return {'CONFLICT'}
   end
+  redis.call('HINCRBY', KEYS[4], 'replays', 1)  -- its token is now out there twice
   return {'OK', num(h[2]), num(h[3]), h[4], num(h[5]), 1}
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then

@@ -54,6 +54,8 @@ SCRIPT_SETTLE_HOLD: Final = "settle_hold"
 SCRIPT_EXPIRE_HOLDS: Final = "expire_holds"
 SCRIPT_ABANDON_SETTLEMENT: Final = "abandon_settlement"
 SCRIPT_OPEN_PENDING: Final = "open_pending"
+SCRIPT_RETIRE_HOLD: Final = "retire_hold"
+SCRIPT_LIST_HOLDS: Final = "list_holds"
 SCRIPT_READ_BALANCE: Final = "read_balance"
 SCRIPT_LOAD_ACCOUNT: Final = "load_account"
 SCRIPT_APPLY_BALANCE: Final = "apply_balance"
@@ -66,6 +68,8 @@ ALL_SCRIPTS: Final = (
     SCRIPT_EXPIRE_HOLDS,
     SCRIPT_ABANDON_SETTLEMENT,
     SCRIPT_OPEN_PENDING,
+    SCRIPT_RETIRE_HOLD,
+    SCRIPT_LIST_HOLDS,
     SCRIPT_READ_BALANCE,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_APPLY_BALANCE,

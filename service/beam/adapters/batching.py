@@ -41,6 +41,7 @@ class Batcher(Generic[_Item, _Result]):
         self.max_in_flight = max_in_flight
         self._pending: deque[tuple[_Item, asyncio.Future[_Result]]] = deque()
         self._flushers: set[asyncio.Task[None]] = set()
+        self._active = 0
         self.batches = 0  # how many batches ran (for tests and metrics)
         self.items = 0
 
@@ -48,13 +49,22 @@ class Batcher(Generic[_Item, _Result]):
         future: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)  # a caller that left must not leave it unread
         self._pending.append((item, future))
-        if len(self._flushers) < self.max_in_flight:
+        if self._active < self.max_in_flight:
+            # Counted here and uncounted by the flusher itself, synchronously, right after
+            # it saw the queue empty: no item can arrive in between and find no flusher.
+            self._active += 1
             task = asyncio.create_task(self._flush(), name="beam-batch")
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
         return await asyncio.shield(future)
 
     async def _flush(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self._active -= 1
+
+    async def _drain(self) -> None:
         while self._pending:
             batch = [
                 self._pending.popleft() for _ in range(min(self.max_items, len(self._pending)))

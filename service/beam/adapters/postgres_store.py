@@ -466,10 +466,10 @@ class PostgresStore:
         return found
 
     async def committed_after_lock(
-        self, tenant: str, customer_id: str, request_id: str, transaction_id: str
-    ) -> tuple[Settlement | None, LedgerEntry | None, Customer | None]:
-        """What the ledger holds for a settling hold: its request's settlement, the entry
-        ``transaction_id`` (a debit or adjustment; '' for none) and the customer, read after
+        self, tenant: str, customer_id: str, request_id: str, transaction_ids: Sequence[str]
+    ) -> tuple[Settlement | None, frozenset[str], Customer | None]:
+        """What the ledger holds for a settling hold: its request's settlement ('' for
+        none), which of ``transaction_ids`` exist, and the customer, read after
         share-locking the customer row, so any settlement in flight has committed or rolled
         back first. The reaper completes or abandons settling holds from this."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -480,7 +480,7 @@ class PostgresStore:
                 customer_id,
             )
             if row is None:
-                return None, None, None
+                return None, frozenset(), None
             request = await conn.fetchrow(
                 f"""SELECT {_REQUEST_COLUMNS} FROM requests
                     WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
@@ -488,17 +488,16 @@ class PostgresStore:
                 customer_id,
                 request_id,
             )
-            entry = await conn.fetchrow(
-                """SELECT transaction_id, balance_after_grains, balance_version
-                   FROM transactions
-                   WHERE tenant = $1 AND transaction_id = $2 AND customer_id = $3""",
+            found = await conn.fetch(
+                """SELECT transaction_id FROM transactions
+                   WHERE tenant = $1 AND customer_id = $2 AND transaction_id = ANY($3::text[])""",
                 tenant,
-                transaction_id,
                 customer_id,
+                list(transaction_ids),
             )
         return (
             _settlement(request, replayed=True) if request else None,
-            LedgerEntry(entry[0], entry[1], entry[2], True) if entry else None,
+            frozenset(r["transaction_id"] for r in found),
             _customer(row),
         )
 

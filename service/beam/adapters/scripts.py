@@ -22,10 +22,12 @@ from beam.constants import (
     SCRIPT_BEGIN_SETTLEMENT,
     SCRIPT_DEDUCT,
     SCRIPT_EXPIRE_HOLDS,
+    SCRIPT_LIST_HOLDS,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_OPEN_HOLD,
     SCRIPT_OPEN_PENDING,
     SCRIPT_READ_BALANCE,
+    SCRIPT_RETIRE_HOLD,
     SCRIPT_SETTLE_HOLD,
     customer_keys,
 )
@@ -381,6 +383,33 @@ class Scripts:
             idempotent=True,
         )
         return str(reply[1])
+
+    async def retire_hold(
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        nonce: str,
+        now_ms: int,
+        mode: Literal["cancelled", "settled"],
+    ) -> str:
+        """Take back a hold a Check opened: VOIDED if untouched; else KEPT ('cancelled')
+        or EXPIRING ('settled': shrunk to what it consumed, for the reaper); or GONE."""
+        reply = await self._run(
+            SCRIPT_RETIRE_HOLD,
+            customer_keys(tenant, customer_id, hold_id),
+            [hold_id, nonce, now_ms, mode],
+            idempotent=True,
+        )
+        return str(reply[0])
+
+    async def list_holds(self, tenant: str, customer_id: str) -> list[tuple[str, str, str, str]]:
+        """Every hold of a customer: (hold id, nonce, status, kind)."""
+        reply = await self.redis.run(
+            SCRIPT_LIST_HOLDS, customer_keys(tenant, customer_id), [], idempotent=True
+        )
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in reply]
 
     async def read_balance(
         self, tenant: str, customer_id: str, *, now_ms: int, expire_batch: int

@@ -27,6 +27,7 @@ from beam.constants import (
     MAX_OPEN_HOLDS_PER_CUSTOMER,
     MULTIPLIER_SCALE,
     SETTLE_DEADLINE_MS,
+    SYSTEM_HOLD_PREFIX,
 )
 from beam.core import faults
 from beam.core.auth import Action, Principal, customer_not_found
@@ -167,9 +168,14 @@ class Admin:
         if not system:
             validate_client_transaction_id(command.transaction_id)
         principal.require_customer(command.customer_id)
-        tenant, customer_id = principal.tenant, command.customer_id
         transaction_id = command.transaction_id or f"credit:{uuid.uuid4().hex}"
-        hold_id = CREDIT_HOLD_PREFIX + transaction_id
+        # Runs to the end even if the caller goes away (see Ledger.finish).
+        return await self.ledger.finish(self._credit(principal.tenant, command, transaction_id))
+
+    async def _credit(
+        self, tenant: str, command: LedgerCommand, transaction_id: str
+    ) -> EntryResult:
+        customer_id, hold_id = command.customer_id, CREDIT_HOLD_PREFIX + transaction_id
         try:
             nonce = await self.scripts.open_pending(
                 tenant, customer_id, hold_id, now_ms=now_ms(),
@@ -178,13 +184,6 @@ class Admin:
             )  # fmt: skip
         except AccountNotLoaded:
             nonce = ""  # Redis will load the account from the ledger, credit included
-        work = self._commit_credit(tenant, command, transaction_id, nonce)
-        return await self.ledger.finish(work)
-
-    async def _commit_credit(
-        self, tenant: str, command: LedgerCommand, transaction_id: str, nonce: str
-    ) -> EntryResult:
-        customer_id, hold_id = command.customer_id, CREDIT_HOLD_PREFIX + transaction_id
         try:
             entry = await self.postgres.append_entry(
                 tenant=tenant,
@@ -212,13 +211,17 @@ class Admin:
         validate_ledger_command(command)
         validate_client_transaction_id(command.transaction_id)
         principal.require_customer(command.customer_id)
-        tenant, customer_id = principal.tenant, command.customer_id
         transaction_id = command.transaction_id or f"debit:{uuid.uuid4().hex}"
+        # Runs to the end even if the caller goes away (see Ledger.finish).
+        return await self.ledger.finish(self._debit(principal.tenant, command, transaction_id))
+
+    async def _debit(self, tenant: str, command: LedgerCommand, transaction_id: str) -> EntryResult:
+        customer_id = command.customer_id
         digest = fingerprint("debit", customer_id, command.amount_grains)
         if await self.postgres.find_entry(tenant, transaction_id) is not None:
             # A retry of a committed debit: the ledger answers (or refuses a conflict).
             entry = await self._append_debit(tenant, command, transaction_id, digest)
-            return await self.ledger.finish(self._adopt(tenant, customer_id, entry))
+            return await self._adopt(tenant, customer_id, entry)
         hold_id = DEBIT_HOLD_PREFIX + transaction_id
         opened = await self.ledger.loaded(
             tenant,
@@ -246,8 +249,7 @@ class Admin:
                 field="transaction_id",
             )
         await faults.point(faults.DEBIT_OPENED)
-        work = self._commit_debit(tenant, command, transaction_id, digest, opened.nonce)
-        return await self.ledger.finish(work)
+        return await self._commit_debit(tenant, command, transaction_id, digest, opened.nonce)
 
     async def _commit_debit(
         self, tenant: str, command: LedgerCommand, transaction_id: str, digest: str, nonce: str
@@ -369,10 +371,25 @@ class Admin:
         for tenant_id, customer_id in await self.postgres.all_customer_ids(tenant):
             if not await self.ledger.reload_account(tenant_id, customer_id, force=True):
                 continue
+            await self._release_settled_holds(tenant_id, customer_id)
             audit = await self.scripts.audit_account(tenant_id, customer_id)
             synced += 1
             kept += audit.open_count + audit.expiring_count + audit.settling_count
         return synced, kept
+
+    async def _release_settled_holds(self, tenant: str, customer_id: str) -> int:
+        """Release holds the ledger has settled: a Redis that lost its last writes brings
+        settled holds back, and a settled hold must never stream again."""
+        released = 0
+        for hold_id, nonce, _status, kind in await self.scripts.list_holds(tenant, customer_id):
+            if kind != "request" or hold_id.startswith(SYSTEM_HOLD_PREFIX):
+                continue
+            if await self.postgres.settled_nonce(tenant, customer_id, hold_id) != nonce:
+                continue
+            settled = await self.postgres.find_settlement(tenant, customer_id, hold_id)
+            await self.ledger.release(tenant, customer_id, hold_id, nonce, settled, settled)
+            released += 1
+        return released
 
     async def set_state(
         self, tenant: str, customer_id: str, state: CustomerState, owner: str | None = None

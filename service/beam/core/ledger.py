@@ -306,7 +306,7 @@ class Ledger:
             )
         if not faults.enabled(faults.BUG_FREE_REUSE):
             await self._refuse_settled_id(
-                tenant, command.customer_id, command.request_id, opened.nonce
+                tenant, command.customer_id, command.request_id, opened.nonce, opened.replayed
             )
         affordable = 0
         if prices is not None:
@@ -332,11 +332,13 @@ class Ledger:
         )
 
     async def _refuse_settled_id(
-        self, tenant: str, customer_id: str, request_id: str, nonce: str
+        self, tenant: str, customer_id: str, request_id: str, nonce: str, replayed: bool
     ) -> None:
         """The ledger, not the done marker (it expires), says whether a request id was
-        settled. A hold opened for a settled id is voided before anyone gets its token; so
-        is one whose Check was cancelled meanwhile (nobody will get its token)."""
+        settled. A hold is taken back only as far as nobody else relies on it
+        (``retire_hold``): for a settled id, an untouched hold is voided before anyone has
+        its token, a touched one is shrunk to what it consumed and charged on its own; for
+        a Check whose caller left, only a hold this call opened and nobody used is voided."""
         try:
             await faults.point(faults.CHECK_OPENED)
             async with asyncio.timeout(SETTLED_LOOKUP_TIMEOUT_SECONDS):
@@ -352,13 +354,28 @@ class Ledger:
             log.warning("settled-id lookup unavailable; check proceeds from redis")
             return
         except BaseException:
-            await _quietly(self.finish(self.release(tenant, customer_id, request_id, nonce)))
+            if not replayed:
+                await _quietly(
+                    self.finish(self._retire(tenant, customer_id, request_id, nonce, "cancelled"))
+                )
             raise
         if settled_nonce is None:
             return
         if settled_nonce != nonce:  # equal: this hold's own settlement is committing now
-            await self.finish(self.release(tenant, customer_id, request_id, nonce))
+            await self.finish(self._retire(tenant, customer_id, request_id, nonce, "settled"))
         raise request_id_conflict(request_id, "is already settled")
+
+    async def _retire(
+        self,
+        tenant: str,
+        customer_id: str,
+        request_id: str,
+        nonce: str,
+        mode: Literal["cancelled", "settled"],
+    ) -> str:
+        return await self.scripts.retire_hold(
+            tenant, customer_id, request_id, nonce=nonce, now_ms=now_ms(), mode=mode
+        )
 
     # -- DeductTokens ------------------------------------------------------------------------
 
@@ -408,6 +425,13 @@ class Ledger:
             if command.request_token
             else ""
         )
+        # From here on the settlement runs to the end even if the caller goes away: once
+        # the hold is reserving the charge, only a commit (or the reaper) may finish it.
+        return await self.finish(self._settle_request(tenant, command, token_nonce))
+
+    async def _settle_request(
+        self, tenant: str, command: FinalizeCommand, token_nonce: str
+    ) -> FinalizeResult:
         prices = await self.prices.lookup(tenant, command.model) if command.model else None
         begun = await self._begin(tenant, command, token_nonce, prices)
         if begun.outcome == "ERR" and begun.code == "UNKNOWN_MODEL" and not command.model:
@@ -433,7 +457,7 @@ class Ledger:
             overage_grains=0,
         )
         await faults.point(faults.FINALIZE_BEGUN)
-        return await self.finish(self._commit_finalize(command, hold, settlement))
+        return await self._commit_finalize(command, hold, settlement)
 
     async def _begin(
         self, tenant: str, command: FinalizeCommand, token_nonce: str, prices: Prices | None
@@ -538,16 +562,23 @@ class Ledger:
         deadline -> abandon it (a request hold is then charged what it consumed, like any
         expired hold). Returns what was done: completed, abandoned or pending."""
         system = hold.hold_id.startswith(SYSTEM_HOLD_PREFIX)  # a debit or a credit
-        transaction_id = (
-            hold.hold_id.partition(":")[2] if system else f"adjustment:{customer_id}:{hold.hold_id}"
+        entries = (
+            [hold.hold_id.partition(":")[2]]
+            if system
+            else [
+                f"adjustment:{customer_id}:{hold.hold_id}",  # a late Finalize's difference
+                f"settlement:{customer_id}:{hold.hold_id}#{hold.nonce}",  # a second hold
+            ]
         )
-        settlement, entry, customer = await self.postgres.committed_after_lock(
-            tenant, customer_id, "" if system else hold.hold_id, transaction_id
+        settlement, found, customer = await self.postgres.committed_after_lock(
+            tenant, customer_id, "" if system else hold.hold_id, entries
         )
-        if customer is not None and _committed(hold, settlement, entry):
+        if customer is not None and _committed(hold, settlement, found, entries):
+            # The customer's balance as the ledger has it now (it includes this entry).
+            ours = settlement is not None and not system and settlement.hold_nonce == hold.nonce
             await self.release(
                 tenant, customer_id, hold.hold_id, hold.nonce, customer,
-                settlement if settlement is not None and not system else None,
+                settlement if ours or hold.kind == "claim" else None,
             )  # fmt: skip
             return "completed"
         if now_ms() >= hold.deadline_ms:
@@ -618,16 +649,20 @@ def _balance_of(entry: Settlement | LedgerEntry | Customer | None) -> tuple[int,
     return entry.balance_after_grains, entry.balance_version
 
 
-def _committed(hold: HoldView, settlement: Settlement | None, entry: LedgerEntry | None) -> bool:
-    """Whether what ``hold`` was settling is in the ledger."""
+def _committed(
+    hold: HoldView, settlement: Settlement | None, found: frozenset[str], entries: list[str]
+) -> bool:
+    """Whether what ``hold`` was settling is in the ledger (``entries``: the ids of the
+    entries that may settle it, as complete_settling lists them)."""
     if hold.hold_id.startswith(SYSTEM_HOLD_PREFIX):
-        return entry is not None
+        return entries[0] in found  # the debit or credit itself
+    adjustment, second_hold = entries
     if settlement is None:
         return False
     if hold.kind != "claim" and settlement.hold_nonce != hold.nonce:
-        return False  # another hold's settlement: this one is abandoned at its deadline
+        return second_hold in found  # charged on its own under a settled id
     if settlement.status is SettlementStatus.EXPIRED:
-        return entry is not None  # a late Finalize: its adjustment is what it commits
+        return adjustment in found  # a late Finalize: its adjustment is what it commits
     return True
 
 
