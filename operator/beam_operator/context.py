@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from beam.adapters.postgres_store import PostgresStore
-from beam.adapters.redis_store import RedisStore
 from beam.config import OperatorSettings, ServiceSettings, StoreSettings
 from beam.core.admin import Admin
 from beam.core.runtime import Runtime
@@ -48,22 +46,8 @@ def service_settings(settings: OperatorSettings) -> ServiceSettings:
 
 
 async def open_runtime(settings: ServiceSettings) -> Runtime:
-    """``Runtime.create`` without the background reaper, closing what it opened when a
-    later step fails: the startup handler retries, and each attempt must not leak a pool."""
-    postgres = await PostgresStore.connect(settings)
-    redis: RedisStore | None = None
-    try:
-        if settings.migrate_on_start:
-            await postgres.migrate()
-        redis = RedisStore.connect(settings)
-        runtime = Runtime(settings, redis, postgres)
-        await runtime.start(background=False)
-    except BaseException:
-        if redis is not None:
-            await redis.close()
-        await postgres.close()
-        raise
-    return runtime
+    """``Runtime.create`` without the background reaper (the service replicas run it)."""
+    return await Runtime.create(settings, background=False)
 
 
 def tenant_of(namespace: str | None) -> str:

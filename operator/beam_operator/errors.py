@@ -18,25 +18,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import asyncpg
 import kopf
 from kubernetes.client.exceptions import ApiException
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from beam.errors import BeamError, Code, Reason
 from beam_operator.conditions import reason_name
 from beam_operator.constants import MAX_RETRY_DELAY_SECONDS
 from beam_operator.secrets import SecretNotOwned
 
-_UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-)
+# The stores' adapters already answer an unreachable store as STORE_UNAVAILABLE; a raw
+# socket error or timeout from elsewhere (the Kubernetes client) is the same condition.
+_UNAVAILABLE = (OSError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)

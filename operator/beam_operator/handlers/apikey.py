@@ -28,7 +28,13 @@ from typing import Any
 import kopf
 
 from beam.core.auth import hash_key
-from beam.core.reconcile import ApiKeyResult, Condition, reconcile_api_key, revoke_api_key
+from beam.core.reconcile import (
+    ApiKeyResult,
+    Condition,
+    api_key_revoked,
+    reconcile_api_key,
+    revoke_api_key,
+)
 from beam_operator.conditions import READY, apply_status, merge_conditions, rfc3339
 from beam_operator.constants import (
     API_KEYS,
@@ -250,7 +256,4 @@ async def _key_is_missing(
     plaintext = stored.data.get(SECRET_KEY_API_KEY)
     if not plaintext:
         return True
-    record = await context.admin.postgres.get_api_key(hash_key(plaintext))
-    return record is None or (
-        record.revoked_at is not None and record.revoked_at <= datetime.now(UTC)
-    )
+    return await api_key_revoked(context.admin, plaintext)

@@ -17,7 +17,7 @@ from typing import Any
 
 from beam.constants import MAX_GRAINS
 from beam.core.admin import Admin
-from beam.core.auth import Principal, generate_key
+from beam.core.auth import Principal, generate_key, hash_key
 from beam.core.commands import (
     CREDIT_ID_PATTERN,
     LedgerCommand,
@@ -272,6 +272,15 @@ async def _retire_older(
 def _generation_of(key: ApiKeyRecord) -> int:
     """``<name>#<generation>``: the store only returns names ending in ``#<digits>``."""
     return int(key.name.rpartition("#")[2])
+
+
+async def api_key_revoked(admin: Admin, plaintext: str) -> bool:
+    """Whether a key (read from its Secret) is unknown or revoked by now: the operator then
+    issues a new one."""
+    record = await admin.postgres.get_api_key(hash_key(plaintext))
+    return record is None or (
+        record.revoked_at is not None and record.revoked_at <= datetime.now(UTC)
+    )
 
 
 async def revoke_api_key(admin: Admin, tenant: str, name: str, generation: int) -> int:

@@ -60,12 +60,22 @@ class Runtime:
 
     @classmethod
     async def create(cls, settings: ServiceSettings, *, background: bool = True) -> Runtime:
+        """The one place a process builds its runtime (service, operator, CLI, tests). A
+        failed step closes what the earlier ones opened, so a caller that retries start-up
+        (the operator's startup handler) never leaks a pool."""
         postgres = await PostgresStore.connect(settings)
-        if settings.migrate_on_start:
-            await postgres.migrate()
-        redis = RedisStore.connect(settings)
-        runtime = cls(settings, redis, postgres)
-        await runtime.start(background=background)
+        redis: RedisStore | None = None
+        try:
+            if settings.migrate_on_start:
+                await postgres.migrate()
+            redis = RedisStore.connect(settings)
+            runtime = cls(settings, redis, postgres)
+            await runtime.start(background=background)
+        except BaseException:
+            if redis is not None:
+                await redis.close()
+            await postgres.close()
+            raise
         return runtime
 
     async def start(self, *, background: bool = True) -> None:
