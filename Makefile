@@ -63,15 +63,23 @@ proto: $(STAMP)
 	$(BIN)/python hatch_build.py
 	$(BIN)/python clients/python/hatch_build.py
 
+## The hot-path benchmark (bench/README.md, 6 to 7 minutes): builds ghz and hey once from the Go
+## module proxy (hack/bench/build.sh, cached), then measures every call against Beam and an
+## empty handler side by side; writes bench/results/<date>-<host>.{md,json}.
+## BENCH_ARGS passes options, e.g. BENCH_ARGS="--seconds 5 --calls check,deduct".
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	bash hack/bench/build.sh >/dev/null
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-## The money simulator's soak: SOAK_SEEDS seeded, fault-injecting schedules on its own real
-## Redis and PostgreSQL (tests/sim; docs/PERFORMANCE.md has the last count and duration).
+## The money simulator's soak: SOAK_SEEDS seeded, fault-injecting schedules, SOAK_JOBS worker
+## processes each with its own Redis and PostgreSQL (tests/sim; docs/PERFORMANCE.md has the
+## last count and duration). Replay a failing seed: .venv/bin/python -m tests.sim --seed N
 SOAK_SEEDS ?= 10000
 SOAK_START ?= 0
+SOAK_JOBS ?= 2
 soak: $(STAMP)
-	$(BIN)/python -m tests.sim --seeds $(SOAK_SEEDS) --start $(SOAK_START)
+	$(BIN)/python -m tests.sim --seeds $(SOAK_SEEDS) --start $(SOAK_START) --jobs $(SOAK_JOBS)
 
 clean:
 	rm -rf $(VENV) .beam .mypy_cache .ruff_cache .pytest_cache service/beam/balance service/beam/admin \

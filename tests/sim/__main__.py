@@ -21,16 +21,19 @@ import argparse
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from beam import devservers
 from beam.core import faults
 from tests.sim.runner import Runner
 from tests.sim.shrink import shrink
-from tests.sim.soak import Chunk, quiet, run_chunk
+from tests.sim.soak import Chunk, quiet, run_chunk, worker_init
 from tests.sim.steps import Schedule, generate
 from tests.sim.world import World
 
@@ -110,9 +113,11 @@ def _soak(args: argparse.Namespace, bugs: frozenset[str]) -> int:
     total = Chunk()
     stop = not args.keep_going
     jobs = max(1, args.jobs)
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(number, _stop_workers)
     context = multiprocessing.get_context("spawn")  # not fork: workers must run atexit
     with concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=quiet, initargs=(args.verbose,)
+        jobs, mp_context=context, initializer=worker_init, initargs=(args.verbose,)
     ) as pool:
         pending = [pool.submit(run_chunk, chunk, args, bugs, stop) for chunk in chunks]
         try:
@@ -134,10 +139,6 @@ def _soak(args: argparse.Namespace, bugs: frozenset[str]) -> int:
                 )
                 if total.failures and stop:
                     break
-        except BaseException:  # SIGTERM in the parent: the workers stop their servers too
-            for child in multiprocessing.active_children():
-                child.terminate()
-            raise
         finally:
             for future in pending:
                 future.cancel()
@@ -160,13 +161,23 @@ def _soak(args: argparse.Namespace, bugs: frozenset[str]) -> int:
     return 0
 
 
+def _stop_workers(number: int, _frame: FrameType | None) -> None:
+    """A signal to the soak: every worker stops its servers, then the soak exits."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(60)
+    os._exit(128 + number)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     quiet(args.verbose)
     bugs = frozenset(BUGS[b] for b in args.bug)
-    devservers.stop_servers_on_signals()
     if args.seeds is not None:
         return _soak(args, bugs)
+    devservers.stop_servers_on_signals()
     return asyncio.run(_one(args, bugs))
 
 

@@ -155,6 +155,7 @@ class Journal:
     held: set[str] = field(default_factory=set)  # request ids a Check may have opened
     consumed: dict[str, int] = field(default_factory=dict)  # highest consumed reported
     sequences: dict[str, set[int]] = field(default_factory=dict)  # Deduct sequence numbers
+    consumed_by: dict[str, int] = field(default_factory=dict)  # per hold (nonce): consumed
 
 
 class Model:

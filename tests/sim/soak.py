@@ -7,10 +7,12 @@ import argparse
 import asyncio
 import atexit
 import logging
+import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from types import FrameType
 
-from beam import devservers
 from tests.sim.runner import Runner
 from tests.sim.steps import generate
 from tests.sim.world import World
@@ -67,6 +69,20 @@ async def _chunk(
 
 
 def quiet(verbose: bool) -> None:
-    """Worker set-up: quiet logs, and SIGTERM/SIGHUP stop this worker's servers (atexit)."""
-    devservers.stop_servers_on_signals()
     logging.basicConfig(level=logging.WARNING if verbose else logging.CRITICAL)
+
+
+def worker_init(verbose: bool) -> None:
+    """Worker set-up: quiet logs; SIGTERM/SIGHUP stop this worker's servers and exit at
+    once (an exception raised into the event loop could be swallowed by a broad handler
+    of the code under test)."""
+    quiet(verbose)
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _die)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the workers
+
+
+def _die(number: int, _frame: FrameType | None) -> None:
+    if _WORLD is not None:
+        _WORLD.stop()
+    os._exit(128 + number)
