@@ -12,6 +12,8 @@ local status          = ARGV[9]
 local settled_nonce   = ARGV[10]           -- the nonce PostgreSQL recorded for the request
 local done_ttl        = ARGV[11]
 local only_status     = ARGV[12]           -- release only a hold in this status ('' = any)
+local final_balance   = ARGV[13]           -- the marker's: the balance the settlement left
+                                           -- (the balance adopted may be a newer one)
 -- Returns {released, held, balance}. Safe to run any number of times: only the hold with
 -- this nonce is released (never a newer hold under a reused id), once; a stale balance
 -- version is ignored. With balance_version 0 and no marker it voids a hold that nothing
@@ -37,7 +39,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 if write_marker == '1' then
   redis.call('HSET', KEYS[5], 'charged', charged, 'refunded', refunded,
-    'final_balance', balance_after, 'overage', overage, 'status', status,
+    'final_balance', final_balance, 'overage', overage, 'status', status,
     'nonce', settled_nonce)
   redis.call('EXPIRE', KEYS[5], done_ttl)
 end

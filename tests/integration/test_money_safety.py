@@ -548,3 +548,21 @@ async def test_reaper_never_releases_a_hold_a_late_finalize_took_over(
     assert await redis_account(runtime, tenant.name) == (7_000, 0)
     assert await ledger_row(stores, tenant.name) == (7_000, 7_000, 3_000, 0)
     await assert_consistent(runtime, p)
+
+
+async def test_a_finalize_completed_by_the_reaper_replays_its_own_balance(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """The reaper completes a killed Finalize after the balance moved on; a retry of that
+    Finalize must answer the balance its settlement left, not the customer's current one."""
+    p = await customer(runtime, tenant, 10_000)
+    check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap"))
+    crash_at(faults.FINALIZE_COMMITTED)
+    with pytest.raises(faults.SimulatedCrash):
+        await settle(runtime, p, "r", 3_000, check.request_token)
+    faults.install(None)
+    await settle(runtime, p, "other", 500)  # the balance moves on: 6 500
+    await reap_after_grace(runtime)
+    again = await settle(runtime, p, "r", 3_000, check.request_token)
+    assert (again.final_balance, again.charged_grains, again.replayed) == (7_000, 3_000, True)
+    assert await redis_account(runtime, tenant.name) == (6_500, 0)

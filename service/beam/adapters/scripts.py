@@ -334,7 +334,7 @@ class Scripts:
             [
                 hold_id, nonce, balance_after, balance_version, "1" if marker else "0",
                 m.charged, m.refunded, m.overage, m.status, m.nonce, marker_ttl_seconds,
-                only_status,
+                only_status, m.final_balance,
             ],
             idempotent=True,
         )  # fmt: skip
