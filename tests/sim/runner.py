@@ -25,6 +25,18 @@ Invariants (numbered as in tests/sim/__init__.py):
 
 Plus the model (``answer``, ``model``): every answer and every balance of a customer the
 model is certain about is exactly what the rules predict.
+
+Where the simulator is deliberately lenient (each one is the core's documented behaviour):
+
+* A crash restart takes one quantum (5 min) of simulated time, so a settlement the dead
+  process left half-done is past its 2 s repair grace when the restart's reaper runs.
+* A reaper pass after a cancelled one may resume its SCAN mid-way; it is not held to
+  reach every customer. A settling hold a pass abandons is recorded by the next pass.
+* When the simulator fails a Check's settled-id lookup (a store error at
+  ``check.opened``), the core may approve a settled id from Redis alone; that hold's
+  consumption must then be charged once as its own ``...#<nonce>`` entry (checked at the
+  end), and Deducts on it may succeed. Any other Check approved for a settled id, or
+  Deduct that buys tokens for one, is a violation of invariant 6.
 """
 
 from __future__ import annotations
