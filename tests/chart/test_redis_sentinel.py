@@ -52,6 +52,7 @@ DNS_SUFFIX = f"{NAMESPACE}.svc.cluster.local"
 DATA_NODES = 3
 SENTINELS = 3
 WRITE_PAUSE_LIMIT_SECONDS = 5.0
+MEMORY_LIMIT_BYTES = 1024**3  # redis.resources.limits.memory: 1Gi
 
 
 @dataclass
@@ -71,12 +72,17 @@ class Rendered:
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would resolve it here."""
     env = {}
     for item in container.get("env", []):
+        source = item.get("valueFrom", {})
         if "value" in item:
             env[item["name"]] = str(item["value"])
+        elif "resourceFieldRef" in source:  # the downward API: the container's memory limit
+            assert source["resourceFieldRef"]["resource"] == "limits.memory", item
+            env[item["name"]] = str(MEMORY_LIMIT_BYTES)
         else:  # the only secret the Redis pods read is the password
-            assert item["valueFrom"]["secretKeyRef"]["key"], item
+            assert source["secretKeyRef"]["key"], item
             env[item["name"]] = PASSWORD
     return env
 
@@ -323,6 +329,17 @@ def test_first_boot(pods: RedisPods) -> None:
             60,
         )
         assert pods.masters() == [0]
+        # maxmemory is 70% of the memory limit (noeviction applies before an OOM kill); AOF only.
+        for pod in pods.data:
+            assert pods.cli(pod, 6379, "CONFIG", "GET", "maxmemory").split() == [
+                "maxmemory",
+                str(MEMORY_LIMIT_BYTES // 100 * 70),
+            ]
+            assert pods.cli(pod, 6379, "CONFIG", "GET", "save").split() == ["save"]
+            assert pods.cli(pod, 6379, "CONFIG", "GET", "appendonly").split() == [
+                "appendonly",
+                "yes",
+            ]
         started = time.monotonic()
         pods.start_writer()
         wait_for("a write through Beam's client", lambda: pods.writes.succeeded_since(started), 30)

@@ -134,7 +134,7 @@ def test_pool_sizes_and_max_connections_come_from_values(helm: Helm) -> None:
     migrate = find(docs, "Job", "beam-migrate")["spec"]["template"]["spec"]["containers"][0]
     assert env(migrate)["BEAM_DATABASE_POOL_MAX"] == "2"
     database = container(docs, "StatefulSet", "beam-timescaledb")
-    assert database["args"] == ["postgres", "-c", "max_connections=300"]
+    assert database["args"][:3] == ["postgres", "-c", "max_connections=300"]
     assert env(database)["TS_TUNE_MAX_CONNS"] == "300"
 
 
@@ -244,3 +244,102 @@ def test_the_grace_period_must_cover_the_drain(helm: Helm) -> None:
     assert "service.terminationGracePeriodSeconds (30) must cover" in error
     render(helm, "--set", "service.shutdown.delaySeconds=15",
            "--set", "service.terminationGracePeriodSeconds=40")  # fmt: skip
+
+
+# --- stores: Redis memory, probes, database roles and hooks ---------------------------------
+
+
+def test_redis_maxmemory_comes_from_the_memory_limit_and_snapshots_are_off(helm: Helm) -> None:
+    docs = render(helm, "--set", "redis.maxmemoryPercent=60")
+    redis = container(docs, "StatefulSet", "beam-redis")
+    limit = next(e for e in redis["env"] if e["name"] == "REDIS_MEMORY_LIMIT")
+    assert limit["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "redis",
+        "resource": "limits.memory",
+        "divisor": "1",
+    }
+    assert env(redis)["MAXMEMORY_PERCENT"] == "60"
+    conf = find(docs, "ConfigMap", "beam-redis-config")["data"]["redis.conf"].splitlines()
+    assert {'save ""', "maxmemory-policy noeviction", "repl-diskless-sync-delay 0"} <= set(conf)
+
+
+def test_stores_have_startup_probes_that_outlast_loading_and_recovery(helm: Helm) -> None:
+    docs = render(helm)
+    redis = container(docs, "StatefulSet", "beam-redis")["startupProbe"]
+    assert "ping" in redis["exec"]["command"][-1]
+    assert redis["periodSeconds"] * redis["failureThreshold"] >= 600  # a large AOF loads
+    database = container(docs, "StatefulSet", "beam-timescaledb")["startupProbe"]
+    assert "pg_isready" in database["exec"]["command"][-1]
+    assert database["periodSeconds"] * database["failureThreshold"] >= 1800  # crash recovery
+
+
+def test_operator_reads_secrets_only_by_name(helm: Helm) -> None:
+    docs = render(helm)
+    role = find(docs, "ClusterRole", "beam-beam-test-operator-cluster")
+    secrets = [r for r in role["rules"] if r.get("resources") == ["secrets"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"],
+                        "verbs": ["get", "create", "patch", "delete"]}]  # fmt: skip
+
+
+def test_the_bundled_database_runs_beam_as_its_owner_not_the_superuser(helm: Helm) -> None:
+    docs = render(helm)
+    database = container(docs, "StatefulSet", "beam-timescaledb")
+    values = env(database)
+    assert values["POSTGRES_USER"] == "postgres"
+    assert values["POSTGRES_PASSWORD"]["secretKeyRef"] == {
+        "name": "beam-timescaledb-auth",
+        "key": "postgres-password",
+        "optional": True,
+    }
+    assert values["BEAM_DATABASE_OWNER"] == "beam"
+    assert values["BEAM_DATABASE_OWNER_PASSWORD"]["secretKeyRef"]["key"] == "password"
+    mount = next(m for m in database["volumeMounts"] if m["name"] == "init")
+    assert mount == {
+        "name": "init",
+        "mountPath": "/docker-entrypoint-initdb.d/010-beam-owner.sh",
+        "subPath": "010-beam-owner.sh",
+    }
+    assert env(container(docs, "Deployment", "beam-service"))["PGUSER"] == "beam"
+    secret = find(docs, "Secret", "beam-timescaledb-auth")
+    assert sorted(secret["data"]) == ["password", "postgres-password"]
+    error = refused(helm, "--set", "timescaledb.auth.username=postgres")
+    assert "timescaledb.auth.username cannot be" in error
+
+
+def test_timescaledb_telemetry_is_off_and_extra_config_sidecars_and_volumes_fit_in(
+    helm: Helm,
+) -> None:
+    docs = render(
+        helm,
+        "--set-string",
+        "timescaledb.extraConfig.archive_mode=on",
+        "--set",
+        "timescaledb.extraConfig.archive_command=/walg/wal-g wal-push %p",
+        "--set",
+        "timescaledb.extraVolumes[0].name=walg",
+        "--set",
+        "timescaledb.extraVolumes[0].emptyDir.sizeLimit=64Mi",
+        "--set",
+        "timescaledb.extraVolumeMounts[0].name=walg",
+        "--set",
+        "timescaledb.extraVolumeMounts[0].mountPath=/walg",
+        "--set",
+        "timescaledb.initContainers[0].name=copy-walg",
+        "--set",
+        "timescaledb.initContainers[0].image=example/walg:1",
+        "--set",
+        "timescaledb.sidecars[0].name=exporter",
+        "--set",
+        "timescaledb.sidecars[0].image=example/exporter:1",
+    )
+    database = container(docs, "StatefulSet", "beam-timescaledb")
+    assert database["args"] == [
+        "postgres", "-c", "max_connections=200", "-c", "timescaledb.telemetry_level=off",
+        "-c", "archive_command=/walg/wal-g wal-push %p", "-c", "archive_mode=on",
+    ]  # fmt: skip
+    assert env(database)["TIMESCALEDB_TELEMETRY"] == "off"
+    assert {"name": "walg", "mountPath": "/walg"} in database["volumeMounts"]
+    pod = find(docs, "StatefulSet", "beam-timescaledb")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["timescaledb", "exporter"]
+    assert [c["name"] for c in pod["initContainers"]] == ["copy-walg"]
+    assert {"name": "walg", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]

@@ -546,6 +546,9 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{- fail "with pgbouncer.enabled the service does not migrate, so a first install needs the operator to (operator.enabled and operator.migrateOnStart)" -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.timescaledb.enabled (eq .Values.timescaledb.auth.username "postgres") -}}
+{{- fail "timescaledb.auth.username cannot be \"postgres\": that is the bundled database's superuser, and Beam connects as a non-superuser owner" -}}
+{{- end -}}
 {{- if not .Values.timescaledb.enabled -}}
 {{- if empty .Values.externalDatabase.host -}}
 {{- fail "externalDatabase.host is required when timescaledb.enabled=false" -}}
@@ -578,15 +581,26 @@ without the operator (the Job runs on upgrades only); never behind PgBouncer.
 - apiGroups: ["beam.dev"]
   resources: ["beamcustomers/status", "beamapikeys/status", "beampricelists/status"]
   verbs: ["get", "patch", "update"]
+# Secrets by name only: the operator reads, creates, patches and deletes the Secret of each
+# BeamApiKey; it never lists or watches them (RBAC cannot narrow create by name or owner).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end -}}
+
+{{/* Key of the bootstrap superuser's password (bundled database; read at initdb only). */}}
+{{- define "beam.database.superuserSecretKey" -}}
+{{- if .Values.timescaledb.auth.existingSecret -}}
+{{- .Values.timescaledb.auth.existingSecretSuperuserPasswordKey -}}
+{{- else -}}
+postgres-password
+{{- end -}}
 {{- end -}}
 
 {{/*
