@@ -19,7 +19,7 @@ import pytest
 from beam.core import faults
 from tests.sim import World, run_seed
 
-pytestmark = pytest.mark.sim
+pytestmark = [pytest.mark.sim, pytest.mark.slow]
 
 CI_SEEDS = int(os.environ.get("BEAM_SIM_SEEDS", "100"))
 CI_FIRST_SEED = int(os.environ.get("BEAM_SIM_FIRST_SEED", "0"))
