@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from beam_operator.constants import FINALIZER
 from tests.chart.conftest import CHART, Helm
 
 pytestmark = pytest.mark.timeout(120)
@@ -343,3 +344,48 @@ def test_timescaledb_telemetry_is_off_and_extra_config_sidecars_and_volumes_fit_
     assert [c["name"] for c in pod["containers"]] == ["timescaledb", "exporter"]
     assert [c["name"] for c in pod["initContainers"]] == ["copy-walg"]
     assert {"name": "walg", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+
+
+# --- smaller safety nets ---------------------------------------------------------------------
+
+
+def test_a_changed_secret_rolls_every_pod_that_reads_it(helm: Helm) -> None:
+    pods = (
+        ("Deployment", "beam-service"),
+        ("Deployment", "beam-operator"),
+        ("StatefulSet", "beam-redis"),
+        ("StatefulSet", "beam-redis-sentinel"),
+        ("StatefulSet", "beam-timescaledb"),
+    )
+    gitops = ("--set", "gitops.enabled=true", *EXISTING_SECRETS)
+    helm_docs = render(helm)
+    for kind, name in pods:
+        annotations = find(helm_docs, kind, name)["spec"]["template"]["metadata"]["annotations"]
+        assert len(annotations["checksum/secrets"]) == 64, (kind, name)
+    # GitOps: no generated Secret, so the checksum is stable from render to render.
+    first, second = render(helm, *gitops), render(helm, *gitops)
+    for kind, name in pods:
+        checksum = find(first, kind, name)["spec"]["template"]["metadata"]["annotations"]
+        assert checksum == find(second, kind, name)["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_service_monitors_need_the_prometheus_operator_crd(helm: Helm) -> None:
+    enabled = ("--set", "serviceMonitor.enabled=true")
+    assert not [d for d in render(helm, *enabled) if d["kind"] == "ServiceMonitor"]
+    crd = ("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+    assert len([d for d in render(helm, *enabled, *crd) if d["kind"] == "ServiceMonitor"]) == 2
+
+
+def test_uninstall_cleanup_is_a_pre_delete_hook_removing_the_operators_finalizer(
+    helm: Helm,
+) -> None:
+    docs = render(helm)
+    job = find(docs, "Job", "beam-operator-cleanup")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    assert env(job["spec"]["template"]["spec"]["containers"][0])["FINALIZER"] == FINALIZER
+    role = find(docs, "ClusterRole", "beam-operator-cleanup-beam-test")
+    assert role["rules"] == [{"apiGroups": ["beam.dev"],
+                              "resources": ["beamcustomers", "beamapikeys", "beampricelists"],
+                              "verbs": ["list", "patch"]}]  # fmt: skip
+    gitops = render(helm, "--set", "gitops.enabled=true", *EXISTING_SECRETS)
+    assert not [d for d in gitops if d["metadata"]["name"].startswith("beam-operator-cleanup")]

@@ -11,16 +11,19 @@ What a control plane without nodes can prove, and how:
   `kubectl auth can-i --as` its ServiceAccount; the service's ServiceAccount may do nothing.
 
 Pods never run here (no kubelet), so nothing waits for readiness. No install hook exists (the
-operator migrates on start); the migration Job is a pre-upgrade hook, which Helm would wait
-for forever without a kubelet, so upgrades here pass `--no-hooks` and the Job's hook contract
-is asserted on the rendered manifest instead.
+operator migrates on start); the migration Job is a pre-upgrade hook and the finalizer
+cleanup a pre-delete hook, which Helm would wait for forever without a kubelet, so upgrades
+and uninstalls here pass `--no-hooks`; the migration Job's hook contract is asserted on the
+rendered manifest, and the cleanup Job's script runs here as its own ServiceAccount.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -83,7 +86,9 @@ def release(kube: ControlPlane, namespace: str) -> Iterator[str]:
     objects would otherwise outlive the namespace)."""
     name = f"rel{uuid.uuid4().hex[:6]}"
     yield name
-    kube.helm("uninstall", name, "--namespace", namespace, check=False, timeout=HELM_TIMEOUT)
+    kube.helm(
+        "uninstall", name, "--namespace", namespace, "--no-hooks", check=False, timeout=HELM_TIMEOUT
+    )
 
 
 def helm_template(kube: ControlPlane, namespace: str, *args: str) -> str:
@@ -225,7 +230,12 @@ def test_optional_features_are_accepted_by_the_api_server(
             "pgbouncer.enabled=true",
         )
         docs = documents(manifest)
-        roles = sorted(doc["metadata"]["namespace"] for doc in docs if doc["kind"] == "Role")
+        roles = sorted(
+            doc["metadata"]["namespace"]
+            for doc in docs
+            if doc["kind"] == "Role"
+            and doc["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+        )
         assert roles == tenants
         assert sum(doc["kind"] == "NetworkPolicy" for doc in docs) == 5
         apply_dry_run(kube, manifest)
@@ -234,10 +244,15 @@ def test_optional_features_are_accepted_by_the_api_server(
             kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
 
 
-def test_service_monitor_renders_only_when_enabled(kube: ControlPlane, namespace: str) -> None:
-    off = documents(helm_template(kube, namespace))
+def test_service_monitor_renders_only_when_enabled_and_its_crd_exists(
+    kube: ControlPlane, namespace: str
+) -> None:
+    crd = ("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+    off = documents(helm_template(kube, namespace, *crd))
     assert not [doc for doc in off if doc["kind"] == "ServiceMonitor"]
-    on = documents(helm_template(kube, namespace, "--set", "serviceMonitor.enabled=true"))
+    no_crd = documents(helm_template(kube, namespace, "--set", "serviceMonitor.enabled=true"))
+    assert not [doc for doc in no_crd if doc["kind"] == "ServiceMonitor"]
+    on = documents(helm_template(kube, namespace, *crd, "--set", "serviceMonitor.enabled=true"))
     monitors = [doc for doc in on if doc["kind"] == "ServiceMonitor"]
     assert [doc["apiVersion"] for doc in monitors] == ["monitoring.coreos.com/v1"] * 2
     assert sorted(doc["metadata"]["name"] for doc in monitors) == [
@@ -247,7 +262,11 @@ def test_service_monitor_renders_only_when_enabled(kube: ControlPlane, namespace
 
 
 def test_migration_job_is_a_pre_upgrade_hook(kube: ControlPlane, namespace: str) -> None:
-    jobs = [doc for doc in documents(helm_template(kube, namespace)) if doc["kind"] == "Job"]
+    jobs = [
+        doc
+        for doc in documents(helm_template(kube, namespace))
+        if doc["kind"] == "Job" and doc["metadata"]["name"] == "beam-migrate"
+    ]
     assert len(jobs) == 1
     annotations = jobs[0]["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "pre-upgrade"
@@ -352,7 +371,11 @@ def test_install_upgrade_uninstall_keeps_generated_secrets(
     assert container_env(kube, namespace, f"{prefix}-service")["BEAM_LOG_LEVEL"] == "DEBUG"
     assert release_secrets(kube, namespace, release) == generated
 
-    uninstall = kube.helm("uninstall", release, "--namespace", namespace, timeout=HELM_TIMEOUT)
+    # --no-hooks: the pre-delete cleanup Job would wait for a kubelet forever (its script is
+    # run directly in test_uninstall_cleanup_removes_the_finalizers_as_its_service_account).
+    uninstall = kube.helm(
+        "uninstall", release, "--namespace", namespace, "--no-hooks", timeout=HELM_TIMEOUT
+    )
     assert "uninstalled" in uninstall.stdout
     left = wait_until_gone(
         kube, namespace, release, "deployments,statefulsets,replicasets,pods,services"
@@ -459,6 +482,80 @@ def test_operator_rbac_follows_watched_namespaces(
         env = container_env(kube, namespace, f"{release}-beam-operator")
         assert env["BEAM_NAMESPACES"] == watched
     finally:
-        kube.helm("uninstall", release, "--namespace", namespace, check=False)
+        kube.helm("uninstall", release, "--namespace", namespace, "--no-hooks", check=False)
         for name in (watched, other):
             kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_uninstall_cleanup_removes_the_finalizers_as_its_service_account(
+    kube: ControlPlane, namespace: str, release: str, tmp_path: Path
+) -> None:
+    tenant = f"{namespace}-t"
+    kube.kubectl("create", "namespace", tenant)
+    try:
+        kube.helm("install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT)
+        # What the operator leaves behind: its finalizer (next to someone else's).
+        for kind, name, spec in (
+            ("BeamCustomer", "acme", {"customerId": "cus_acme"}),
+            ("BeamApiKey", "app", {"role": "enforcer"}),
+        ):
+            manifest = {
+                "apiVersion": "beam.dev/v1alpha1",
+                "kind": kind,
+                "metadata": {
+                    "name": name,
+                    "namespace": tenant,
+                    "finalizers": ["beam.dev/finalizer", "example.com/keep"],
+                },
+                "spec": spec,
+            }
+            kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+        # The pre-delete hook's objects and script, as `helm uninstall` would create and run them.
+        hook = [
+            doc
+            for doc in documents(
+                kube.helm(
+                    "template", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT
+                ).stdout
+            )
+            if (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+            == "operator-cleanup"
+        ]
+        assert all(d["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" for d in hook)
+        rbac = [d for d in hook if d["kind"] != "Job"]
+        kube.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in rbac))
+        try:
+            job = next(d for d in hook if d["kind"] == "Job")
+            cleanup = job["spec"]["template"]["spec"]["containers"][0]
+            assert job["spec"]["template"]["spec"]["serviceAccountName"] == (
+                f"{release}-beam-operator-cleanup"
+            )
+            kubeconfig = kube.service_account_kubeconfig(
+                namespace, f"{release}-beam-operator-cleanup", tmp_path / "cleanup.kubeconfig"
+            )
+            env = {e["name"]: e["value"] for e in cleanup["env"]}
+            result = subprocess.run(
+                [sys.executable, *cleanup["command"][1:]],
+                env={**os.environ, **env, "KUBECONFIG": str(kubeconfig)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            assert "removed beam.dev/finalizer from 2 objects" in result.stdout
+        finally:
+            objects = "\n---\n".join(json.dumps(d) for d in rbac)
+            kube.kubectl("delete", "-f", "-", "--wait=false", input=objects, check=False)
+        scale = json.loads(
+            kube.kubectl(
+                "get", "deployment", f"{release}-beam-operator", "-n", namespace, "-o", "json"
+            ).stdout
+        )
+        assert scale["spec"]["replicas"] == 0
+        for resource in ("beamcustomer/acme", "beamapikey/app"):
+            obj = json.loads(kube.kubectl("get", resource, "-n", tenant, "-o", "json").stdout)
+            assert obj["metadata"]["finalizers"] == ["example.com/keep"]
+    finally:
+        kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
