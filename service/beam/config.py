@@ -109,6 +109,14 @@ class ServiceSettings(StoreSettings):
     # grace to finish. 0 = never.
     grpc_max_connection_age_seconds: float = Field(default=300.0, ge=0, le=86_400)
     grpc_max_connection_age_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # `beam serve --workers N`: N processes share the gRPC and HTTP ports (SO_REUSEPORT), each
+    # with its own event loop, stores and pools (count them in the connection budget). The
+    # supervisor sets reuse_port and worker for each worker, and serves the workers' summed
+    # Prometheus metrics on metrics_port (each worker's own /metrics shows only itself).
+    workers: int = Field(default=1, ge=1, le=64)
+    reuse_port: bool = False
+    worker: int = Field(default=0, ge=0, le=63)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     # A direct PostgreSQL connection for LISTEN (API key and price changes), for when
     # BEAM_DATABASE_URL goes through a transaction-mode pooler such as PgBouncer, which cannot
     # carry LISTEN. Unset: LISTEN uses a connection of the pool.

@@ -389,3 +389,22 @@ def test_uninstall_cleanup_is_a_pre_delete_hook_removing_the_operators_finalizer
                               "verbs": ["list", "patch"]}]  # fmt: skip
     gitops = render(helm, "--set", "gitops.enabled=true", *EXISTING_SECRETS)
     assert not [d for d in gitops if d["metadata"]["name"].startswith("beam-operator-cleanup")]
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def test_workers_reach_the_service_the_budget_and_the_metrics_service(helm: Helm) -> None:
+    one = render(helm)
+    assert env(container(one, "Deployment", "beam-service"))["BEAM_WORKERS"] == "1"
+    assert find(one, "Service", "beam-metrics")["spec"]["ports"][0]["targetPort"] == "http"
+
+    docs = render(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=4")
+    service = container(docs, "Deployment", "beam-service")
+    assert env(service)["BEAM_WORKERS"] == "4"
+    assert env(service)["BEAM_METRICS_PORT"] == "9464"
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in service["ports"]
+    assert find(docs, "Service", "beam-metrics")["spec"]["ports"][0]["targetPort"] == "metrics"
+    # 4 workers x 4 connections x 11 pods = 176, + 4 + 2 + 6 = 188 <= 200; 5 each would not fit.
+    error = refused(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=5")
+    assert "Service 220 (44 processes x service.database.poolMax 5)" in error

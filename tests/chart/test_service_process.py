@@ -10,12 +10,16 @@
 - A stopping pod keeps serving, unready, for the drain delay (Endpoints catch up), then drains.
 - Readiness can ask for any store instead of all: one store's failover does not take every
   replica out of its Service.
+- `beam serve --workers N` (BEAM_WORKERS): N processes share the gRPC and HTTP ports
+  (SO_REUSEPORT), all of them serve, their metrics are summed on one port, and SIGTERM
+  drains them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -351,3 +355,84 @@ async def test_readiness_can_survive_one_store_down(stores: Stores, tmp_path: Pa
                 svc.stop()
     finally:
         redis.stop()
+
+
+def _listening_pids(port: int, pids: list[int]) -> set[int]:
+    """Which of `pids` hold a listening TCP socket on `port` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    owners = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    owners.add(pid)
+    return owners
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+async def test_workers_share_the_ports_and_all_serve(
+    stores: Stores, tenant: Tenant, tmp_path: Path
+) -> None:
+    metrics_port = devservers.free_port()
+    service = ServiceProcess(
+        stores, tmp_path, BEAM_WORKERS="2", BEAM_METRICS_PORT=str(metrics_port)
+    ).start(timeout=60)
+    assert service.process is not None
+    try:
+        workers = _children(service.process.pid)
+        assert len(workers) == 2, workers
+        grpc_port = int(service.grpc_target.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30  # /ready answered from one worker; wait for both
+        while _listening_pids(service.http_port, workers) != set(workers) or _listening_pids(
+            grpc_port, workers
+        ) != set(workers):
+            assert time.monotonic() < deadline, service.log_tail()
+            await asyncio.sleep(0.2)
+
+        seen: set[str] = set()
+        calls = 0
+        while seen != {"0", "1"} and calls < 200:
+            async with httpx.AsyncClient(base_url=service.http_url, timeout=5) as client:
+                response = await client.get("/v1/balance/nobody", headers=tenant.header("reader"))
+            assert response.status_code == 404, response.text
+            seen.add(response.headers["x-beam-worker"])
+            calls += 1
+        assert seen == {"0", "1"}  # the kernel spread new connections over both
+        for _ in range(4):  # gRPC too, on fresh connections
+            async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        counted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("beam_call_duration_seconds_count{")
+            and 'call="get_balance"' in line
+            and 'transport="rest"' in line
+        )
+        assert counted == calls, text[:2000]  # both workers' calls, summed
+
+        service.process.send_signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, service.process.wait, 30)
+        assert code == 0, service.log_tail()
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]  # noqa: ASYNC240
+    finally:
+        service.stop()

@@ -120,18 +120,34 @@ def main() -> None:
 
 @main.command()
 @click.option("--migrate", is_flag=True, help="Apply database migrations before serving.")
-def serve(migrate: bool) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Processes sharing the gRPC and HTTP ports (SO_REUSEPORT); default BEAM_WORKERS or 1.",
+)
+def serve(migrate: bool, workers: int | None) -> None:
     """Run the enforcement service (gRPC :9090, REST :8080) from BEAM_* settings."""
     import asyncio
 
+    from beam.api.server import run_workers
     from beam.api.server import serve as run
     from beam.config import ServiceSettings
     from beam.observability import configure_logging
 
     settings = ServiceSettings()
+    updates: dict[str, Any] = {}
     if migrate:
-        settings = settings.model_copy(update={"migrate_on_start": True})
+        updates["migrate_on_start"] = True
+    if workers is not None:
+        updates["workers"] = workers
+    settings = settings.model_copy(update=updates)
     configure_logging(settings.log_level)
+    if settings.workers > 1:
+        env = dict(os.environ)
+        if migrate:
+            env["BEAM_MIGRATE_ON_START"] = "true"
+        sys.exit(run_workers(settings, env))
     asyncio.run(run(settings))
 
 

@@ -150,14 +150,19 @@ class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
 
 
 def server_options(
-    *, max_connection_age_seconds: float = 0, max_connection_age_grace_seconds: float = 0
+    *,
+    max_connection_age_seconds: float = 0,
+    max_connection_age_grace_seconds: float = 0,
+    reuse_port: bool = False,
 ) -> list[tuple[str, int]]:
     """Channel arguments of the server. A max connection age makes clients reconnect now and
     then (GOAWAY, in-flight calls get the grace), so connections spread over pods the
-    autoscaler adds; HTTP/2 would otherwise keep every client on its first pod."""
+    autoscaler adds; HTTP/2 would otherwise keep every client on its first pod. reuse_port
+    lets the workers of `beam serve --workers N` listen on one port (SO_REUSEPORT); off
+    otherwise, so a second server on a busy port fails instead of sharing it."""
     options = [
         ("grpc.max_receive_message_length", _TRANSPORT_MAX_BYTES),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if max_connection_age_seconds > 0:
         options.append(("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)))
@@ -174,12 +179,14 @@ def create_server(
     *,
     max_connection_age_seconds: float = 0,
     max_connection_age_grace_seconds: float = 0,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server = grpc.aio.server(
         interceptors=[_DecodeGuard()],
         options=server_options(
             max_connection_age_seconds=max_connection_age_seconds,
             max_connection_age_grace_seconds=max_connection_age_grace_seconds,
+            reuse_port=reuse_port,
         ),
     )
     balance_pb2_grpc.add_BalanceServiceServicer_to_server(  # type: ignore[no-untyped-call]

@@ -19,9 +19,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import asyncpg
@@ -117,13 +124,17 @@ class _Uvicorn(uvicorn.Server):
 class FrontDoor:
     """The ASGI app uvicorn serves. Until the service's app is attached (start-up may wait for
     the stores), it answers /health 200 (the process is alive; no restart needed) and
-    everything else 503 with status "starting"; then it hands every request to the app."""
+    everything else 503 with status "starting"; then it hands every request to the app.
+    A worker of `beam serve --workers N` names itself in an `x-beam-worker` header."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         self.app: Any = None
         self.waiting_for = "the stores"
+        self.worker = None if worker is None else str(worker).encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.worker is not None and scope["type"] == "http":
+            send = self._naming(send)
         if self.app is not None:
             await self.app(scope, receive, send)
             return
@@ -139,6 +150,32 @@ class FrontDoor:
             }
         )
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    def _naming(self, send: Any) -> Any:
+        worker = self.worker
+
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"x-beam-worker", worker)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return named
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT, so every worker can listen on the same port and
+    the kernel spreads new connections over them."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(address)
+    return sock
 
 
 class HttpServer:
@@ -156,9 +193,14 @@ class HttpServer:
         )
         self.server = _Uvicorn(config)
         self._task: asyncio.Task[None] | None = None
+        self._sockets = (
+            [reuse_port_socket(settings.http_host, settings.http_port)]
+            if settings.reuse_port
+            else None
+        )
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self.server.serve(), name="beam-http")
+        self._task = asyncio.create_task(self.server.serve(self._sockets), name="beam-http")
         for _ in range(200):  # bounded: 10 s for the socket to bind
             if self.server.started or self._task.done():
                 break
@@ -191,6 +233,7 @@ class Service:
             settings.max_body_bytes,
             max_connection_age_seconds=settings.grpc_max_connection_age_seconds,
             max_connection_age_grace_seconds=settings.grpc_max_connection_age_grace_seconds,
+            reuse_port=settings.reuse_port,
         )
         self.stopped = asyncio.Event()
         listen_url = settings.database_listen_url
@@ -333,7 +376,7 @@ async def serve(settings: ServiceSettings, *, on_started: object = None) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    front = FrontDoor()
+    front = FrontDoor(settings.worker if settings.reuse_port else None)
     http = HttpServer(settings, front)
     service: Service | None = None
     try:
@@ -355,3 +398,84 @@ async def serve(settings: ServiceSettings, *, on_started: object = None) -> None
             await service.stop()
         else:
             await http.stop(0)
+
+
+def run_workers(settings: ServiceSettings, env: Mapping[str, str]) -> int:
+    """`beam serve --workers N`: supervise N worker processes that share the gRPC and HTTP
+    ports (SO_REUSEPORT; the kernel spreads connections over them). SIGTERM/SIGINT are passed
+    to every worker, each drains as one process would; when a worker exits on its own, the
+    others are stopped too and the supervisor exits with its status (the container restarts).
+    With metrics_port set, the workers' metrics are summed there (prometheus_client's
+    multiprocess mode). Returns the exit status."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    reservations = []  # port 0: pick a port once, so every worker binds the same one
+    ports = {}
+    for name, host, port in (
+        ("BEAM_HTTP_PORT", settings.http_host, settings.http_port),
+        ("BEAM_GRPC_PORT", settings.grpc_host, settings.grpc_port),
+    ):
+        if port == 0:
+            reservations.append(reuse_port_socket(host, 0))
+            port = reservations[-1].getsockname()[1]
+        ports[name] = str(port)
+    metrics_dir = tempfile.mkdtemp(prefix="beam-metrics-")
+    base = {
+        **env,
+        **ports,
+        "BEAM_WORKERS": "1",
+        "BEAM_REUSE_PORT": "true",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+    }
+    if settings.metrics_port:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+        start_http_server(settings.metrics_port, addr=settings.http_host, registry=registry)
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        for process in workers.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        for index in range(settings.workers):
+            workers[index] = subprocess.Popen(
+                [sys.executable, "-m", "beam.api.cli", "serve"],
+                env={**base, "BEAM_WORKER": str(index)},
+            )
+        log.info(
+            "beam serving with workers",
+            extra={"workers": settings.workers, **{k.lower(): v for k, v in ports.items()}},
+        )
+        running = dict(workers)
+        while running:
+            pid, code = os.wait()
+            exited = next((i for i, p in running.items() if p.pid == pid), None)
+            if exited is None:
+                continue
+            process = running.pop(exited)
+            process.returncode = os.waitstatus_to_exitcode(code)
+            if process.returncode != 0:
+                status = status or process.returncode
+            if not stopping.is_set():
+                log.error(
+                    "worker exited; stopping the others",
+                    extra={"worker": exited, "status": process.returncode},
+                )
+                status = status or 1
+                forward(signal.SIGTERM, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for process in workers.values():
+            if process.poll() is None:
+                process.kill()
+        for sock in reservations:
+            sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
