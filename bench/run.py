@@ -1,22 +1,24 @@
-"""Beam's CheckBalance benchmark: every figure a ratio to a baseline measured in the same run.
+"""Beam's hot-path benchmark (issue 9): every figure next to an empty handler measured in the
+same run, on the same machine, with the same load generator.
 
-Timing claims live here, never in pass/fail tests. One run (about a minute):
+What one run does (bench/README.md has the method and how to read it):
 
-1. Store ceiling: ``redis-benchmark`` runs Beam's own ``open_hold`` script by EVALSHA
-   against the same Redis (a new hold per call: ``__rand_int__`` request ids), 50 clients,
-   one command per round trip, as the service sends them.
-2. RPC stack ceiling: an empty ``grpc.aio`` handler serving the same
-   ``BalanceService/CheckBalance`` method (same messages, no work), in its own process.
-3. Beam: ``beam serve`` (one process, standalone Redis, PostgreSQL) answering CheckBalance.
+1. Builds (or finds in the cache) ``ghz`` and ``hey`` at the versions in
+   hack/bench/versions.env (hack/bench/build.sh, Go module proxy).
+2. Starts real PostgreSQL and Redis (beam.devservers), seeds tenant ``bench`` through
+   ``beam apply`` (gpt-4 at 30,000,000 input / 60,000,000 output grains per million, 64
+   customers ``c0``..``c63`` with 10^12 grains each, one enforcer key), then starts
+   ``beam serve`` (production mode, a bench token secret), the empty gRPC servicer and the
+   empty FastAPI app (bench/empty_servers.py), each in its own process.
+3. Pins the servers to one CPU and everything else (this process, ghz, hey, Redis,
+   PostgreSQL) to the other, when there are two.
+4. For each call: the empty handler and Beam, closed loop (``--concurrency`` in flight for
+   ``--seconds``) for calls/s and server CPU per call, then open loop at ``--open-fraction``
+   of the empty handler's closed-loop calls/s for p50/p99/p99.9.
+5. Writes bench/results/<date>-<host>.json and .md and prints the table.
 
-For 2 and 3: closed-loop saturation throughput (``--concurrency`` calls in flight), then
-open-loop runs at fixed rates (calls are sent on schedule whether or not earlier ones
-answered; latency counts from the scheduled send time, so a stall is not hidden by
-coordinated omission), with p50/p99/p99.9 latency and server CPU per call (user + system
-time of the server process, from /proc). The load generator is one asyncio process on the
-same machine: it competes with the servers for the same cores, and says so in the report.
-
-Usage: ``python bench/run.py [--seconds 6] [--rates 250,500,1000] [--out bench/results]``
+Usage: ``python bench/run.py [--seconds 10] [--concurrency 32] [--open-fraction 0.5]
+[--calls get_balance,rest_get_balance,...]``
 """
 
 from __future__ import annotations
@@ -24,453 +26,1232 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
+import math
 import os
 import platform
-import secrets
+import re
+import resource
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import httpx
+import report as rp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "service"))
 
 from beam import devservers  # noqa: E402
-from beam.adapters.migrations import migrate as apply_migrations  # noqa: E402
-from beam.adapters.redis_store import load_scripts  # noqa: E402
 from beam.balance.v1 import balance_pb2 as pb  # noqa: E402
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc  # noqa: E402
-from beam.constants import (  # noqa: E402
-    SCRIPT_LOAD_ACCOUNT,
-    SCRIPT_OPEN_HOLD,
-    customer_keys,
-)
-from beam.core.auth import generate_key  # noqa: E402
 
 TOKEN_SECRET = "bench-request-token-secret-0123456789abcdef"  # noqa: S105 (a bench-only stack)
-CUSTOMERS = 64  # checks are spread over customers: no one hits the open-hold limit
-BALANCE = 10**15
+TENANT = "bench"
+CUSTOMERS = [f"c{i}" for i in range(64)]
+HOT = "c0"  # FinalizeRequest's hot customer
+READER = "c1"  # GetBalance's customer (hey takes one URL; gRPC reads the same one)
+BALANCE = 10**12  # grains per customer: far more than a run spends
+HOT_HOLD_CAP = 8_000  # open holds per customer are limited to 10,000 (MAX_OPEN_HOLDS_PER_CUSTOMER)
+PROTO_DIR = ROOT / "proto"
+PROTO_FILE = "beam/balance/v1/balance.proto"
+SERVICE = "beam.balance.v1.BalanceService"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-LOAD_AT_START = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+CHECK_ESTIMATE = 50_000  # grains; x1.2 buffer = a 60,000-grain hold
+ALL_CALLS = [
+    "get_balance",
+    "rest_get_balance",
+    "deduct",
+    "finalize_spread",
+    "finalize_hot",
+    "check",
+]
 
 
-# -- baseline: an empty grpc.aio handler -------------------------------------------------------
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class EmptyBalanceService(pb_grpc.BalanceServiceServicer):
-    async def CheckBalance(self, request: Any, context: Any) -> Any:
-        return pb.CheckBalanceResponse()
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-async def serve_empty(port: int) -> None:
-    server = grpc.aio.server()
-    pb_grpc.add_BalanceServiceServicer_to_server(EmptyBalanceService(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(1)
+# -- processes: CPU, memory, pinning --------------------------------------------------------------
 
 
-# -- load generation -----------------------------------------------------------------------------
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants (the stats of exited children are not counted)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def cpu_seconds(roots: Iterable[int]) -> float:
+    """User + system CPU time of the process trees under ``roots`` (from /proc/<pid>/stat)."""
+    total = 0
+    for root in roots:
+        for pid in process_tree(root):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's waited-for children (the load generators)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_mib(roots: Iterable[int]) -> float:
+    total_pages = 0
+    for root in roots:
+        for pid in process_tree(root):
+            try:
+                total_pages += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except OSError:
+                continue
+    return total_pages * PAGE_KB / 1024
+
+
+def allowed_cpus(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
 
 
 @dataclass
-class Result:
-    label: str
-    offered_rps: float | None  # None: closed loop
-    seconds: float
-    sent: int
-    ok: int
-    errors: int
-    latencies_ms: list[float]
-    cpu_seconds: float
+class Pinning:
+    server: str | None  # taskset CPU list for the servers under test, None: not pinned
+    load: str | None  # for this process and its children (load generators, Redis, PostgreSQL)
+
+    @classmethod
+    def plan(cls, server: str, load: str) -> Pinning:
+        available = os.sched_getaffinity(0)
+        wanted = {int(c) for c in f"{server},{load}".split(",")}
+        if len(available) < 2 or not wanted <= available or not shutil.which("taskset"):
+            return cls(None, None)
+        return cls(server, load)
+
+    def apply_to_self(self) -> None:
+        if self.load is not None:
+            os.sched_setaffinity(0, {int(c) for c in self.load.split(",")})
+
+    def server_prefix(self) -> list[str]:
+        return ["taskset", "-c", self.server] if self.server is not None else []
+
+
+# -- the stack ---------------------------------------------------------------------------------
+
+
+def manifests() -> str:
+    documents: list[dict[str, Any]] = [
+        {
+            "apiVersion": "beam.dev/v1alpha1",
+            "kind": "BeamPriceList",
+            "metadata": {"name": "bench", "namespace": TENANT},
+            "spec": {
+                "models": [
+                    {
+                        "model": "gpt-4",
+                        "inputGrainsPerMillion": 30_000_000,
+                        "outputGrainsPerMillion": 60_000_000,
+                    }
+                ]
+            },
+        },
+        {
+            "apiVersion": "beam.dev/v1alpha1",
+            "kind": "BeamApiKey",
+            "metadata": {"name": "bench-enforcer", "namespace": TENANT},
+            "spec": {"role": "enforcer"},
+        },
+    ]
+    for customer in CUSTOMERS:
+        documents.append(
+            {
+                "apiVersion": "beam.dev/v1alpha1",
+                "kind": "BeamCustomer",
+                "metadata": {"name": customer, "namespace": TENANT},
+                "spec": {
+                    "customerId": customer,
+                    "credits": [
+                        {"id": "bench-seed", "amountGrains": BALANCE, "description": "bench"}
+                    ],
+                },
+            }
+        )
+    # JSON is YAML: one document per line, separated by ---.
+    return "\n---\n".join(json.dumps(d) for d in documents) + "\n"
+
+
+def seed(env: dict[str, str], workdir: Path) -> str:
+    """Applies the manifests with ``beam apply`` (it migrates first); returns the key."""
+    path = workdir / "bench.yaml"
+    path.write_text(manifests())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "beam.api.cli",
+            "apply",
+            "-f",
+            str(path),
+            "--state-dir",
+            str(workdir / "no-dev-state"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"beam apply failed:\n{out.stdout}\n{out.stderr}")
+    match = re.search(r"^beamapikey/bench-enforcer \(bench\): key \S+: (\S+)$", out.stdout, re.M)
+    if not match:
+        raise RuntimeError(f"no key in beam apply's output:\n{out.stdout}")
+    return match.group(1)
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    grpc_target: str | None = None
+    http_url: str | None = None
 
     @property
-    def throughput(self) -> float:
-        return self.ok / self.seconds
+    def pid(self) -> int:
+        return self.process.pid
 
-    def percentile(self, p: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-    @property
-    def cpu_us_per_call(self) -> float:
-        return self.cpu_seconds / max(self.ok, 1) * 1e6
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
 
 
-class Caller:
-    """One gRPC channel; each call is a CheckBalance with a new request id."""
-
-    def __init__(self, target: str, api_key: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = pb_grpc.BalanceServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {api_key}"),)
-        self.prefix = secrets.token_hex(4)
-        self.count = 0
-
-    def request(self) -> Any:
-        self.count += 1
-        return pb.CheckBalanceRequest(
-            customer_id=f"c{self.count % CUSTOMERS}",
-            request_id=f"{self.prefix}-{self.count}",
-            estimated_grains=1_000,
-            buffer_multiplier=1.2,
-            metadata=pb.RequestMetadata(model="gpt-4"),
+def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
-    async def one(self) -> bool:
-        try:
-            response = await self.stub.CheckBalance(
-                self.request(), metadata=self.metadata, timeout=10
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(response.approved) or response.ByteSize() == 0
 
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-async def closed_loop(caller: Caller, label: str, pid: int, concurrency: int, seconds: float
-                      ) -> Result:  # fmt: skip
-    latencies: list[float] = []
-    counts = {"ok": 0, "errors": 0}
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            ok = await caller.one()
-            latencies.append((time.perf_counter() - started) * 1000)
-            counts["ok" if ok else "errors"] += 1
-
-    cpu_before, started = cpu_seconds(pid), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    return Result(label, None, elapsed, counts["ok"] + counts["errors"], counts["ok"],
-                  counts["errors"], latencies, cpu_seconds(pid) - cpu_before)  # fmt: skip
-
-
-async def open_loop(caller: Caller, label: str, pid: int, rate: float, seconds: float) -> Result:
-    latencies: list[float] = []
-    counts = {"ok": 0, "errors": 0}
-    total = int(rate * seconds)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def call(scheduled: float) -> None:
-        ok = await caller.one()
-        latencies.append((time.perf_counter() - scheduled) * 1000)
-        counts["ok" if ok else "errors"] += 1
-
-    cpu_before, start = cpu_seconds(pid), time.perf_counter()
-    for index in range(total):
-        scheduled = start + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.ensure_future(call(scheduled))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(tasks, timeout=30)
-    elapsed = max(time.perf_counter() - start, seconds)
-    return Result(label, rate, elapsed, total, counts["ok"], counts["errors"], latencies,
-                  cpu_seconds(pid) - cpu_before)  # fmt: skip
-
-
-# -- the stack -----------------------------------------------------------------------------------
-
-
-async def provision(dsn: str, redis_url: str) -> str:
-    """A tenant with an enforcer key, gpt-4's price and CUSTOMERS funded customers."""
-    plaintext, key_id, digest = generate_key()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "INSERT INTO api_keys (key_hash, key_id, tenant, name, role) "
-            "VALUES ($1, $2, 'bench', 'bench', 'enforcer')",
-            digest,
-            key_id,
-        )
-        await conn.execute(
-            "INSERT INTO model_prices (tenant, model, version, input_grains_per_million, "
-            "output_grains_per_million, cached_input_grains_per_million, effective_from) "
-            "VALUES ('bench', 'gpt-4', 1, 30000000, 60000000, 30000000, now() - interval '1d')"
-        )
-        for index in range(CUSTOMERS):
-            cid = f"c{index}"
-            await conn.execute(
-                "INSERT INTO customers (tenant, customer_id, current_balance_grains, "
-                "balance_version) VALUES ('bench', $1, $2, 1)",
-                cid,
-                BALANCE,
-            )
-            await conn.execute(
-                "INSERT INTO transactions (tenant, customer_id, transaction_id, "
-                "transaction_type, amount_grains, balance_after_grains, balance_version) "
-                "VALUES ('bench', $1, $2, 'credit', $3, $3, 1)",
-                cid,
-                f"open:{cid}",
-                BALANCE,
-            )
-    finally:
-        await conn.close()
-    return plaintext
-
-
-async def migrate(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-
-
-def start_service(dsn: str, redis_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    http_port, grpc_port = devservers.free_port(), devservers.free_port()
-    env = {
-        **os.environ,
-        "BEAM_ENVIRONMENT": "production",
-        "BEAM_DATABASE_URL": dsn,
-        "BEAM_REDIS_URL": redis_url,
-        "BEAM_REQUEST_TOKEN_SECRET": TOKEN_SECRET,
-        "BEAM_HTTP_HOST": "127.0.0.1",
-        "BEAM_GRPC_HOST": "127.0.0.1",
-        "BEAM_HTTP_PORT": str(http_port),
-        "BEAM_GRPC_PORT": str(grpc_port),
-        "BEAM_LOG_LEVEL": "WARNING",
-        "BEAM_REAPER_INTERVAL_SECONDS": "60",
-    }
-    log = (workdir / "service.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "beam.api.cli", "serve"], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.monotonic() + 30
+def wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert process.poll() is None, (workdir / "service.log").read_text()[-2000:]
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: server exited:\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/ready", timeout=1).is_success:
-                return process, grpc_port
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise TimeoutError("beam serve did not become ready")
+    raise TimeoutError(f"{url} not ready in 60 s:\n{log_path.read_text()[-3000:]}")
 
 
-def start_empty_server(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def wait_grpc(target: str) -> None:
+    async def ready() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            await asyncio.wait_for(channel.channel_ready(), timeout=60)
+
+    asyncio.run(ready())
+
+
+def serve_has_workers() -> bool:
+    out = subprocess.run([sys.executable, "-m", "beam.api.cli", "serve", "--help"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    return "--workers" in out.stdout
+
+
+def start_beam(env: dict[str, str], pinning: Pinning, workdir: Path, workers: int) -> Server:
+    http_port, grpc_port = devservers.free_port(), devservers.free_port()
+    env = env | {
+        "BEAM_HTTP_HOST": "127.0.0.1",
+        "BEAM_HTTP_PORT": str(http_port),
+        "BEAM_GRPC_HOST": "127.0.0.1",
+        "BEAM_GRPC_PORT": str(grpc_port),
+        "BEAM_LOG_LEVEL": "WARNING",
+    }
+    log_path = workdir / "beam-serve.log"
+    argv = [*pinning.server_prefix(), sys.executable, "-m", "beam.api.cli", "serve"]
+    if workers > 1:  # a supervisor and N worker processes sharing the ports (SO_REUSEPORT)
+        argv += ["--workers", str(workers)]
+    process = spawn(argv, env, log_path)
+    server = Server("beam", process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+    wait_http(f"{server.http_url}/ready", process, log_path)
+    return server
+
+
+def start_empty(kind: str, pinning: Pinning, workdir: Path) -> Server:
     port = devservers.free_port()
-    log = (workdir / "empty.log").open("ab")
-    process = subprocess.Popen([sys.executable, __file__, "--empty-server", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    return process, port
+    log_path = workdir / f"empty-{kind}.log"
+    process = spawn(
+        [
+            *pinning.server_prefix(),
+            sys.executable,
+            str(Path(__file__).with_name("empty_servers.py")),
+            kind,
+            str(port),
+        ],
+        dict(os.environ),
+        log_path,
+    )
+    if kind == "grpc":
+        server = Server("empty-grpc", process, grpc_target=f"127.0.0.1:{port}")
+        wait_grpc(f"127.0.0.1:{port}")
+    else:
+        server = Server("empty-rest", process, http_url=f"http://127.0.0.1:{port}")
+        wait_http(f"{server.http_url}/ready", process, log_path)
+    return server
 
 
-async def wait_ready(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout=30)
+# -- holds opened ahead of the measured calls ------------------------------------------------------
 
 
-def redis_benchmark(redis: devservers.RedisServer, requests: int) -> dict[str, float]:
-    """Beam's open_hold by EVALSHA, a new hold per call, 50 clients, no pipelining."""
-    scripts = load_scripts()
-    with redis.client() as client:
-        sha = client.script_load(scripts[SCRIPT_OPEN_HOLD].source)
-        client.script_load(scripts[SCRIPT_LOAD_ACCOUNT].source)
-        keys = customer_keys("rb", "c0")
-        client.evalsha(scripts[SCRIPT_LOAD_ACCOUNT].sha, 5, *keys,
-                       BALANCE, 1, "active", 0, 0, "0", 1_500_000)  # fmt: skip
-    hold_key = customer_keys("rb", "c0", "r:__rand_int__")
-    now_ms = int(time.time() * 1000)
-    argv = ["evalsha", sha, "5", *hold_key[:3], hold_key[3], hold_key[4],
-            str(now_ms), "r:__rand_int__", "1000", "1200000", "fp", "nonce", "gpt-4", "1",
-            "30000000", "60000000", "30000000", "900000", "1000000000", "8"]  # fmt: skip
-    binary = shutil.which("redis-benchmark")
-    assert binary, "redis-benchmark not found (Debian package redis-tools)"
-    out = subprocess.run(
-        [binary, "-h", "127.0.0.1", "-p", str(redis.port), "-c", "50", "-n", str(requests),
-         "-r", "1000000000", "--csv", *argv],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    header, row = [line for line in out.splitlines() if line.strip()][-2:]
-    names = [h.strip('"') for h in header.split(",")]
-    values = [v.strip('"') for v in row.split(",")]
-    data = dict(zip(names, values, strict=True))
-    return {"rps": float(data["rps"]), "p50_ms": float(data["p50_latency_ms"]),
-            "p99_ms": float(data["p99_latency_ms"])}  # fmt: skip
+def open_holds(
+    target: str, key: str, customers: Sequence[str], count: int, tag: str, in_flight: int = 64
+) -> list[dict[str, str]]:
+    """``count`` real holds (CheckBalance through Beam), round-robin over ``customers``."""
+
+    async def run() -> list[dict[str, str]]:
+        holds: list[dict[str, str]] = []
+        metadata = (("authorization", f"Bearer {key}"),)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.BalanceServiceStub(channel)  # type: ignore[no-untyped-call]
+            queue = iter(range(count))
+
+            async def worker() -> None:
+                for index in queue:
+                    request = pb.CheckBalanceRequest(
+                        customer_id=customers[index % len(customers)],
+                        request_id=f"{tag}-{index}",
+                        estimated_grains=CHECK_ESTIMATE,
+                        buffer_multiplier=1.2,
+                        metadata=pb.RequestMetadata(model="gpt-4"),
+                    )
+                    answer = await stub.CheckBalance(request, metadata=metadata, timeout=30)
+                    if not answer.approved:
+                        raise RuntimeError(
+                            f"hold {request.request_id} refused: {answer.rejection_reason}"
+                        )
+                    holds.append(
+                        {
+                            "customer_id": request.customer_id,
+                            "request_id": request.request_id,
+                            "request_token": answer.request_token,
+                        }
+                    )
+
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return holds
+
+    started = time.monotonic()
+    holds = asyncio.run(run())
+    log(f"opened {len(holds):,} holds ({tag}) in {time.monotonic() - started:.1f} s")
+    return holds
+
+
+# -- call data (ghz takes a JSON array: call i uses element i mod len) ----------------------------
+
+
+def check_data(tag: str) -> list[dict[str, Any]]:
+    # A new request id per call (ghz's template), customers round-robin.
+    return [
+        {
+            "customer_id": c,
+            "request_id": f"chk-{tag}-{{{{.RequestNumber}}}}",
+            "estimated_grains": str(CHECK_ESTIMATE),
+            "buffer_multiplier": 1.2,
+            "metadata": {"model": "gpt-4"},
+        }
+        for c in CUSTOMERS
+    ]
+
+
+def deduct_data(holds: Sequence[dict[str, str]], first_sequence: int) -> list[dict[str, Any]]:
+    # 50 completion tokens per call, as a stream reports them; a sequence number per call that
+    # grows across runs (each hold sees increasing numbers, so none is a replay).
+    return [
+        {
+            **hold,
+            "tokens_consumed": 50,
+            "model": "gpt-4",
+            "is_completion": True,
+            "sequence_number": f"{{{{add .RequestNumber {first_sequence}}}}}",
+        }
+        for hold in holds
+    ]
+
+
+def finalize_data(holds: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+    # Cost computed from the tokens at the hold's locked prices: 234 x 30 + 487 x 60 grains.
+    return [
+        {
+            **hold,
+            "status": "COMPLETED_SUCCESS",
+            "actual_prompt_tokens": 234,
+            "actual_completion_tokens": 487,
+            "model": "gpt-4",
+        }
+        for hold in holds
+    ]
+
+
+FAKE_HOLDS = [
+    {"customer_id": c, "request_id": f"fake-{c}", "request_token": "v1.fake"} for c in CUSTOMERS
+]
+
+
+# -- load generators -------------------------------------------------------------------------------
+
+
+def _cut_off(error: str) -> bool:
+    return any(
+        text in error
+        for text in (
+            "use of closed network connection",
+            "client connection is closing",
+            "code = Canceled",
+        )
+    )
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    bin_dir: Path
+    workdir: Path
+    key: str
+    store_pids: dict[str, int]
+    measurements: list[rp.Measurement] = field(default_factory=list)
+    runs: int = 0
+
+    def _file(self, suffix: str) -> Path:
+        self.runs += 1
+        return self.workdir / f"run-{self.runs:03d}{suffix}"
+
+    def settle(self, server: Server) -> None:
+        """Waits (at most 15 s) until the server is idle: an overloaded run can leave it
+        working through calls its client gave up on."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            before = cpu_seconds([server.pid])
+            time.sleep(0.5)
+            if cpu_seconds([server.pid]) - before < 0.05:  # under 10% of a CPU
+                return
+        log(f"{server.name} still busy after 15 s; measuring anyway")
+
+    def _measure(
+        self, server: Server, command: list[str], timeout: float
+    ) -> tuple[subprocess.CompletedProcess[str], float, dict[str, float], str, float]:
+        if self.args.settle:
+            self.settle(server)
+        load = loadavg()
+        client_cpu = children_cpu_seconds()
+        server_cpu = cpu_seconds([server.pid])
+        store_cpu = {name: cpu_seconds([pid]) for name, pid in self.store_pids.items()}
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        server_cpu = cpu_seconds([server.pid]) - server_cpu
+        store_cpu = {
+            name: cpu_seconds([pid]) - store_cpu[name] for name, pid in self.store_pids.items()
+        }
+        client_cpu = children_cpu_seconds() - client_cpu
+        if out.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        return out, server_cpu, store_cpu, load, client_cpu
+
+    def ghz(
+        self,
+        call: str,
+        server: Server,
+        method: str,
+        data: list[dict[str, Any]],
+        *,
+        concurrency: int | None = None,
+        rps: float | None = None,
+        seconds: float | None = None,
+        total: int | None = None,
+        mode: str | None = None,
+        record: bool = True,
+        note: str = "",
+    ) -> rp.Measurement:
+        assert server.grpc_target
+        assert seconds or total
+        rps = None if rps is None else float(max(1, round(rps)))  # ghz takes whole calls/s
+        data_file, report_file = self._file("-data.json"), self._file("-ghz.json")
+        data_file.write_text(json.dumps(data))
+        command = [
+            str(self.bin_dir / "ghz"),
+            "--insecure",
+            "--proto",
+            PROTO_FILE,
+            "--import-paths",
+            str(PROTO_DIR),
+            "--call",
+            f"{SERVICE}.{method}",
+            "--metadata",
+            json.dumps({"authorization": f"Bearer {self.key}"}),
+            "--data-file",
+            str(data_file),
+            "--format",
+            "json",
+            "--output",
+            str(report_file),
+            "--connections",
+            str(self.args.connections),
+            "--timeout",
+            f"{self.args.call_timeout:g}s",
+            "--cpus",
+            str(len(os.sched_getaffinity(0))),
+        ]
+        if rps is None:
+            assert concurrency
+            command += ["--concurrency", str(concurrency)]
+        else:
+            # --async: each call is sent on its tick whether or not earlier ones answered.
+            command += ["--async", "--rps", str(round(rps)), "--concurrency", "8"]
+        command += ["--duration", f"{seconds:g}s"] if seconds else ["--total", str(total)]
+        command.append(server.grpc_target)
+        expected = seconds or (total / (rps or 200))  # type: ignore[operator]
+        _, server_cpu, store_cpu, load, client_cpu = self._measure(
+            server, command, timeout=expected + 2 * self.args.call_timeout + 120
+        )
+        result = json.loads(report_file.read_text())
+        details = result.get("details") or []
+        cut_off = 0
+        if seconds:
+            # ghz ends a --duration run by closing its connection: the calls in flight then
+            # (at most --concurrency) fail on the client side. They are not the server's.
+            kept = [d for d in details if not _cut_off(d.get("error") or "")]
+            cut_off, details = len(details) - len(kept), kept
+        ok = sum(1 for d in details if d.get("status") == "OK")
+        kinds: dict[str, int] = {}
+        for d in details:
+            if d.get("status") != "OK":
+                kind = re.sub(r"\S+:\d+->\S+:\d+", "…", d.get("error") or d.get("status", "?"))
+                kinds[kind] = kinds.get(kind, 0) + 1
+        measurement = rp.Measurement(
+            call=call,
+            server=rp.EMPTY if server.name.startswith("empty") else rp.BEAM,
+            mode=mode or (rp.CLOSED if rps is None else rp.OPEN),
+            tool="ghz",
+            seconds=result["total"] / 1e9,
+            sent=len(details),
+            ok=ok,
+            errors=len(details) - ok,
+            latencies_ms=[d["latency"] / 1e6 for d in details],
+            error_latencies_ms=[d["latency"] / 1e6 for d in details if d.get("status") != "OK"],
+            concurrency=concurrency if rps is None else None,
+            offered_rps=rps,
+            server_cpu_seconds=server_cpu,
+            client_cpu_seconds=client_cpu,
+            store_cpu_seconds=store_cpu,
+            error_kinds=kinds,
+            load_average=load,
+            cut_off=cut_off,
+        )
+        self._done(measurement, record, note)
+        return measurement
+
+    def hey(
+        self,
+        call: str,
+        server: Server,
+        path: str,
+        *,
+        concurrency: int,
+        rps: float | None = None,
+        seconds: float | None = None,
+        total: int | None = None,
+        mode: str | None = None,
+        record: bool = True,
+        note: str = "",
+    ) -> rp.Measurement:
+        assert server.http_url
+        assert seconds or total
+        command = [
+            str(self.bin_dir / "hey"),
+            "-c",
+            str(concurrency),
+            "-o",
+            "csv",
+            "-cpus",
+            str(len(os.sched_getaffinity(0))),
+            "-t",
+            f"{self.args.call_timeout:g}",
+            "-H",
+            f"Authorization: Bearer {self.key}",
+        ]
+        if rps is not None:
+            # hey has no open loop: -q paces each of the -c workers, which waits for its answer.
+            command += ["-q", f"{rps / concurrency:.4f}"]
+        command += ["-z", f"{seconds:g}s"] if seconds else ["-n", str(total)]
+        command.append(f"{server.http_url}{path}")
+        out, server_cpu, store_cpu, load, client_cpu = self._measure(
+            server, command, timeout=(seconds or 60) + self.args.call_timeout + 120
+        )
+        latencies: list[float] = []
+        statuses: dict[str, int] = {}
+        start, end = math.inf, 0.0
+        for line in out.stdout.splitlines()[1:]:
+            fields = line.split(",")
+            if len(fields) < 8:
+                continue
+            latency, status, offset = float(fields[0]), fields[6], float(fields[7])
+            latencies.append(latency * 1000)
+            statuses[status] = statuses.get(status, 0) + 1
+            start, end = min(start, offset), max(end, offset + latency)
+        ok = statuses.get("200", 0)
+        measurement = rp.Measurement(
+            call=call,
+            server=rp.EMPTY if server.name.startswith("empty") else rp.BEAM,
+            mode=mode or (rp.CLOSED if rps is None else rp.OPEN),
+            tool="hey",
+            seconds=end - start if latencies else 0.0,
+            sent=len(latencies),
+            ok=ok,
+            errors=len(latencies) - ok,
+            latencies_ms=latencies,
+            concurrency=concurrency if rps is None else None,
+            offered_rps=rps,
+            server_cpu_seconds=server_cpu,
+            client_cpu_seconds=client_cpu,
+            store_cpu_seconds=store_cpu,
+            error_kinds={f"HTTP {k}": v for k, v in statuses.items() if k != "200"},
+            load_average=load,
+        )
+        self._done(measurement, record, note)
+        return measurement
+
+    def _done(self, m: rp.Measurement, record: bool, note: str = "") -> None:
+        if record:
+            self.measurements.append(m)
+        load = f"{m.concurrency} in flight" if m.offered_rps is None else f"{m.offered_rps:.0f}/s"
+        note = f"({note}) " if note else ""
+        log(
+            f"{note}{m.call} {m.server} {m.tool} {load}: "
+            f"{m.throughput:,.0f}/s ok={m.ok:,} err={m.errors:,} p50 {m.p(50):.2f} "
+            f"p99 {m.p(99):.2f} p99.9 {m.p(99.9):.2f} ms, server CPU "
+            f"{m.cpu_us_per_call:.0f} µs/call, load {m.load_average}"
+        )
+        if m.errors:
+            latencies = sorted(m.error_latencies_ms)
+            span = f"{latencies[0]:.0f} to {latencies[-1]:.0f} ms" if latencies else "?"
+            log(f"  errors (latency {span}): {m.error_kinds}")
+
+    def record(self, m: rp.Measurement) -> None:
+        self._done(m, True, f"{len(m.round_rps)} rounds" if m.round_rps else "")
+
+    def alternate(
+        self,
+        run_empty: Callable[[int], rp.Measurement],
+        run_beam: Callable[[int], rp.Measurement],
+    ) -> tuple[rp.Measurement, rp.Measurement]:
+        """Closed loop in --rounds rounds, empty then Beam, back to back: both see the same
+        machine, and the per-round ratios show how much the machine moved."""
+        empty_parts, beam_parts = [], []
+        for index in range(self.args.rounds):
+            empty_parts.append(run_empty(index))
+            beam_parts.append(run_beam(index))
+        empty, beam = rp.merge(empty_parts), rp.merge(beam_parts)
+        self.record(empty)
+        self.record(beam)
+        return empty, beam
+
+
+# -- scenarios -------------------------------------------------------------------------------------
+#
+# Each call: the empty handler and Beam in closed loop (calls/s, CPU per call), then in open
+# loop at --open-fraction of the empty handler's calls/s (issue 9's latency rate), and Beam
+# once more at the same fraction of its own calls/s (a rate it can sustain). When Beam's
+# closed loop is already below the empty-derived rate, that open loop is known to overload
+# it; it then runs for --overload-seconds only, enough to show the queue, not to wait on it.
+
+
+@dataclass
+class Servers:
+    beam: Server
+    empty_grpc: Server
+    empty_rest: Server
+
+
+@dataclass
+class Plan:
+    """The open-loop runs after both closed loops: (server, mode, rate, number of calls)."""
+
+    runs: list[tuple[Server, str, float, int]]
+
+
+def open_calls(args: argparse.Namespace, rate: float, seconds: float | None = None) -> int:
+    """Open loop runs --total calls (not --duration): ghz then waits for every answer."""
+    return max(100, math.ceil(rate * (seconds or args.seconds)))
+
+
+def open_plan(
+    args: argparse.Namespace,
+    servers: Servers,
+    empty_server: Server,
+    empty: rp.Measurement,
+    beam: rp.Measurement,
+) -> Plan:
+    rate = args.open_fraction * empty.throughput
+    overloads = beam.throughput < 0.9 * rate
+    own = args.open_fraction * beam.throughput
+    return Plan(
+        [
+            (empty_server, rp.OPEN, rate, open_calls(args, rate)),
+            (
+                servers.beam,
+                rp.OPEN,
+                rate,
+                open_calls(args, rate, args.overload_seconds if overloads else None),
+            ),
+            (servers.beam, rp.OPEN_OWN, own, open_calls(args, own)),
+        ]
+    )
+
+
+def round_calls(args: argparse.Namespace, warm_up: rp.Measurement) -> int:
+    """Closed-loop rounds run --total calls (about --seconds / --rounds at the warm-up's
+    rate), not --duration: ghz would end those by cutting the calls in flight."""
+    return max(50, math.ceil(warm_up.throughput * args.seconds / args.rounds))
+
+
+def simple_grpc(
+    bench: Bench,
+    servers: Servers,
+    call: str,
+    method: str,
+    data: Callable[[str], list[dict[str, Any]]],
+) -> None:
+    """``data(tag)`` gives each run its call data (a tag so request ids never repeat)."""
+    args, c = bench.args, bench.args.concurrency
+    warm = {
+        server.name: bench.ghz(
+            call,
+            server,
+            method,
+            data("w" + server.name),
+            concurrency=c,
+            total=args.warm_up,
+            record=False,
+            note="warm-up",
+        )
+        for server in (servers.empty_grpc, servers.beam)
+    }
+
+    def closed(server: Server) -> Callable[[int], rp.Measurement]:
+        total = round_calls(args, warm[server.name])
+        return lambda i: bench.ghz(
+            call,
+            server,
+            method,
+            data(f"c{server.name}{i}"),
+            concurrency=c,
+            total=total,
+            record=False,
+            note=f"round {i + 1}",
+        )
+
+    empty, beam = bench.alternate(closed(servers.empty_grpc), closed(servers.beam))
+    for index, (server, mode, rate, total) in enumerate(
+        open_plan(args, servers, servers.empty_grpc, empty, beam).runs
+    ):
+        bench.ghz(call, server, method, data(f"o{index}"), mode=mode, rps=rate, total=total)
+
+
+def scenario_get_balance(bench: Bench, servers: Servers) -> None:
+    simple_grpc(bench, servers, "get_balance", "GetBalance", lambda tag: [{"customer_id": READER}])
+
+
+def scenario_rest_get_balance(bench: Bench, servers: Servers) -> None:
+    args, path, call = bench.args, f"/v1/balance/{READER}", "rest_get_balance"
+    warm = {
+        server.name: bench.hey(
+            call,
+            server,
+            path,
+            concurrency=args.concurrency,
+            total=args.warm_up,
+            record=False,
+            note="warm-up",
+        )
+        for server in (servers.empty_rest, servers.beam)
+    }
+
+    def closed(server: Server) -> Callable[[int], rp.Measurement]:
+        total = round_calls(args, warm[server.name])
+        return lambda i: bench.hey(
+            call,
+            server,
+            path,
+            concurrency=args.concurrency,
+            total=total,
+            record=False,
+            note=f"round {i + 1}",
+        )
+
+    empty, beam = bench.alternate(closed(servers.empty_rest), closed(servers.beam))
+    for server, mode, rate, total in open_plan(args, servers, servers.empty_rest, empty, beam).runs:
+        bench.hey(
+            call,
+            server,
+            path,
+            mode=mode,
+            concurrency=args.open_workers,
+            rps=rate,
+            seconds=total / rate,
+        )
+
+
+def scenario_check(bench: Bench, servers: Servers) -> None:
+    simple_grpc(bench, servers, "check", "CheckBalance", check_data)
+
+
+def scenario_deduct(bench: Bench, servers: Servers) -> None:
+    assert servers.beam.grpc_target
+    holds = open_holds(servers.beam.grpc_target, bench.key, CUSTOMERS, 512, "ded")
+    counter = iter(range(1, 100))
+
+    def data(tag: str) -> list[dict[str, Any]]:
+        return deduct_data(holds, next(counter) * 10_000_000)
+
+    simple_grpc(bench, servers, "deduct", "DeductTokens", data)
+
+
+def scenario_finalize(
+    bench: Bench, servers: Servers, call: str, customers: Sequence[str], cap: int | None
+) -> None:
+    """Every Finalize settles its own hold, opened just before its run (not timed)."""
+    args, target, c = bench.args, servers.beam.grpc_target, bench.args.concurrency
+    assert target
+    fake = finalize_data(FAKE_HOLDS)
+    warm_empty = bench.ghz(
+        call,
+        servers.empty_grpc,
+        "FinalizeRequest",
+        fake,
+        concurrency=c,
+        total=args.warm_up,
+        record=False,
+        note="warm-up",
+    )
+
+    def finalize(tag: str, count: int, **load: Any) -> rp.Measurement:
+        count = min(count, cap) if cap else count
+        holds = open_holds(target, bench.key, customers, count, f"{call}-{tag}")
+        return bench.ghz(
+            call, servers.beam, "FinalizeRequest", finalize_data(holds), total=len(holds), **load
+        )
+
+    # The warm-up also estimates Beam's rate, to open about --seconds' worth of holds.
+    warm_beam = finalize("w", args.warm_up, concurrency=c, record=False, note="warm-up")
+    per_round = round_calls(args, warm_beam)
+    if cap:
+        per_round = min(per_round, cap // args.rounds)
+    holds = open_holds(target, bench.key, customers, per_round * args.rounds, f"{call}-c")
+    empty_total = round_calls(args, warm_empty)
+    empty, beam = bench.alternate(
+        lambda i: bench.ghz(
+            call,
+            servers.empty_grpc,
+            "FinalizeRequest",
+            fake,
+            concurrency=c,
+            total=empty_total,
+            record=False,
+            note=f"round {i + 1}",
+        ),
+        lambda i: bench.ghz(
+            call,
+            servers.beam,
+            "FinalizeRequest",
+            finalize_data(holds[i * per_round : (i + 1) * per_round]),
+            concurrency=c,
+            total=per_round,
+            record=False,
+            note=f"round {i + 1}",
+        ),
+    )
+    for index, (server, mode, rate, total) in enumerate(
+        open_plan(args, servers, servers.empty_grpc, empty, beam).runs
+    ):
+        if server is servers.beam:
+            finalize(f"o{index}", total, mode=mode, rps=rate)
+        elif not any(
+            m.server == rp.EMPTY and m.mode == mode and m.call.startswith("finalize")
+            for m in bench.measurements
+        ):  # the empty handler does not look at customers: its open loop is measured once
+            bench.ghz(call, server, "FinalizeRequest", fake, mode=mode, rps=rate, total=total)
+
+
+SCENARIOS: dict[str, Callable[[Bench, Servers], None]] = {
+    "get_balance": scenario_get_balance,
+    "rest_get_balance": scenario_rest_get_balance,
+    "deduct": scenario_deduct,
+    "finalize_spread": lambda b, s: scenario_finalize(b, s, "finalize_spread", CUSTOMERS, None),
+    "finalize_hot": lambda b, s: scenario_finalize(b, s, "finalize_hot", [HOT], HOT_HOLD_CAP),
+    "check": scenario_check,
+}
 
 
 # -- report ----------------------------------------------------------------------------------------
 
 
-def machine() -> list[str]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+def versions_env() -> dict[str, str]:
+    values = {}
+    for line in (ROOT / "hack" / "bench" / "versions.env").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            name, value = line.split("=", 1)
+            values[name.strip()] = value.strip()
+    return values
+
+
+def machine(
+    load_start: str, load_end: str, pinning: Pinning, pins: dict[str, str]
+) -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
     memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True,
-                                   text=True, check=False).stdout.split()[2]  # fmt: skip
-    return [
-        f"- CPU: {os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.0f} GiB memory",
-        f"- {platform.system()} {platform.release()}, Python {platform.python_version()}, "
-        f"grpcio {grpc.__version__}, Redis {redis_version.removeprefix('v=')}",
-        "- everything on this one machine over loopback: load generator (one asyncio "
-        "process), `beam serve` (one process), Redis, PostgreSQL",
-        f"- load average (1/5/15 min) at the start: {LOAD_AT_START}, at the end: "
-        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])} (anything above 0 is "
-        "other work sharing these cores)",
-    ]
+
+    def version(argv: list[str]) -> str:
+        try:
+            return subprocess.run(
+                argv, capture_output=True, text=True, check=False, timeout=10
+            ).stdout.strip()
+        except OSError:
+            return "?"
+
+    import fastapi
+    import uvicorn
+
+    pg_bin = devservers.find_pg_bin_dir().path
+    tools = versions_env()
+    return {
+        "host": socket.gethostname(),
+        "nproc": os.cpu_count(),
+        "model_name": cpu,
+        "memory_gib": round(memory_kb / 1024 / 1024, 1),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "fastapi": fastapi.__version__,
+        "uvicorn": uvicorn.__version__,
+        "redis": version([str(devservers.find_redis_server().path), "--version"]),
+        "postgres": version([str(Path(pg_bin) / "postgres"), "--version"]),
+        "ghz": tools.get("GHZ_VERSION"),
+        "hey": tools.get("HEY_VERSION"),
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+        "pinning": {"servers": pinning.server, "load_and_stores": pinning.load, **pins},
+    }
 
 
-def table(results: list[Result]) -> list[str]:
-    lines = [
-        "| target | load | calls | throughput (calls/s) | p50 ms | p99 ms | p99.9 ms "
-        "| errors | server CPU µs/call |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        load = "closed loop" if r.offered_rps is None else f"{r.offered_rps:.0f}/s open loop"
-        lines.append(
-            f"| {r.label} | {load} | {r.sent} | {r.throughput:.0f} | {r.percentile(50):.2f} | "
-            f"{r.percentile(99):.2f} | {r.percentile(99.9):.2f} | {r.errors} | "
-            f"{r.cpu_us_per_call:.0f} |"
+def render(context: dict[str, Any], rows: list[rp.Row], measurements: list[rp.Measurement]) -> str:
+    m, s = context["machine"], context["settings"]
+    pins = m["pinning"]
+    if pins["servers"] is not None:
+        pinned = (
+            f"`beam serve` and the empty servers on CPU {pins['servers']}; this script, "
+            f"ghz, hey, Redis and PostgreSQL on CPU {pins['load_and_stores']} (taskset / "
+            f"sched_setaffinity; checked in /proc: {pins['checked']})"
         )
-    return lines
-
-
-def report(store: dict[str, float], results: list[Result], args: argparse.Namespace) -> str:
-    by = {(r.label, r.offered_rps): r for r in results}
-    beam_max, empty_max = by[("beam", None)], by[("empty grpc.aio", None)]
+    else:
+        pinned = "not pinned (fewer than two CPUs available, or no taskset)"
+    rss = context["rss_mib"]
     lines = [
-        f"# CheckBalance benchmark, {dt.date.today().isoformat()}",
+        f"# Beam hot-path benchmark, {context['date']} on {m['host']}",
         "",
-        "Produced by `python bench/run.py` (see bench/README.md for the method).",
+        "Produced by `make bench` (`python bench/run.py`); method and caveats: "
+        "[bench/README.md](../README.md).",
         "",
         "## Machine",
-        *machine(),
+        f"- code: {context['code']}",
+        f"- {m['nproc']} CPUs ({m['model_name']}), {m['memory_gib']} GiB; {m['kernel']}",
+        f"- Python {m['python']}, grpcio {m['grpcio']}, FastAPI {m['fastapi']}, uvicorn "
+        f"{m['uvicorn']}; {m['redis']}; {m['postgres']}; ghz {m['ghz']}, hey {m['hey']}",
+        f"- load average (1/5/15 min) at the start: **{m['load_average_start']}**, at the end: "
+        f"**{m['load_average_end']}** (the machine is shared: anything above 0 is other work)",
+        f"- pinning: {pinned}",
+        f"- `beam serve` with {s['workers']} worker process(es); ghz over "
+        f"{s['ghz_connections']} HTTP/2 connection(s), hey over one HTTP/1.1 connection per "
+        "hey worker (`-c`)",
+        f"- closed loop: {s['concurrency']} calls in flight, about {s['seconds']:g} s per "
+        f"server in {s['rounds']} rounds alternating empty handler and Beam (each round a "
+        f"fixed number of calls, from a {s['warm_up_calls']}-call warm-up's rate); open loop: "
+        f"{s['open_fraction']:g}{rp.TIMES} the empty handler's closed-loop calls/s for "
+        f"{s['seconds']:g} s ({s['overload_seconds']:g} s when Beam's closed loop is already "
+        f"slower; ghz `--async`; REST: hey `-q` over {s['open_workers']} workers)",
+        f"- `beam serve` RSS: {rss['beam_idle']:.0f} MiB idle, {rss['beam_after']:.0f} MiB after "
+        f"the run; empty gRPC server {rss['empty_grpc_after']:.0f} MiB, empty FastAPI app "
+        f"{rss['empty_rest_after']:.0f} MiB after the run",
+        f"- whole run: {context['run_seconds']:.0f} s",
         "",
-        "## Ratios (the figures to quote)",
-        f"- Beam CheckBalance saturation throughput: **{beam_max.throughput:.0f} calls/s** = "
-        f"**{beam_max.throughput / empty_max.throughput:.2f}x** the empty grpc.aio handler "
-        f"({empty_max.throughput:.0f} calls/s) and "
-        f"**{beam_max.throughput / store['rps']:.3f}x** Redis running open_hold by EVALSHA "
-        f"({store['rps']:.0f} calls/s).",
-        f"- Server CPU per CheckBalance: **{beam_max.cpu_us_per_call:.0f} µs** vs "
-        f"{empty_max.cpu_us_per_call:.0f} µs for the empty handler "
-        f"(**{beam_max.cpu_us_per_call / max(empty_max.cpu_us_per_call, 1):.1f}x**).",
+        "## Result",
+        "",
+        *rp.markdown_table(rows),
+        "",
+        "Ratio: Beam's closed-loop calls/s over the empty handler's (same call, same load "
+        "generator, same settings); in brackets the lowest and highest ratio of the "
+        "back-to-back rounds, a measure of how much the shared machine moved. Latency: the "
+        "open-loop run at the rate in its column; "
+        '"overloaded" means the server answered less than 95% of what was offered, or '
+        "failed calls, so its percentiles measure a queue. CPU: user + system time of the "
+        "server's process over the closed-loop run, per call answered. The empty handler "
+        "of GetBalance (REST) is the empty FastAPI app; FinalizeRequest's empty handler is "
+        "measured once for both Finalize rows.",
+        "",
+        "## Every measurement",
+        "",
+        *rp.measurement_table(measurements),
+        "",
     ]
-    for rate in args.rates:
-        beam, empty = by.get(("beam", rate)), by.get(("empty grpc.aio", rate))
-        if beam and empty:
-            lines.append(
-                f"- At {rate:.0f} calls/s: p50 {beam.percentile(50):.2f} ms "
-                f"({beam.percentile(50) / empty.percentile(50):.1f}x empty), p99 "
-                f"{beam.percentile(99):.2f} ms ({beam.percentile(99) / empty.percentile(99):.1f}x"
-                f" empty), p99.9 {beam.percentile(99.9):.2f} ms."
-            )
-    lines += [
-        "",
-        "## Store ceiling: redis-benchmark, open_hold by EVALSHA",
-        f"50 clients, one call per round trip, {args.redis_requests} calls, a new hold each: "
-        f"**{store['rps']:.0f} calls/s**, p50 {store['p50_ms']:.3f} ms, "
-        f"p99 {store['p99_ms']:.3f} ms.",
-        "",
-        "## gRPC CheckBalance",
-        f"Closed loop: {args.concurrency} calls in flight for {args.seconds:g} s. Open loop: "
-        f"{args.seconds:g} s per rate; latency from the scheduled send time.",
-        "",
-        *table(results),
-        "",
-    ]
+    closed = [m for m in measurements if m.mode == rp.CLOSED]
+    if closed:
+        busiest = max(m.server_busy for m in closed)
+        lines += [
+            "## How much CPU the servers got",
+            "",
+            f"In the closed loops the server under test was busy at most **{busiest:.0%}** "
+            f"of the wall time (median {statistics.median(m.server_busy for m in closed):.0%}; "
+            'column "server busy"). A server with 32 calls waiting and a CPU of its own '
+            "is near 100%; less means the scheduler gave its CPU to other work on the "
+            "machine, so calls/s (and the calls/s ratio) measure the machine as much as "
+            "the code. The **CPU ratio** (the empty handler's CPU per call over Beam's) is "
+            "what the calls/s ratio would be if both servers got the same share of a CPU, "
+            "whatever that share was: the steadier figure on a shared machine.",
+            "",
+        ]
+    if context.get("notes"):
+        lines += ["## Notes", "", *(f"- {note}" for note in context["notes"]), ""]
     return "\n".join(lines)
 
 
-async def measure(args: argparse.Namespace, workdir: Path) -> str:
-    postgres = devservers.PostgresServer(workdir / "postgres")
-    redis = devservers.RedisServer(workdir / "redis")
-    postgres.start()
-    redis.start()
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        await migrate(postgres.dsn)
-        api_key = await provision(postgres.dsn, redis.url)
-        store = redis_benchmark(redis, args.redis_requests)
-        print(f"redis-benchmark open_hold: {store['rps']:.0f} calls/s", flush=True)
-        service, service_port = start_service(postgres.dsn, redis.url, workdir)
-        empty, empty_port = start_empty_server(workdir)
-        processes += [service, empty]
-        results: list[Result] = []
-        for label, process, port in (("empty grpc.aio", empty, empty_port),
-                                     ("beam", service, service_port)):  # fmt: skip
-            target = f"127.0.0.1:{port}"
-            await wait_ready(target)
-            caller = Caller(target, api_key)
-            try:
-                for _ in range(200):  # warm up: connections, key and price caches, accounts
-                    await caller.one()
-                results.append(await closed_loop(caller, label, process.pid, args.concurrency,
-                                                 args.seconds))  # fmt: skip
-                for rate in args.rates:
-                    results.append(await open_loop(caller, label, process.pid, rate,
-                                                   args.seconds))  # fmt: skip
-            finally:
-                await caller.close()
-            for r in results[-1 - len(args.rates) :]:
-                print(f"{r.label:>15} {r.offered_rps or 'max':>6} {r.throughput:8.0f}/s "
-                      f"p50 {r.percentile(50):7.2f} p99 {r.percentile(99):7.2f} "
-                      f"p99.9 {r.percentile(99.9):7.2f} ms cpu {r.cpu_us_per_call:5.0f} µs",
-                      flush=True)  # fmt: skip
-        return report(store, results, args)
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        redis.stop()
-        postgres.stop()
+# -- main ----------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The commit measured, and whether the working tree differed from it under service/."""
+
+    def git(*argv: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = [line for line in git("status", "--porcelain", "--", "service").splitlines() if line]
+    if changed:
+        return f"{head} + uncommitted changes in {len(changed)} files under service/"
+    return f"{head} (service/ as committed)"
+
+
+def build_tools() -> Path:
+    log("building / finding ghz and hey (hack/bench/build.sh)")
+    out = subprocess.run(
+        ["bash", str(ROOT / "hack" / "bench" / "build.sh")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[rp.Row], list[rp.Measurement]]:
+    started, load_start = time.monotonic(), loadavg()
+    bin_dir = build_tools()
+    pinning = Pinning.plan(args.server_cpus, args.load_cpus)
+    pinning.apply_to_self()
+    log(f"load average {load_start}; pinning: servers {pinning.server}, load {pinning.load}")
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="beam-bench-") as tmp:
+        workdir = Path(tmp)
+        postgres = devservers.PostgresServer(workdir / "postgres")
+        redis = devservers.RedisServer(workdir / "redis")
+        try:
+            postgres.start()
+            redis.start()
+            env = dict(os.environ) | {
+                "BEAM_ENVIRONMENT": "production",
+                "BEAM_DATABASE_URL": postgres.dsn,
+                "BEAM_REDIS_URL": redis.url,
+                "BEAM_REQUEST_TOKEN_SECRET": TOKEN_SECRET,
+            }
+            key = seed(env, workdir)
+            log(f"seeded tenant {TENANT}: {len(CUSTOMERS)} customers, gpt-4 prices, a key")
+            beam = start_beam(env, pinning, workdir, args.workers)
+            servers.append(beam)
+            empty_grpc = start_empty("grpc", pinning, workdir)
+            servers.append(empty_grpc)
+            empty_rest = start_empty("rest", pinning, workdir)
+            servers.append(empty_rest)
+            time.sleep(2)
+            rss = {"beam_idle": rss_mib([beam.pid])}
+            assert redis.pid
+            assert postgres.pid
+            store_pids = {"redis": redis.pid, "postgres": postgres.pid}
+            checked = [f"{s.name} {allowed_cpus(s.pid)}" for s in servers]
+            checked += [
+                f"redis {allowed_cpus(redis.pid)}",
+                f"this script {allowed_cpus(os.getpid())}",
+            ]
+            pins = {"checked": ", ".join(checked)}
+            bench = Bench(args, bin_dir, workdir, key, store_pids)
+            group = Servers(beam, empty_grpc, empty_rest)
+            for name in args.calls:
+                log(f"--- {name}")
+                SCENARIOS[name](bench, group)
+            time.sleep(2)
+            rss |= {
+                "beam_after": rss_mib([beam.pid]),
+                "empty_grpc_after": rss_mib([empty_grpc.pid]),
+                "empty_rest_after": rss_mib([empty_rest.pid]),
+            }
+            if beam.process.poll() is not None:
+                raise RuntimeError("beam serve died during the run")
+        finally:
+            for server in servers:
+                server.stop()
+            redis.stop()
+            postgres.stop()
+    notes = [
+        f"`beam serve` ran with {args.workers} worker process(es) "
+        f"(`--workers {args.workers}`; CPU and RSS are summed over its process tree); the "
+        "empty handlers are one process each. `bench/run.py --workers N --server-cpus 0,1` "
+        "measures N workers on both CPUs (then sharing them with the load generator).",
+    ]
+    context = {
+        "date": dt.date.today().isoformat(),
+        "code": code_version(),
+        "machine": machine(load_start, loadavg(), pinning, pins),
+        "settings": {
+            "seconds": args.seconds,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "workers": args.workers,
+            "ghz_connections": args.connections,
+            "warm_up_calls": args.warm_up,
+            "open_fraction": args.open_fraction,
+            "open_workers": args.open_workers,
+            "overload_seconds": args.overload_seconds,
+            "call_timeout_seconds": args.call_timeout,
+            "calls": args.calls,
+        },
+        "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "run_seconds": round(time.monotonic() - started, 1),
+        "notes": notes,
+    }
+    return context, rp.build_rows(bench.measurements), bench.measurements
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
-    parser.add_argument("--rates", default="250,500,1000", help="open-loop calls/s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per closed/open run")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop in flight")
-    parser.add_argument("--redis-requests", type=int, default=200_000)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="closed loop: alternating empty/Beam rounds of --seconds/rounds",
+    )
+    parser.add_argument("--warm-up", type=int, default=300, help="calls per server and call")
+    parser.add_argument(
+        "--open-fraction",
+        type=float,
+        default=0.5,
+        help="open-loop rate as a fraction of the empty handler's calls/s",
+    )
+    parser.add_argument("--open-workers", type=int, default=64, help="hey workers, open loop")
+    parser.add_argument(
+        "--overload-seconds",
+        type=float,
+        default=3.0,
+        help="open loop length when Beam cannot sustain the rate",
+    )
+    parser.add_argument("--call-timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--calls", default=",".join(ALL_CALLS), help="scenarios to run")
+    parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the servers")
+    parser.add_argument("--load-cpus", default="1", help="CPU list for load and stores")
+    parser.add_argument("--workers", type=int, default=1, help="beam serve --workers N")
+    parser.add_argument(
+        "--no-settle",
+        dest="settle",
+        action="store_false",
+        help="do not wait for an idle server before each run",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=None,
+        help="ghz HTTP/2 connections (default 1; 4 per worker when N > 1)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--empty-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.empty_server:
-        asyncio.run(serve_empty(args.empty_server))
-        return
-    args.rates = [float(r) for r in args.rates.split(",") if r]
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="beam-bench-") as workdir:
-        text = asyncio.run(measure(args, Path(workdir)))
+    args.calls = [c for c in args.calls.split(",") if c]
+    if args.workers > 1 and not serve_has_workers():
+        parser.error("this beam serve has no --workers option")
+    if args.connections is None:
+        args.connections = 1 if args.workers == 1 else 4 * args.workers
+    unknown = set(args.calls) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown --calls {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+
+    context, rows, measurements = run(args)
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", context["machine"]["host"]).strip("-") or "host"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{dt.date.today().isoformat()}.md"
-    path.write_text(text + f"\nWhole run: {time.monotonic() - started:.0f} s.\n")
-    print(f"\nwrote {path}")
+    suffix = f"-workers{args.workers}" if args.workers > 1 else ""
+    stem = args.out / f"{context['date']}-{host}{suffix}"
+    text = render(context, rows, measurements)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(
+        json.dumps(rp.to_json(rows, measurements, **context), indent=2, default=str) + "\n"
+    )
+    print("\n".join(rp.markdown_table(rows)))
+    m = context["machine"]
+    print(
+        f"\n{m['nproc']} CPUs, {m['model_name']}; load average {m['load_average_start']} "
+        f"-> {m['load_average_end']}; wrote {stem}.md and .json"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,415 @@
+"""The benchmark's numbers in, its table out: pure functions, no I/O, no clock.
+
+``run.py`` measures and fills ``Measurement``s; everything here turns them into the one table
+(call | empty handler calls/s | Beam calls/s | ratio | p50/p99/p99.9 | CPU µs/call | targets)
+and its Markdown and JSON forms. ``bench/test_report.py`` checks it on fixed inputs; no test
+anywhere asserts a timing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+CLOSED = "closed"
+OPEN = "open"  # at a fraction of the empty handler's closed-loop calls/s (issue 9's p99 rate)
+OPEN_OWN = "open-own"  # at the same fraction of Beam's own closed-loop calls/s
+EMPTY = "empty"
+BEAM = "beam"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Issue 9's goal for one row: throughput ratio to the empty handler, p99 at the open rate."""
+
+    min_ratio: float | None
+    max_p99_ms: float | None
+
+
+@dataclass(frozen=True)
+class Call:
+    key: str
+    title: str
+    target: Target
+    # For the text: what the empty handler of this row is.
+    baseline: str = "empty grpc.aio handler"
+    # The row whose empty-handler runs this row shares (the empty handler ignores customers).
+    empty_call: str | None = None
+
+
+CALLS: tuple[Call, ...] = (
+    Call("check", "CheckBalance", Target(0.8, 2.0)),
+    Call("deduct", "DeductTokens", Target(0.8, 2.0)),
+    Call("finalize_spread", "FinalizeRequest, 64 customers", Target(0.5, 5.0)),
+    Call(
+        "finalize_hot",
+        "FinalizeRequest, 1 hot customer",
+        Target(0.3, 5.0),
+        empty_call="finalize_spread",
+    ),
+    Call("get_balance", "GetBalance (gRPC)", Target(0.8, None)),
+    Call("rest_get_balance", "GetBalance (REST)", Target(None, None), "empty FastAPI app"),
+)
+CALLS_BY_KEY = {call.key: call for call in CALLS}
+# Issue 9: REST GetBalance >= 0.9x gRPC GetBalance (both Beam).
+REST_VS_GRPC_TARGET = 0.9
+TIMES = "\u00d7"  # the multiplication sign of "0.80x"
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (the smallest value with at least p% of values at or below it)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p * len(ordered) / 100 - 1e-9))  # 99.9% of 1000 is 999, not 1000
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class Measurement:
+    """One load-generator run against one server."""
+
+    call: str  # a Call.key
+    server: str  # EMPTY or BEAM
+    mode: str  # CLOSED (concurrency in flight) or OPEN (offered_rps on schedule)
+    tool: str  # "ghz" or "hey"
+    seconds: float  # from the first call sent to the last answer
+    sent: int
+    ok: int
+    errors: int
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    error_latencies_ms: list[float] = field(default_factory=list, repr=False)  # of failed calls
+    concurrency: int | None = None
+    offered_rps: float | None = None
+    server_cpu_seconds: float = 0.0
+    client_cpu_seconds: float = 0.0  # the load generator's own (ghz or hey)
+    # CPU seconds of each store's processes (Redis, PostgreSQL) over the run.
+    store_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    load_average: str = ""  # /proc/loadavg's 1/5/15 minutes just before the run
+    cut_off: int = 0  # calls in flight when a closed-loop run's clock stopped (not counted)
+    # A closed loop runs in rounds alternating with the other server's: calls/s of each round.
+    round_rps: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us_per_call(self) -> float:
+        return self.server_cpu_seconds / self.ok * 1e6 if self.ok else math.nan
+
+    @property
+    def client_cpu_us_per_call(self) -> float:
+        return self.client_cpu_seconds / self.ok * 1e6 if self.ok else math.nan
+
+    @property
+    def server_busy(self) -> float:
+        """The server's CPU time over the run's wall time (1.0 = one whole CPU)."""
+        return self.server_cpu_seconds / self.seconds if self.seconds > 0 else math.nan
+
+    def store_cpu_us_per_call(self, store: str) -> float:
+        seconds = self.store_cpu_seconds.get(store)
+        return seconds / self.ok * 1e6 if self.ok and seconds is not None else math.nan
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies_ms, q)
+
+    @property
+    def kept_up(self) -> bool:
+        """Open loop only: the server answered (about) everything offered, in time."""
+        if self.offered_rps is None:
+            return True
+        return self.errors == 0 and self.throughput >= 0.95 * self.offered_rps
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["latencies_ms"], data["error_latencies_ms"]
+        data |= {
+            "throughput": round(self.throughput, 1),
+            "p50_ms": _round(self.p(50)),
+            "p99_ms": _round(self.p(99)),
+            "p999_ms": _round(self.p(99.9)),
+            "max_ms": _round(max(self.latencies_ms, default=math.nan)),
+            "failed_calls_latency_ms": {
+                "min": _round(min(self.error_latencies_ms, default=math.nan)),
+                "p50": _round(percentile(self.error_latencies_ms, 50)),
+                "max": _round(max(self.error_latencies_ms, default=math.nan)),
+            },
+            "server_cpu_us_per_call": _round(self.cpu_us_per_call, 1),
+            "server_busy": _round(self.server_busy),
+            "client_cpu_us_per_call": _round(self.client_cpu_us_per_call, 1),
+            "store_cpu_us_per_call": {
+                store: _round(self.store_cpu_us_per_call(store), 1)
+                for store in self.store_cpu_seconds
+            },
+        }
+        return data
+
+
+def merge(parts: Sequence[Measurement]) -> Measurement:
+    """Rounds of one closed loop as one measurement (sums; latencies pooled)."""
+    first = parts[0]
+    stores = {store for part in parts for store in part.store_cpu_seconds}
+    kinds: dict[str, int] = {}
+    for part in parts:
+        for kind, count in part.error_kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return replace(
+        first,
+        seconds=sum(part.seconds for part in parts),
+        sent=sum(part.sent for part in parts),
+        ok=sum(part.ok for part in parts),
+        errors=sum(part.errors for part in parts),
+        latencies_ms=[latency for part in parts for latency in part.latencies_ms],
+        error_latencies_ms=[latency for part in parts for latency in part.error_latencies_ms],
+        server_cpu_seconds=sum(part.server_cpu_seconds for part in parts),
+        client_cpu_seconds=sum(part.client_cpu_seconds for part in parts),
+        store_cpu_seconds={
+            store: sum(part.store_cpu_seconds.get(store, 0.0) for part in parts)
+            for store in sorted(stores)
+        },
+        error_kinds=kinds,
+        cut_off=sum(part.cut_off for part in parts),
+        round_rps=[part.throughput for part in parts],
+    )
+
+
+def _round(value: float, digits: int = 3) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
+
+
+@dataclass
+class Row:
+    call: Call
+    empty_rps: float | None
+    beam_rps: float | None
+    open_rps: float | None  # the open-loop rate: 50% of the empty handler's saturation
+    beam_open: Measurement | None
+    empty_open: Measurement | None
+    beam_open_own: Measurement | None
+    beam_cpu_us: float | None
+    empty_cpu_us: float | None
+    beam_closed: Measurement | None = None
+    empty_closed: Measurement | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.empty_rps or self.beam_rps is None:
+            return None
+        return self.beam_rps / self.empty_rps
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Empty handler's CPU per call over Beam's: the calls/s ratio if each server had the
+        same share of a CPU, whatever that share was (on a shared machine, often < 1)."""
+        if not self.beam_cpu_us or self.empty_cpu_us is None:
+            return None
+        if math.isnan(self.beam_cpu_us) or math.isnan(self.empty_cpu_us):
+            return None
+        return self.empty_cpu_us / self.beam_cpu_us
+
+    @property
+    def round_ratios(self) -> list[float]:
+        """Beam over empty round by round (each pair ran back to back): the spread to expect."""
+        if self.beam_closed is None or self.empty_closed is None:
+            return []
+        pairs = zip(self.beam_closed.round_rps, self.empty_closed.round_rps, strict=False)
+        return [beam / empty for beam, empty in pairs if empty > 0]
+
+    @property
+    def ratio_met(self) -> bool | None:
+        goal = self.call.target.min_ratio
+        if goal is None or self.ratio is None:
+            return None
+        return self.ratio >= goal
+
+    @property
+    def p99_met(self) -> bool | None:
+        goal = self.call.target.max_p99_ms
+        if goal is None or self.beam_open is None:
+            return None
+        return self.beam_open.kept_up and self.beam_open.p(99) <= goal
+
+
+def build_rows(measurements: Iterable[Measurement]) -> list[Row]:
+    by = {(m.call, m.server, m.mode): m for m in measurements}
+    rows = []
+    for call in CALLS:
+        # A row without its own empty-handler run uses empty_call's (the empty handler
+        # does not look at customers).
+        def empty(mode: str, call: Call = call) -> Measurement | None:
+            found = by.get((call.key, EMPTY, mode))
+            return found or (by.get((call.empty_call, EMPTY, mode)) if call.empty_call else None)
+
+        empty_closed = empty(CLOSED)
+        beam_closed = by.get((call.key, BEAM, CLOSED))
+        beam_open = by.get((call.key, BEAM, OPEN))
+        if empty_closed is None and beam_closed is None and beam_open is None:
+            continue
+        rows.append(
+            Row(
+                call=call,
+                empty_rps=empty_closed.throughput if empty_closed else None,
+                beam_rps=beam_closed.throughput if beam_closed else None,
+                open_rps=beam_open.offered_rps if beam_open else None,
+                beam_open=beam_open,
+                empty_open=empty(OPEN),
+                beam_open_own=by.get((call.key, BEAM, OPEN_OWN)),
+                beam_cpu_us=beam_closed.cpu_us_per_call if beam_closed else None,
+                empty_cpu_us=empty_closed.cpu_us_per_call if empty_closed else None,
+                beam_closed=beam_closed,
+                empty_closed=empty_closed,
+            )
+        )
+    return rows
+
+
+def rest_vs_grpc(rows: Iterable[Row]) -> float | None:
+    """Beam's REST GetBalance calls/s over its gRPC GetBalance calls/s (issue 9: >= 0.9)."""
+    by = {row.call.key: row for row in rows}
+    rest, grpc = by.get("rest_get_balance"), by.get("get_balance")
+    if not rest or not grpc or not rest.beam_rps or not grpc.beam_rps:
+        return None
+    return rest.beam_rps / grpc.beam_rps
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _ms(value: float) -> str:
+    if math.isnan(value):
+        return "—"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def _latency(m: Measurement | None, with_rate: bool = False) -> str:
+    if m is None:
+        return "—"
+    text = f"{_ms(m.p(50))} / {_ms(m.p(99))} / {_ms(m.p(99.9))}"
+    if with_rate:
+        text = f"{_num(m.offered_rps)}/s: {text}"
+    if not m.kept_up:
+        text += f" (overloaded: {m.throughput:,.0f}/s answered, {m.errors:,} errors)"
+    return text
+
+
+def _mark(met: bool | None) -> str:
+    return {True: "✅", False: "❌", None: ""}[met]
+
+
+def _targets(row: Row) -> str:
+    target = row.call.target
+    parts = []
+    if target.min_ratio is not None:
+        parts.append(f"≥ {target.min_ratio:g}{TIMES} {_mark(row.ratio_met)}".rstrip())
+    if target.max_p99_ms is not None:
+        parts.append(f"p99 ≤ {target.max_p99_ms:g} ms {_mark(row.p99_met)}".rstrip())
+    return "; ".join(parts) or "—"
+
+
+def _ratio(value: float | None, rounds: Sequence[float] = ()) -> str:
+    if value is None:
+        return "—"
+    text = f"**{value:.2f}{TIMES}**"
+    if len(rounds) > 1:
+        text += f" ({min(rounds):.2f} to {max(rounds):.2f})"
+    return text
+
+
+def markdown_table(rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| call | empty handler calls/s | Beam calls/s | ratio (rounds) "
+        "| CPU µs/call Beam (empty) | CPU ratio | open loop at calls/s "
+        "| Beam p50 / p99 / p99.9 ms | empty p50 / p99 / p99.9 ms "
+        "| Beam at half its own calls/s: p50 / p99 / p99.9 ms | issue 9 targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.call.title} | {_num(row.empty_rps)} | {_num(row.beam_rps)} "
+            f"| {_ratio(row.ratio, row.round_ratios)} "
+            f"| {_num(row.beam_cpu_us)} ({_num(row.empty_cpu_us)}) | {_ratio(row.cpu_ratio)} "
+            f"| {_num(row.open_rps)} | {_latency(row.beam_open)} "
+            f"| {_latency(row.empty_open)} | {_latency(row.beam_open_own, with_rate=True)} "
+            f"| {_targets(row)} |"
+        )
+    ratio = rest_vs_grpc(rows)
+    if ratio is not None:
+        met = _mark(ratio >= REST_VS_GRPC_TARGET)
+        lines.append(
+            f"| REST ÷ gRPC GetBalance (Beam) | | | {_ratio(ratio)} | | | | | | "
+            f"| ≥ {REST_VS_GRPC_TARGET:g}{TIMES} {met} |"
+        )
+    return lines
+
+
+def measurement_table(measurements: Sequence[Measurement]) -> list[str]:
+    lines = [
+        "| call | server | tool | load | calls sent | answered OK | errors | calls/s "
+        "| p50 ms | p99 ms | p99.9 ms | max ms | server CPU µs/call | server busy "
+        "| Redis CPU µs/call | PostgreSQL CPU µs/call | load generator CPU µs/call "
+        "| load average before |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for m in measurements:
+        if m.mode == CLOSED:
+            load = f"closed, {m.concurrency} in flight"
+        elif m.mode == OPEN:
+            load = f"open, {_num(m.offered_rps)}/s"
+        else:
+            load = f"open, {_num(m.offered_rps)}/s (half of Beam's own)"
+        lines.append(
+            f"| {CALLS_BY_KEY[m.call].title} | {m.server} | {m.tool} | {load} | {m.sent:,} "
+            f"| {m.ok:,} | {m.errors:,} | {_num(m.throughput)} | {_ms(m.p(50))} "
+            f"| {_ms(m.p(99))} | {_ms(m.p(99.9))} "
+            f"| {_ms(max(m.latencies_ms, default=math.nan))} "
+            f"| {_num(m.cpu_us_per_call)} | {_num(m.server_busy * 100)}% "
+            f"| {_num(m.store_cpu_us_per_call('redis'))} "
+            f"| {_num(m.store_cpu_us_per_call('postgres'))} "
+            f"| {_num(m.client_cpu_us_per_call)} | {m.load_average} |"
+        )
+    return lines
+
+
+def to_json(
+    rows: Sequence[Row], measurements: Sequence[Measurement], **context: Any
+) -> dict[str, Any]:
+    return {
+        **context,
+        "rows": [
+            {
+                "call": row.call.key,
+                "title": row.call.title,
+                "baseline": row.call.baseline,
+                "empty_calls_per_s": _round(row.empty_rps or math.nan, 1),
+                "beam_calls_per_s": _round(row.beam_rps or math.nan, 1),
+                "ratio": _round(row.ratio if row.ratio is not None else math.nan),
+                "round_ratios": [round(r, 3) for r in row.round_ratios],
+                "open_loop_calls_per_s": _round(row.open_rps or math.nan, 1),
+                "beam_open_loop": row.beam_open.summary() if row.beam_open else None,
+                "empty_open_loop": row.empty_open.summary() if row.empty_open else None,
+                "beam_open_loop_own_rate": (
+                    row.beam_open_own.summary() if row.beam_open_own else None
+                ),
+                "beam_cpu_us_per_call": _round(row.beam_cpu_us or math.nan, 1),
+                "empty_cpu_us_per_call": _round(row.empty_cpu_us or math.nan, 1),
+                "cpu_ratio": _round(row.cpu_ratio if row.cpu_ratio is not None else math.nan),
+                "target": asdict(row.call.target),
+                "ratio_met": row.ratio_met,
+                "p99_met": row.p99_met,
+            }
+            for row in rows
+        ],
+        "rest_vs_grpc_get_balance": _round(rest_vs_grpc(rows) or math.nan),
+        "rest_vs_grpc_target": REST_VS_GRPC_TARGET,
+        "measurements": [m.summary() for m in measurements],
+    }
