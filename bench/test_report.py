@@ -1,7 +1,6 @@
 """bench/report.py on fixed inputs: ratios, percentiles, targets and the table. No timing.
 
-Run with ``.venv/bin/pytest bench/test_report.py`` (pytest's testpaths is tests/, so
-``make test`` does not collect it).
+``make test`` collects it (pytest's testpaths are tests/ and bench/).
 """
 
 from __future__ import annotations
