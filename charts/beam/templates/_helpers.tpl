@@ -483,7 +483,7 @@ defaultPoolSize per PgBouncer pod.
 {{- $pgbouncer = mul (add (int $v.pgbouncer.replicaCount) 1) (int $v.pgbouncer.defaultPoolSize) -}}
 {{- end -}}
 {{- $operator := ternary (int $v.operator.database.poolMax) 0 $v.operator.enabled -}}
-{{- $migrations := ternary 2 0 (and $v.migrations.enabled (not $v.gitops.enabled)) -}}
+{{- $jobs := add (ternary 2 0 (and $v.migrations.enabled (not $v.gitops.enabled))) (ternary 2 0 $v.integrityCheck.enabled) -}}
 {{- $reserved := int $v.connectionBudget.reserved -}}
 {{- $max := ternary (int $v.timescaledb.maxConnections) (int $v.externalDatabase.maxConnections) $v.timescaledb.enabled -}}
 service: {{ $service }}
@@ -491,9 +491,9 @@ serviceProcesses: {{ $processes }}
 serviceClients: {{ mul $processes (int $v.service.database.poolMax) }}
 pgbouncer: {{ $pgbouncer }}
 operator: {{ $operator }}
-migrations: {{ $migrations }}
+jobs: {{ $jobs }}
 reserved: {{ $reserved }}
-total: {{ add $service $pgbouncer $operator $migrations $reserved }}
+total: {{ add $service $pgbouncer $operator $jobs $reserved }}
 max: {{ $max }}
 {{- end -}}
 
@@ -533,7 +533,7 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{- end -}}
 {{- $budget := include "beam.connectionBudget.values" . | fromYaml -}}
 {{- if and .Values.connectionBudget.check (gt (int $budget.max) 0) (gt (int $budget.total) (int $budget.max)) -}}
-{{- fail (printf "database connection budget exceeded: %d connections > max_connections %d (%s). Service %d (%s), PgBouncer %d, operator %d, migrations %d, reserved %d. Lower service.database.poolMax, service.autoscaling.maxReplicas or service.workers, enable pgbouncer, or raise the database's max_connections" (int $budget.total) (int $budget.max) (ternary "timescaledb.maxConnections" "externalDatabase.maxConnections" .Values.timescaledb.enabled) (int $budget.service) (ternary "one direct LISTEN connection per process" (printf "%d processes x service.database.poolMax %d" (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) .Values.pgbouncer.enabled) (int $budget.pgbouncer) (int $budget.operator) (int $budget.migrations) (int $budget.reserved)) -}}
+{{- fail (printf "database connection budget exceeded: %d connections > max_connections %d (%s). Service %d (%s), PgBouncer %d, operator %d, jobs %d (migrations, integrity check), reserved %d. Lower service.database.poolMax, service.autoscaling.maxReplicas or service.workers, enable pgbouncer, or raise the database's max_connections" (int $budget.total) (int $budget.max) (ternary "timescaledb.maxConnections" "externalDatabase.maxConnections" .Values.timescaledb.enabled) (int $budget.service) (ternary "one direct LISTEN connection per process" (printf "%d processes x service.database.poolMax %d" (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) .Values.pgbouncer.enabled) (int $budget.pgbouncer) (int $budget.operator) (int $budget.jobs) (int $budget.reserved)) -}}
 {{- end -}}
 {{- if .Values.pgbouncer.enabled -}}
 {{- if gt (int $budget.serviceClients) (int .Values.pgbouncer.maxClientConnections) -}}
