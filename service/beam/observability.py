@@ -45,6 +45,12 @@ STORE_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 REAPER_SETTLED = Counter("beam_reaper_settled_total", "Expired holds settled by the reaper")
+SPENT = Counter(
+    "beam_spent_grains_total",
+    "Grains charged by new ledger entries that spend (settlements, expiries, late-Finalize "
+    "adjustments upwards), by model; docs/DATABASE.md has the exact per-customer figures",
+    ["model"],
+)
 REAPER_PASSES = Counter("beam_reaper_passes_total", "Reaper passes", ["result"])
 REAPER_FAILURES = Counter(
     "beam_reaper_failures_total",

@@ -566,3 +566,27 @@ async def test_a_finalize_completed_by_the_reaper_replays_its_own_balance(
     again = await settle(runtime, p, "r", 3_000, check.request_token)
     assert (again.final_balance, again.charged_grains, again.replayed) == (7_000, 3_000, True)
     assert await redis_account(runtime, tenant.name) == (6_500, 0)
+
+
+async def test_spend_by_model_counts_each_new_charge_once(runtime: Runtime, tenant: Tenant) -> None:
+    from beam.observability import SPENT
+
+    def spent() -> float:
+        return SPENT.labels("cheap")._value.get()  # type: ignore[attr-defined]
+
+    p = await customer(runtime, tenant, 100_000, hold_ttl_seconds=1)
+    before = spent()
+    check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "a", 1_000, 1.0, "cheap"))
+    for _ in range(2):  # the retry is a replay: counted once
+        await runtime.ledger.finalize(
+            p, FinalizeCommand(CUSTOMER, "a", "COMPLETED_SUCCESS", 0, 300, 0, 0, "cheap",
+                               check.request_token)
+        )  # fmt: skip
+    assert spent() - before == 600
+    await runtime.ledger.check(p, CheckCommand(CUSTOMER, "b", 1_000, 1.0, "cheap"))
+    faults.advance(2_000)
+    await runtime.reaper.run_once()  # expired at 0 consumed
+    await runtime.ledger.finalize(
+        p, FinalizeCommand(CUSTOMER, "b", "COMPLETED_SUCCESS", 0, 100, 0, 0, "cheap")
+    )  # a late Finalize: +200 through an adjustment
+    assert spent() - before == 800

@@ -76,6 +76,7 @@ from beam.core.money import (
 )
 from beam.core.pricing import PriceBook
 from beam.errors import BeamError, Reason, invalid
+from beam.observability import SPENT
 from beam.records import (
     Customer,
     EntryType,
@@ -499,6 +500,8 @@ class Ledger:
         if first.status is SettlementStatus.EXPIRED and recorded.outcome is not RecordOutcome.NEW:
             return await self._adjust_expired(command, hold, first)
         await self.release(tenant, customer_id, request_id, hold.nonce, first, marker=first)
+        if recorded.outcome is RecordOutcome.NEW:
+            SPENT.labels(first.model or "none").inc(first.charged_grains)
         return _finalize_result(recorded)
 
     async def _adjust_expired(
@@ -543,6 +546,8 @@ class Ledger:
             ) from None
         await faults.point(faults.ADJUST_COMMITTED)
         await self.release(tenant, customer_id, request_id, hold.nonce, entry, expired)
+        if delta > 0 and not entry.replayed:
+            SPENT.labels(expired.model or "none").inc(delta)
         after = entry.balance_after_grains
         return FinalizeResult(
             success=True,

@@ -35,7 +35,7 @@ from beam.constants import SETTLE_REPAIR_GRACE_MS, parse_customer_key
 from beam.core import faults
 from beam.core.faults import now_ms
 from beam.core.ledger import Ledger
-from beam.observability import REAPER_FAILURES, REAPER_PASSES, REAPER_SETTLED
+from beam.observability import REAPER_FAILURES, REAPER_PASSES, REAPER_SETTLED, SPENT
 from beam.records import RecordOutcome, Settlement, SettlementStatus
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,8 @@ class Reaper:
         await self.ledger.release(
             tenant, customer_id, hold.hold_id, hold.nonce, first, first, only_status="expiring"
         )
+        if recorded.outcome is RecordOutcome.NEW:
+            SPENT.labels(first.model or "none").inc(first.charged_grains)
 
     async def run_forever(self, interval_seconds: float) -> None:
         while True:
