@@ -15,19 +15,23 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 
-from beam.constants import account_key, customer_keys, done_key
+from beam.constants import customer_keys, done_key
 from beam.core import faults
-from beam.core.auth import Principal
-from beam.core.commands import CheckCommand, DeductCommand, FinalizeCommand
+from beam.core.commands import CheckCommand, DeductCommand
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
-from beam.records import Customer, Role
+from tests.support.money import (
+    CUSTOMER,
+    cancelled_at,
+    crash_at,
+    customer,
+    ledger_row,
+    redis_account,
+    settle,
+)
 from tests.support.stack import Stores, Tenant
-
-CUSTOMER = "cus"
 
 
 @pytest.fixture(autouse=True)
@@ -37,79 +41,10 @@ def _no_faults() -> Iterator[None]:
     faults.reset()
 
 
-async def customer(
-    rt: Runtime, tenant: Tenant, balance: int, cid: str = CUSTOMER, **config: Any
-) -> Principal:
-    p = Principal(tenant.name, Role.ADMIN, "test", frozenset())
-    await rt.admin.create_customer(p, Customer(tenant.name, cid, cid), balance)
-    if config:
-        stored, _ = await rt.postgres.upsert_customer(Customer(tenant.name, cid, cid, **config))
-        await rt.ledger.load_account(stored)
-    return p
-
-
-async def ledger_row(stores: Stores, tenant: str, cid: str = CUSTOMER) -> tuple[int, int, int, int]:
-    """(balance, sum of entries, lifetime spent, overage) as PostgreSQL has them."""
-    assert stores.postgres is not None
-    conn = await asyncpg.connect(stores.postgres.dsn)
-    try:
-        row = await conn.fetchrow(
-            """SELECT c.current_balance_grains AS balance, c.lifetime_spent_grains AS spent,
-                      c.overage_grains AS overage,
-                      (SELECT COALESCE(SUM(amount_grains), 0) FROM transactions t
-                        WHERE t.tenant = c.tenant AND t.customer_id = c.customer_id) AS total
-               FROM customers c WHERE tenant = $1 AND customer_id = $2""",
-            tenant,
-            cid,
-        )
-    finally:
-        await conn.close()
-    assert row is not None
-    return row["balance"], row["total"], row["spent"], row["overage"]
-
-
-async def redis_account(rt: Runtime, tenant: str, cid: str = CUSTOMER) -> tuple[int, int]:
-    balance, held = await rt.redis.client.hmget(account_key(tenant, cid), "balance", "held")
-    return int(balance), int(held)
-
-
-async def settle(rt: Runtime, p: Principal, rid: str, cost: int, token: str = "") -> Any:
-    return await rt.ledger.finalize(
-        p, FinalizeCommand(CUSTOMER, rid, "COMPLETED_SUCCESS", total_actual_cost_grains=cost,
-                           request_token=token)
-    )  # fmt: skip
-
-
 async def reap_after(rt: Runtime, milliseconds: int, passes: int = 2) -> None:
     faults.advance(milliseconds)
     for _ in range(passes):
         await rt.reaper.run_once()
-
-
-async def cancelled_at(point: str, call: Any) -> None:
-    """Run ``call`` as the caller's task and cancel it when it reaches ``point`` (a client
-    deadline or disconnect)."""
-    caller = asyncio.ensure_future(call)
-
-    async def hook(name: str) -> None:
-        if name == point:
-            caller.cancel()
-            await asyncio.sleep(0)
-
-    faults.install(hook)
-    try:
-        with pytest.raises(asyncio.CancelledError):
-            await caller
-    finally:
-        faults.install(None)
-
-
-def crash_at(point: str) -> None:
-    async def hook(name: str) -> None:
-        if name == point:
-            raise faults.SimulatedCrash(point)
-
-    faults.install(hook)
 
 
 class RedisSnapshot:
