@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -124,7 +125,7 @@ def test_credit_ids_follow_the_crd_pattern() -> None:
     from beam.core.commands import CREDIT_ID_PATTERN
     from beam.core.reconcile import parse_customer_spec
 
-    crd = yaml.safe_load(open("crds/beam.dev_beamcustomers.yaml").read())  # noqa: SIM115
+    crd = yaml.safe_load(Path("crds/beam.dev_beamcustomers.yaml").read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     credit = schema["properties"]["spec"]["properties"]["credits"]["items"]["properties"]["id"]
     assert credit["pattern"] == CREDIT_ID_PATTERN.pattern
