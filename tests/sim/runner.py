@@ -473,8 +473,9 @@ class Runner:
         (unless a restart repairs them) their Redis may lag until the reaper has run."""
         for key in keys:
             self.model.mark_uncertain(key)
-            if kind != "crash":
-                self.dirty[key] = (kind, self.model.now)
+            if kind == "crash" or self.dirty.get(key, ("",))[0] == "error":
+                continue  # a restart repairs; an earlier failure's repair is still due
+            self.dirty[key] = (kind, self.model.now)
 
     # -- recovery after a crash -----------------------------------------------------------
 
@@ -763,7 +764,7 @@ class Runner:
                 del self.dirty[key]
         if outcome.fired:
             for key in left:
-                self.dirty[key] = ("cancel", self.model.now)
+                self.dirty.setdefault(key, ("cancel", self.model.now))
         await self.model_reaped()
         still = [
             k
