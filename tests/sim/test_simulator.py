@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from beam.core import faults
-from tests.sim import World, run_seed
+from tests.sim import Runner, World, run_seed
+from tests.sim.regressions import OPEN, SCHEDULES
 
 pytestmark = [pytest.mark.sim, pytest.mark.slow]
 
@@ -78,3 +79,18 @@ async def test_each_known_defect_class_is_found(world: World, bug: str) -> None:
     seed = found.schedule.seed
     clean = await run_seed(world, seed, fault_rate=0.5)
     assert clean.ok, f"seed {seed} fails without {bug} too:\n{clean.report()}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="open finding"))
+        if name in OPEN
+        else name
+        for name in sorted(SCHEDULES)
+    ],
+)
+async def test_schedules_of_found_defects_run_clean(world: World, name: str) -> None:
+    result = await Runner(world, SCHEDULES[name]).run()
+    assert result.ok, result.report()
