@@ -265,13 +265,17 @@ class Pod:
             log: IO[bytes] | int = self.log_path.open("ab")
         else:
             log = stdout
-        self.container = _popen(
-            [*self._enter(), *command],
-            env=full_env,
-            stdout=log,
-            stdin=subprocess.PIPE if stdout is not None else subprocess.DEVNULL,
-            cwd=cwd,
-        )
+        try:
+            self.container = _popen(
+                [*self._enter(), *command],
+                env=full_env,
+                stdout=log,
+                stdin=subprocess.PIPE if stdout is not None else subprocess.DEVNULL,
+                cwd=cwd,
+            )
+        finally:
+            if not isinstance(log, int):
+                log.close()  # the container keeps its own descriptor
         return self.container
 
     def exec(
@@ -328,7 +332,16 @@ class Pod:
         if self.holder is not None:
             self.holder.kill()
             self.holder.wait(10)
+            _close_pipes(self.holder)
             self.holder = None
+        if self.container is not None:
+            _close_pipes(self.container)
+
+
+def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def wait_for(
