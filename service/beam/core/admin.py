@@ -178,10 +178,14 @@ class Admin:
         customer_id, hold_id = command.customer_id, CREDIT_HOLD_PREFIX + transaction_id
         try:
             nonce = await self.scripts.open_pending(
-                tenant, customer_id, hold_id, now_ms=now_ms(),
-                nonce=self.ledger.tokens.new_nonce(), kind="credit",
+                tenant,
+                customer_id,
+                hold_id,
+                now_ms=now_ms(),
+                nonce=self.ledger.tokens.new_nonce(),
+                kind="credit",
                 deadline_ms=now_ms() + SETTLE_DEADLINE_MS,
-            )  # fmt: skip
+            )
         except AccountNotLoaded:
             nonce = ""  # Redis will load the account from the ledger, credit included
         try:
@@ -227,14 +231,22 @@ class Admin:
             tenant,
             customer_id,
             lambda: self.scripts.open_hold(
-                tenant, customer_id, hold_id, now_ms=now_ms(),
-                estimated_grains=command.amount_grains, multiplier_ppm=MULTIPLIER_SCALE,
-                fingerprint=digest, nonce=self.ledger.tokens.new_nonce(), prices=None,
-                default_ttl_ms=SETTLE_DEADLINE_MS, max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER,
-                expire_batch=EXPIRE_BATCH_PER_CALL, kind="debit",
+                tenant,
+                customer_id,
+                hold_id,
+                now_ms=now_ms(),
+                estimated_grains=command.amount_grains,
+                multiplier_ppm=MULTIPLIER_SCALE,
+                fingerprint=digest,
+                nonce=self.ledger.tokens.new_nonce(),
+                prices=None,
+                default_ttl_ms=SETTLE_DEADLINE_MS,
+                max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER,
+                expire_batch=EXPIRE_BATCH_PER_CALL,
+                kind="debit",
                 settle_deadline_ms=SETTLE_DEADLINE_MS,
             ),
-        )  # fmt: skip
+        )
         if opened.outcome == "REJECT":
             raise BeamError(
                 Reason[opened.reason] if opened.reason in Reason.__members__ else Reason.INTERNAL,

@@ -160,9 +160,13 @@ def price_args(prices: Prices | None) -> PriceArgs | None:
 
 def marker_of(s: Settlement) -> DoneMarker:
     return DoneMarker(
-        s.charged_grains, s.refunded_grains, s.balance_after_grains, s.overage_grains,
-        s.status.value, s.hold_nonce,
-    )  # fmt: skip
+        s.charged_grains,
+        s.refunded_grains,
+        s.balance_after_grains,
+        s.overage_grains,
+        s.status.value,
+        s.hold_nonce,
+    )
 
 
 def request_id_conflict(request_id: str, why: str) -> BeamError:
@@ -282,21 +286,33 @@ class Ledger:
         estimated = command.estimated_grains or _estimate(command, prices)
         ppm = multiplier_ppm(command.buffer_multiplier) if command.buffer_multiplier else 0
         digest = fingerprint(
-            estimated, ppm, command.model, command.max_tokens, command.prompt_tokens,
-            command.cached_prompt_tokens, sorted(command.custom_properties.items()),
-        )  # fmt: skip
+            estimated,
+            ppm,
+            command.model,
+            command.max_tokens,
+            command.prompt_tokens,
+            command.cached_prompt_tokens,
+            sorted(command.custom_properties.items()),
+        )
         nonce = self.tokens.new_nonce()
         opened = await self.loaded(
             tenant,
             command.customer_id,
             lambda: self.scripts.open_hold(
-                tenant, command.customer_id, command.request_id, now_ms=now_ms(),
-                estimated_grains=estimated, multiplier_ppm=ppm, fingerprint=digest,
-                nonce=nonce, prices=price_args(prices),
+                tenant,
+                command.customer_id,
+                command.request_id,
+                now_ms=now_ms(),
+                estimated_grains=estimated,
+                multiplier_ppm=ppm,
+                fingerprint=digest,
+                nonce=nonce,
+                prices=price_args(prices),
                 default_ttl_ms=self.default_hold_ttl_ms,
-                max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER, expire_batch=EXPIRE_BATCH_PER_CALL,
+                max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER,
+                expire_batch=EXPIRE_BATCH_PER_CALL,
             ),
-        )  # fmt: skip
+        )
         if opened.outcome == "CONFLICT":
             raise request_id_conflict(command.request_id, "was already used with other parameters")
         if opened.outcome == "SETTLED":
@@ -318,9 +334,10 @@ class Ledger:
                 cached_input_tokens=command.cached_prompt_tokens,
             )
             affordable = affordable_output_tokens(
-                opened.amount + max(opened.remaining, 0) - prompt_cost, prices,
+                opened.amount + max(opened.remaining, 0) - prompt_cost,
+                prices,
                 MAX_TOKENS_PER_CALL,
-            )  # fmt: skip
+            )
         token = self.tokens.issue(tenant, command.customer_id, command.request_id, opened.nonce)
         return CheckResult(
             approved=True,
@@ -396,12 +413,19 @@ class Ledger:
             tenant,
             command.customer_id,
             lambda: self.scripts.deduct(
-                tenant, command.customer_id, command.request_id, now_ms=now_ms(), nonce=nonce,
-                tokens=command.tokens_consumed, token_kind=kind,
-                sequence=command.sequence_number, prices=price_args(prices),
-                expire_batch=EXPIRE_BATCH_PER_CALL, max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+                tenant,
+                command.customer_id,
+                command.request_id,
+                now_ms=now_ms(),
+                nonce=nonce,
+                tokens=command.tokens_consumed,
+                token_kind=kind,
+                sequence=command.sequence_number,
+                prices=price_args(prices),
+                expire_batch=EXPIRE_BATCH_PER_CALL,
+                max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
             ),
-        )  # fmt: skip
+        )
         if reply.outcome == "ERR":
             raise _deduct_error(reply.code, command)
         return DeductResult(
@@ -468,16 +492,21 @@ class Ledger:
             tenant,
             command.customer_id,
             lambda: self.scripts.begin_settlement(
-                tenant, command.customer_id, command.request_id, now_ms=now_ms(),
-                token_nonce=token_nonce, claim_nonce=claim_nonce,
+                tenant,
+                command.customer_id,
+                command.request_id,
+                now_ms=now_ms(),
+                token_nonce=token_nonce,
+                claim_nonce=claim_nonce,
                 total_cost_grains=command.total_actual_cost_grains,
                 prompt_tokens=command.actual_prompt_tokens,
                 completion_tokens=command.actual_completion_tokens,
                 cached_prompt_tokens=command.actual_cached_prompt_tokens,
-                prices=price_args(prices), expire_batch=EXPIRE_BATCH_PER_CALL,
+                prices=price_args(prices),
+                expire_batch=EXPIRE_BATCH_PER_CALL,
                 settle_deadline_ms=SETTLE_DEADLINE_MS,
             ),
-        )  # fmt: skip
+        )
 
     async def _commit_finalize(
         self, command: FinalizeCommand, hold: SettlingHold, settlement: Settlement
@@ -582,9 +611,13 @@ class Ledger:
             # The customer's balance as the ledger has it now (it includes this entry).
             ours = settlement is not None and not system and settlement.hold_nonce == hold.nonce
             await self.release(
-                tenant, customer_id, hold.hold_id, hold.nonce, customer,
+                tenant,
+                customer_id,
+                hold.hold_id,
+                hold.nonce,
+                customer,
                 settlement if ours or hold.kind == "claim" else None,
-            )  # fmt: skip
+            )
             return "completed"
         if now_ms() >= hold.deadline_ms:
             await self.scripts.abandon_settlement(

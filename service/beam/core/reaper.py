@@ -158,9 +158,13 @@ class Reaper:
         # (it then settles it, with an adjustment, and keeps it reserved until then).
         if recorded.outcome is RecordOutcome.OTHER_HOLD:
             await self.ledger.release(
-                tenant, customer_id, hold.hold_id, hold.nonce, recorded.orphan_entry,
+                tenant,
+                customer_id,
+                hold.hold_id,
+                hold.nonce,
+                recorded.orphan_entry,
                 only_status="expiring",
-            )  # fmt: skip
+            )
             return
         await self.ledger.release(
             tenant, customer_id, hold.hold_id, hold.nonce, first, first, only_status="expiring"
