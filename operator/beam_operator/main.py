@@ -134,7 +134,8 @@ def run() -> None:
     configure_logging(settings.log_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(DropKopfInternals())
-    # The chart's probes are TCP checks on this port: it opens before Kopf starts.
+    # The chart's startup probe is a TCP check on this port: it opens before Kopf starts.
+    # Liveness is Kopf's own endpoint (health_port), which fails when Kopf is stuck.
     start_http_server(settings.metrics_port)
     namespaces = list(settings.namespaces)
     log.info(
@@ -147,4 +148,7 @@ def run() -> None:
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
+        liveness_endpoint=(
+            f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+        ),
     )

@@ -132,6 +132,9 @@ class OperatorSettings(StoreSettings):
     status_interval_seconds: float = Field(default=10.0, ge=1, le=3600)
     key_rotation_grace_seconds: int = Field(default=3600, ge=0, le=30 * 86_400)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # Kopf's liveness endpoint (GET /healthz): healthy while Kopf's activities and watch
+    # streams run, unlike the metrics port, which answers even when Kopf is stuck. 0: off.
+    health_port: int = Field(default=8081, ge=0, le=65535)
     migrate_on_start: bool = True
 
     @model_validator(mode="before")

@@ -174,6 +174,7 @@ class OperatorProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.metrics_port = 0
+        self.health_port = 0
         self.starts = 0
 
     @property
@@ -184,11 +185,17 @@ class OperatorProcess:
         assert not self.running, "the operator is already running"
         self.starts += 1
         self.metrics_port = devservers.free_port()
+        self.health_port = devservers.free_port()
         self.log_path = self.workdir / f"operator-{self.starts}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "beam.api.cli", "operator"],
-            env={**os.environ, **self.env, "BEAM_METRICS_PORT": str(self.metrics_port)},
+            env={
+                **os.environ,
+                **self.env,
+                "BEAM_METRICS_PORT": str(self.metrics_port),
+                "BEAM_HEALTH_PORT": str(self.health_port),
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

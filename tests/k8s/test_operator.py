@@ -896,3 +896,9 @@ def test_a_second_customer_with_the_same_id_is_refused_and_its_deletion_closes_n
     assert "managed by another resource" in ready["message"]
     kubectl_ok(kube, "delete", "beamcustomer/second", "-n", ns, "--wait=true", "--timeout=30s")
     assert check(service, work_keys["enforcer"], customer_id, "still-open")["approved"] is True
+
+
+def test_kopf_liveness_endpoint_answers(operator: OperatorProcess) -> None:
+    """The chart's liveness probe is GET /healthz on Kopf's own endpoint (health_port)."""
+    response = httpx.get(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5)
+    assert response.status_code == 200
