@@ -24,7 +24,7 @@ from beam.config import OperatorSettings
 from beam.observability import configure_logging
 from beam_operator.constants import ANNOTATION_PREFIX, EVENT_COMPONENT, FINALIZER
 from beam_operator.context import MEMO_KEY, OperatorContext, open_runtime, service_settings
-from beam_operator.handlers import apikey, customer, pricelist
+from beam_operator.handlers import apikey, customer, instance_labels, pricelist
 from beam_operator.secrets import SecretStore
 
 SETTINGS_MEMO_KEY = "beam_settings"
@@ -123,9 +123,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     )(startup)
     kopf.on.cleanup(id="disconnect-stores", registry=registry)(cleanup)
     interval = settings.status_interval_seconds
-    customer.register(registry, status_interval_seconds=interval)
-    apikey.register(registry, status_interval_seconds=interval)
-    pricelist.register(registry)
+    labels = instance_labels(settings.operator_instance)
+    customer.register(registry, status_interval_seconds=interval, labels=labels)
+    apikey.register(registry, status_interval_seconds=interval, labels=labels)
+    pricelist.register(registry, labels=labels)
     return registry
 
 

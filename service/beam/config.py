@@ -135,6 +135,11 @@ class OperatorSettings(StoreSettings):
     # Kopf's liveness endpoint (GET /healthz): healthy while Kopf's activities and watch
     # streams run, unlike the metrics port, which answers even when Kopf is stuck. 0: off.
     health_port: int = Field(default=8081, ge=0, le=65535)
+    # A second release in the same cluster: handle only objects labelled
+    # beam.dev/operator-instance=<this>. Empty: the objects without that label.
+    operator_instance: str = Field(
+        default="", max_length=63, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+    )
     migrate_on_start: bool = True
 
     @model_validator(mode="before")

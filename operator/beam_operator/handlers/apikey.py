@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,11 +56,14 @@ KIND = "BeamApiKey"
 log = logging.getLogger(__name__)
 
 
-def register(registry: kopf.OperatorRegistry, *, status_interval_seconds: float) -> None:
+def register(
+    registry: kopf.OperatorRegistry, *, status_interval_seconds: float, labels: Mapping[str, Any]
+) -> None:
     register_reconciler(
         registry,
         API_KEYS,
         reconcile,
+        labels=labels,
         on_delete=("revoke", revoke),
         timer=("check-key", check_key, status_interval_seconds),
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +51,14 @@ BALANCE_MEMO_KEY = "beam_balance_state"
 log = logging.getLogger(__name__)
 
 
-def register(registry: kopf.OperatorRegistry, *, status_interval_seconds: float) -> None:
+def register(
+    registry: kopf.OperatorRegistry, *, status_interval_seconds: float, labels: Mapping[str, Any]
+) -> None:
     register_reconciler(
         registry,
         CUSTOMERS,
         reconcile,
+        labels=labels,
         on_delete=("close", close),
         timer=("refresh-status", refresh_status, status_interval_seconds),
     )

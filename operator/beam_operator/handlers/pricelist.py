@@ -14,6 +14,7 @@ start failing with UNKNOWN_MODEL. No delete handler, so no finalizer.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -30,8 +31,8 @@ from beam_operator.reconciling import reconciling
 KIND = "BeamPriceList"
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
-    register_reconciler(registry, PRICE_LISTS, reconcile)
+def register(registry: kopf.OperatorRegistry, *, labels: Mapping[str, Any]) -> None:
+    register_reconciler(registry, PRICE_LISTS, reconcile, labels=labels)
 
 
 async def reconcile(
