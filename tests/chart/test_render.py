@@ -408,3 +408,17 @@ def test_workers_reach_the_service_the_budget_and_the_metrics_service(helm: Helm
     # 4 workers x 4 connections x 11 pods = 176, + 4 + 4 + 6 = 190 <= 200; 5 each would not fit.
     error = refused(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=5")
     assert "Service 220 (44 processes x service.database.poolMax 5)" in error
+
+
+def test_operator_liveness_is_kopfs_endpoint_and_instances_are_separate(helm: Helm) -> None:
+    docs = render(helm, "--set", "operator.instance=second")
+    operator = container(docs, "Deployment", "beam-operator")
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
+    assert ports["health"] == 8081
+    assert env(operator)["BEAM_HEALTH_PORT"] == "8081"
+    assert env(operator)["BEAM_OPERATOR_INSTANCE"] == "second"
+    assert (
+        env(container(render(helm), "Deployment", "beam-operator"))["BEAM_OPERATOR_INSTANCE"] == ""
+    )
+    assert "/operator/instance" in refused(helm, "--set", "operator.instance=Not_A_Label")
