@@ -619,6 +619,16 @@ class Ledger:
                 settlement if ours or hold.kind == "claim" else None,
             )
             return "completed"
+        if customer is not None:
+            # Not finished yet, but Redis may still lag entries that did commit (an expiry
+            # whose release was cut short before a Finalize took the hold over): adopting the
+            # ledger's balance is safe while this hold keeps reserving its charge.
+            await self.scripts.apply_balance(
+                tenant,
+                customer_id,
+                balance=customer.balance_grains,
+                version=customer.balance_version,
+            )
         if now_ms() >= hold.deadline_ms:
             await self.scripts.abandon_settlement(
                 tenant, customer_id, hold.hold_id, nonce=hold.nonce, now_ms=now_ms()
