@@ -9,6 +9,7 @@ schedule is itself a valid schedule.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from tests.sim.runner import Result, Runner
 from tests.sim.world import World
@@ -36,7 +37,9 @@ async def shrink(
         while start < len(steps) and runs < max_runs:
             candidate = steps[:start] + steps[start + chunk :]
             runs += 1
-            result = await Runner(world, failing.schedule.with_steps(candidate), bugs).run()
+            schedule = failing.schedule.with_steps(candidate)
+            schedule = replace(schedule, options={**schedule.options, "edited": True})
+            result = await Runner(world, schedule, bugs).run()
             if result.violation is not None and result.violation.invariant == invariant:
                 steps = list(candidate[: result.violation.step + 1])
                 best = result

@@ -108,6 +108,9 @@ class Schedule:
         return replace(self, steps=tuple(steps))
 
     def replay_command(self, bugs: frozenset[str] = frozenset()) -> str:
+        if self.options.get("edited"):
+            words = ["python -m tests.sim", "--replay FILE (this schedule's JSON)"]
+            return " ".join(words + [f"--bug {b}" for b in sorted(bugs)])
         words = ["python -m tests.sim", f"--seed {self.seed}"]
         if self.options.get("steps") is not None:
             words.append(f"--steps {self.options['steps']}")
