@@ -10,6 +10,7 @@ from __future__ import annotations
 from tests.sim.steps import Fault, Schedule, Step
 
 BALANCES = ((1_000, 1_000), (1_000, 1_000))
+HAND_WRITTEN = {"edited": True}  # replayed from its JSON, not from its seed
 
 
 def _check(rid: str, est: int = 100) -> Step:
@@ -44,6 +45,7 @@ SCHEDULES: dict[str, Schedule] = {
             ),
             Step("balance", 0, 0),
         ),
+        HAND_WRITTEN,
     ),
     # Redis restarted from a snapshot older than a settlement: the start-up resync kept the
     # settled request's hold, and a Deduct with its token bought tokens for a settled id
@@ -62,6 +64,7 @@ SCHEDULES: dict[str, Schedule] = {
             _deduct("r0", 10, 1),
             _check("r0"),
         ),
+        HAND_WRITTEN,
     ),
     # A reaper pass cancelled after committing an expiry; a late Finalize takes the hold
     # over and its process dies before committing. The restart's reaper left the hold
@@ -82,6 +85,7 @@ SCHEDULES: dict[str, Schedule] = {
             _finalize("r1", 90, source="none", fault=Fault("crash", "finalize.begun")),
             Step("balance", 0, 0),
         ),
+        HAND_WRITTEN,
     ),
 }
 

@@ -93,4 +93,4 @@ async def test_each_known_defect_class_is_found(world: World, bug: str) -> None:
 )
 async def test_schedules_of_found_defects_run_clean(world: World, name: str) -> None:
     result = await Runner(world, SCHEDULES[name]).run()
-    assert result.ok, result.report()
+    assert result.ok, f"{result.report()}\nJSON: {SCHEDULES[name].to_json()}"
