@@ -473,9 +473,11 @@ class Runner:
         (unless a restart repairs them) their Redis may lag until the reaper has run."""
         for key in keys:
             self.model.mark_uncertain(key)
-            if kind == "crash" or self.dirty.get(key, ("",))[0] == "error":
-                continue  # a restart repairs; an earlier failure's repair is still due
-            self.dirty[key] = (kind, self.model.now)
+            if kind == "crash":
+                continue  # the restart repairs
+            if kind == "cancel" and self.dirty.get(key, ("",))[0] == "error":
+                continue  # an earlier failure's repair is still due: keep its rule
+            self.dirty[key] = (kind, self.model.now)  # a later failure restarts the clock
 
     # -- recovery after a crash -----------------------------------------------------------
 
