@@ -87,6 +87,27 @@ SCHEDULES: dict[str, Schedule] = {
         ),
         HAND_WRITTEN,
     ),
+    # A late Finalize commits its adjustment and a store error stops it before the Redis
+    # half: its claim stays settling and reserves the charge (fine). A second late Finalize
+    # with other usage is refused (REQUEST_ID_CONFLICT) and, on that path, releases the
+    # settling claim without adopting the committed balance: Redis then offers the
+    # adjustment's grains again (invariant 2, Redis ahead of the ledger). Seed 8897.
+    "conflicting_late_finalize_releases_committed_claim": Schedule(
+        104,
+        2,
+        2,
+        BALANCES,
+        (
+            _check("r1"),
+            _deduct("r1", 20, 1),
+            Step("advance", args={"ms": 1_200_000}),
+            Step("reaper"),
+            _finalize("r1", 90, source="none", fault=Fault("error", "adjust.committed")),
+            _finalize("r1", 70, source="none"),
+            Step("balance", 0, 0),
+        ),
+        HAND_WRITTEN,
+    ),
 }
 
-OPEN: frozenset[str] = frozenset()
+OPEN: frozenset[str] = frozenset({"conflicting_late_finalize_releases_committed_claim"})

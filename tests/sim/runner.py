@@ -1038,6 +1038,20 @@ class Runner:
                     f"{name}: balance {pg.balance} but only {pg.overage} overage recorded",
                 )
             if rd.exists:
+                # Always, faults or not: a charge the ledger committed and Redis has not
+                # adopted yet is still reserved by its hold (expiring or settling), so
+                # Redis never offers money the ledger no longer has.
+                reserved = sum(
+                    amount for where, amount, _, _, _ in rd.holds.values() if where != "open"
+                )
+                if rd.balance - reserved > pg.balance:
+                    raise self.fail(
+                        "2 redis ahead",
+                        f"{name}: Redis balance {rd.balance} (version {rd.version}) minus "
+                        f"the {reserved} its expiring and settling holds reserve is above "
+                        f"PostgreSQL's {pg.balance} (version {pg.version}): Redis offers "
+                        f"{rd.balance - reserved - pg.balance} grains the ledger spent",
+                    )
                 if rd.version > pg.version:
                     raise self.fail(
                         "2 redis ahead",

@@ -29,7 +29,7 @@ BUG_SEEDS = 150
 # The invariant each defect class must break (the first violation the simulator reports).
 BUG_INVARIANTS = {
     faults.BUG_FREE_REUSE: ("6 settled id reused",),
-    faults.BUG_UNSHIELDED_COMMIT: ("2 redis = postgres", "3 integrity"),
+    faults.BUG_UNSHIELDED_COMMIT: ("2 redis = postgres", "2 redis ahead", "3 integrity"),
     faults.BUG_REAPER_POISON: ("3 reaper",),
 }
 
