@@ -91,7 +91,8 @@ SCHEDULES: dict[str, Schedule] = {
     # half: its claim stays settling and reserves the charge (fine). A second late Finalize
     # with other usage is refused (REQUEST_ID_CONFLICT) and, on that path, releases the
     # settling claim without adopting the committed balance: Redis then offers the
-    # adjustment's grains again (invariant 2, Redis ahead of the ledger). Seed 8897.
+    # adjustment's grains again (invariant 2, Redis ahead of the ledger). Seed 8897; fixed
+    # by adopting the committed adjustment on both of the refused paths.
     "conflicting_late_finalize_releases_committed_claim": Schedule(
         104,
         2,
@@ -110,4 +111,4 @@ SCHEDULES: dict[str, Schedule] = {
     ),
 }
 
-OPEN: frozenset[str] = frozenset({"conflicting_late_finalize_releases_committed_claim"})
+OPEN: frozenset[str] = frozenset()

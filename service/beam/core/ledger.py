@@ -549,7 +549,10 @@ class Ledger:
         transaction_id = f"adjustment:{customer_id}:{request_id}"
         if delta == 0:
             earlier = await self.postgres.find_entry(tenant, transaction_id)
-            await self.release(tenant, customer_id, request_id, hold.nonce, expired, expired)
+            # Adopt the newest committed balance: an adjustment with other usage may have
+            # committed while its own Redis half was cut short (its claim is this hold).
+            adopted = earlier if earlier is not None else expired
+            await self.release(tenant, customer_id, request_id, hold.nonce, adopted, expired)
             if earlier is not None:
                 raise request_id_conflict(request_id, "was already finalized with other usage")
             return FinalizeResult(
@@ -569,7 +572,11 @@ class Ledger:
         except BeamError as error:
             if error.reason is not Reason.TRANSACTION_ID_CONFLICT:
                 raise
-            await self.release(tenant, customer_id, request_id, hold.nonce)
+            # Another late Finalize committed its adjustment; if a fault cut its Redis half
+            # short, the claim it left settling is the one we hold now, and releasing it
+            # without adopting that adjustment would offer its grains again.
+            earlier = await self.postgres.find_entry(tenant, transaction_id)
+            await self.release(tenant, customer_id, request_id, hold.nonce, earlier)
             raise request_id_conflict(
                 request_id, "was already finalized with other usage"
             ) from None
