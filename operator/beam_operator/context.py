@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from beam.config import OperatorSettings, ServiceSettings, StoreSettings
+from beam.config import OperatorSettings, RuntimeSettings, StoreSettings
 from beam.core.admin import Admin
-from beam.core.runtime import Runtime
+from beam.core.runtime import Runtime, UnsignedTokens
 from beam_operator.secrets import SecretStore
 
 MEMO_KEY = "beam"
@@ -35,19 +35,21 @@ def context_of(memo: Any) -> OperatorContext:
     return found
 
 
-def service_settings(settings: OperatorSettings) -> ServiceSettings:
+def runtime_settings(settings: OperatorSettings) -> RuntimeSettings:
     """The store part of the operator's settings, in the shape ``Runtime`` takes.
 
     Built from the validated values (not the environment again), so the operator and its
-    Runtime can never disagree about where the stores are.
+    Runtime can never disagree about where the stores are. Not ``ServiceSettings``: the
+    operator has no request-token key and needs none.
     """
     stores = {name: getattr(settings, name) for name in StoreSettings.model_fields}
-    return ServiceSettings.model_validate({**stores, "migrate_on_start": settings.migrate_on_start})
+    return RuntimeSettings.model_validate({**stores, "migrate_on_start": settings.migrate_on_start})
 
 
-async def open_runtime(settings: ServiceSettings) -> Runtime:
-    """``Runtime.create`` without the background reaper (the service replicas run it)."""
-    return await Runtime.create(settings, background=False)
+async def open_runtime(settings: RuntimeSettings) -> Runtime:
+    """``Runtime.create`` without the background reaper (the service replicas run it) and
+    with tokens that cannot sign (the operator never issues or verifies a request token)."""
+    return await Runtime.create(settings, tokens=UnsignedTokens(), background=False)
 
 
 def tenant_of(namespace: str | None) -> str:

@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 from beam.config import OperatorSettings
 from beam.observability import configure_logging
 from beam_operator.constants import ANNOTATION_PREFIX, EVENT_COMPONENT, FINALIZER
-from beam_operator.context import MEMO_KEY, OperatorContext, open_runtime, service_settings
+from beam_operator.context import MEMO_KEY, OperatorContext, open_runtime, runtime_settings
 from beam_operator.handlers import apikey, customer, instance_labels, pricelist
 from beam_operator.secrets import SecretStore
 
@@ -93,7 +93,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
     configure_kopf(settings)
     operator_settings: OperatorSettings = memo[SETTINGS_MEMO_KEY]
-    runtime = await open_runtime(service_settings(operator_settings))
+    runtime = await open_runtime(runtime_settings(operator_settings))
     try:
         secrets = SecretStore.connect()
     except Exception:

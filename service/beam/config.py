@@ -1,8 +1,19 @@
 """Every setting of the service and the operator, read from ``BEAM_*`` environment variables.
 
-One class per process kind, one home per setting. Secrets have no usable default outside dev:
-``StoreSettings.check_production`` refuses placeholders so a forgotten ``existingSecret`` fails at
-start-up, not after money has moved under a guessable request-token key.
+One class per process kind, one home per setting:
+
+- ``StoreSettings``: where the stores are; every process that opens them (the migration and
+  integrity jobs, the CLI's local commands) reads only these.
+- ``RuntimeSettings``: the stores plus what a ``Runtime`` tunes (caches, holds, the reaper).
+- ``ServiceSettings``: the enforcement service, the one process that signs and verifies
+  request tokens, so the only class with ``request_token_secret``. Any other process
+  never sees the key: the operator's settings have no such field, and the chart renders
+  ``BEAM_REQUEST_TOKEN_SECRET`` into the service's pods only.
+- ``OperatorSettings``: the Kopf operator.
+
+Secrets have no usable default outside dev: ``ServiceSettings.check_production`` refuses
+placeholders so a forgotten ``existingSecret`` fails at start-up, not after money has moved
+under a guessable request-token key.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ class RedisMode(StrEnum):
 
 
 class StoreSettings(BaseSettings):
-    """Where the stores are. Shared by the service, the operator and the CLI's local commands."""
+    """Where the stores are. Shared by every process that opens them; no request-token key."""
 
     model_config = SettingsConfigDict(env_prefix="BEAM_", extra="ignore")
 
@@ -45,8 +56,6 @@ class StoreSettings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://beam@127.0.0.1:5432/beam")
     database_pool_min: int = Field(default=2, ge=1, le=100)
     database_pool_max: int = Field(default=20, ge=1, le=500)
-    # HMAC key for request tokens (>= 32 characters outside dev).
-    request_token_secret: SecretStr = SecretStr(DEV_REQUEST_TOKEN_SECRET)
 
     @model_validator(mode="before")
     @classmethod
@@ -58,15 +67,9 @@ class StoreSettings(BaseSettings):
         return data
 
     @model_validator(mode="after")
-    def check_production(self) -> Self:
-        if self.environment is Environment.DEV:
+    def check_sentinels(self) -> Self:
+        if self.is_dev:
             return self
-        secret = self.request_token_secret.get_secret_value()
-        if secret in PLACEHOLDER_SECRETS or len(secret) < 32:
-            raise ValueError(
-                "BEAM_REQUEST_TOKEN_SECRET must be set to a random value of at least 32 "
-                "characters outside dev (BEAM_ENVIRONMENT=dev)"
-            )
         if self.redis_mode is RedisMode.SENTINEL and not self.redis_sentinels:
             raise ValueError("BEAM_REDIS_SENTINELS is required when BEAM_REDIS_MODE=sentinel")
         return self
@@ -76,14 +79,9 @@ class StoreSettings(BaseSettings):
         return self.environment is Environment.DEV
 
 
-class ServiceSettings(StoreSettings):
-    """The enforcement service (``beam serve``)."""
+class RuntimeSettings(StoreSettings):
+    """What a ``Runtime`` (``beam.core.runtime``) tunes besides the stores."""
 
-    http_host: str = "0.0.0.0"
-    http_port: int = Field(default=8080, ge=0, le=65535)
-    grpc_host: str = "0.0.0.0"
-    grpc_port: int = Field(default=9090, ge=0, le=65535)
-    log_level: str = "INFO"
     hold_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
     reaper_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     # Holds settled per reaper pass (bounded work per tick).
@@ -91,6 +89,19 @@ class ServiceSettings(StoreSettings):
     # How long API keys and prices may be cached before a forced reload (changes are also
     # pushed by PostgreSQL NOTIFY; this is the fallback).
     cache_max_age_seconds: float = Field(default=5.0, gt=0, le=300)
+    migrate_on_start: bool = False
+
+
+class ServiceSettings(RuntimeSettings):
+    """The enforcement service (``beam serve``): the only holder of the request-token key."""
+
+    # HMAC key for request tokens (>= 32 characters outside dev).
+    request_token_secret: SecretStr = SecretStr(DEV_REQUEST_TOKEN_SECRET)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(default=9090, ge=0, le=65535)
+    log_level: str = "INFO"
     max_body_bytes: int = Field(default=65_536, ge=1024, le=10_485_760)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
     # After SIGTERM, keep serving this long with readiness 503 and gRPC health NOT_SERVING
@@ -103,7 +114,6 @@ class ServiceSettings(StoreSettings):
     # or a PostgreSQL restart does not take every replica out of its Service at once (calls
     # answer STORE_UNAVAILABLE, which clients retry, instead of connection refused).
     ready_stores: Literal["all", "any"] = "all"
-    migrate_on_start: bool = False
     # gRPC connections are closed (GOAWAY) after this age, so clients reconnect and reach pods
     # the autoscaler added (HTTP/2 otherwise stays on its first pod); in-flight calls get the
     # grace to finish. 0 = never.
@@ -122,9 +132,21 @@ class ServiceSettings(StoreSettings):
     # carry LISTEN. Unset: LISTEN uses a connection of the pool.
     database_listen_url: SecretStr | None = None
 
+    @model_validator(mode="after")
+    def check_production(self) -> Self:
+        if self.is_dev:
+            return self
+        secret = self.request_token_secret.get_secret_value()
+        if secret in PLACEHOLDER_SECRETS or len(secret) < 32:
+            raise ValueError(
+                "BEAM_REQUEST_TOKEN_SECRET must be set to a random value of at least 32 "
+                "characters outside dev (BEAM_ENVIRONMENT=dev)"
+            )
+        return self
+
 
 class OperatorSettings(StoreSettings):
-    """The Kopf operator (``beam operator``)."""
+    """The Kopf operator (``beam operator``). No request-token key: it never signs a token."""
 
     log_level: str = "INFO"
     # Empty: all namespaces (cluster-wide). Otherwise a comma-separated list.

@@ -282,6 +282,39 @@ def test_operator_reads_secrets_only_by_name(helm: Helm) -> None:
                         "verbs": ["get", "create", "patch", "delete"]}]  # fmt: skip
 
 
+def test_only_the_service_gets_the_request_token_key(helm: Helm) -> None:
+    """The key signs and verifies request tokens; only the service does either. Every other
+    pod that reads the stores (operator, migration Job, integrity CronJob) goes without."""
+    docs = render(helm, "--set", "integrityCheck.enabled=true")
+    with_stores, with_key = set(), set()
+    for doc in docs:
+        pod = _pod_spec(doc)
+        for item in [*(pod or {}).get("initContainers", []), *(pod or {}).get("containers", [])]:
+            names = set(env(item))
+            where = (doc["kind"], doc["metadata"]["name"], item["name"])
+            if "BEAM_DATABASE_URL" in names:
+                with_stores.add(where)
+            if "BEAM_REQUEST_TOKEN_SECRET" in names:
+                with_key.add(where)
+    assert with_stores == {
+        ("Deployment", "beam-service", "service"),
+        ("Deployment", "beam-operator", "operator"),
+        ("Job", "beam-migrate", "migrate"),
+        ("CronJob", "beam-integrity", "verify-integrity"),
+    }
+    assert with_key == {("Deployment", "beam-service", "service")}
+    key = env(container(docs, "Deployment", "beam-service"))["BEAM_REQUEST_TOKEN_SECRET"]
+    assert key == {"secretKeyRef": {"name": "beam-request-token", "key": "request-token-secret"}}
+
+
+def _pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    spec = doc.get("spec") or {}
+    if doc["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    pod: dict[str, Any] | None = (spec.get("template") or {}).get("spec")
+    return pod
+
+
 def test_the_bundled_database_runs_beam_as_its_owner_not_the_superuser(helm: Helm) -> None:
     docs = render(helm)
     database = container(docs, "StatefulSet", "beam-timescaledb")

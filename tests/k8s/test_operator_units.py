@@ -14,11 +14,12 @@ import kopf
 import pytest
 from pydantic import SecretStr
 
-from beam.config import OperatorSettings
+from beam.config import OperatorSettings, ServiceSettings
 from beam.core.reconcile import Condition
+from beam.core.runtime import UnsignedTokens, tokens_of
 from beam.errors import BeamError, Reason, invalid
 from beam_operator.conditions import merge_conditions, reason_name, rfc3339, status_changes
-from beam_operator.context import service_settings
+from beam_operator.context import runtime_settings
 from beam_operator.errors import classify, retry_delay
 from beam_operator.handlers.customer import BalanceState, balance_state, published_state
 from beam_operator.reconciling import reconciling
@@ -111,18 +112,18 @@ def test_balance_states_come_from_conditions_or_the_published_status() -> None:
     assert published_state(published) == BalanceState(low=True, depleted=True)
 
 
-def test_the_runtime_gets_the_operators_store_settings() -> None:
+def test_the_runtime_gets_the_operators_store_settings_and_no_key() -> None:
     settings = OperatorSettings(
         redis_url="redis://127.0.0.1:7000/2",
         database_url=SecretStr("postgresql://u@127.0.0.1:5433/db"),
-        request_token_secret=SecretStr("x" * 40),
         migrate_on_start=False,
     )
-    derived = service_settings(settings)
+    derived = runtime_settings(settings)
     assert derived.redis_url == "redis://127.0.0.1:7000/2"
     assert derived.database_url.get_secret_value() == "postgresql://u@127.0.0.1:5433/db"
-    assert derived.request_token_secret.get_secret_value() == "x" * 40
     assert derived.migrate_on_start is False
+    assert not isinstance(derived, ServiceSettings)  # so no request-token key to carry
+    assert isinstance(tokens_of(derived), UnsignedTokens)
 
 
 class _NullLogger:

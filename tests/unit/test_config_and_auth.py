@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from beam.config import Environment, OperatorSettings, RedisMode, ServiceSettings
+from beam.config import (
+    Environment,
+    OperatorSettings,
+    RedisMode,
+    RuntimeSettings,
+    ServiceSettings,
+    StoreSettings,
+)
 from beam.constants import (
     account_key,
     customer_keys,
@@ -22,6 +29,7 @@ from beam.core.auth import (
     generate_key,
     hash_key,
 )
+from beam.core.runtime import UnsignedTokens, tokens_of
 from beam.errors import BeamError, Reason
 from beam.records import Role
 
@@ -36,6 +44,34 @@ def test_production_refuses_placeholder_and_short_secrets() -> None:
         ServiceSettings()  # the dev default is refused outside dev
     assert ServiceSettings(environment=Environment.DEV).is_dev
     assert ServiceSettings(request_token_secret=STRONG).grpc_port == 9090  # type: ignore[arg-type]
+
+
+def test_only_the_service_settings_hold_the_request_token_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator, the migration Job and the integrity CronJob start in production without
+    the key, and take none when one is in their environment anyway."""
+    monkeypatch.setenv("BEAM_REQUEST_TOKEN_SECRET", STRONG)
+    for other in (StoreSettings, RuntimeSettings, OperatorSettings):
+        assert "request_token_secret" not in other.model_fields, other.__name__
+        assert not hasattr(other(), "request_token_secret"), other.__name__
+    monkeypatch.delenv("BEAM_REQUEST_TOKEN_SECRET")
+    for other in (StoreSettings, RuntimeSettings, OperatorSettings):
+        assert other().environment is Environment.PRODUCTION  # no key needed to start
+    with pytest.raises(ValidationError, match="BEAM_REQUEST_TOKEN_SECRET"):
+        ServiceSettings()
+
+
+def test_a_runtime_signs_with_the_service_key_only() -> None:
+    signed = tokens_of(ServiceSettings(request_token_secret=STRONG))  # type: ignore[arg-type]
+    expected = RequestTokens(STRONG).issue("acme", "cus_1", "req_1", "nonce123")
+    assert signed.issue("acme", "cus_1", "req_1", "nonce123") == expected
+    unsigned = tokens_of(RuntimeSettings())
+    assert isinstance(unsigned, UnsignedTokens)
+    with pytest.raises(RuntimeError, match="no request-token key"):
+        unsigned.issue("acme", "cus_1", "req_1", "nonce123")
+    with pytest.raises(RuntimeError, match="no request-token key"):
+        unsigned.verify(expected, "acme", "cus_1", "req_1")
 
 
 def test_settings_read_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

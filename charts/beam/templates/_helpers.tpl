@@ -343,8 +343,9 @@ password
 {{- end -}}
 
 {{/*
-Environment of every Beam container: where the stores are and the secrets. Call with
-(dict "context" $ "component" "service"|"operator"|"migrations"); the component picks its
+Environment of every Beam container: where the stores are and their credentials (the
+request-token key is the service's alone: beam.env.requestToken). Call with
+(dict "context" $ "component" "service"|"operator"|"migrations"|"integrity"); the component picks its
 database pool size, and only the service goes through PgBouncer (pgbouncer.enabled), with
 LISTEN kept on a direct connection (BEAM_DATABASE_LISTEN_URL): the operator and migrations
 need sessions (advisory locks). BEAM_DATABASE_URL is assembled in the pod with $(VAR)
@@ -416,11 +417,19 @@ for that, and are also the libpq variables asyncpg falls back to. Passwords must
   value: {{ $pool.poolMin | quote }}
 - name: BEAM_DATABASE_POOL_MAX
   value: {{ $pool.poolMax | quote }}
+{{- end -}}
+
+{{/*
+The request-token key, for the service's pods only: it signs and verifies the tokens of
+CheckBalance, DeductTokens and FinalizeRequest. The operator, the migration Job and the
+integrity CronJob never see it (they read no such setting).
+*/}}
+{{- define "beam.env.requestToken" -}}
 - name: BEAM_REQUEST_TOKEN_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ include "beam.requestToken.secretName" $ctx }}
-      key: {{ include "beam.requestToken.secretKey" $ctx }}
+      name: {{ include "beam.requestToken.secretName" . }}
+      key: {{ include "beam.requestToken.secretKey" . }}
 {{- end -}}
 
 {{/* ---------------------------------------------------------------- PgBouncer */}}

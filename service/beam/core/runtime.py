@@ -3,6 +3,11 @@
 Both servers (gRPC and REST) share one ``Runtime``: one Redis client, one PostgreSQL pool,
 one key cache, one price cache, one reaper. Background tasks are owned here and cancelled
 on ``stop``; nothing else starts tasks.
+
+The request-token key is a dependency, not a setting the runtime digs out: only the
+service's settings carry it (``ServiceSettings``), and every other process (the operator,
+the integrity job) builds its runtime with ``UnsignedTokens``, which cannot issue or
+verify a token. Those calls (Check, Deduct, Finalize) are the service's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 from beam.adapters.postgres_store import PostgresStore
 from beam.adapters.redis_store import RedisStore
 from beam.adapters.scripts import Scripts
-from beam.config import ServiceSettings
+from beam.config import RuntimeSettings, ServiceSettings
 from beam.constants import CHANNEL_API_KEYS, CHANNEL_PRICES
 from beam.core.admin import Admin
 from beam.core.auth import Authenticator, RequestTokens
@@ -33,8 +38,36 @@ def _identity_text(identity: frozenset[str]) -> str:
     return ",".join(sorted(identity))
 
 
+class UnsignedTokens(RequestTokens):
+    """The request tokens of a process that holds no key. Reaching ``issue`` or ``verify``
+    here is a programmer error (a service call in a process that is not the service), so
+    it crashes instead of signing with a key nobody else knows."""
+
+    def __init__(self) -> None:  # no key, on purpose: there is nothing to sign with
+        pass
+
+    def issue(self, tenant: str, customer_id: str, request_id: str, nonce: str) -> str:
+        raise RuntimeError("this process holds no request-token key: only the service issues")
+
+    def verify(self, token: str, tenant: str, customer_id: str, request_id: str) -> str:
+        raise RuntimeError("this process holds no request-token key: only the service verifies")
+
+
+def tokens_of(settings: RuntimeSettings) -> RequestTokens:
+    """The service's key when these are the service's settings, else tokens that cannot sign."""
+    if isinstance(settings, ServiceSettings):
+        return RequestTokens(settings.request_token_secret.get_secret_value())
+    return UnsignedTokens()
+
+
 class Runtime:
-    def __init__(self, settings: ServiceSettings, redis: RedisStore, postgres: PostgresStore):
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        redis: RedisStore,
+        postgres: PostgresStore,
+        tokens: RequestTokens,
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.postgres = postgres
@@ -42,7 +75,7 @@ class Runtime:
             postgres, dev_mode=settings.is_dev, max_age_seconds=settings.cache_max_age_seconds
         )
         self.prices = PriceBook(postgres, max_age_seconds=settings.cache_max_age_seconds)
-        self.tokens = RequestTokens(settings.request_token_secret.get_secret_value())
+        self.tokens = tokens
         self.scripts = Scripts(redis)
         self.ledger = Ledger(
             self.scripts,
@@ -59,17 +92,26 @@ class Runtime:
         self._listener: Any = None
 
     @classmethod
-    async def create(cls, settings: ServiceSettings, *, background: bool = True) -> Runtime:
-        """The one place a process builds its runtime (service, operator, CLI, tests). A
-        failed step closes what the earlier ones opened, so a caller that retries start-up
-        (the operator's startup handler) never leaks a pool."""
+    async def create(
+        cls,
+        settings: RuntimeSettings,
+        *,
+        tokens: RequestTokens | None = None,
+        background: bool = True,
+    ) -> Runtime:
+        """The one place a process builds its runtime (service, operator, CLI, tests).
+        ``tokens`` defaults to ``tokens_of(settings)``. A failed step closes what the earlier
+        ones opened, so a caller that retries start-up (the operator's startup handler)
+        never leaks a pool."""
         postgres = await PostgresStore.connect(settings)
         redis: RedisStore | None = None
         try:
             if settings.migrate_on_start:
                 await postgres.migrate()
             redis = RedisStore.connect(settings)
-            runtime = cls(settings, redis, postgres)
+            runtime = cls(
+                settings, redis, postgres, tokens if tokens is not None else tokens_of(settings)
+            )
             await runtime.start(background=background)
         except BaseException:
             if redis is not None:
