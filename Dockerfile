@@ -5,7 +5,8 @@
 #
 # The builder stage turns the repository into a wheel (hatchling compiles proto/ with
 # grpcio-tools; lua/ and migrations/ ship inside the wheel) and installs it into a venv.
-# The final stage gets only that venv: no compilers, no pip, no sources, a non-root user.
+# The final stage gets only that venv: no compilers, no pip, no sources, a non-root user, and
+# no `beam dev` (the beam_dev package: a laptop tool that runs Redis and PostgreSQL itself).
 # Runtime dependencies are installed from wheels only (--only-binary), so a dependency that
 # would need a compiler fails the build instead of sneaking one in.
 
@@ -26,6 +27,7 @@ COPY operator/ operator/
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv --without-pip /opt/venv \
  && python -m pip --python /opt/venv/bin/python install --only-binary=:all: /dist/beam-*.whl \
+ && /opt/venv/bin/python -c "import beam_dev, pathlib, shutil; shutil.rmtree(pathlib.Path(beam_dev.__file__).parent)" \
  && /opt/venv/bin/beam --help > /dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -37,7 +37,7 @@ format: $(STAMP)
 	$(BIN)/ruff format service operator tests bench hatch_build.py clients/python
 
 typecheck: $(STAMP)
-	$(BIN)/mypy service/beam operator/beam_operator
+	$(BIN)/mypy service/beam service/beam_dev operator/beam_operator
 	cd clients/python && ../../$(BIN)/mypy src/beam_client  # strict (its pyproject)
 
 contracts: $(STAMP)

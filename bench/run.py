@@ -5,7 +5,7 @@ What one run does (bench/README.md has the method and how to read it):
 
 1. Builds (or finds in the cache) ``ghz`` and ``hey`` at the versions in
    hack/bench/versions.env (hack/bench/build.sh, Go module proxy).
-2. Starts real PostgreSQL and Redis (beam.devservers), seeds tenant ``bench`` through
+2. Starts real PostgreSQL and Redis (beam_dev.servers), seeds tenant ``bench`` through
    ``beam apply`` (gpt-4 at 30,000,000 input / 60,000,000 output grains per million, 64
    customers ``c0``..``c63`` with 10^12 grains each, one enforcer key), then starts
    ``beam serve`` (production mode, a bench token secret), the empty gRPC servicer and the
@@ -52,9 +52,9 @@ import report as rp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "service"))
 
-from beam import devservers  # noqa: E402
 from beam.balance.v1 import balance_pb2 as pb  # noqa: E402
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc  # noqa: E402
+from beam_dev import servers as devservers  # noqa: E402
 
 TOKEN_SECRET = "bench-request-token-secret-0123456789abcdef"  # noqa: S105 (a bench-only stack)
 TENANT = "bench"
@@ -220,7 +220,7 @@ def seed(env: dict[str, str], workdir: Path) -> str:
         [
             sys.executable,
             "-m",
-            "beam.api.cli",
+            "beam.cli.main",
             "apply",
             "-f",
             str(path),
@@ -292,7 +292,7 @@ def wait_grpc(target: str) -> None:
 
 
 def serve_has_workers() -> bool:
-    out = subprocess.run([sys.executable, "-m", "beam.api.cli", "serve", "--help"],
+    out = subprocess.run([sys.executable, "-m", "beam.cli.main", "serve", "--help"],
                          capture_output=True, text=True, check=False)  # fmt: skip
     return "--workers" in out.stdout
 
@@ -307,7 +307,7 @@ def start_beam(env: dict[str, str], pinning: Pinning, workdir: Path, workers: in
         "BEAM_LOG_LEVEL": "WARNING",
     }
     log_path = workdir / "beam-serve.log"
-    argv = [*pinning.server_prefix(), sys.executable, "-m", "beam.api.cli", "serve"]
+    argv = [*pinning.server_prefix(), sys.executable, "-m", "beam.cli.main", "serve"]
     if workers > 1:  # a supervisor and N worker processes sharing the ports (SO_REUSEPORT)
         argv += ["--workers", str(workers)]
     process = spawn(argv, env, log_path)

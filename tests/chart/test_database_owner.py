@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 import yaml
 
-from beam import devservers
 from beam.adapters.migrations import migration_files
+from beam_dev import servers as devservers
 from tests.chart.conftest import Helm
 from tests.support.stack import provision_tenant
 

@@ -18,12 +18,12 @@ import pytest
 import redis
 import yaml
 
-from beam import devservers
 from beam.config import Environment, RedisMode, ServiceSettings
 from beam.constants import account_key
 from beam.core.auth import Principal
 from beam.core.runtime import Runtime
 from beam.records import Customer, Role
+from beam_dev import servers as devservers
 from tests.chart.conftest import Helm
 from tests.support.stack import TEST_TOKEN_SECRET
 

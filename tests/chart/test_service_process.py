@@ -34,10 +34,10 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from beam import devservers
 from beam.adapters.postgres_store import PostgresStore
 from beam.config import ServiceSettings
 from beam.core.auth import hash_key
+from beam_dev import servers as devservers
 from tests.support.stack import TEST_TOKEN_SECRET, ServiceProcess, Stores, Tenant
 
 pytestmark = pytest.mark.timeout(180)

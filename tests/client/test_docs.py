@@ -33,10 +33,10 @@ import pytest
 import yaml
 from beam_client import AsyncBeamClient, BeamClient, Target, estimate_tokens, parse_target
 
-from beam import devservers
 from beam.adapters.postgres_store import PostgresStore
 from beam.config import ServiceSettings
 from beam.core.pricing import parse_price_entries
+from beam_dev import servers as devservers
 from tests.client.conftest import Admin
 from tests.client.fakes import Provider, fake_anthropic_module, fake_openai_module
 from tests.support.stack import TEST_TOKEN_SECRET, ServiceProcess, Stores, Tenant
@@ -427,7 +427,7 @@ async def beam_dev(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
     log = tmp_path / "beam-dev.log"
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "beam.api.cli", "dev", "--state-dir", str(tmp_path / "state"),
+            sys.executable, "-m", "beam.cli.main", "dev", "--state-dir", str(tmp_path / "state"),
             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
             stdout=out, stderr=out, start_new_session=True,
         )  # fmt: skip

@@ -22,7 +22,7 @@ from beam_client import (
     RequestStatus,
 )
 
-from beam import devservers
+from beam_dev import servers as devservers
 from tests.client.conftest import QUICK_RETRY, Admin
 from tests.client.fakes import endless, openai_stream
 from tests.support.stack import ServiceProcess, Tenant

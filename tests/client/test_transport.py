@@ -28,7 +28,7 @@ from beam_client import (
 )
 from beam_client._generated import balance_pb2 as pb
 
-from beam import devservers
+from beam_dev import servers as devservers
 
 pytestmark = pytest.mark.timeout(60)
 

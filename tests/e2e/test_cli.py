@@ -1,6 +1,6 @@
 """The `beam` client commands against a running service, as a user runs them.
 
-Each command runs as `python -m beam.api.cli ...` with `--server` and `--api-key`. Tables
+Each command runs as `python -m beam.cli.main ...` with `--server` and `--api-key`. Tables
 are parsed by their header's column positions and compared with exact values; `--json`
 output must parse and carry the same values as the API's proto3 JSON. Errors go to stderr
 as `error: <REASON>: <message>` with exit status 1; an unreachable server is 3; a usage
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from beam import devservers
 from beam.constants import account_key
+from beam_dev import servers as devservers
 from tests.e2e.conftest import Api, create_customer, ok_json, open_hold, rest_balance
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
@@ -61,7 +61,7 @@ async def beam(*args: str, env: dict[str, str] | None = None) -> Run:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("BEAM_")}
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "beam.api.cli", *args],
+        [sys.executable, "-m", "beam.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -33,7 +33,7 @@ def dev(tmp_path: Path) -> Iterator[BeamDev]:
 
 
 def beam_usage(dev: BeamDev, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "beam.api.cli", "usage", "--customer-id", "test_customer_1",
+    argv = [sys.executable, "-m", "beam.cli.main", "usage", "--customer-id", "test_customer_1",
             "--since", "1h", "--bucket", "minute", "--server",
             f"http://localhost:{dev.http_port}", *args]  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"}

@@ -45,7 +45,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from beam.devservers import free_port
+from beam_dev.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV_KEY = "beam_test_key_1234567890"
@@ -107,7 +107,7 @@ class BeamDev:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> BeamDev:
-        argv = [sys.executable, "-m", "beam.api.cli", "dev", "--state-dir", str(self.state_dir),
+        argv = [sys.executable, "-m", "beam.cli.main", "dev", "--state-dir", str(self.state_dir),
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]  # fmt: skip
         with self.log_path.open("ab") as log:
             # Its own session, like a shell job: SIGINT below reaches `beam dev` only, so it

@@ -28,7 +28,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from beam.devservers import (
+from beam_dev.servers import (
     BinaryLocation,
     BinaryNotFoundError,
     BinarySource,
@@ -179,7 +179,7 @@ def test_servers_left_running_are_stopped_at_interpreter_exit(tmp_path: Path) ->
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from beam.devservers import RedisServer
+        from beam_dev.servers import RedisServer
         server = RedisServer(Path({str(tmp_path)!r}))
         server.start()
         print(server.pid, flush=True)
@@ -197,7 +197,7 @@ def test_sigterm_stops_servers_when_signals_are_handled(tmp_path: Path) -> None:
         f"""
         import time
         from pathlib import Path
-        from beam.devservers import RedisServer, stop_servers_on_signals
+        from beam_dev.servers import RedisServer, stop_servers_on_signals
         stop_servers_on_signals()
         with RedisServer(Path({str(tmp_path)!r})) as server:
             print(server.pid, flush=True)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from beam import devservers
 from beam.constants import account_key
 from beam.core.auth import Principal
 from beam.core.runtime import Runtime
 from beam.records import Customer, Role
+from beam_dev import servers as devservers
 from tests.support.stack import Stores, Tenant
 
 

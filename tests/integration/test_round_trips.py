@@ -22,7 +22,6 @@ import grpc
 import httpx
 import pytest
 
-from beam import devservers
 from beam.adapters.redis_store import load_scripts
 from beam.balance.v1 import balance_pb2 as pb
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc
@@ -33,6 +32,7 @@ from beam.constants import (
     SCRIPT_READ_BALANCE,
     SCRIPT_SETTLE_HOLD,
 )
+from beam_dev import servers as devservers
 from tests.support.stack import ServiceProcess, Stores, Tenant, provision_tenant
 
 _LINE = re.compile(r'^\+\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<command>[^"]+)"(?P<args>.*)$')

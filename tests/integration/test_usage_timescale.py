@@ -25,10 +25,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from beam import devservers
 from beam.adapters.migrations import migrate, migration_files
 from beam.adapters.usage_store import Bucket, UsagePolicies, UsageStore
 from beam.core.usage import BUCKET_WIDTHS, floor_to
+from beam_dev import servers as devservers
 from tests.integration.test_usage import SPEND, _append, _expected, _settlement
 from tests.support.stack import Stores
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import yaml
 
-from beam import devservers
+from beam_dev import servers as devservers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "beam"
@@ -189,7 +189,7 @@ class OperatorProcess:
         self.log_path = self.workdir / f"operator-{self.starts}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "beam.api.cli", "operator"],
+            [sys.executable, "-m", "beam.cli.main", "operator"],
             env={
                 **os.environ,
                 **self.env,

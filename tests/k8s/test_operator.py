@@ -834,7 +834,7 @@ def test_beam_apply_produces_the_same_state_without_a_cluster(
     env = {**stores.env(), "BEAM_DATABASE_URL": apart_dsn,
            "BEAM_REDIS_URL": stores.env()["BEAM_REDIS_URL"].rsplit("/", 1)[0] + "/1"}  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "beam.api.cli", "apply", "-f", str(EXAMPLES_DIR),
+        [sys.executable, "-m", "beam.cli.main", "apply", "-f", str(EXAMPLES_DIR),
          "--state-dir", str(tmp_path)],
         env={**_environ(), **env}, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

@@ -10,7 +10,7 @@
     python -m tests.sim --seeds 2000 --mask redis_restart --mask crash@credit.committed
                                                   # look past known findings
 
-Each process starts its own PostgreSQL and Redis (beam.devservers) in a temporary directory
+Each process starts its own PostgreSQL and Redis (beam_dev.servers) in a temporary directory
 (or ``--workdir``) and stops them at the end. Exit status 1 if any schedule violated an
 invariant; the soak ends with the count, the duration and schedules/s.
 """
@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from beam import devservers
 from beam.core import faults
+from beam_dev import servers as devservers
 from tests.sim.runner import Runner
 from tests.sim.shrink import shrink
 from tests.sim.soak import Chunk, quiet, run_chunk, worker_init

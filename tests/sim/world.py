@@ -4,7 +4,7 @@ They are the simulator's alone, so it can restart them, lose Redis writes on pur
 wipe both between schedules. Redis runs without AOF: ``SAVE`` takes a snapshot, ``kill``
 + restart loads that snapshot back, and every write after it is lost, as after a crash of
 a Redis whose last writes were never persisted or replicated. PostgreSQL runs with
-``fsync=on`` (beam.devservers): a kill loses nothing that committed.
+``fsync=on`` (beam_dev.servers): a kill loses nothing that committed.
 
 Between schedules both stores are emptied (``FLUSHALL``; every table but the schema's
 bookkeeping) so a schedule's behaviour depends on its seed only, and a soak of thousands
@@ -22,11 +22,11 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from beam import devservers
 from beam.adapters.migrations import migrate
 from beam.config import ServiceSettings
 from beam.core.pricing import parse_price_entries
 from beam.core.runtime import Runtime
+from beam_dev import servers as devservers
 from tests.sim.steps import HOLD_TTL_SECONDS
 from tests.support.stack import PRICES, Stores
 

@@ -1,7 +1,7 @@
 """Real stores and a real `beam serve` process for the integration and end-to-end tests.
 
 `Stores` starts PostgreSQL plus one Redis topology (standalone, Sentinel or Cluster) from
-beam.devservers and tests.support.topologies. `ServiceProcess` runs `beam serve` as a child
+beam_dev.servers and tests.support.topologies. `ServiceProcess` runs `beam serve` as a child
 process against them, so tests talk to it over loopback exactly as an application would, and
 can SIGKILL it. `Tenant` provisions a fresh tenant with keys of every role, so tests never
 share money.
@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 
-from beam import devservers
 from beam.adapters.postgres_store import PostgresStore
 from beam.config import Environment, RedisMode, ServiceSettings
 from beam.core.auth import generate_key
 from beam.core.pricing import parse_price_entries
 from beam.records import ApiKeyRecord, Role
+from beam_dev import servers as devservers
 from tests.support.topologies import RedisClusterGroup, RedisSentinelGroup
 
 TEST_TOKEN_SECRET = "test-request-token-secret-0123456789abcdef"
@@ -180,7 +180,7 @@ class ServiceProcess:
         }
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "beam.api.cli", "serve"],
+                [sys.executable, "-m", "beam.cli.main", "serve"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
 """Redis Sentinel and Redis Cluster topologies on loopback, for the tests only.
 
-Built on ``beam.devservers`` (the standalone servers ``beam dev`` runs): every node is a
+Built on ``beam_dev.servers`` (the standalone servers ``beam dev`` runs): every node is a
 ``RedisServer`` and every process goes through the same child-process handling, bounded
 waits and atexit safety net. They live here, not in the product package, because only the
 topology tests (``tests/integration/test_topologies.py``, the Sentinel failover in
@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 import redis
 
-from beam.devservers import (
+from beam_dev.servers import (
     LOOPBACK_HOST,
     START_TIMEOUT_SECONDS,
     STOP_TIMEOUT_SECONDS,

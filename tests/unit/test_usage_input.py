@@ -8,7 +8,7 @@ import click
 import pytest
 from pydantic import ValidationError
 
-from beam.api.usage_cli import bar_chart, instant, label
+from beam.cli.usage import bar_chart, instant, label
 from beam.core.usage import (
     BUCKET_WIDTHS,
     Bucket,

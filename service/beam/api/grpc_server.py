@@ -14,10 +14,12 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from beam.admin.v1 import admin_pb2, admin_pb2_grpc
+from beam.admin.v1 import admin_pb2 as admin_pb
+from beam.admin.v1 import admin_pb2_grpc as admin_grpc
 from beam.api.errors import as_beam_error, grpc_status
 from beam.api.handlers import Handlers, too_large
-from beam.balance.v1 import balance_pb2, balance_pb2_grpc
+from beam.balance.v1 import balance_pb2 as balance_pb
+from beam.balance.v1 import balance_pb2_grpc as balance_grpc
 from beam.core.auth import Principal
 from beam.errors import Reason, invalid
 
@@ -96,7 +98,7 @@ class _Base:
             raise AssertionError("abort returned") from None
 
 
-class BalanceService(_Base, balance_pb2_grpc.BalanceServiceServicer):
+class BalanceService(_Base, balance_grpc.BalanceServiceServicer):
     async def CheckBalance(self, request: Any, context: Any) -> Message:
         return await self._serve("check", self.handlers.check, request, context)
 
@@ -110,7 +112,7 @@ class BalanceService(_Base, balance_pb2_grpc.BalanceServiceServicer):
         return await self._serve("get_balance", self.handlers.get_balance, request, context)
 
 
-class AdminService(_Base, admin_pb2_grpc.AdminServiceServicer):
+class AdminService(_Base, admin_grpc.AdminServiceServicer):
     async def CreateCustomer(self, request: Any, context: Any) -> Message:
         return await self._serve("create_customer", self.handlers.create_customer, request, context)
 
@@ -189,17 +191,17 @@ def create_server(
             reuse_port=reuse_port,
         ),
     )
-    balance_pb2_grpc.add_BalanceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+    balance_grpc.add_BalanceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         BalanceService(handlers, max_message_bytes), server
     )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
+    admin_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(handlers, max_message_bytes), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
-        balance_pb2.DESCRIPTOR.services_by_name["BalanceService"].full_name,
-        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        balance_pb.DESCRIPTOR.services_by_name["BalanceService"].full_name,
+        admin_pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

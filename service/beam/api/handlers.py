@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from beam.admin.v1 import admin_pb2 as admin
-from beam.balance.v1 import balance_pb2 as balance
+from beam.admin.v1 import admin_pb2 as admin_pb
+from beam.balance.v1 import balance_pb2 as balance_pb
 from beam.core.admin import CustomerIntegrity, CustomerView, EntryResult
 from beam.core.auth import Principal
 from beam.core.commands import (
@@ -42,12 +42,12 @@ M = TypeVar("M", bound=Message)
 
 def _status_name(value: int) -> str:
     try:
-        return str(balance.RequestStatus.Name(value))
+        return str(balance_pb.RequestStatus.Name(value))
     except ValueError:
         return str(value)
 
 
-def check_command(m: balance.CheckBalanceRequest) -> CheckCommand:
+def check_command(m: balance_pb.CheckBalanceRequest) -> CheckCommand:
     md = m.metadata
     return CheckCommand(
         customer_id=m.customer_id,
@@ -62,7 +62,7 @@ def check_command(m: balance.CheckBalanceRequest) -> CheckCommand:
     )
 
 
-def deduct_command(m: balance.DeductTokensRequest) -> DeductCommand:
+def deduct_command(m: balance_pb.DeductTokensRequest) -> DeductCommand:
     return DeductCommand(
         customer_id=m.customer_id,
         request_id=m.request_id,
@@ -75,7 +75,7 @@ def deduct_command(m: balance.DeductTokensRequest) -> DeductCommand:
     )
 
 
-def finalize_command(m: balance.FinalizeRequestRequest) -> FinalizeCommand:
+def finalize_command(m: balance_pb.FinalizeRequestRequest) -> FinalizeCommand:
     return FinalizeCommand(
         customer_id=m.customer_id,
         request_id=m.request_id,
@@ -108,12 +108,12 @@ class Handlers:
 
     # -- balance -----------------------------------------------------------------------------
 
-    async def check(self, p: Principal, m: balance.CheckBalanceRequest) -> Message:
+    async def check(self, p: Principal, m: balance_pb.CheckBalanceRequest) -> Message:
         result = await self.ledger.check(p, check_command(m))
         DECISIONS.labels("check", result.rejection_reason or "OK").inc()
         if result.approved:
             GRAINS.labels("held").inc(result.reserved_grains)
-        return balance.CheckBalanceResponse(
+        return balance_pb.CheckBalanceResponse(
             approved=result.approved,
             remaining_balance=result.remaining_balance,
             request_token=result.request_token,
@@ -124,12 +124,12 @@ class Handlers:
             replayed=result.replayed,
         )
 
-    async def deduct(self, p: Principal, m: balance.DeductTokensRequest) -> Message:
+    async def deduct(self, p: Principal, m: balance_pb.DeductTokensRequest) -> Message:
         result = await self.ledger.deduct(p, deduct_command(m))
         DECISIONS.labels("deduct", result.error_code or "OK").inc()
         if not result.success:
             STREAM_KILLS.labels(result.error_code).inc()
-        return balance.DeductTokensResponse(
+        return balance_pb.DeductTokensResponse(
             success=result.success,
             remaining_balance=result.remaining_balance,
             error_code=result.error_code,
@@ -137,14 +137,14 @@ class Handlers:
             reserved_grains=result.reserved_grains,
         )
 
-    async def finalize(self, p: Principal, m: balance.FinalizeRequestRequest) -> Message:
+    async def finalize(self, p: Principal, m: balance_pb.FinalizeRequestRequest) -> Message:
         result = await self.ledger.finalize(p, finalize_command(m))
         DECISIONS.labels("finalize", "REPLAYED" if result.replayed else "OK").inc()
         if not result.replayed:
             GRAINS.labels("settled").inc(result.charged_grains)
             GRAINS.labels("refunded").inc(result.refunded_grains)
             GRAINS.labels("overage").inc(result.overage_grains)
-        return balance.FinalizeRequestResponse(
+        return balance_pb.FinalizeRequestResponse(
             success=result.success,
             refunded_grains=result.refunded_grains,
             final_balance=result.final_balance,
@@ -153,15 +153,15 @@ class Handlers:
             replayed=result.replayed,
         )
 
-    async def get_balance(self, p: Principal, m: balance.GetBalanceRequest) -> Message:
+    async def get_balance(self, p: Principal, m: balance_pb.GetBalanceRequest) -> Message:
         result = await self.ledger.balance(p, m.customer_id)
-        return balance.GetBalanceResponse(
+        return balance_pb.GetBalanceResponse(
             balance=result.balance, reserved=result.reserved, available=result.available
         )
 
     # -- admin -------------------------------------------------------------------------------
 
-    async def create_customer(self, p: Principal, m: admin.CreateCustomerRequest) -> Message:
+    async def create_customer(self, p: Principal, m: admin_pb.CreateCustomerRequest) -> Message:
         view = await self.admin.create_customer(
             p,
             Customer(
@@ -175,55 +175,55 @@ class Handlers:
         )
         return customer_message(view)
 
-    async def get_customer(self, p: Principal, m: admin.GetCustomerRequest) -> Message:
+    async def get_customer(self, p: Principal, m: admin_pb.GetCustomerRequest) -> Message:
         return customer_message(await self.admin.get_customer(p, m.customer_id))
 
-    async def list_customers(self, p: Principal, m: admin.ListCustomersRequest) -> Message:
+    async def list_customers(self, p: Principal, m: admin_pb.ListCustomersRequest) -> Message:
         validate_limit(m.limit)
         views = await self.admin.list_customers(p, m.limit or 100, m.after_customer_id)
-        return admin.ListCustomersResponse(customers=[customer_message(v) for v in views])
+        return admin_pb.ListCustomersResponse(customers=[customer_message(v) for v in views])
 
-    async def credit(self, p: Principal, m: admin.CreditBalanceRequest) -> Message:
+    async def credit(self, p: Principal, m: admin_pb.CreditBalanceRequest) -> Message:
         return entry_message(await self.admin.credit(p, ledger_command(m)))
 
-    async def debit(self, p: Principal, m: admin.DebitBalanceRequest) -> Message:
+    async def debit(self, p: Principal, m: admin_pb.DebitBalanceRequest) -> Message:
         return entry_message(await self.admin.debit(p, ledger_command(m)))
 
-    async def list_requests(self, p: Principal, m: admin.ListRequestsRequest) -> Message:
+    async def list_requests(self, p: Principal, m: admin_pb.ListRequestsRequest) -> Message:
         validate_limit(m.limit)
         found = await self.admin.list_requests(p, m.customer_id, m.limit or 20)
-        return admin.ListRequestsResponse(requests=[request_message(s) for s in found])
+        return admin_pb.ListRequestsResponse(requests=[request_message(s) for s in found])
 
-    async def get_request(self, p: Principal, m: admin.GetRequestRequest) -> Message:
+    async def get_request(self, p: Principal, m: admin_pb.GetRequestRequest) -> Message:
         return request_message(await self.admin.get_request(p, m.request_id, m.customer_id))
 
-    async def verify_integrity(self, p: Principal, m: admin.VerifyIntegrityRequest) -> Message:
+    async def verify_integrity(self, p: Principal, m: admin_pb.VerifyIntegrityRequest) -> Message:
         reports = await self.admin.verify_integrity(p, m.customer_id)
-        return admin.VerifyIntegrityResponse(
+        return admin_pb.VerifyIntegrityResponse(
             ok=all(r.ok for r in reports),
             customers_checked=len(reports),
             customers=[integrity_message(r) for r in reports],
         )
 
-    async def sync_all(self, p: Principal, m: admin.SyncAllRequest) -> Message:
+    async def sync_all(self, p: Principal, m: admin_pb.SyncAllRequest) -> Message:
         synced, kept = await self.admin.sync(p)
-        return admin.SyncAllResponse(customers_synced=synced, open_holds_kept=kept)
+        return admin_pb.SyncAllResponse(customers_synced=synced, open_holds_kept=kept)
 
     # -- usage analytics ----------------------------------------------------------------------
 
-    async def get_usage(self, p: Principal, m: admin.GetUsageRequest) -> Message:
+    async def get_usage(self, p: Principal, m: admin_pb.GetUsageRequest) -> Message:
         query = UsageQuery(m.customer_id, m.start, m.end, m.bucket, m.group_by)
         return usage_message(await self.usage.customer_usage(p, query))
 
-    async def get_top_customers(self, p: Principal, m: admin.GetTopCustomersRequest) -> Message:
+    async def get_top_customers(self, p: Principal, m: admin_pb.GetTopCustomersRequest) -> Message:
         query = TopCustomersQuery(m.start, m.end, m.limit)
         return top_customers_message(await self.usage.top_customers(p, query))
 
 
 _STATES = {
-    CustomerState.ACTIVE: admin.ACTIVE,
-    CustomerState.SUSPENDED: admin.SUSPENDED,
-    CustomerState.CLOSED: admin.CLOSED,
+    CustomerState.ACTIVE: admin_pb.ACTIVE,
+    CustomerState.SUSPENDED: admin_pb.SUSPENDED,
+    CustomerState.CLOSED: admin_pb.CLOSED,
 }
 
 
@@ -231,9 +231,9 @@ def _unix_ms(value: Any) -> int:
     return int(value.timestamp() * 1000) if value is not None else 0
 
 
-def customer_message(view: CustomerView) -> admin.Customer:
+def customer_message(view: CustomerView) -> admin_pb.Customer:
     c = view.customer
-    return admin.Customer(
+    return admin_pb.Customer(
         customer_id=c.customer_id,
         display_name=c.display_name,
         platform_user_id=c.platform_user_id,
@@ -250,12 +250,14 @@ def customer_message(view: CustomerView) -> admin.Customer:
     )
 
 
-def ledger_command(m: admin.CreditBalanceRequest | admin.DebitBalanceRequest) -> LedgerCommand:
+def ledger_command(
+    m: admin_pb.CreditBalanceRequest | admin_pb.DebitBalanceRequest,
+) -> LedgerCommand:
     return LedgerCommand(m.customer_id, m.amount_grains, m.description, m.transaction_id)
 
 
-def entry_message(result: EntryResult) -> admin.LedgerEntryResponse:
-    return admin.LedgerEntryResponse(
+def entry_message(result: EntryResult) -> admin_pb.LedgerEntryResponse:
+    return admin_pb.LedgerEntryResponse(
         transaction_id=result.transaction_id,
         balance=result.balance,
         available=result.available,
@@ -263,8 +265,8 @@ def entry_message(result: EntryResult) -> admin.LedgerEntryResponse:
     )
 
 
-def request_message(s: Settlement) -> admin.Request:
-    return admin.Request(
+def request_message(s: Settlement) -> admin_pb.Request:
+    return admin_pb.Request(
         request_id=s.request_id,
         customer_id=s.customer_id,
         model=s.model,
@@ -282,8 +284,8 @@ def request_message(s: Settlement) -> admin.Request:
     )
 
 
-def integrity_message(r: CustomerIntegrity) -> admin.CustomerIntegrity:
-    return admin.CustomerIntegrity(
+def integrity_message(r: CustomerIntegrity) -> admin_pb.CustomerIntegrity:
+    return admin_pb.CustomerIntegrity(
         customer_id=r.customer_id,
         ledger_sum_grains=r.ledger_sum_grains,
         postgres_balance=r.postgres_balance,
@@ -295,8 +297,8 @@ def integrity_message(r: CustomerIntegrity) -> admin.CustomerIntegrity:
     )
 
 
-def usage_message(report: UsageReport) -> admin.GetUsageResponse:
-    answer = admin.GetUsageResponse(bucket=report.bucket.value)
+def usage_message(report: UsageReport) -> admin_pb.GetUsageResponse:
+    answer = admin_pb.GetUsageResponse(bucket=report.bucket.value)
     answer.start.FromDatetime(report.start)
     answer.end.FromDatetime(report.end)
     for row in report.rows:
@@ -312,15 +314,17 @@ def usage_message(report: UsageReport) -> admin.GetUsageResponse:
     return answer
 
 
-def top_customers_message(report: TopCustomersReport) -> admin.GetTopCustomersResponse:
-    answer = admin.GetTopCustomersResponse(customers=[spend_message(c) for c in report.customers])
+def top_customers_message(report: TopCustomersReport) -> admin_pb.GetTopCustomersResponse:
+    answer = admin_pb.GetTopCustomersResponse(
+        customers=[spend_message(c) for c in report.customers]
+    )
     answer.start.FromDatetime(report.start)
     answer.end.FromDatetime(report.end)
     return answer
 
 
-def spend_message(c: CustomerSpend) -> admin.CustomerSpend:
-    return admin.CustomerSpend(
+def spend_message(c: CustomerSpend) -> admin_pb.CustomerSpend:
+    return admin_pb.CustomerSpend(
         customer_id=c.customer_id,
         requests=c.requests,
         charged_grains=c.charged_grains,

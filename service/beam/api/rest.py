@@ -24,10 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from beam.admin.v1 import admin_pb2 as admin
+from beam.admin.v1 import admin_pb2 as admin_pb
 from beam.api.errors import as_beam_error, http_body
 from beam.api.handlers import Handlers, too_large
-from beam.balance.v1 import balance_pb2 as balance
+from beam.balance.v1 import balance_pb2 as balance_pb
 from beam.core.auth import Principal
 from beam.errors import BeamError, Reason, invalid
 
@@ -271,24 +271,24 @@ def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) ->
     @app.get("/v1/balance/{customer_id}", tags=["balance"])
     async def get_balance(customer_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "get_balance", h.get_balance, balance.GetBalanceRequest,
+            request, "get_balance", h.get_balance, balance_pb.GetBalanceRequest,
             {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
     @app.post("/v1/balance/check", tags=["balance"],
-              openapi_extra=_body_doc(balance.CheckBalanceRequest))  # fmt: skip
+              openapi_extra=_body_doc(balance_pb.CheckBalanceRequest))  # fmt: skip
     async def check(request: Request) -> Response:
-        return await api.serve(request, "check", h.check, balance.CheckBalanceRequest)
+        return await api.serve(request, "check", h.check, balance_pb.CheckBalanceRequest)
 
     @app.post("/v1/balance/deduct", tags=["balance"],
-              openapi_extra=_body_doc(balance.DeductTokensRequest))  # fmt: skip
+              openapi_extra=_body_doc(balance_pb.DeductTokensRequest))  # fmt: skip
     async def deduct(request: Request) -> Response:
-        return await api.serve(request, "deduct", h.deduct, balance.DeductTokensRequest)
+        return await api.serve(request, "deduct", h.deduct, balance_pb.DeductTokensRequest)
 
     @app.post("/v1/balance/finalize", tags=["balance"],
-              openapi_extra=_body_doc(balance.FinalizeRequestRequest))  # fmt: skip
+              openapi_extra=_body_doc(balance_pb.FinalizeRequestRequest))  # fmt: skip
     async def finalize(request: Request) -> Response:
-        return await api.serve(request, "finalize", h.finalize, balance.FinalizeRequestRequest)
+        return await api.serve(request, "finalize", h.finalize, balance_pb.FinalizeRequestRequest)
 
     _admin_routes(app, api)
     return app
@@ -298,74 +298,74 @@ def _admin_routes(app: FastAPI, api: RestApi) -> None:
     h = api.handlers
 
     @app.post("/v1/customers", tags=["customers"],
-              openapi_extra=_body_doc(admin.CreateCustomerRequest))  # fmt: skip
+              openapi_extra=_body_doc(admin_pb.CreateCustomerRequest))  # fmt: skip
     async def create_customer(request: Request) -> Response:
         return await api.serve(
-            request, "create_customer", h.create_customer, admin.CreateCustomerRequest
+            request, "create_customer", h.create_customer, admin_pb.CreateCustomerRequest
         )
 
     @app.get("/v1/customers", tags=["customers"])
     async def list_customers(request: Request) -> Response:
         return await api.serve(
-            request, "list_customers", h.list_customers, admin.ListCustomersRequest, query=True
+            request, "list_customers", h.list_customers, admin_pb.ListCustomersRequest, query=True
         )
 
     @app.get("/v1/customers/{customer_id}", tags=["customers"])
     async def get_customer(customer_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "get_customer", h.get_customer, admin.GetCustomerRequest,
+            request, "get_customer", h.get_customer, admin_pb.GetCustomerRequest,
             {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
     @app.post("/v1/customers/{customer_id}/credits", tags=["customers"],
-              openapi_extra=_body_doc(admin.CreditBalanceRequest))  # fmt: skip
+              openapi_extra=_body_doc(admin_pb.CreditBalanceRequest))  # fmt: skip
     async def credit(customer_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "credit", h.credit, admin.CreditBalanceRequest, {"customer_id": customer_id}
+            request, "credit", h.credit, admin_pb.CreditBalanceRequest, {"customer_id": customer_id}
         )
 
     @app.post("/v1/customers/{customer_id}/debits", tags=["customers"],
-              openapi_extra=_body_doc(admin.DebitBalanceRequest))  # fmt: skip
+              openapi_extra=_body_doc(admin_pb.DebitBalanceRequest))  # fmt: skip
     async def debit(customer_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "debit", h.debit, admin.DebitBalanceRequest, {"customer_id": customer_id}
+            request, "debit", h.debit, admin_pb.DebitBalanceRequest, {"customer_id": customer_id}
         )
 
     @app.get("/v1/customers/{customer_id}/requests", tags=["requests"])
     async def list_requests(customer_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "list_requests", h.list_requests, admin.ListRequestsRequest,
+            request, "list_requests", h.list_requests, admin_pb.ListRequestsRequest,
             {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
     @app.get("/v1/requests/{request_id:rest_of_path}", tags=["requests"])
     async def get_request(request_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "get_request", h.get_request, admin.GetRequestRequest,
+            request, "get_request", h.get_request, admin_pb.GetRequestRequest,
             {"request_id": request_id}, query=True,
         )  # fmt: skip
 
     @app.get("/v1/customers/{customer_id}/usage", tags=["usage"])
     async def get_usage(customer_id: str, request: Request) -> Response:
         return await api.serve(
-            request, "get_usage", h.get_usage, admin.GetUsageRequest,
+            request, "get_usage", h.get_usage, admin_pb.GetUsageRequest,
             {"customer_id": customer_id}, query=True,
         )  # fmt: skip
 
     @app.get("/v1/usage/top-customers", tags=["usage"])
     async def get_top_customers(request: Request) -> Response:
         return await api.serve(
-            request, "get_top_customers", h.get_top_customers, admin.GetTopCustomersRequest,
+            request, "get_top_customers", h.get_top_customers, admin_pb.GetTopCustomersRequest,
             query=True,
         )  # fmt: skip
 
     @app.post("/v1/admin/verify-integrity", tags=["admin"],
-              openapi_extra=_body_doc(admin.VerifyIntegrityRequest))  # fmt: skip
+              openapi_extra=_body_doc(admin_pb.VerifyIntegrityRequest))  # fmt: skip
     async def verify_integrity(request: Request) -> Response:
         return await api.serve(
-            request, "verify_integrity", h.verify_integrity, admin.VerifyIntegrityRequest
+            request, "verify_integrity", h.verify_integrity, admin_pb.VerifyIntegrityRequest
         )
 
     @app.post("/v1/admin/sync", tags=["admin"])
     async def sync_all(request: Request) -> Response:
-        return await api.serve(request, "sync_all", h.sync_all, admin.SyncAllRequest)
+        return await api.serve(request, "sync_all", h.sync_all, admin_pb.SyncAllRequest)

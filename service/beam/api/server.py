@@ -445,7 +445,7 @@ def run_workers(settings: ServiceSettings, env: Mapping[str, str]) -> int:
     try:
         for index in range(settings.workers):
             workers[index] = subprocess.Popen(
-                [sys.executable, "-m", "beam.api.cli", "serve"],
+                [sys.executable, "-m", "beam.cli.main", "serve"],
                 env={**base, "BEAM_WORKER": str(index)},
             )
         log.info(

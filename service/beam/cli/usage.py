@@ -5,7 +5,7 @@
 
 Prints a table and a bar chart of the charged grains (UTF-8 blocks, ``#`` on terminals that
 cannot show them); ``--json`` prints the API's JSON. Times are UTC. Registered on the
-``beam`` group by ``beam.api.cli`` (``register``), whose client options it shares.
+``beam`` group by ``beam.cli.main`` (``register``), whose client options it shares.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def instant(value: str, now_ms: int, name: str) -> str:
 
 def register(group: click.Group, with_client: Callable[[Any], Any], client: type[Any]) -> None:
     """Add ``usage`` to ``group``; ``with_client`` adds --server/--api-key/--json, ``client``
-    is the CLI's REST client class (taken as arguments: ``beam.api.cli`` imports this
+    is the CLI's REST client class (taken as arguments: ``beam.cli.main`` imports this
     module, never the other way round)."""
 
     @group.command("usage")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 
-from beam import devservers
 from beam.api.server import serve
 from beam.config import Environment, ServiceSettings
 from beam.constants import (
@@ -30,10 +29,11 @@ from beam.core.pricing import load_price_file
 from beam.core.reconcile import operator_principal
 from beam.core.runtime import Runtime
 from beam.records import ApiKeyRecord, Customer, Role
+from beam_dev import servers
 
 
 def dev_price_file() -> Path:
-    return Path(str(files("beam") / "devdata" / "prices.yaml"))
+    return Path(str(files("beam_dev") / "devdata" / "prices.yaml"))
 
 
 async def seed(runtime: Runtime) -> None:
@@ -85,9 +85,9 @@ def run_dev(state_dir: Path, http_port: int, grpc_port: int, log_level: str) -> 
     state_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM/SIGHUP skip atexit: make them stop the child servers too (Ctrl-C is handled
     # by the ExitStack below).
-    devservers.stop_servers_on_signals()
-    redis = devservers.RedisServer(state_dir / "redis")
-    postgres = devservers.PostgresServer(state_dir / "postgres")
+    servers.stop_servers_on_signals()
+    redis = servers.RedisServer(state_dir / "redis")
+    postgres = servers.PostgresServer(state_dir / "postgres")
     click.echo(f"starting Redis and PostgreSQL in {state_dir} ...", err=True)
     with contextlib.ExitStack() as stack:
         redis.start()

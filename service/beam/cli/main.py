@@ -169,9 +169,17 @@ def serve_main() -> None:
 @click.option("--log-level", default="WARNING", show_default=True)
 def dev(state_dir: Path, http_port: int, grpc_port: int, log_level: str) -> None:
     """Run Beam locally with embedded Redis and PostgreSQL (seeded, state reused)."""
-    from beam.api.dev import run_dev
     from beam.observability import configure_logging
 
+    try:
+        from beam_dev.command import run_dev
+    except ModuleNotFoundError as missing:
+        if missing.name != "beam_dev":
+            raise
+        fail(
+            "`beam dev` is not part of this installation (the container image leaves it "
+            "out): install Beam from its wheel, with `pip install 'beam[embedded]'`"
+        )
     configure_logging(log_level)
     run_dev(state_dir, http_port, grpc_port, log_level)
 
@@ -233,7 +241,7 @@ def operator() -> None:
 )
 def apply(paths: tuple[Path, ...], namespace: str | None, state_dir: Path) -> None:
     """Apply Beam manifests to the stores directly, without a cluster."""
-    from beam.api.apply import apply_paths
+    from beam.cli.apply import apply_paths
 
     apply_paths(list(paths), namespace, state_dir)
 
@@ -385,7 +393,7 @@ def admin_sync(server: str, api_key: str | None, as_json: bool) -> None:
 
 
 # `beam usage` (usage analytics) lives in its own module.
-from beam.api import usage_cli  # noqa: E402
+from beam.cli import usage as usage_cli  # noqa: E402
 
 usage_cli.register(main, with_client, Client)
 

