@@ -4,16 +4,29 @@ The reconcile functions return ``Condition(type, status, reason, message)``; her
 become ``metav1.Condition`` dicts: ``lastTransitionTime`` is kept while a condition's
 status does not change, ``observedGeneration`` says which spec it was computed from,
 ``Ready`` comes first, and conditions of types this operator does not set (another
-controller's) are kept, so the list is edited, never clobbered.
+controller's) are kept.
 
-Status is written as a JSON merge patch with only the fields that differ from the
-object's current status. A timer that finds nothing new therefore sends nothing, which
-keeps the operator quiet on idle objects (no watch event, no resourceVersion churn).
+The dangerous part: a handler reads the object, awaits the stores, and only then is its
+patch sent, so the conditions it read may be stale by then. A JSON merge patch replaces a
+list whole, so the list is never put into the merge patch. The merge is a patch function
+(Kopf's ``patch.fns``): Kopf calls it on the freshest body it has right before patching
+(the response of the merge patch it sent first, else the body the handler got), turns the
+difference into a JSON patch guarded by a ``test`` of ``metadata.resourceVersion``, and when
+the object moved on in between, keeps the function and applies it again to the next version.
+A condition another controller added, or a newer write, is therefore merged with, never
+overwritten.
+
+The other status fields (balances, key ids, ``observedGeneration``) are this operator's
+alone: they go into the merge patch, and only those that differ from the status read.
+A timer that finds nothing new therefore sends nothing: no merge patch, and a patch
+function that changes nothing yields no JSON patch (no watch event, no resourceVersion
+churn on idle objects).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Iterable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,10 +92,59 @@ def status_changes(current: Mapping[str, Any], desired: Mapping[str, Any]) -> di
     return changes
 
 
-def apply_status(patch: Any, current: Mapping[str, Any], desired: Mapping[str, Any]) -> None:
-    """Put the differing fields into Kopf's ``patch.status`` (sent after the handler)."""
-    for key, value in status_changes(current, desired).items():
+def publish_status(
+    patch: Any,
+    current: Mapping[str, Any],
+    fields: Mapping[str, Any],
+    conditions: Iterable[Condition],
+    generation: int | None,
+    *,
+    now: str | None = None,
+) -> bool:
+    """Publish ``fields`` (what differs from ``current``, into Kopf's ``patch.status``) and
+    merge ``conditions`` into the object's list (``patch_conditions``). Returns whether
+    anything differs from ``current`` (the status the handler read; for metrics)."""
+    changes = status_changes(current, fields)
+    for key, value in changes.items():
         patch.status[key] = value
+    return patch_conditions(patch, conditions, current, generation, now=now) or bool(changes)
+
+
+def patch_conditions(
+    patch: Any,
+    conditions: Iterable[Condition],
+    current: Mapping[str, Any],
+    generation: int | None,
+    *,
+    now: str | None = None,
+) -> bool:
+    """Queue the merge of ``conditions`` as a patch function, applied by Kopf to the
+    freshest body right before the PATCH (see the module docstring). Returns whether it
+    changes the conditions in ``current`` (the status the handler read)."""
+    desired = tuple(conditions)
+    stamp = now or now_rfc3339()
+    patch.fns.append(
+        functools.partial(merge_into_body, conditions=desired, generation=generation, now=stamp)
+    )
+    return merge_conditions(desired, current.get("conditions"), generation, now=stamp) != list(
+        current.get("conditions") or []
+    )
+
+
+def merge_into_body(
+    body: MutableMapping[str, Any],
+    *,
+    conditions: Iterable[Condition],
+    generation: int | None,
+    now: str,
+) -> None:
+    """The patch function: merge into the body's own conditions, in place. The body is left
+    untouched when the merge changes nothing, so Kopf sends nothing."""
+    status = body.get("status") or {}
+    existing = status.get("conditions")
+    merged = merge_conditions(conditions, existing, generation, now=now)
+    if merged != list(existing or []):
+        body["status"] = {**status, "conditions": merged}
 
 
 def condition_of(status: Mapping[str, Any], condition_type: str) -> Mapping[str, Any] | None:

@@ -3,7 +3,9 @@
 A handler body runs inside ``reconciling(...)``. If it raises, the error is classified
 (``errors.classify``), ``Ready`` turns False with the reason and message, and the
 matching Kopf error is raised so Kopf retries with a delay or stops. Kopf sends the
-``patch`` after the handler even when it fails, so the condition is always published.
+``patch`` (and runs its patch functions, which merge the condition into the freshest
+conditions: ``beam_operator.conditions``) after the handler even when it fails, so the
+condition is always published.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import kopf
 
 from beam.core.reconcile import Condition
-from beam_operator.conditions import READY, merge_conditions
+from beam_operator.conditions import READY, patch_conditions
 from beam_operator.errors import classify
 from beam_operator.metrics import RECONCILE_LATENCY, RECONCILES
 
@@ -40,11 +42,8 @@ def reconciling(
         failure = classify(error, retry)
         permanent = isinstance(failure.error, kopf.PermanentError)
         outcome = "permanent" if permanent else "temporary"
-        patch.status["conditions"] = merge_conditions(
-            [Condition(READY, "False", failure.reason, failure.message)],
-            status.get("conditions"),
-            generation,
-        )
+        ready = Condition(READY, "False", failure.reason, failure.message)
+        patch_conditions(patch, [ready], status, generation)
         if permanent:  # this generation was looked at and cannot be applied as written
             patch.status["observedGeneration"] = generation
         # Kopf logs the raised error itself (and posts it as an Event at WARNING and up).

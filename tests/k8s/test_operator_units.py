@@ -8,7 +8,9 @@ because the cluster tests can only reach some branches through real outages.
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
+from typing import Any
 
 import kopf
 import pytest
@@ -18,7 +20,13 @@ from beam.config import OperatorSettings, ServiceSettings
 from beam.core.reconcile import Condition
 from beam.core.runtime import UnsignedTokens, tokens_of
 from beam.errors import BeamError, Reason, invalid
-from beam_operator.conditions import merge_conditions, reason_name, rfc3339, status_changes
+from beam_operator.conditions import (
+    merge_conditions,
+    publish_status,
+    reason_name,
+    rfc3339,
+    status_changes,
+)
 from beam_operator.context import runtime_settings
 from beam_operator.errors import classify, retry_delay
 from beam_operator.handlers.customer import BalanceState, balance_state, published_state
@@ -97,10 +105,68 @@ def test_a_failed_reconcile_publishes_ready_false(
         logger=_NullLogger(),
     ):  # fmt: skip
         raise error
-    ready = patch["status"]["conditions"][0]
+    assert "conditions" not in patch.get("status", {})  # never the whole list
+    body: dict[str, Any] = {"status": copy.deepcopy(status)}
+    for fn in patch.fns:
+        fn(body)
+    ready = body["status"]["conditions"][0]
     assert (ready["type"], ready["status"]) == ("Ready", "False")
     assert ready["lastTransitionTime"] != EARLIER
-    assert patch["status"].get("observedGeneration") == observed
+    assert patch.get("status", {}).get("observedGeneration") == observed
+
+
+FOREIGN = {"type": "example.com/Audited", "status": "True", "reason": "Seen", "message": "",
+           "lastTransitionTime": EARLIER}  # fmt: skip
+
+
+def _object(resource_version: str, conditions: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "beam.dev/v1alpha1", "kind": "BeamPriceList",
+        "metadata": {"name": "prices", "namespace": "acme", "generation": 2,
+                     "resourceVersion": resource_version},
+        "status": {"modelCount": 1, "observedGeneration": 1, "conditions": conditions},
+    }  # fmt: skip
+
+
+def test_a_condition_added_after_the_read_is_kept() -> None:
+    """The handler read version 1; another controller added its condition (version 2)
+    before Kopf patched. The merge runs on version 2, so its condition stays."""
+    read = _object("1", [])
+    patch = kopf.Patch(body=kopf.Body(read))
+    ready = Condition("Ready", "True", "PricesApplied", "2 models priced")
+    changed = publish_status(
+        patch, read["status"], {"modelCount": 2, "observedGeneration": 2}, [ready], 2, now=NOW
+    )
+    assert changed
+    assert dict(patch) == {"status": {"modelCount": 2, "observedGeneration": 2}}  # no list
+    fresh = _object("2", [FOREIGN])
+    fresh["status"].update(modelCount=2, observedGeneration=2)  # the merge patch's response
+    ops = patch.as_json_patch(fresh)  # what Kopf sends, guarded by a resourceVersion test
+    assert [(op["op"], op["path"], op["value"]["type"]) for op in ops] == [
+        ("add", "/status/conditions/0", "Ready")  # inserted before the foreign one, not over it
+    ]
+    patched = copy.deepcopy(fresh)
+    for fn in patch.fns:
+        fn(patched)
+    assert [(c["type"], c["status"]) for c in patched["status"]["conditions"]] == [
+        ("Ready", "True"),
+        ("example.com/Audited", "True"),
+    ]
+    assert patched["status"]["conditions"][1] == FOREIGN
+
+
+def test_nothing_is_sent_when_nothing_changed() -> None:
+    ready = {"type": "Ready", "status": "True", "reason": "PricesApplied",
+             "message": "1 models priced", "lastTransitionTime": EARLIER,
+             "observedGeneration": 2}  # fmt: skip
+    current = _object("5", [ready, FOREIGN])
+    current["status"]["observedGeneration"] = 2
+    patch = kopf.Patch(body=kopf.Body(current))
+    condition = Condition("Ready", "True", "PricesApplied", "1 models priced")
+    fields = {"modelCount": 1, "observedGeneration": 2}
+    assert not publish_status(patch, current["status"], fields, [condition], 2, now=NOW)
+    assert dict(patch) == {}
+    assert patch.as_json_patch(current) == []  # the patch function changes nothing
 
 
 def test_balance_states_come_from_conditions_or_the_published_status() -> None:

@@ -36,7 +36,7 @@ from beam.core.reconcile import (
     reconcile_api_key,
     revoke_api_key,
 )
-from beam_operator.conditions import READY, apply_status, merge_conditions, rfc3339
+from beam_operator.conditions import READY, publish_status, rfc3339
 from beam_operator.constants import (
     API_KEYS,
     SECRET_KEY_API_KEY,
@@ -148,18 +148,14 @@ def publish(
 ) -> None:
     previous_expiry = _previous_expiry(result, status)
     ready = Condition(READY, "True", "KeyIssued", f"key {result.key_id} is in Secret {secret_name}")
-    apply_status(
-        patch,
-        status,
-        {
-            "keyId": result.key_id,
-            "secretName": secret_name,
-            "rotationGeneration": result.rotation_generation,
-            "previousKeyExpiresAt": previous_expiry,
-            "observedGeneration": generation,
-            "conditions": merge_conditions([ready], status.get("conditions"), generation),
-        },
-    )
+    fields = {
+        "keyId": result.key_id,
+        "secretName": secret_name,
+        "rotationGeneration": result.rotation_generation,
+        "previousKeyExpiresAt": previous_expiry,
+        "observedGeneration": generation,
+    }
+    publish_status(patch, status, fields, [ready], generation)
 
 
 def _previous_expiry(result: ApiKeyResult, status: Any) -> str | None:

@@ -34,7 +34,7 @@ from beam.core.reconcile import (
     reconcile_customer,
 )
 from beam.errors import BeamError, Reason
-from beam_operator.conditions import READY, apply_status, condition_of, merge_conditions
+from beam_operator.conditions import READY, condition_of, publish_status
 from beam_operator.constants import (
     CUSTOMERS,
 )
@@ -88,16 +88,12 @@ async def reconcile(
         result = await reconcile_customer(
             context.admin, tenant, copy.deepcopy(dict(spec)), owner=owner_of(name)
         )
-    apply_status(
-        patch,
-        status,
-        {
-            **_balance_fields(result),
-            "appliedCredits": result.applied_credits,
-            "observedGeneration": generation,
-            "conditions": merge_conditions(result.conditions, status.get("conditions"), generation),
-        },
-    )
+    fields = {
+        **_balance_fields(result),
+        "appliedCredits": result.applied_credits,
+        "observedGeneration": generation,
+    }
+    publish_status(patch, status, fields, result.conditions, generation)
     announce_balance(body, memo, status, result)
 
 
@@ -132,12 +128,8 @@ async def refresh_status(
     generation = status.get("observedGeneration")
     # Ready belongs to the reconcile handler (it knows about credit conflicts and specs).
     owned = [c for c in view.conditions if c.type != READY]
-    desired = {
-        **_balance_fields(view),
-        "conditions": merge_conditions(owned, status.get("conditions"), generation),
-    }
-    apply_status(patch, status, desired)
-    STATUS_REFRESHES.labels(KIND, "patched" if patch.get("status") else "unchanged").inc()
+    changed = publish_status(patch, status, _balance_fields(view), owned, generation)
+    STATUS_REFRESHES.labels(KIND, "patched" if changed else "unchanged").inc()
     announce_balance(body, memo, status, view)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from beam.core.reconcile import Condition, reconcile_price_list
-from beam_operator.conditions import READY, apply_status, merge_conditions
+from beam_operator.conditions import READY, publish_status
 from beam_operator.constants import (
     PRICE_LISTS,
 )
@@ -57,12 +57,5 @@ async def reconcile(
     ):  # fmt: skip
         count = await reconcile_price_list(context.admin, tenant, name, copy.deepcopy(dict(spec)))
     ready = Condition(READY, "True", "PricesApplied", f"{count} models priced")
-    apply_status(
-        patch,
-        status,
-        {
-            "modelCount": count,
-            "observedGeneration": generation,
-            "conditions": merge_conditions([ready], status.get("conditions"), generation),
-        },
-    )
+    fields = {"modelCount": count, "observedGeneration": generation}
+    publish_status(patch, status, fields, [ready], generation)
