@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from beam.config import OperatorSettings, RuntimeSettings, StoreSettings
-from beam.core.admin import Admin
+from beam.core.reconcile import Reconciler
 from beam.core.runtime import Runtime, UnsignedTokens
 from beam_operator.secrets import SecretStore
 
@@ -25,8 +25,8 @@ class OperatorContext:
     secrets: SecretStore
 
     @property
-    def admin(self) -> Admin:
-        return self.runtime.admin
+    def reconciler(self) -> Reconciler:
+        return self.runtime.reconciler
 
 
 def context_of(memo: Any) -> OperatorContext:

@@ -18,7 +18,7 @@ import pytest
 
 from beam.adapters.postgres_store import PostgresStore
 from beam.core.auth import hash_key
-from beam.core.reconcile import ApiKeyResult, reconcile_api_key, revoke_api_key
+from beam.core.reconcile import ApiKeyResult
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
 from tests.support.stack import Tenant
@@ -41,8 +41,7 @@ async def issue(
     held: str | None = None,
     default_grace_seconds: int = GRACE,
 ) -> ApiKeyResult:
-    return await reconcile_api_key(
-        runtime.admin,
+    return await runtime.reconciler.reconcile_api_key(
         tenant.name,
         name,
         spec,
@@ -154,7 +153,7 @@ async def test_revoking_at_generation_one_million_takes_a_bounded_number_of_call
     assert neighbour.plaintext is not None
 
     with counted_store_calls(runtime.postgres, budget=2) as calls:
-        revoked = await revoke_api_key(runtime.admin, tenant.name, "svc", 1_000_000)
+        revoked = await runtime.reconciler.revoke_api_key(tenant.name, "svc", 1_000_000)
     assert len(calls) <= 2
     assert revoked == len(keys)  # grace periods end too
     now = datetime.now(UTC)
@@ -166,7 +165,7 @@ async def test_revoking_at_generation_one_million_takes_a_bounded_number_of_call
     # Only this resource's keys: "svc" is not a prefix of "svc-2"'s key names.
     assert await authenticates(runtime, neighbour.plaintext)
     # Revoking again changes nothing.
-    assert await revoke_api_key(runtime.admin, tenant.name, "svc", 1_000_000) == 0
+    assert await runtime.reconciler.revoke_api_key(tenant.name, "svc", 1_000_000) == 0
 
 
 async def test_a_rotation_reads_every_generation_in_one_query(

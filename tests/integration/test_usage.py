@@ -26,7 +26,6 @@ from beam.constants import done_key
 from beam.core import faults
 from beam.core.auth import Principal
 from beam.core.commands import CheckCommand, DeductCommand, FinalizeCommand, LedgerCommand
-from beam.core.reconcile import customer_status, reconcile_customer
 from beam.core.runtime import Runtime
 from beam.core.usage import (
     BUCKET_WIDTHS,
@@ -229,10 +228,10 @@ async def test_top_customers_and_the_24h_spend_are_the_ledger_too(
     seen = await usage.top_customers(only_c2, TopCustomersQuery(limit=1))
     assert [c.customer_id for c in seen.customers] == ["c2"]
     # The BeamCustomer's status: spend over the last 24 hours.
-    status = await customer_status(runtime.admin, tenant.name, "c1", {})
+    status = await runtime.reconciler.customer_status(tenant.name, "c1", {})
     assert status.spent_last_24h_grains == c1
     spec = {"customerId": "c3", "credits": [{"id": "welcome", "amountGrains": 1_000}]}
-    fresh = await reconcile_customer(runtime.admin, tenant.name, spec, "BeamCustomer/c3")
+    fresh = await runtime.reconciler.reconcile_customer(tenant.name, spec, "BeamCustomer/c3")
     assert fresh.spent_last_24h_grains == 0
 
 

@@ -29,13 +29,7 @@ from typing import Any
 import kopf
 
 from beam.core.auth import hash_key
-from beam.core.reconcile import (
-    ApiKeyResult,
-    Condition,
-    api_key_revoked,
-    reconcile_api_key,
-    revoke_api_key,
-)
+from beam.core.reconcile import ApiKeyResult, Condition
 from beam_operator.conditions import READY, publish_status, rfc3339
 from beam_operator.constants import (
     API_KEYS,
@@ -90,8 +84,7 @@ async def converge(
             "delete it or set spec.secretName to another name"
         )
     plaintext = stored.data.get(SECRET_KEY_API_KEY) if stored is not None else None
-    result = await reconcile_api_key(
-        context.admin,
+    result = await context.reconciler.reconcile_api_key(
         namespace,
         name,
         spec,
@@ -189,7 +182,7 @@ async def revoke(
     context = context_of(memo)
     generation = int((spec.get("rotation") or {}).get("generation") or 0)
     try:
-        revoked = await revoke_api_key(context.admin, tenant, name, generation)
+        revoked = await context.reconciler.revoke_api_key(tenant, name, generation)
     except Exception as error:
         raise classify(error, retry).error from error
     logger.info(f"revoked {revoked} key(s)")
@@ -256,4 +249,4 @@ async def _key_is_missing(
     plaintext = stored.data.get(SECRET_KEY_API_KEY)
     if not plaintext:
         return True
-    return await api_key_revoked(context.admin, plaintext)
+    return await context.reconciler.api_key_revoked(plaintext)

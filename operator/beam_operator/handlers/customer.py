@@ -26,13 +26,7 @@ from typing import Any
 
 import kopf
 
-from beam.core.reconcile import (
-    Condition,
-    CustomerStatus,
-    close_customer,
-    customer_status,
-    reconcile_customer,
-)
+from beam.core.reconcile import Condition, CustomerStatus
 from beam.errors import BeamError, Reason
 from beam_operator.conditions import READY, condition_of, publish_status
 from beam_operator.constants import (
@@ -85,8 +79,8 @@ async def reconcile(
         KIND, "reconcile", patch=patch, status=status, generation=generation, retry=retry,
         logger=logger,
     ):  # fmt: skip
-        result = await reconcile_customer(
-            context.admin, tenant, copy.deepcopy(dict(spec)), owner=owner_of(name)
+        result = await context.reconciler.reconcile_customer(
+            tenant, copy.deepcopy(dict(spec)), owner=owner_of(name)
         )
     fields = {
         **_balance_fields(result),
@@ -114,8 +108,8 @@ async def refresh_status(
         return  # not reconciled yet: the reconcile handler publishes the first status
     context = context_of(memo)
     try:
-        view = await customer_status(
-            context.admin, tenant, str(spec.get("customerId")), copy.deepcopy(dict(spec))
+        view = await context.reconciler.customer_status(
+            tenant, str(spec.get("customerId")), copy.deepcopy(dict(spec))
         )
     except Exception as error:
         if isinstance(error, BeamError) and error.reason is Reason.CUSTOMER_NOT_FOUND:
@@ -148,7 +142,7 @@ async def close(
     if not customer_id:
         return
     try:
-        await close_customer(context_of(memo).admin, tenant, customer_id, owner_of(name))
+        await context_of(memo).reconciler.close_customer(tenant, customer_id, owner_of(name))
     except Exception as error:
         raise classify(error, retry).error from error
     logger.info(f"customer {customer_id} closed; its ledger is kept")

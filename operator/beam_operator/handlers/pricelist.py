@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from beam.core.reconcile import Condition, reconcile_price_list
+from beam.core.reconcile import Condition
 from beam_operator.conditions import READY, publish_status
 from beam_operator.constants import (
     PRICE_LISTS,
@@ -55,7 +55,9 @@ async def reconcile(
         KIND, "reconcile", patch=patch, status=status, generation=generation, retry=retry,
         logger=logger,
     ):  # fmt: skip
-        count = await reconcile_price_list(context.admin, tenant, name, copy.deepcopy(dict(spec)))
+        count = await context.reconciler.reconcile_price_list(
+            tenant, name, copy.deepcopy(dict(spec))
+        )
     ready = Condition(READY, "True", "PricesApplied", f"{count} models priced")
     fields = {"modelCount": count, "observedGeneration": generation}
     publish_status(patch, status, fields, [ready], generation)

@@ -18,11 +18,6 @@ import yaml
 
 from beam.config import Environment, ServiceSettings
 from beam.constants import DEFAULT_TENANT
-from beam.core.reconcile import (
-    reconcile_api_key,
-    reconcile_customer,
-    reconcile_price_list,
-)
 from beam.core.runtime import Runtime
 from beam.errors import BeamError
 
@@ -66,19 +61,19 @@ async def apply_documents(runtime: Runtime, documents: list[dict[str, Any]], nam
         kind = document["kind"]
         spec = document.get("spec") or {}
         if kind == "BeamPriceList":
-            count = await reconcile_price_list(runtime.admin, tenant, name, spec)
+            count = await runtime.reconciler.reconcile_price_list(tenant, name, spec)
             lines.append(f"beampricelist/{name} ({tenant}): {count} models")
         elif kind == "BeamCustomer":
-            status = await reconcile_customer(
-                runtime.admin, tenant, spec, owner=f"BeamCustomer/{name}"
+            status = await runtime.reconciler.reconcile_customer(
+                tenant, spec, owner=f"BeamCustomer/{name}"
             )
             lines.append(
                 f"beamcustomer/{name} ({tenant}): balance {status.balance}, "
                 f"available {status.available}, credits applied {len(status.applied_credits)}"
             )
         else:
-            result = await reconcile_api_key(
-                runtime.admin, tenant, name, spec, current_key_hash=None, keep_existing=True
+            result = await runtime.reconciler.reconcile_api_key(
+                tenant, name, spec, current_key_hash=None, keep_existing=True
             )
             shown = result.plaintext or "(unchanged; the key was shown when it was created)"
             lines.append(f"beamapikey/{name} ({tenant}): key {result.key_id}: {shown}")

@@ -1,20 +1,29 @@
 """Reconcile BeamCustomer, BeamApiKey and BeamPriceList specs into the stores.
 
-These functions know nothing of Kopf or the Kubernetes API: they take a tenant (namespace),
-a name and a spec (the CRD's camelCase shape), converge the stores, and return the status to
-publish as plain values (including ``metav1.Condition``-shaped conditions, which the
-operator merges into the object). The operator's handlers call them; ``beam apply -f`` calls
-them without a cluster. Every step is idempotent or looks before it acts, so a restart in
-the middle of a reconcile, or two operators one after the other, converge to the same
-ledger: credits are ledger transactions keyed ``crd:<customerId>:<credit id>``, applied
-once."""
+A ``Reconciler`` takes a tenant (namespace), a name and a spec (the CRD's camelCase shape),
+converges the stores, and returns the status to publish as plain values. It knows the CRDs'
+shapes (the spec fields, and the condition types, reasons and messages the Beam kinds
+publish), not Kopf nor the Kubernetes API: the operator turns its ``Condition`` values into
+``metav1.Condition`` entries and merges them into the object (``beam_operator.conditions``);
+``beam apply -f`` calls it without a cluster.
+
+It is given exactly what it touches, once, by the runtime: ``Admin`` (credits, customer views
+and states, authorized as the operator), the PostgreSQL store it writes (customers, prices,
+API keys), the ledger's account loader (a customer's hot-path copy in Redis) and the price
+cache it invalidates.
+
+Every step is idempotent or looks before it acts, so a restart in the middle of a
+reconcile, or two operators one after the other, converge to the same ledger: credits are
+ledger transactions keyed ``crd:<customerId>:<credit id>``, applied once."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from beam.adapters.postgres_store import PostgresStore
 from beam.constants import MAX_GRAINS
 from beam.core.admin import Admin
 from beam.core.auth import Principal, generate_key, hash_key
@@ -25,10 +34,13 @@ from beam.core.commands import (
     require_range,
     validate_strategy,
 )
-from beam.core.pricing import parse_price_entries
+from beam.core.pricing import PriceBook, parse_price_entries
 from beam.core.usage import spent_since
 from beam.errors import BeamError, Reason, invalid
 from beam.records import ApiKeyRecord, Customer, CustomerState, Role
+
+# Loads one customer's account from PostgreSQL into Redis (``Ledger.reload_account``).
+AccountLoader = Callable[[str, str], Awaitable[bool]]
 
 
 def operator_principal(tenant: str) -> Principal:
@@ -107,100 +119,6 @@ def credit_transaction_id(customer_id: str, credit_id: str) -> str:
     return f"crd:{customer_id}:{credit_id}"
 
 
-async def reconcile_customer(
-    admin: Admin, tenant: str, spec: dict[str, Any], owner: str = ""
-) -> CustomerStatus:
-    """``owner`` names the managing resource ("BeamCustomer/<name>"): a second resource
-    naming the same customerId gets CUSTOMER_EXISTS instead of sharing the customer."""
-    customer, credits = parse_customer_spec(tenant, spec)
-    customer = replace(customer, owner=owner)
-    await admin.postgres.upsert_customer(customer)
-    await admin.ledger.reload_account(tenant, customer.customer_id)
-    principal = operator_principal(tenant)
-    applied: list[str] = []
-    conflicts: list[str] = []
-    for credit in credits:
-        command = LedgerCommand(
-            customer.customer_id,
-            int(credit["amountGrains"]),
-            str(credit.get("description") or "")[:512],
-            credit_transaction_id(customer.customer_id, str(credit["id"])),
-        )
-        try:
-            await admin.credit(principal, command, system=True)
-            applied.append(str(credit["id"]))
-        except BeamError as error:
-            if error.reason is not Reason.TRANSACTION_ID_CONFLICT:
-                raise
-            conflicts.append(str(credit["id"]))
-    status = await customer_status(admin, tenant, customer.customer_id, spec)
-    status.applied_credits = applied
-    if conflicts:
-        status.conditions[0] = Condition(
-            "Ready", "False", "CreditConflict",
-            f"credits {', '.join(conflicts)} were applied earlier with another amount; "
-            "use a new credit id",
-        )  # fmt: skip
-    return status
-
-
-async def customer_status(
-    admin: Admin, tenant: str, customer_id: str, spec: dict[str, Any]
-) -> CustomerStatus:
-    view = await admin.get_customer(operator_principal(tenant), customer_id)
-    c = view.customer
-    threshold = spec.get("lowBalanceThresholdGrains")
-    low = threshold is not None and view.available < int(threshold)
-    suspended = c.state is CustomerState.SUSPENDED
-    conditions = [
-        Condition("Ready", "True", "Reconciled", "customer is in the ledger and the hot path"),
-        Condition(
-            "LowBalance",
-            "True" if low else "False",
-            ("Depleted" if view.available <= 0 else "BelowThreshold") if low else "AboveThreshold",
-            f"available {view.available} grains, threshold {threshold}"
-            if threshold is not None
-            else "no threshold set",
-        ),
-        Condition(
-            "Suspended",
-            "True" if suspended else "False",
-            "SuspendedBySpec" if suspended else "Active",
-            "checks are rejected with CUSTOMER_SUSPENDED" if suspended else "",
-        ),
-    ]
-    return CustomerStatus(
-        balance=c.balance_grains,
-        reserved=view.reserved,
-        available=view.available,
-        lifetime_spent_grains=c.lifetime_spent_grains,
-        overage_grains=c.overage_grains,
-        applied_credits=[],
-        conditions=conditions,
-        spent_last_24h_grains=await spent_since(
-            admin.postgres, tenant, customer_id, timedelta(hours=24)
-        ),
-    )
-
-
-async def close_customer(admin: Admin, tenant: str, customer_id: str, owner: str = "") -> None:
-    """Deleting a BeamCustomer closes it: new checks get CUSTOMER_CLOSED; the ledger stays.
-    Only the owner closes it: deleting a resource that was refused closes nothing."""
-    await admin.set_state(tenant, customer_id, CustomerState.CLOSED, owner if owner else None)
-
-
-async def reconcile_price_list(admin: Admin, tenant: str, name: str, spec: dict[str, Any]) -> int:
-    """All or nothing: a bad entry rejects the whole list. Returns the number of models."""
-    effective = spec.get("effectiveFrom")
-    when = _parse_time(effective, "spec.effectiveFrom") if effective else None
-    records = parse_price_entries(tenant, list(spec.get("models") or []), when)
-    if not records:
-        raise invalid("spec.models", "at least one model is required", Reason.MISSING_FIELD)
-    await admin.postgres.save_prices(tenant, records, source=f"BeamPriceList/{name}")
-    admin.ledger.prices.invalidate()
-    return len(records)
-
-
 def parse_api_key_spec(spec: dict[str, Any]) -> tuple[Role, frozenset[str], datetime | None]:
     role_name = str(spec.get("role") or "")
     if role_name not in {r.value for r in Role}:
@@ -212,85 +130,187 @@ def parse_api_key_spec(spec: dict[str, Any]) -> tuple[Role, frozenset[str], date
     return Role(role_name), customers, _parse_time(expires, "spec.expiresAt") if expires else None
 
 
-async def reconcile_api_key(
-    admin: Admin,
-    tenant: str,
-    name: str,
-    spec: dict[str, Any],
-    *,
-    current_key_hash: str | None,
-    default_grace_seconds: int = 3600,
-    keep_existing: bool = False,
-) -> ApiKeyResult:
-    """Converge the key of one BeamApiKey. ``current_key_hash`` is the hash of the key the
-    caller holds (the Secret's); a new key is generated only when it is missing, unknown or
-    revoked, or when ``spec.rotation.generation`` moved past the stored generation.
-    ``keep_existing`` (``beam apply``, which holds no Secret) keeps any live key instead."""
-    role, customers, expires_at = parse_api_key_spec(spec)
-    rotation = spec.get("rotation") or {}
-    generation = int(rotation.get("generation") or 0)
-    grace = int(rotation.get("gracePeriodSeconds", default_grace_seconds))
-    key_name = f"{name}#{generation}"
-    keys = await admin.postgres.api_keys_of(tenant, name)  # every generation, one query
-    live = [k for k in keys if k.name == key_name and k.revoked_at is None]
-    current = next((k for k in live if k.key_hash == current_key_hash), None)
-    if current is None and keep_existing and live:
-        current = live[-1]
-    plaintext = None
-    if current is None:
-        plaintext, key_id, digest = generate_key()
-        current = ApiKeyRecord(digest, key_id, tenant, role, key_name)
-    current = ApiKeyRecord(
-        current.key_hash, current.key_id, tenant, role, key_name, customers, expires_at
-    )
-    await admin.postgres.upsert_api_key(current)
-    previous_expiry = await _retire_older(admin, keys, generation, current, grace)
-    return ApiKeyResult(current.key_id, plaintext, generation, previous_expiry)
+class Reconciler:
+    """One per process (``Runtime.reconciler``); holds only what reconciling touches."""
 
+    def __init__(
+        self, admin: Admin, store: PostgresStore, load_account: AccountLoader, prices: PriceBook
+    ) -> None:
+        self.admin = admin
+        self.store = store
+        self.load_account = load_account
+        self.prices = prices
 
-async def _retire_older(
-    admin: Admin, keys: list[ApiKeyRecord], generation: int, current: ApiKeyRecord, grace: int
-) -> datetime | None:
-    """Every older generation's live key stays valid for the grace period, however far the
-    generation jumped; stray keys of this generation go at once. Keys already revoked keep
-    their moment, and keys of a later generation (a spec that went back) are left alone.
-    One statement, whatever the number of generations."""
-    now = datetime.now(UTC)
-    until: dict[str, datetime] = {}
-    for key in keys:
-        if key.key_hash == current.key_hash or key.revoked_at is not None:
-            continue
-        older = _generation_of(key)
-        if older < generation:
-            until[key.key_hash] = now + timedelta(seconds=grace)
-        elif older == generation:
-            until[key.key_hash] = now
-    await admin.postgres.revoke_api_keys(until)
-    return max(until.values(), default=None)
+    async def reconcile_customer(
+        self, tenant: str, spec: dict[str, Any], owner: str = ""
+    ) -> CustomerStatus:
+        """``owner`` names the managing resource ("BeamCustomer/<name>"): a second resource
+        naming the same customerId gets CUSTOMER_EXISTS instead of sharing the customer."""
+        customer, credits = parse_customer_spec(tenant, spec)
+        customer = replace(customer, owner=owner)
+        await self.store.upsert_customer(customer)
+        await self.load_account(tenant, customer.customer_id)
+        principal = operator_principal(tenant)
+        applied: list[str] = []
+        conflicts: list[str] = []
+        for credit in credits:
+            command = LedgerCommand(
+                customer.customer_id,
+                int(credit["amountGrains"]),
+                str(credit.get("description") or "")[:512],
+                credit_transaction_id(customer.customer_id, str(credit["id"])),
+            )
+            try:
+                await self.admin.credit(principal, command, system=True)
+                applied.append(str(credit["id"]))
+            except BeamError as error:
+                if error.reason is not Reason.TRANSACTION_ID_CONFLICT:
+                    raise
+                conflicts.append(str(credit["id"]))
+        status = await self.customer_status(tenant, customer.customer_id, spec)
+        status.applied_credits = applied
+        if conflicts:
+            status.conditions[0] = Condition(
+                "Ready", "False", "CreditConflict",
+                f"credits {', '.join(conflicts)} were applied earlier with another amount; "
+                "use a new credit id",
+            )  # fmt: skip
+        return status
+
+    async def customer_status(
+        self, tenant: str, customer_id: str, spec: dict[str, Any]
+    ) -> CustomerStatus:
+        view = await self.admin.get_customer(operator_principal(tenant), customer_id)
+        c = view.customer
+        threshold = spec.get("lowBalanceThresholdGrains")
+        low = threshold is not None and view.available < int(threshold)
+        suspended = c.state is CustomerState.SUSPENDED
+        conditions = [
+            Condition("Ready", "True", "Reconciled", "customer is in the ledger and the hot path"),
+            Condition(
+                "LowBalance",
+                "True" if low else "False",
+                ("Depleted" if view.available <= 0 else "BelowThreshold")
+                if low
+                else "AboveThreshold",
+                f"available {view.available} grains, threshold {threshold}"
+                if threshold is not None
+                else "no threshold set",
+            ),
+            Condition(
+                "Suspended",
+                "True" if suspended else "False",
+                "SuspendedBySpec" if suspended else "Active",
+                "checks are rejected with CUSTOMER_SUSPENDED" if suspended else "",
+            ),
+        ]
+        return CustomerStatus(
+            balance=c.balance_grains,
+            reserved=view.reserved,
+            available=view.available,
+            lifetime_spent_grains=c.lifetime_spent_grains,
+            overage_grains=c.overage_grains,
+            applied_credits=[],
+            conditions=conditions,
+            spent_last_24h_grains=await spent_since(
+                self.store, tenant, customer_id, timedelta(hours=24)
+            ),
+        )
+
+    async def close_customer(self, tenant: str, customer_id: str, owner: str = "") -> None:
+        """Deleting a BeamCustomer closes it: new checks get CUSTOMER_CLOSED; the ledger stays.
+        Only the owner closes it: deleting a resource that was refused closes nothing."""
+        await self.admin.set_state(
+            tenant, customer_id, CustomerState.CLOSED, owner if owner else None
+        )
+
+    async def reconcile_price_list(self, tenant: str, name: str, spec: dict[str, Any]) -> int:
+        """All or nothing: a bad entry rejects the whole list. Returns the number of models."""
+        effective = spec.get("effectiveFrom")
+        when = _parse_time(effective, "spec.effectiveFrom") if effective else None
+        records = parse_price_entries(tenant, list(spec.get("models") or []), when)
+        if not records:
+            raise invalid("spec.models", "at least one model is required", Reason.MISSING_FIELD)
+        await self.store.save_prices(tenant, records, source=f"BeamPriceList/{name}")
+        self.prices.invalidate()
+        return len(records)
+
+    async def reconcile_api_key(
+        self,
+        tenant: str,
+        name: str,
+        spec: dict[str, Any],
+        *,
+        current_key_hash: str | None,
+        default_grace_seconds: int = 3600,
+        keep_existing: bool = False,
+    ) -> ApiKeyResult:
+        """Converge the key of one BeamApiKey. ``current_key_hash`` is the hash of the key the
+        caller holds (the Secret's); a new key is generated only when it is missing, unknown or
+        revoked, or when ``spec.rotation.generation`` moved past the stored generation.
+        ``keep_existing`` (``beam apply``, which holds no Secret) keeps any live key instead."""
+        role, customers, expires_at = parse_api_key_spec(spec)
+        rotation = spec.get("rotation") or {}
+        generation = int(rotation.get("generation") or 0)
+        grace = int(rotation.get("gracePeriodSeconds", default_grace_seconds))
+        key_name = f"{name}#{generation}"
+        keys = await self.store.api_keys_of(tenant, name)  # every generation, one query
+        live = [k for k in keys if k.name == key_name and k.revoked_at is None]
+        current = next((k for k in live if k.key_hash == current_key_hash), None)
+        if current is None and keep_existing and live:
+            current = live[-1]
+        plaintext = None
+        if current is None:
+            plaintext, key_id, digest = generate_key()
+            current = ApiKeyRecord(digest, key_id, tenant, role, key_name)
+        current = ApiKeyRecord(
+            current.key_hash, current.key_id, tenant, role, key_name, customers, expires_at
+        )
+        await self.store.upsert_api_key(current)
+        previous_expiry = await self._retire_older(keys, generation, current, grace)
+        return ApiKeyResult(current.key_id, plaintext, generation, previous_expiry)
+
+    async def _retire_older(
+        self, keys: list[ApiKeyRecord], generation: int, current: ApiKeyRecord, grace: int
+    ) -> datetime | None:
+        """Every older generation's live key stays valid for the grace period, however far the
+        generation jumped; stray keys of this generation go at once. Keys already revoked keep
+        their moment, and keys of a later generation (a spec that went back) are left alone.
+        One statement, whatever the number of generations."""
+        now = datetime.now(UTC)
+        until: dict[str, datetime] = {}
+        for key in keys:
+            if key.key_hash == current.key_hash or key.revoked_at is not None:
+                continue
+            older = _generation_of(key)
+            if older < generation:
+                until[key.key_hash] = now + timedelta(seconds=grace)
+            elif older == generation:
+                until[key.key_hash] = now
+        await self.store.revoke_api_keys(until)
+        return max(until.values(), default=None)
+
+    async def api_key_revoked(self, plaintext: str) -> bool:
+        """Whether a key (read from its Secret) is unknown or revoked by now: the operator then
+        issues a new one."""
+        record = await self.store.get_api_key(hash_key(plaintext))
+        return record is None or (
+            record.revoked_at is not None and record.revoked_at <= datetime.now(UTC)
+        )
+
+    async def revoke_api_key(self, tenant: str, name: str, generation: int) -> int:
+        """Deleting a BeamApiKey revokes all its keys at once (grace periods end too): every
+        generation's, not only up to ``generation`` (kept for callers), in two queries."""
+        now = datetime.now(UTC)
+        keys = await self.store.api_keys_of(tenant, name)
+        return await self.store.revoke_api_keys(
+            {k.key_hash: now for k in keys if k.revoked_at is None or k.revoked_at > now}
+        )
 
 
 def _generation_of(key: ApiKeyRecord) -> int:
     """``<name>#<generation>``: the store only returns names ending in ``#<digits>``."""
     return int(key.name.rpartition("#")[2])
-
-
-async def api_key_revoked(admin: Admin, plaintext: str) -> bool:
-    """Whether a key (read from its Secret) is unknown or revoked by now: the operator then
-    issues a new one."""
-    record = await admin.postgres.get_api_key(hash_key(plaintext))
-    return record is None or (
-        record.revoked_at is not None and record.revoked_at <= datetime.now(UTC)
-    )
-
-
-async def revoke_api_key(admin: Admin, tenant: str, name: str, generation: int) -> int:
-    """Deleting a BeamApiKey revokes all its keys at once (grace periods end too): every
-    generation's, not only up to ``generation`` (kept for callers), in two queries."""
-    now = datetime.now(UTC)
-    keys = await admin.postgres.api_keys_of(tenant, name)
-    return await admin.postgres.revoke_api_keys(
-        {k.key_hash: now for k in keys if k.revoked_at is None or k.revoked_at > now}
-    )
 
 
 def _parse_time(value: Any, name: str) -> datetime:

@@ -27,6 +27,7 @@ from beam.core.auth import Authenticator, RequestTokens
 from beam.core.ledger import Ledger
 from beam.core.pricing import PriceBook
 from beam.core.reaper import Reaper
+from beam.core.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Runtime:
             default_hold_ttl_seconds=settings.hold_ttl_seconds,
         )
         self.admin = Admin(self.ledger, self.scripts, postgres)
+        self.reconciler = Reconciler(self.admin, postgres, self.ledger.reload_account, self.prices)
         self.reaper = Reaper(
             redis, self.scripts, postgres, self.ledger, batch_size=settings.reaper_batch_size
         )
