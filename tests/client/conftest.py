@@ -11,66 +11,40 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from beam_client import AsyncBeamClient, RetryPolicy
 
+from tests.support.rest import Rest, rest_client
 from tests.support.stack import ServiceProcess, Tenant
 
 # Fast retries for tests that expect Beam to stay away.
 QUICK_RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01)
 
 
-@dataclass
 class Admin:
     """REST admin calls of one tenant on one service (the tests' independent view)."""
 
-    service: ServiceProcess
-    tenant: Tenant
-
-    def _client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.service.http_url, headers=self.tenant.header("admin"), timeout=30
-        )
+    def __init__(self, rest: Rest) -> None:
+        self.rest = rest
 
     async def customer(self, balance: int, customer_id: str | None = None) -> str:
         customer_id = customer_id or f"cus_{secrets.token_hex(4)}"
-        async with self._client() as http:
-            answer = await http.post(
-                "/v1/customers",
-                json={"customer_id": customer_id, "display_name": customer_id,
-                      "initial_balance_grains": str(balance)},
-            )  # fmt: skip
-        assert answer.status_code == 200, answer.text
+        await self.rest.create_customer(customer_id, balance)
         return customer_id
 
     async def balance(self, customer_id: str) -> tuple[int, int, int]:
         """(balance, reserved, available)."""
-        async with self._client() as http:
-            answer = await http.get(f"/v1/balance/{customer_id}")
-        assert answer.status_code == 200, answer.text
-        data = answer.json()
-        return int(data["balance"]), int(data["reserved"]), int(data["available"])
+        return await self.rest.balance(customer_id)
 
     async def request(self, request_id: str, customer_id: str) -> dict[str, Any]:
-        async with self._client() as http:
-            answer = await http.get(
-                f"/v1/requests/{request_id}", params={"customer_id": customer_id}
-            )
-        assert answer.status_code == 200, answer.text
-        data = answer.json()
-        assert isinstance(data, dict)
-        return data
+        return await self.rest.get(f"/v1/requests/{request_id}", customer_id=customer_id)
 
     async def request_list(self, customer_id: str) -> list[dict[str, Any]]:
         """Settled requests of the customer (ListRequests)."""
-        async with self._client() as http:
-            answer = await http.get(f"/v1/customers/{customer_id}/requests", params={"limit": 1000})
-        assert answer.status_code == 200, answer.text
-        requests = answer.json()["requests"]
+        answer = await self.rest.get(f"/v1/customers/{customer_id}/requests", limit=1000)
+        requests = answer["requests"]
         assert isinstance(requests, list)
         return requests
 
@@ -80,8 +54,9 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(service: ServiceProcess, tenant: Tenant) -> Admin:
-    return Admin(service, tenant)
+async def admin(service: ServiceProcess, tenant: Tenant) -> AsyncIterator[Admin]:
+    async with rest_client(service, tenant) as rest:
+        yield Admin(rest)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from beam.admin.v1 import admin_pb2 as admin
 from beam.balance.v1 import balance_pb2 as balance
+from tests.support.rest import Rest
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
 
@@ -135,6 +136,8 @@ class Api:
     def __init__(self, service: ServiceProcess) -> None:
         self.service = service
         self.http = httpx.AsyncClient(base_url=service.http_url, timeout=30)
+        # No tenant: every call says which key it sends (or none, or a malformed header).
+        self.web = Rest(self.http, "")
         self.channel = grpc.aio.insecure_channel(
             service.grpc_target, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]
         )
@@ -166,8 +169,8 @@ class Api:
         method, path, rest = self.rest_request(call, fields)
         headers = {"Authorization": authorization} if authorization is not None else bearer(key)
         if method == "GET":
-            return await self.http.get(path, params=rest, headers=headers)
-        return await self.http.request(method, path, json=rest, headers=headers)
+            return await self.web.raw(method, path, params=rest, headers=headers)
+        return await self.web.raw(method, path, rest, headers=headers)
 
     async def rest_raw(
         self,
@@ -178,7 +181,7 @@ class Api:
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         all_headers = {"Content-Type": "application/json", **bearer(key), **(headers or {})}
-        return await self.http.request(method, path, content=content, headers=all_headers)
+        return await self.web.raw(method, path, content=content, headers=all_headers)
 
     # -- gRPC ------------------------------------------------------------------------------
 

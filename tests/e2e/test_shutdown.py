@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from tests.support.rest import rest_client
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
 REQUESTS = 120
@@ -19,19 +20,12 @@ async def test_sigterm_drains_in_flight_calls(
     stores: Stores, tenant: Tenant, tmp_path: Path
 ) -> None:
     service = ServiceProcess(stores, tmp_path).start()
-    headers = tenant.header("admin")
-    base = service.http_url
     try:
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
-            created = await client.post(
-                "/v1/customers", json={"customer_id": "c", "initial_balance_grains": 10_000_000}
-            )
-            assert created.status_code == 200, created.text
+        async with rest_client(service, tenant) as rest:
+            await rest.create_customer("c", 10_000_000)
             for index in range(REQUESTS):
-                check = await client.post("/v1/balance/check", json={
-                    "customer_id": "c", "request_id": f"r{index}", "estimated_grains": 1_000,
-                    "buffer_multiplier": 1.0})  # fmt: skip
-                assert check.json()["approved"] is True
+                check = await rest.check("c", f"r{index}", 1_000)
+                assert check["approved"] is True
 
             async def finalize(index: int) -> int | str:
                 try:
@@ -41,7 +35,7 @@ async def test_sigterm_drains_in_flight_calls(
                         "status": "COMPLETED_SUCCESS",
                         "total_actual_cost_grains": 700,
                     }
-                    response = await client.post("/v1/balance/finalize", json=body)
+                    response = await rest.raw("POST", "/v1/balance/finalize", body)
                 except httpx.TransportError as error:
                     return type(error).__name__  # refused after the listener closed
                 return response.status_code

@@ -29,6 +29,7 @@ import pytest
 
 from beam.balance.v1 import balance_pb2 as pb
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc
+from tests.support.rest import Rest, rest_client
 from tests.support.stack import ServiceProcess, Stores, Tenant, provision_tenant
 from tests.support.topologies import RedisSentinelGroup
 
@@ -53,9 +54,10 @@ async def fault_tenant(fault_stores: Stores) -> Tenant:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10, connect=2)) as client:
-        yield client
+async def client(fault_tenant: Tenant) -> AsyncIterator[Client]:
+    # No base URL: every call names the replica it goes to (they come and go).
+    async with rest_client("", fault_tenant, http_timeout=httpx.Timeout(10, connect=2)) as rest:
+        yield Client(rest)
 
 
 @dataclass
@@ -72,9 +74,8 @@ class Life:
 class Client:
     """REST calls of one tenant; records every answer that is not a 200."""
 
-    def __init__(self, http: httpx.AsyncClient, tenant: Tenant) -> None:
-        self.http = http
-        self.tenant = tenant
+    def __init__(self, rest: Rest) -> None:
+        self.rest = rest
         self.failures: list[str] = []
 
     async def call(
@@ -82,9 +83,7 @@ class Client:
     ) -> dict[str, Any] | None:
         """The answer, or None for a transport error or UNAVAILABLE (both retryable)."""
         try:
-            response = await self.http.request(
-                method, f"{url}{path}", json=body, headers=self.tenant.header("admin")
-            )
+            response = await self.rest.at(url).raw(method, path, body)
         except httpx.TransportError as error:
             self.failures.append(f"transport: {type(error).__name__}")
             return None
@@ -185,10 +184,9 @@ async def assert_ledger_matches(
 
 
 async def test_a_finalize_acknowledged_just_before_kill_9_is_in_postgresql(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     service = ServiceProcess(fault_stores, tmp_path).start()
-    client = Client(http, fault_tenant)
     try:
         await new_customer(client, service.http_url, "cus", BALANCE)
         life = Life("acked", 4_321)
@@ -218,7 +216,7 @@ LIVES_PER_ROUND = 8
 
 
 async def test_twenty_kills_at_random_points_lose_no_acknowledged_finalize(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     print(f"seed {SEED}")
     rng = random.Random(SEED)
@@ -226,7 +224,6 @@ async def test_twenty_kills_at_random_points_lose_no_acknowledged_finalize(
     # the others restart, so a round never waits for a full start.
     slots = [ServiceProcess(fault_stores, tmp_path).start() for _ in range(3)]
     restarts: dict[int, asyncio.Task[Any]] = {}
-    client = Client(http, fault_tenant)
     lives = [Life(f"r{i}", 100 + i) for i in range(KILLS * LIVES_PER_ROUND)]
     try:
         await new_customer(client, slots[0].http_url, "cus", BALANCE)
@@ -264,10 +261,9 @@ async def test_twenty_kills_at_random_points_lose_no_acknowledged_finalize(
 
 
 async def test_a_redis_crash_mid_stream_loses_no_acknowledged_money(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     service = ServiceProcess(fault_stores, tmp_path).start()
-    client = Client(http, fault_tenant)
     url = service.http_url
     lives: list[Life] = []
     try:
@@ -303,13 +299,12 @@ async def test_a_redis_crash_mid_stream_loses_no_acknowledged_money(
 
 
 async def test_enforcement_resumes_through_sentinel_after_the_master_dies(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     group = RedisSentinelGroup(tmp_path / "sentinel")
     await asyncio.to_thread(group.start)
     stores = Stores(tmp_path, "sentinel", postgres=fault_stores.postgres, redis=group)
     service = ServiceProcess(stores, tmp_path).start()
-    client = Client(http, fault_tenant)
     url = service.http_url
     lives = [Life(f"r{i}", 100 + i) for i in range(400)]
     try:
@@ -345,11 +340,10 @@ async def test_enforcement_resumes_through_sentinel_after_the_master_dies(
 
 
 async def test_postgresql_down_finalize_is_unavailable_and_check_still_works(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     # Key and price caches expire after 1 s: the outage outlasts them.
     service = ServiceProcess(fault_stores, tmp_path, BEAM_CACHE_MAX_AGE_SECONDS="1").start()
-    client = Client(http, fault_tenant)
     url = service.http_url
     assert fault_stores.postgres is not None
     try:
@@ -437,13 +431,12 @@ async def redis_equals_ledger(client: Client, url: str, within_seconds: float) -
 
 
 async def test_finalizes_cut_by_grpc_deadlines_leave_redis_equal_to_the_ledger(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     """150 Finalizes whose gRPC deadline is the median Finalize latency: about half are
     cancelled server-side, many of them after their commit. None may leave Redis's balance
     above the ledger's: each cancelled settlement still updates Redis."""
     service = ServiceProcess(fault_stores, tmp_path).start()
-    client = Client(http, fault_tenant)
     customers = [f"cus{i}" for i in range(8)]
     try:
         for cid in customers:
@@ -493,7 +486,7 @@ async def test_finalizes_cut_by_grpc_deadlines_leave_redis_equal_to_the_ledger(
 
 
 async def test_ten_kills_under_check_and_finalize_traffic_repair_redis_within_15s(
-    fault_stores: Stores, fault_tenant: Tenant, http: httpx.AsyncClient, tmp_path: Path
+    fault_stores: Stores, fault_tenant: Tenant, client: Client, tmp_path: Path
 ) -> None:
     """kill -9 of `beam serve` while 16 clients run Check+Finalize, ten times; interrupted
     lifecycles are NOT retried. Whatever a kill cut between a commit and Redis, the restarted
@@ -502,7 +495,6 @@ async def test_ten_kills_under_check_and_finalize_traffic_repair_redis_within_15
     print(f"seed {SEED}")
     rng = random.Random(SEED)
     service = ServiceProcess(fault_stores, tmp_path).start()
-    client = Client(http, fault_tenant)
     await new_customer(client, service.http_url, "cus", BALANCE)
     count = 0
     try:

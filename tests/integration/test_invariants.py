@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 import redis
 from redis.cluster import RedisCluster
@@ -26,6 +25,7 @@ from beam.core.reaper import Reaper
 from beam.core.runtime import Runtime
 from beam.records import Customer, EntryType, Role
 from tests.support.load import Lifecycle, Plan, run_workers
+from tests.support.rest import Rest, rest_client
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
 pytestmark = pytest.mark.topology
@@ -34,74 +34,10 @@ pytestmark = pytest.mark.topology
 # -- helpers ---------------------------------------------------------------------------------
 
 
-class Rest:
-    """The service's REST API with one tenant's keys; every call must answer 200."""
-
-    def __init__(self, client: httpx.AsyncClient, base_url: str, tenant: Tenant) -> None:
-        self.client = client
-        self.base_url = base_url
-        self.tenant = tenant
-
-    async def call(
-        self, method: str, path: str, body: dict[str, Any] | None = None, role: str = "admin"
-    ) -> dict[str, Any]:
-        response = await self.raw(method, path, body, role)
-        assert response.status_code == 200, response.text
-        data = response.json()
-        assert isinstance(data, dict)
-        return data
-
-    async def raw(
-        self, method: str, path: str, body: dict[str, Any] | None = None, role: str = "admin"
-    ) -> httpx.Response:
-        return await self.client.request(
-            method, f"{self.base_url}{path}", json=body, headers=self.tenant.header(role)
-        )
-
-    async def create_customer(self, customer_id: str, balance: int) -> None:
-        await self.call(
-            "POST",
-            "/v1/customers",
-            {"customer_id": customer_id, "display_name": customer_id,
-             "initial_balance_grains": str(balance)},
-        )  # fmt: skip
-
-    async def balance(self, customer_id: str) -> tuple[int, int, int]:
-        data = await self.call("GET", f"/v1/balance/{customer_id}", role="reader")
-        return int(data["balance"]), int(data["reserved"]), int(data["available"])
-
-    async def check(self, customer_id: str, request_id: str, estimated: int, **extra: Any) -> Any:
-        body = {"customer_id": customer_id, "request_id": request_id,
-                "estimated_grains": str(estimated), "buffer_multiplier": 1.0,
-                "metadata": {"model": "cheap"}, **extra}  # fmt: skip
-        return await self.call("POST", "/v1/balance/check", body, role="enforcer")
-
-    async def deduct(self, customer_id: str, request_id: str, token: str, tokens: int,
-                     sequence: int = 0) -> dict[str, Any]:  # fmt: skip
-        body = {"customer_id": customer_id, "request_id": request_id, "request_token": token,
-                "tokens_consumed": tokens, "model": "cheap", "is_completion": True,
-                "sequence_number": str(sequence)}  # fmt: skip
-        return await self.call("POST", "/v1/balance/deduct", body, role="enforcer")
-
-    async def finalize(self, customer_id: str, request_id: str, status: str = "COMPLETED_SUCCESS",
-                       **extra: Any) -> dict[str, Any]:  # fmt: skip
-        body = {"customer_id": customer_id, "request_id": request_id, "status": status,
-                "model": "cheap", **extra}  # fmt: skip
-        return await self.call("POST", "/v1/balance/finalize", body, role="enforcer")
-
-    async def integrity(self) -> dict[str, Any]:
-        return await self.call("POST", "/v1/admin/verify-integrity", {}, role="reader")
-
-
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-def api(http: httpx.AsyncClient, topology_service: ServiceProcess, topology_tenant: Tenant) -> Rest:
-    return Rest(http, topology_service.http_url, topology_tenant)
+async def api(topology_service: ServiceProcess, topology_tenant: Tenant) -> AsyncIterator[Rest]:
+    async with rest_client(topology_service, topology_tenant) as rest:
+        yield rest
 
 
 @pytest.fixture(scope="module")

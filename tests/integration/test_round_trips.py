@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from beam.adapters.redis_store import load_scripts
@@ -33,6 +32,7 @@ from beam.constants import (
     SCRIPT_SETTLE_HOLD,
 )
 from beam_dev import servers as devservers
+from tests.support.rest import rest_client
 from tests.support.stack import ServiceProcess, Stores, Tenant, provision_tenant
 
 _LINE = re.compile(r'^\+\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<command>[^"]+)"(?P<args>.*)$')
@@ -157,12 +157,8 @@ async def test_check_deduct_and_get_balance_each_cost_one_redis_round_trip(
 ) -> None:
     server: devservers.RedisServer = quiet_stack.redis
     metadata = (("authorization", f"Bearer {quiet_tenant.keys['admin']}"),)
-    async with httpx.AsyncClient(base_url=quiet_service.http_url, timeout=30) as rest:
-        created = await rest.post(
-            "/v1/customers", json={"customer_id": "cus", "initial_balance_grains": 1_000_000},
-            headers=quiet_tenant.header("admin"),
-        )  # fmt: skip
-        assert created.status_code == 200, created.text
+    async with rest_client(quiet_service, quiet_tenant) as rest:
+        await rest.create_customer("cus", 1_000_000)
 
         def check(request_id: str) -> pb.CheckBalanceRequest:
             return pb.CheckBalanceRequest(
@@ -212,8 +208,8 @@ async def test_check_deduct_and_get_balance_each_cost_one_redis_round_trip(
             assert sent == [("evalsha", shas[SCRIPT_READ_BALANCE])]
 
             with monitor.commands() as sent:
-                response = await rest.get("/v1/balance/cus", headers=quiet_tenant.header("reader"))
-            assert response.json()["reserved"] == "1000"
+                read = await rest.get("/v1/balance/cus", role="reader")
+            assert read["reserved"] == "1000"
             assert sent == [("evalsha", shas[SCRIPT_READ_BALANCE])]
             # Finalize is not on the per-token path: it marks the hold settling (reserving
             # the charge), commits in PostgreSQL, then releases the hold. Two round trips,

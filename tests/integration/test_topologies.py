@@ -10,10 +10,8 @@ spread over the masters.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-import httpx
 import pytest
 from redis.cluster import key_slot
 
@@ -21,18 +19,15 @@ from beam.admin.v1 import admin_pb2, admin_pb2_grpc
 from beam.balance.v1 import balance_pb2 as pb
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc
 from beam.constants import customer_keys
+from tests.support.rest import Rest, rest_client
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
 pytestmark = pytest.mark.topology
 
 
 @pytest.fixture
-async def rest(
-    topology_service: ServiceProcess, topology_tenant: Tenant
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=topology_service.http_url, headers=topology_tenant.header("admin"), timeout=30
-    ) as client:
+async def rest(topology_service: ServiceProcess, topology_tenant: Tenant) -> AsyncIterator[Rest]:
+    async with rest_client(topology_service, topology_tenant) as client:
         yield client
 
 
@@ -42,28 +37,12 @@ async def channel(topology_service: ServiceProcess) -> AsyncIterator[grpc.aio.Ch
         yield channel
 
 
-async def post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = await client.post(path, json=body)
-    assert response.status_code == 200, response.text
-    data = response.json()
-    assert isinstance(data, dict)
-    return data
-
-
-async def get(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
-    response = await client.get(path)
-    assert response.status_code == 200, response.text
-    data = response.json()
-    assert isinstance(data, dict)
-    return data
-
-
-async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -> None:
-    await post(rest, "/v1/customers", {"customer_id": "cus", "initial_balance_grains": 100_000_000})
-    assert await get(rest, "/v1/balance/cus") == {
+async def test_lifecycle_over_rest_with_exact_numbers(rest: Rest) -> None:
+    await rest.post("/v1/customers", {"customer_id": "cus", "initial_balance_grains": 100_000_000})
+    assert await rest.get("/v1/balance/cus") == {
         "balance": "100000000", "reserved": "0", "available": "100000000",
     }  # fmt: skip
-    check = await post(rest, "/v1/balance/check", {
+    check = await rest.post("/v1/balance/check", {
         "customer_id": "cus", "request_id": "r1", "estimated_grains": 50_000,
         "buffer_multiplier": 1.2, "metadata": {"model": "gpt-4"},
     })  # fmt: skip
@@ -75,7 +54,7 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -
         "reserved_grains": "60000", "max_affordable_completion_tokens": "1666666",
         "replayed": False,
     }  # fmt: skip
-    deduct = await post(rest, "/v1/balance/deduct", {
+    deduct = await rest.post("/v1/balance/deduct", {
         "customer_id": "cus", "request_id": "r1", "request_token": token,
         "tokens_consumed": 50, "model": "gpt-4", "is_completion": True,
     })  # fmt: skip
@@ -84,14 +63,14 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -
         "consumed_grains": "3000", "reserved_grains": "60000",
     }  # fmt: skip
     # 1000 more completion tokens = 63000 consumed: the hold grows by 3000.
-    grow = await post(rest, "/v1/balance/deduct", {
+    grow = await rest.post("/v1/balance/deduct", {
         "customer_id": "cus", "request_id": "r1", "request_token": token,
         "tokens_consumed": 1_000, "is_completion": True, "sequence_number": 2,
     })  # fmt: skip
     assert (grow["consumed_grains"], grow["reserved_grains"], grow["remaining_balance"]) == (
         "63000", "63000", "99937000",
     )  # fmt: skip
-    final = await post(rest, "/v1/balance/finalize", {
+    final = await rest.post("/v1/balance/finalize", {
         "customer_id": "cus", "request_id": "r1", "status": "COMPLETED_SUCCESS",
         "actual_prompt_tokens": 234, "actual_completion_tokens": 487,
         "total_actual_cost_grains": 48_700, "model": "gpt-4",
@@ -100,10 +79,10 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -
         "success": True, "refunded_grains": "14300", "final_balance": "99951300",
         "charged_grains": "48700", "overage_grains": "0", "replayed": False,
     }  # fmt: skip
-    assert await get(rest, "/v1/balance/cus") == {
+    assert await rest.get("/v1/balance/cus") == {
         "balance": "99951300", "reserved": "0", "available": "99951300",
     }  # fmt: skip
-    request = await get(rest, "/v1/requests/r1")
+    request = await rest.get("/v1/requests/r1")
     assert {k: request[k] for k in ("status", "model", "reserved_grains", "consumed_grains",
                                     "actual_cost_grains", "refunded_grains", "prompt_tokens",
                                     "completion_tokens")} == {
@@ -112,14 +91,14 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -
         "prompt_tokens": "234", "completion_tokens": "487",
     }  # fmt: skip
     # A stream that runs out of money: 99951300 available, hold of 1 grain at gpt-4 prices.
-    small = await post(rest, "/v1/customers", {"customer_id": "small",
+    small = await rest.post("/v1/customers", {"customer_id": "small",
                                                "initial_balance_grains": 10_000})  # fmt: skip
     assert small["available"] == "10000"
-    check = await post(rest, "/v1/balance/check", {
+    check = await rest.post("/v1/balance/check", {
         "customer_id": "small", "request_id": "r2", "estimated_grains": 6_000,
         "buffer_multiplier": 1.0, "metadata": {"model": "gpt-4"},
     })  # fmt: skip
-    kill = await post(rest, "/v1/balance/deduct", {
+    kill = await rest.post("/v1/balance/deduct", {
         "customer_id": "small", "request_id": "r2", "request_token": check["request_token"],
         "tokens_consumed": 200, "is_completion": True, "sequence_number": 1,
     })  # fmt: skip
@@ -128,7 +107,7 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: httpx.AsyncClient) -
         "success": False, "remaining_balance": "0", "error_code": "INSUFFICIENT_BALANCE",
         "consumed_grains": "10000", "reserved_grains": "10000",
     }  # fmt: skip
-    final = await post(rest, "/v1/balance/finalize", {
+    final = await rest.post("/v1/balance/finalize", {
         "customer_id": "small", "request_id": "r2", "status": "KILLED_INSUFFICIENT_BALANCE",
         "actual_completion_tokens": 170,
     })  # fmt: skip
@@ -216,16 +195,16 @@ def _customer_per_master(stores: Stores, tenant: str) -> dict[int, str]:
 
 
 async def test_customers_spread_over_cluster_masters_and_each_stays_on_one_slot(
-    topology_stores: Stores, topology_tenant: Tenant, rest: httpx.AsyncClient
+    topology_stores: Stores, topology_tenant: Tenant, rest: Rest
 ) -> None:
     if topology_stores.topology != "cluster":
         pytest.skip("key placement across masters is a Cluster property")
     chosen = _customer_per_master(topology_stores, topology_tenant.name)
     assert len(chosen) == 3
     for customer_id in chosen.values():
-        await post(rest, "/v1/customers", {"customer_id": customer_id,
+        await rest.post("/v1/customers", {"customer_id": customer_id,
                                            "initial_balance_grains": 1_000})  # fmt: skip
-        check = await post(rest, "/v1/balance/check", {
+        check = await rest.post("/v1/balance/check", {
             "customer_id": customer_id, "request_id": "open", "estimated_grains": 100,
             "buffer_multiplier": 1.0,
         })  # fmt: skip
@@ -241,4 +220,4 @@ async def test_customers_spread_over_cluster_masters_and_each_stays_on_one_slot(
                 counts[node.port] = client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
         # Account hash, open-holds set and the hold itself live on the owner only.
         assert counts == {n.port: 3 if n.port == port else 0 for n in topology_stores.redis.nodes}
-    assert (await post(rest, "/v1/admin/verify-integrity", {}))["ok"] is True
+    assert (await rest.post("/v1/admin/verify-integrity", {}))["ok"] is True
