@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,6 +460,7 @@ class Bench:
     store_pids: dict[str, int]
     measurements: list[rp.Measurement] = field(default_factory=list)
     runs: int = 0
+    profiles: int = 0
 
     def _file(self, suffix: str) -> Path:
         self.runs += 1
@@ -476,7 +478,7 @@ class Bench:
         log(f"{server.name} still busy after 15 s; measuring anyway")
 
     def _measure(
-        self, server: Server, command: list[str], timeout: float
+        self, server: Server, command: list[str], timeout: float, profile: str | None = None
     ) -> tuple[subprocess.CompletedProcess[str], float, dict[str, float], str, float]:
         if self.args.settle:
             self.settle(server)
@@ -484,7 +486,10 @@ class Bench:
         client_cpu = children_cpu_seconds()
         server_cpu = cpu_seconds([server.pid])
         store_cpu = {name: cpu_seconds([pid]) for name, pid in self.store_pids.items()}
-        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        with self._profiling(server, profile):
+            out = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, check=False
+            )
         server_cpu = cpu_seconds([server.pid]) - server_cpu
         store_cpu = {
             name: cpu_seconds([pid]) - store_cpu[name] for name, pid in self.store_pids.items()
@@ -493,6 +498,38 @@ class Bench:
         if out.returncode != 0:
             raise RuntimeError(f"{command[0]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
         return out, server_cpu, store_cpu, load, client_cpu
+
+    @contextlib.contextmanager
+    def _profiling(self, server: Server, name: str | None) -> Iterator[None]:
+        """With --profile DIR, py-spy samples the server during each closed-loop round, Beam
+        and the empty handler alike (collapsed stacks, ``<call>-<server>-NN.txt``;
+        bench/profile.py summarizes them). py-spy runs on the load CPU, but with --native it
+        stops the server for every sample: the figures of a profiled run are not the bench's."""
+        if self.args.profile is None or name is None:
+            yield
+            return
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        self.profiles += 1
+        out = self.args.profile / f"{name}-{server.name}-{self.profiles:02d}.txt"
+        command = [
+            *self.args.py_spy, "record", "--pid", str(server.pid), "--format", "raw",
+            "--rate", "250", "--output", str(out), "--subprocesses",
+        ]  # fmt: skip
+        # Native frames (grpcio's C core, hiredis, upb) need the process stopped per sample.
+        command.append("--native" if self.args.native else "--nonblocking")
+        spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # attached before the first call
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            try:
+                _, errors = spy.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, errors = spy.communicate(timeout=10)
+            if not out.exists():
+                log(f"py-spy wrote no profile: {errors.decode(errors='replace')[-500:]}")
 
     def ghz(
         self,
@@ -548,7 +585,10 @@ class Bench:
         command.append(server.grpc_target)
         expected = seconds or (total / (rps or 200))  # type: ignore[operator]
         _, server_cpu, store_cpu, load, client_cpu = self._measure(
-            server, command, timeout=expected + 2 * self.args.call_timeout + 120
+            server,
+            command,
+            timeout=expected + 2 * self.args.call_timeout + 120,
+            profile=call if note.startswith("round") else None,
         )
         result = json.loads(report_file.read_text())
         details = result.get("details") or []
@@ -622,7 +662,10 @@ class Bench:
         command += ["-z", f"{seconds:g}s"] if seconds else ["-n", str(total)]
         command.append(f"{server.http_url}{path}")
         out, server_cpu, store_cpu, load, client_cpu = self._measure(
-            server, command, timeout=(seconds or 60) + self.args.call_timeout + 120
+            server,
+            command,
+            timeout=(seconds or 60) + self.args.call_timeout + 120,
+            profile=call if note.startswith("round") else None,
         )
         latencies: list[float] = []
         statuses: dict[str, int] = {}
@@ -1226,7 +1269,19 @@ def main() -> None:
         help="ghz HTTP/2 connections (default 1; 4 per worker when N > 1)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy every closed-loop round into this directory (bench/profile.py reads it)",
+    )
+    parser.add_argument(
+        "--native", action="store_true", help="--profile: native frames too (grpcio's C core)"
+    )
     args = parser.parse_args()
+    args.py_spy = [str(Path(sys.executable).with_name("py-spy"))]
+    if args.profile is not None and not Path(args.py_spy[0]).exists():
+        parser.error("--profile needs py-spy in the venv: .venv/bin/pip install py-spy")
     args.calls = [c for c in args.calls.split(",") if c]
     if args.workers > 1 and not serve_has_workers():
         parser.error("this beam serve has no --workers option")

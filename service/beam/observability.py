@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from prometheus_client import Counter, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 from pythonjsonlogger.json import JsonFormatter
 
 _LATENCY_BUCKETS = (
@@ -60,6 +61,21 @@ AUTH_LOOKUPS_SHED = Counter(
     "beam_auth_lookups_shed_total",
     "Unknown API keys refused without a PostgreSQL lookup (lookup budget spent)",
 )
+
+_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+
+def child(metric: MetricWrapperBase, *labels: str) -> Any:
+    """``metric.labels(*labels)``, bound once and then read from a dict: ``labels()`` takes
+    a lock and validates the values on every call, a cost the hot path pays several times
+    per call (docs/PERFORMANCE.md). Holds what prometheus_client holds anyway (one child
+    per label values), so it is bounded by the same label values."""
+    key = (metric, labels)
+    bound = _CHILDREN.get(key)
+    if bound is None:
+        bound = _CHILDREN[key] = metric.labels(*labels)
+    return bound
+
 
 _SECRET_PATTERNS = re.compile(
     r"(beam_sk_[A-Za-z0-9_\-]+|beam_test_key_[A-Za-z0-9]+|v1\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{16,}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -38,7 +39,7 @@ from beam.adapters.resources import lua_dir
 from beam.config import RedisMode, StoreSettings
 from beam.constants import ALL_SCRIPTS, KEY_NAMESPACE, lua_constants
 from beam.errors import BeamError, Reason
-from beam.observability import STORE_LATENCY
+from beam.observability import STORE_LATENCY, child
 
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 # Error replies that mean "not now, nothing was done": NOREPLICAS (the master has fewer
@@ -136,8 +137,11 @@ class RedisStore:
     ) -> Any:
         """EVALSHA a script; loads it on NOSCRIPT; retries transient failures if idempotent."""
         script = self.scripts[name]
-        with STORE_LATENCY.labels("redis", name).time():
+        started = time.perf_counter()
+        try:
             return await self._run(script, keys, args, idempotent=idempotent)
+        finally:
+            child(STORE_LATENCY, "redis", name).observe(time.perf_counter() - started)
 
     async def _run(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int], *, idempotent: bool

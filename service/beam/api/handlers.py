@@ -34,7 +34,7 @@ from beam.core.usage import (
     UsageReport,
 )
 from beam.errors import BeamError, Reason, invalid
-from beam.observability import CALL_LATENCY, DECISIONS, GRAINS, STREAM_KILLS
+from beam.observability import CALL_LATENCY, DECISIONS, GRAINS, STREAM_KILLS, child
 from beam.records import Customer, CustomerState, Settlement
 
 M = TypeVar("M", bound=Message)
@@ -99,20 +99,27 @@ class Handlers:
     async def authenticate(self, authorization: str | None) -> Principal:
         return await self.runtime.auth.authenticate(authorization)
 
-    async def timed(self, call: str, transport: str, work: Callable[[], Awaitable[M]]) -> M:
+    async def timed(
+        self,
+        call: str,
+        transport: str,
+        handler: Callable[[Principal, Any], Awaitable[M]],
+        principal: Principal,
+        request: Any,
+    ) -> M:
         started = time.perf_counter()
         try:
-            return await work()
+            return await handler(principal, request)
         finally:
-            CALL_LATENCY.labels(call, transport).observe(time.perf_counter() - started)
+            child(CALL_LATENCY, call, transport).observe(time.perf_counter() - started)
 
     # -- balance -----------------------------------------------------------------------------
 
     async def check(self, p: Principal, m: balance_pb.CheckBalanceRequest) -> Message:
         result = await self.ledger.check(p, check_command(m))
-        DECISIONS.labels("check", result.rejection_reason or "OK").inc()
+        child(DECISIONS, "check", result.rejection_reason or "OK").inc()
         if result.approved:
-            GRAINS.labels("held").inc(result.reserved_grains)
+            child(GRAINS, "held").inc(result.reserved_grains)
         return balance_pb.CheckBalanceResponse(
             approved=result.approved,
             remaining_balance=result.remaining_balance,
@@ -126,9 +133,9 @@ class Handlers:
 
     async def deduct(self, p: Principal, m: balance_pb.DeductTokensRequest) -> Message:
         result = await self.ledger.deduct(p, deduct_command(m))
-        DECISIONS.labels("deduct", result.error_code or "OK").inc()
+        child(DECISIONS, "deduct", result.error_code or "OK").inc()
         if not result.success:
-            STREAM_KILLS.labels(result.error_code).inc()
+            child(STREAM_KILLS, result.error_code).inc()
         return balance_pb.DeductTokensResponse(
             success=result.success,
             remaining_balance=result.remaining_balance,
@@ -139,11 +146,11 @@ class Handlers:
 
     async def finalize(self, p: Principal, m: balance_pb.FinalizeRequestRequest) -> Message:
         result = await self.ledger.finalize(p, finalize_command(m))
-        DECISIONS.labels("finalize", "REPLAYED" if result.replayed else "OK").inc()
+        child(DECISIONS, "finalize", "REPLAYED" if result.replayed else "OK").inc()
         if not result.replayed:
-            GRAINS.labels("settled").inc(result.charged_grains)
-            GRAINS.labels("refunded").inc(result.refunded_grains)
-            GRAINS.labels("overage").inc(result.overage_grains)
+            child(GRAINS, "settled").inc(result.charged_grains)
+            child(GRAINS, "refunded").inc(result.refunded_grains)
+            child(GRAINS, "overage").inc(result.overage_grains)
         return balance_pb.FinalizeRequestResponse(
             success=result.success,
             refunded_grains=result.refunded_grains,

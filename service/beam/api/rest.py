@@ -206,7 +206,7 @@ class RestApi:
                         raise invalid(name, "does not match the value in the URL path")
                     fields[name] = value
             message = parse_body(raw, message_type, fields)
-            response = await self.handlers.timed(call, "rest", lambda: handler(principal, message))
+            response = await self.handlers.timed(call, "rest", handler, principal, message)
             return JSONResponse(render(response))
         except Exception as error:
             status, body = http_body(as_beam_error(error, call))

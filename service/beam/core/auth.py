@@ -129,6 +129,11 @@ class Authenticator:
         self._misses: dict[str, float] = {}
         self._lookups = TokenBucket(MISS_LOOKUPS_PER_SECOND, MISS_LOOKUP_BURST, clock)
         self._dev_key_hash = hash_key(DEV_API_KEY)
+        # The Principal of each key digest served from the current copy: built once, not
+        # per call. Cleared whenever the copy is replaced, so a revocation (NOTIFY) or an
+        # expiry (checked per call) takes effect as before.
+        self._principals: dict[str, tuple[Principal, ApiKeyRecord]] = {}
+        self._principals_of: dict[str, ApiKeyRecord] | None = None
 
     async def _load(self) -> dict[str, ApiKeyRecord]:
         records = await self._postgres.load_api_keys()
@@ -147,10 +152,24 @@ class Authenticator:
         if digest == self._dev_key_hash and not self._dev_mode:
             raise BeamError(Reason.UNAUTHENTICATED, "the dev key is refused outside dev mode")
         keys = await self._keys.get()
+        if keys is not self._principals_of:  # reloaded (NOTIFY, max age): forget them all
+            self._principals.clear()
+            self._principals_of = keys
+        known = self._principals.get(digest)
+        if known is not None:
+            principal, cached = known
+            if cached.revoked_at is None and cached.expires_at is None:
+                return principal
+            if _usable(cached):
+                return principal
+            raise _unusable()
         record = keys.get(digest) or await self._lookup_miss(digest)
         if record is None or not _usable(record):
-            raise BeamError(Reason.UNAUTHENTICATED, "invalid, expired or revoked API key")
-        return Principal(record.tenant, record.role, record.key_id, record.customers)
+            raise _unusable()
+        principal = Principal(record.tenant, record.role, record.key_id, record.customers)
+        if keys.get(digest) is record:  # bounded: one per key in the copy
+            self._principals[digest] = (principal, record)
+        return principal
 
     async def _lookup_miss(self, digest: str) -> ApiKeyRecord | None:
         now = self._clock()
@@ -167,6 +186,10 @@ class Authenticator:
             return None
         self._keys.value[digest] = record
         return record
+
+
+def _unusable() -> BeamError:
+    return BeamError(Reason.UNAUTHENTICATED, "invalid, expired or revoked API key")
 
 
 class TokenBucket:
