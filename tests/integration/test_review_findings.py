@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 
-from beam.constants import customer_keys, done_key
+from beam.constants import MAX_GRAINS, customer_keys, done_key
 from beam.core import faults
 from beam.core.commands import CheckCommand, DeductCommand
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
 from tests.support.money import (
     CUSTOMER,
-    crash_at,
     customer,
     ledger_row,
     redis_account,
@@ -139,3 +138,95 @@ async def test_a_resurrected_second_hold_under_a_settled_id_streams_for_free(
     assert not bought or balance == 97_100, (
         f"the resurrected second hold bought 2 000 grains of tokens; ledger balance {balance}"
     )
+
+
+# -- 2. a commit that lands after the reaper abandoned its hold ----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a settlement committed after the reaper abandoned its hold is reserved "
+    "by nothing; a kill -9 then leaves Redis above the ledger for good",
+)
+async def test_a_commit_landing_after_its_hold_was_abandoned_leaves_redis_above_the_ledger(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Schedule: Finalize r with no hold (never checked, or its hold lost), 3 000 reported:
+    ``begin_settlement`` makes a claim reserving 3 000 -> the commit is delayed past the
+    claim's deadline (2 min: the process paused, or the settlement queued behind a slow
+    pool; neither ``Batcher`` nor ``pool.acquire`` bounds that wait) -> the reaper (any
+    replica) finds nothing in the ledger and abandons the claim: released, ``available``
+    back to 10 000 -> the delayed commit lands (``settlement:cus:r``, -3 000) and the
+    process is killed at ``finalize.committed`` -> the reaper runs three more passes.
+
+    Breaks: *Redis is never ahead of the ledger*. Nothing reserves the committed charge any
+    more (its claim was abandoned) and nothing is left settling for the reaper to complete,
+    so Redis keeps balance 10 000 / held 0 while the ledger says 7 000: 3 000 grains are
+    offered twice until some later movement of this customer happens to adopt a newer
+    version. Expected: Redis available <= 7 000; actual: 10 000.
+    (A single kill -9 is enough once the commit outlives the deadline: the deadline is
+    a guess about commit latency, not a fence.)"""
+    p = await customer(runtime, tenant, 10_000)
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def hook(name: str) -> None:
+        if name == faults.FINALIZE_BEGUN:
+            paused.set()
+            await resume.wait()
+        elif name == faults.FINALIZE_COMMITTED:
+            raise faults.SimulatedCrash(name)
+
+    faults.install(hook)
+    finalize = asyncio.ensure_future(settle(runtime, p, "r", 3_000))
+    await paused.wait()
+    assert await redis_account(runtime, tenant.name) == (10_000, 3_000)
+    await reap_after(runtime, 120_000 + 1, passes=1)  # abandons the claim
+    assert await redis_account(runtime, tenant.name) == (10_000, 0)
+    resume.set()
+    with pytest.raises(faults.SimulatedCrash):
+        await finalize
+    faults.install(None)
+    assert (await ledger_row(stores, tenant.name))[0] == 7_000
+    await reap_after(runtime, 5_000, passes=3)
+    balance, held = await redis_account(runtime, tenant.name)
+    assert balance - held <= 7_000, f"redis available {balance - held} > ledger balance 7 000"
+
+
+# -- 3. held past 2^53 in begin_settlement: Lua doubles round it -------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: begin_settlement adds a charge of up to 2^53-1 to held unchecked; the "
+    "double rounds, held drifts from the holds and a later release fails forever",
+)
+async def test_a_maximal_charge_makes_held_inexact_and_wedges_another_hold(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Schedule: customer with 100 000 -> Check r2, estimate 50 002 at multiplier 1.0 (hold
+    50 002) -> Finalize x with no hold and ``total_actual_cost_grains`` = 2^53-1 (in range:
+    validate_finalize allows up to MAX_GRAINS) -> Finalize r2 with its token, nothing used.
+
+    Breaks: *derivable balances* (``held`` = sum of holds) and *bad input never causes a
+    500*. ``begin_settlement.lua`` writes ``held + reserve - amount`` = 50 002 + 2^53-1 =
+    2^53 + 50 001, which a Lua double cannot hold: it rounds to 2^53 + 50 000, and the
+    release of x leaves held 50 001 while the only hold is 50 002 (Redis offers one grain
+    the holds do not allow). Releasing r2 then computes held -1 and trips
+    ``BEAM_INVARIANT held < 0 after release``: the Finalize of r2, already committed in
+    PostgreSQL, answers a raw redis ResponseError (INTERNAL), every retry and every reaper
+    pass fails the same way, and r2 stays settling for good. Expected: integrity clean and
+    r2 settled; actual: 'redis held 50001 != sum of open holds 50002', ResponseError.
+    (No bound keeps held + reserve <= 2^53-1: open_hold and deduct assert held <= balance,
+    begin_settlement asserts nothing.)"""
+    p = await customer(runtime, tenant, 100_000)
+    check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r2", 50_002, 1.0, "cheap"))
+    assert check.reserved_grains == 50_002
+    final = await settle(runtime, p, "x", MAX_GRAINS)
+    assert final.charged_grains == MAX_GRAINS
+    (report,) = await runtime.admin.verify_integrity(p, CUSTOMER)
+    problems = list(report.problems)
+    try:
+        await settle(runtime, p, "r2", 0, check.request_token)
+    except Exception as error:
+        problems.append(f"finalize r2: {type(error).__name__}: {error}")
+    assert problems == []
