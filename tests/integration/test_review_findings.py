@@ -21,6 +21,7 @@ from beam.core import faults
 from beam.core.commands import CheckCommand, DeductCommand
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
+from beam.records import Customer
 from tests.support.money import (
     CUSTOMER,
     customer,
@@ -291,3 +292,34 @@ async def test_sync_releases_the_reservation_of_a_late_finalize_in_flight(
     await reap_after(runtime, 5_000, passes=3)
     balance, held = await redis_account(runtime, tenant.name)
     assert balance - held <= 7_000, f"redis available {balance - held} > ledger balance 7 000"
+
+
+# -- 5. CreateCustomer: a retry with another opening balance moves money -------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a CreateCustomer retry with another initial balance credits it "
+    "(when the first had none) instead of TRANSACTION_ID_CONFLICT",
+)
+async def test_create_customer_retry_with_another_opening_balance_is_a_conflict(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Schedule: CreateCustomer c2 (initial_balance_grains 0) -> the same call retried (a
+    lost reply, a replayed request) with initial_balance_grains 1 000.
+
+    Breaks: *retries are idempotent* as docs/API.md ("Idempotency rules") states them:
+    CreateCustomer with different parameters answers TRANSACTION_ID_CONFLICT (opening
+    balance). ``Admin.create_customer`` credits ``open:<customer>`` only when the amount is
+    non-zero, so a first call with 0 records no opening entry and the "retry" credits
+    1 000 grains (a second, different opening balance is accepted; the reverse order, 1 000
+    then 0, is silently answered as the existing customer). Expected: TRANSACTION_ID_CONFLICT
+    and balance 0; actual: balance 1 000."""
+    p = await customer(runtime, tenant, 0, cid="c2")
+    try:
+        view = await runtime.admin.create_customer(p, Customer(tenant.name, "c2", "c2"), 1_000)
+        answer = f"balance {view.customer.balance_grains}"
+    except BeamError as error:
+        answer = error.reason.name
+    assert answer == "TRANSACTION_ID_CONFLICT"
+    assert (await ledger_row(stores, tenant.name, "c2"))[0] == 0
