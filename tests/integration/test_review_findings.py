@@ -323,3 +323,38 @@ async def test_create_customer_retry_with_another_opening_balance_is_a_conflict(
         answer = error.reason.name
     assert answer == "TRANSACTION_ID_CONFLICT"
     assert (await ledger_row(stores, tenant.name, "c2"))[0] == 0
+
+
+# -- 6. a Finalize retry is refused while a second hold holds the id ----------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a retry of an acknowledged Finalize answers INVALID_REQUEST_TOKEN "
+    "while a second hold (opened during a ledger outage) holds the id",
+)
+async def test_a_finalize_retry_is_refused_while_a_second_hold_holds_the_id(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Schedule: Check r (T1) -> Finalize r with T1, 700 (acknowledged, but the reply is
+    lost) -> r's done marker expires -> Check r while the settled-id lookup is unavailable
+    (hold H2) -> the app retries the first Finalize: r, T1, 700.
+
+    Breaks: *retries are idempotent* (docs/API.md: a Finalize retry answers the first
+    settlement, ``replayed: true``). ``begin_settlement.lua`` finds H2 under the id and
+    compares T1's nonce with H2's before it looks at the ledger: the retry is refused with
+    INVALID_REQUEST_TOKEN for as long as H2 lives (up to its TTL), though the ledger has
+    exactly that settlement. Expected: replayed, charged 700, balance 9 300; actual:
+    INVALID_REQUEST_TOKEN."""
+    p = await customer(runtime, tenant, 10_000)
+    command = CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap")
+    first = await runtime.ledger.check(p, command)
+    await settle(runtime, p, "r", 700, first.request_token)
+    await runtime.redis.client.delete(done_key(tenant.name, CUSTOMER, "r"))
+    assert (await check_while_ledger_unavailable(runtime, p, command)).approved
+    try:
+        retry = await settle(runtime, p, "r", 700, first.request_token)
+        answer = (retry.replayed, retry.charged_grains, retry.final_balance)
+    except BeamError as error:
+        answer = (error.reason.name,)
+    assert answer == (True, 700, 9_300)
