@@ -110,9 +110,11 @@ def library(frames: list[Frame]) -> str:
 
 
 def thread(frames: list[Frame]) -> str:
-    if any(f.function.startswith("_run_module_as_main") for f in frames):
-        return "main"
-    return "other threads"
+    """The event loop's thread (started from a module), or another (grpcio's poller)."""
+    roots = [f for f in frames if not f.runtime][:1]
+    if roots and roots[0].function in ("_run_module_as_main", "<module>"):
+        return "event loop"
+    return "other threads (grpcio's poller: its C core does the HTTP/2 I/O)"
 
 
 @dataclass

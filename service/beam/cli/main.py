@@ -128,10 +128,7 @@ def main() -> None:
 )
 def serve(migrate: bool, workers: int | None) -> None:
     """Run the enforcement service (gRPC :9090, REST :8080) from BEAM_* settings."""
-    import asyncio
-
-    from beam.api.server import run_workers
-    from beam.api.server import serve as run
+    from beam.api.server import run, run_workers
     from beam.config import ServiceSettings
     from beam.observability import configure_logging
 
@@ -148,7 +145,7 @@ def serve(migrate: bool, workers: int | None) -> None:
         if migrate:
             env["BEAM_MIGRATE_ON_START"] = "true"
         sys.exit(run_workers(settings, env))
-    asyncio.run(run(settings))
+    run(settings)
 
 
 def serve_main() -> None:
