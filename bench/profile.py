@@ -15,6 +15,12 @@ running (py-spy leaves idle threads out):
   so the rows overlap), to split one call's path: authentication, the handler, the Redis
   script, the settled-id lookup, metrics.
 
+Only the event loop's thread is counted unless ``--all-threads``: with ``--native``, py-spy
+reports grpcio's poller thread as running while it waits in the completion queue (about
+40% of all samples, for the empty handler as for Beam), where /proc's per-thread CPU shows
+it near idle. grpcio's C++ threads (``event_engine``) are not Python threads and are not
+sampled at all; /proc gives their CPU (docs/PERFORMANCE.md).
+
 py-spy with ``--native`` stops the process for every sample: shares are meaningful, the
 calls/s of a profiled run are not.
 """
@@ -32,18 +38,24 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<where>[^()]*)\)$")
 _RUNTIME = ("libpython", "libc.so", "[vdso]", "ld-linux", "libm.so", "libpthread", "<frozen")
 
 LIBRARIES = (
-    ("grpc", ("grpc/", "grpc_", "cygrpc")),
+    ("grpc", ("grpc/", "grpc_", "cygrpc", "libstdc++")),
     ("protobuf", ("google/protobuf", "google/_upb", "_message.")),
     ("redis-py", ("redis/",)),
-    ("hiredis", ("hiredis",)),
-    ("asyncpg", ("asyncpg/",)),
+    ("hiredis (reply parser)", ("hiredis", "reader.c", "read.c", "sds.")),
+    ("asyncpg", ("asyncpg/", "protocol.c", "pgproto", "recordobj.c")),
     ("prometheus_client", ("prometheus_client/",)),
     ("uvicorn/starlette/fastapi", ("uvicorn/", "starlette/", "fastapi/", "h11/", "httptools")),
     ("pydantic", ("pydantic",)),
-    ("asyncio", ("asyncio/", "_asyncio", "selectors.py", "uvloop")),
-    ("hashing (hashlib/hmac/secrets)", ("hashlib", "hmac.py", "secrets.py", "libcrypto")),
-    ("beam", ("beam/",)),
-)
+    (
+        "event loop and sockets (asyncio, uvloop/libuv, epoll, send/recv)",
+        ("asyncio/", "_asyncio", "selectors.py", "selectmodule", "socketmodule", "_socket",
+         "uvloop", "linux.c", "loop.c", "stream.c", "core.c", "queue.h", "heap-inl.h",
+         "uv-common", "_weakrefset.py", "inspect.py", "contextvars"),
+    ),
+    ("hashing (hashlib/hmac/secrets)", ("hashlib", "hmac.py", "secrets.py", "_hashopenssl",
+                                        "libcrypto", "random.py", "base64", "binascii")),
+    ("beam", ("beam/", "<string>")),  # <string>: our dataclasses' generated __init__
+)  # fmt: skip
 
 # Frames of ours worth a row of their own: (label, function name as py-spy prints it).
 STAGES = (
@@ -109,12 +121,15 @@ def library(frames: list[Frame]) -> str:
     return "interpreter / libc"
 
 
+LOOP = "event loop"
+
+
 def thread(frames: list[Frame]) -> str:
     """The event loop's thread (started from a module), or another (grpcio's poller)."""
     roots = [f for f in frames if not f.runtime][:1]
     if roots and roots[0].function in ("_run_module_as_main", "<module>"):
-        return "event loop"
-    return "other threads (grpcio's poller: its C core does the HTTP/2 I/O)"
+        return LOOP
+    return "other Python threads"
 
 
 @dataclass
@@ -125,14 +140,17 @@ class Summary:
     by_thread: Counter[str]
 
 
-def summarize(files: Iterable[Path]) -> Summary:
+def summarize(files: Iterable[Path], *, all_threads: bool = False) -> Summary:
     summary = Summary(0, Counter(), Counter(), Counter())
     for path in files:
         with path.open(errors="replace") as handle:
             for frames, count in parse(handle):
+                where = thread(frames)
+                summary.by_thread[where] += count
+                if where != LOOP and not all_threads:
+                    continue
                 summary.samples += count
                 summary.by_library[library(frames)] += count
-                summary.by_thread[thread(frames)] += count
                 text = ";".join(f"{f.function} ({f.where})" for f in frames)
                 for label, needle in STAGES:
                     if needle in text:
@@ -153,8 +171,9 @@ def render(call: str, summary: Summary, cpu_us: float | None) -> list[str]:
     lines += ["", f"| stage (inclusive) | share{unit} |", rule]
     lines += [f"| {label} | {share(summary.by_stage[label])} |" for label, _ in STAGES
               if summary.by_stage[label]]  # fmt: skip
-    threads = ", ".join(f"{k} {v / summary.samples:.0%}" for k, v in summary.by_thread.items())
-    lines += ["", f"Threads: {threads}.", ""]
+    total = sum(summary.by_thread.values()) or 1
+    threads = ", ".join(f"{k} {v / total:.0%}" for k, v in summary.by_thread.most_common())
+    lines += ["", f"Samples by thread: {threads}.", ""]
     return lines
 
 
@@ -168,13 +187,19 @@ def main() -> None:
         metavar="CALL=US",
         help="the bench's CPU µs per call of Beam, to turn shares into µs (repeatable)",
     )
+    parser.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="count every Python thread, not only the event loop's (see the module doc)",
+    )
     args = parser.parse_args()
     cpu = {k: float(v) for k, _, v in (item.partition("=") for item in args.cpu_us)}
     calls: dict[str, list[Path]] = {}
     for path in sorted(args.directory.glob("*.txt")):
         calls.setdefault(path.stem.rsplit("-", 1)[0], []).append(path)
     for call, files in calls.items():
-        print("\n".join(render(call, summarize(files), cpu.get(call))))
+        summary = summarize(files, all_threads=args.all_threads)
+        print("\n".join(render(call, summary, cpu.get(call))))
 
 
 if __name__ == "__main__":

@@ -972,6 +972,28 @@ SCENARIOS: dict[str, Callable[[Bench, Servers], None]] = {
 }
 
 
+def memory_run(bench: Bench, beam: Server, calls: int) -> list[tuple[int, float]]:
+    """--rss-calls N: N more GetBalance calls (closed loop) in ten parts, `beam serve`'s RSS
+    after each: [(calls of this run so far, MiB)]. Growth would show as a rising series."""
+    series, done, part = [(0, rss_mib([beam.pid]))], 0, max(1, calls // 10)
+    while done < calls:
+        count = min(part, calls - done)
+        bench.ghz(
+            "get_balance",
+            beam,
+            "GetBalance",
+            [{"customer_id": READER}],
+            concurrency=bench.args.concurrency,
+            total=count,
+            record=False,
+            note=f"memory {done + count:,}/{calls:,}",
+        )
+        done += count
+        series.append((done, rss_mib([beam.pid])))
+        log(f"beam serve RSS {series[-1][1]:.1f} MiB after {done:,} more calls")
+    return series
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -1068,6 +1090,14 @@ def render(context: dict[str, Any], rows: list[rp.Row], measurements: list[rp.Me
         f"- `beam serve` RSS: {rss['beam_idle']:.0f} MiB idle, {rss['beam_after']:.0f} MiB after "
         f"the run; empty gRPC server {rss['empty_grpc_after']:.0f} MiB, empty FastAPI app "
         f"{rss['empty_rest_after']:.0f} MiB after the run",
+        *(
+            [
+                f"- `beam serve` RSS over {series[-1][0]:,} more GetBalance calls after the "
+                "run (`--rss-calls`): " + ", ".join(f"{mib:.0f} MiB" for _, mib in series)
+            ]
+            if (series := context.get("rss_series"))
+            else []
+        ),
         f"- whole run: {context['run_seconds']:.0f} s",
         "",
         "## Result",
@@ -1185,6 +1215,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[rp.Row], list[rp
                 log(f"--- {name}")
                 SCENARIOS[name](bench, group)
             time.sleep(2)
+            series = memory_run(bench, beam, args.rss_calls) if args.rss_calls else []
             rss |= {
                 "beam_after": rss_mib([beam.pid]),
                 "empty_grpc_after": rss_mib([empty_grpc.pid]),
@@ -1221,6 +1252,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[rp.Row], list[rp
             "calls": args.calls,
         },
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "rss_series": series,
         "run_seconds": round(time.monotonic() - started, 1),
         "notes": notes,
     }
@@ -1269,6 +1301,12 @@ def main() -> None:
         help="ghz HTTP/2 connections (default 1; 4 per worker when N > 1)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--rss-calls",
+        type=int,
+        default=0,
+        help="after the run, this many GetBalance calls more, RSS read every tenth",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
