@@ -4,12 +4,17 @@
 --   a request hold goes back to what a hold that expired unsettled is: shrunk to what it
 --     consumed, in the expiring set, to be recorded as an expiry;
 --   a claim or a debit hold had nothing delivered through it and is released.
+-- The reaper fenced attempts up to `attempt` in PostgreSQL first: a commit of any of them
+-- that had not landed by then never will. A newer attempt (a Finalize that took the hold
+-- over since) is left alone: it is not fenced, and it reserves what it may commit.
 local hold_id = ARGV[1]
 local nonce   = ARGV[2]
 local now_ms  = tonumber(ARGV[3])
+local attempt = tonumber(ARGV[4])
 -- Returns {'EXPIRING'|'RELEASED'|'GONE'}.
-local h = redis.call('HMGET', KEYS[4], 'nonce', 'status', 'kind', 'amount', 'consumed')
-if h[1] ~= nonce or h[2] ~= 'settling' then
+local h = redis.call('HMGET', KEYS[4], 'nonce', 'status', 'kind', 'amount', 'consumed',
+  'attempt')
+if h[1] ~= nonce or h[2] ~= 'settling' or num(h[6]) ~= attempt then
   return {'GONE'}
 end
 local held = num(redis.call('HGET', KEYS[1], 'held'))

@@ -19,9 +19,12 @@ local settle_ttl_ms = tonumber(ARGV[14])  -- how long a settling hold may wait f
 --   {'DONE', charged, refunded, final_balance, overage, status, nonce}
 --        settled before (the done marker), and not an expiry a late Finalize may adjust
 --   {'SETTLE', claim(0|1), nonce, reserved, charged, consumed, estimated, model, in_tokens,
---    out_tokens, cached_tokens, created_ms}
+--    out_tokens, cached_tokens, created_ms, attempt}
 --        the hold (or a new claim, when there is no hold) is now settling and reserves at
---        least `charged`; commit the settlement, then run settle_hold with `nonce`
+--        least `charged`; commit the settlement, then run settle_hold with `nonce`.
+--        `attempt` counts the settlements begun on this hold: the commit carries it, and
+--        once the reaper abandons the hold (fencing attempts up to its own count in
+--        PostgreSQL), a late commit of an earlier attempt is refused.
 --   {'ERR', code}   INVALID_REQUEST_TOKEN, UNKNOWN_MODEL, COST_LIMIT
 --   {'NOT_LOADED'}
 -- Why reserve first: if the process dies, or the caller is cancelled, between the commit
@@ -66,16 +69,16 @@ if not hold_exists then
   if cost == nil then
     return {'ERR', 'UNKNOWN_MODEL'}
   end
-  if cost > MAX_GRAINS then
-    return {'ERR', 'COST_LIMIT'}
+  if cost > MAX_GRAINS - held then
+    return {'ERR', 'COST_LIMIT'}  -- `held` must stay an exact integer (a double's 53 bits)
   end
   redis.call('HSET', KEYS[4], 'status', 'settling', 'kind', 'claim', 'amount', fmt(cost),
     'consumed', '0', 'nonce', claim_nonce, 'fp', '', 'created', fmt(now_ms),
     'marked', fmt(now_ms), 'estimated', '0', 'model', '', 'in_tokens', '0',
-    'out_tokens', '0', 'cached_tokens', '0')
+    'out_tokens', '0', 'cached_tokens', '0', 'attempt', '1')
   redis.call('ZADD', KEYS[6], fmt(deadline), hold_id)
   redis.call('HSET', KEYS[1], 'held', fmt(held + cost))
-  return {'SETTLE', 1, claim_nonce, 0, cost, 0, 0, '', 0, 0, 0, now_ms}
+  return {'SETTLE', 1, claim_nonce, 0, cost, 0, 0, '', 0, 0, 0, now_ms, 1}
 end
 
 local h = redis.call('HMGET', KEYS[4], 'nonce', 'status', 'kind', 'amount', 'consumed',
@@ -90,8 +93,8 @@ local cost = charge(h[6] == '1', num(h[7]), num(h[8]), num(h[9]), consumed)
 if cost == nil then
   return {'ERR', 'UNKNOWN_MODEL'}
 end
-if cost > MAX_GRAINS then
-  return {'ERR', 'COST_LIMIT'}
+if cost > MAX_GRAINS or cost > MAX_GRAINS - (held - amount) then
+  return {'ERR', 'COST_LIMIT'}  -- `held` must stay an exact integer (a double's 53 bits)
 end
 -- Grow the hold to the charge, even past the balance: the customer owes it once the ledger
 -- commits, and until Redis adopts that balance the hold must keep it from being spent.
@@ -111,9 +114,10 @@ else
 end
 redis.call('HSET', KEYS[4], 'status', 'settling', 'amount', fmt(reserve),
   'marked', fmt(now_ms))
+local attempt = redis.call('HINCRBY', KEYS[4], 'attempt', 1)
 local claim = 0
 if kind == 'claim' then
   claim, reserved = 1, 0
 end
 return {'SETTLE', claim, h[1], reserved, cost, consumed, num(h[11]), h[10] or '',
-  num(h[12]), num(h[13]), num(h[14]), num(h[15])}
+  num(h[12]), num(h[13]), num(h[14]), num(h[15]), attempt}

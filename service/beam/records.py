@@ -68,6 +68,19 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleFence:
+    """Which settling hold a commit belongs to: its id, nonce and attempt (the settlements
+    begun on it, this one included). Once the reaper has abandoned that hold it fences
+    every attempt up to its own count, and a commit of a fenced attempt is refused: a
+    commit that waited past its hold's deadline must not land after the reservation that
+    covered it was released (docs/ARCHITECTURE.md, "Settling")."""
+
+    hold_id: str
+    nonce: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settlement:
     """One settled request: what was charged and what the balance became."""
 

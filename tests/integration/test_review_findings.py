@@ -1,6 +1,7 @@
 """Adversarial review of the money paths (HEAD after 448ee9b): each test is a schedule that
 breaks a money invariant (docs/ARCHITECTURE.md, "Invariants") against the real stores.
-Each is marked ``xfail(strict=True)`` until the defect it names is fixed.
+Each was a strict xfail until the defect it names was fixed; the docstrings describe the
+defect as found, the assertions what must hold now.
 
 Faults are injected as tests/integration/test_audit_findings.py does: a failing store call,
 a simulated kill -9 at a ``beam.core.faults`` point, a paused task, the injected clock, or
@@ -18,7 +19,7 @@ import pytest
 
 from beam.constants import MAX_GRAINS, customer_keys, done_key
 from beam.core import faults
-from beam.core.commands import CheckCommand, DeductCommand
+from beam.core.commands import CheckCommand, DeductCommand, LedgerCommand
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
 from beam.records import Customer
@@ -84,11 +85,6 @@ async def check_while_ledger_unavailable(rt: Runtime, p: Any, command: CheckComm
 # -- 1. a second hold under a settled id, resurrected by lost Redis writes ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: resync never releases a resurrected second hold (orphan-charged); "
-    "it streams again for free",
-)
 async def test_a_resurrected_second_hold_under_a_settled_id_streams_for_free(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -144,11 +140,6 @@ async def test_a_resurrected_second_hold_under_a_settled_id_streams_for_free(
 # -- 2. a commit that lands after the reaper abandoned its hold ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a settlement committed after the reaper abandoned its hold is reserved "
-    "by nothing; a kill -9 then leaves Redis above the ledger for good",
-)
 async def test_a_commit_landing_after_its_hold_was_abandoned_leaves_redis_above_the_ledger(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -167,6 +158,8 @@ async def test_a_commit_landing_after_its_hold_was_abandoned_leaves_redis_above_
     version. Expected: Redis available <= 7 000; actual: 10 000.
     (A single kill -9 is enough once the commit outlives the deadline: the deadline is
     a guess about commit latency, not a fence.)"""
+    # Fixed (migrations/0006_settle_fences.sql): the reaper fences the claim in PostgreSQL,
+    # under the customer row lock, before abandoning it; the delayed commit is refused.
     p = await customer(runtime, tenant, 10_000)
     paused, resume = asyncio.Event(), asyncio.Event()
 
@@ -184,23 +177,92 @@ async def test_a_commit_landing_after_its_hold_was_abandoned_leaves_redis_above_
     await reap_after(runtime, 120_000 + 1, passes=1)  # abandons the claim
     assert await redis_account(runtime, tenant.name) == (10_000, 0)
     resume.set()
-    with pytest.raises(faults.SimulatedCrash):
+    with pytest.raises(BeamError) as fenced:
         await finalize
+    assert fenced.value.reason is Reason.STORE_UNAVAILABLE  # retryable: nothing was written
     faults.install(None)
-    assert (await ledger_row(stores, tenant.name))[0] == 7_000
+    assert (await ledger_row(stores, tenant.name))[0] == 10_000
     await reap_after(runtime, 5_000, passes=3)
-    balance, held = await redis_account(runtime, tenant.name)
-    assert balance - held <= 7_000, f"redis available {balance - held} > ledger balance 7 000"
+    assert await redis_account(runtime, tenant.name) == (10_000, 0)
+    retry = await settle(runtime, p, "r", 3_000)  # the caller's retry: a new claim
+    assert (retry.charged_grains, retry.final_balance, retry.replayed) == (3_000, 7_000, False)
+    assert await redis_account(runtime, tenant.name) == (7_000, 0)
+    assert (await ledger_row(stores, tenant.name))[:2] == (7_000, 7_000)
+
+
+async def test_an_abandoned_hold_refuses_its_old_attempt_and_settles_a_new_one(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """A request hold (not a claim) keeps its nonce when abandoned (its token stays
+    valid), so the fence counts attempts: Check r (1 000 held, token T) -> Finalize r with T
+    and 600 pauses before its commit (attempt 1) -> the hold's deadline passes (its TTL,
+    15 min) and the reaper fences attempt 1 and abandons the hold (back to expiring, 0
+    consumed) -> the paused commit is refused -> the caller's retry with T takes the hold
+    over (attempt 2), commits and settles: charged 600, balance 9 400, Redis equal."""
+    p = await customer(runtime, tenant, 10_000)
+    check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap"))
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def hook(name: str) -> None:
+        if name == faults.FINALIZE_BEGUN and not paused.is_set():
+            paused.set()
+            await resume.wait()
+
+    faults.install(hook)
+    first = asyncio.ensure_future(settle(runtime, p, "r", 600, check.request_token))
+    await paused.wait()
+    assert await redis_account(runtime, tenant.name) == (10_000, 1_000)
+    await reap_after(runtime, 16 * 60_000, passes=1)  # fences attempt 1, abandons the hold
+    assert await redis_account(runtime, tenant.name) == (10_000, 0)  # expiring, 0 consumed
+    resume.set()
+    with pytest.raises(BeamError) as fenced:
+        await first
+    assert fenced.value.reason is Reason.STORE_UNAVAILABLE
+    assert (await ledger_row(stores, tenant.name))[0] == 10_000
+    retry = await settle(runtime, p, "r", 600, check.request_token)
+    assert (retry.charged_grains, retry.final_balance, retry.replayed) == (600, 9_400, False)
+    assert await redis_account(runtime, tenant.name) == (9_400, 0)
+    await reap_after(runtime, 5_000, passes=2)  # nothing left to expire or complete
+    assert await redis_account(runtime, tenant.name) == (9_400, 0)
+    assert (await ledger_row(stores, tenant.name))[:2] == (9_400, 9_400)
+
+
+async def test_a_debit_committing_after_its_hold_was_abandoned_is_refused(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """The same fence for a debit: DebitBalance 4 000 opens its hold and pauses before the
+    commit -> past the hold's deadline (2 min) the reaper fences and releases it -> the
+    commit is refused (nothing debited, Redis and the ledger at 10 000) -> the retry
+    debits once: 6 000 in both."""
+    p = await customer(runtime, tenant, 10_000)
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def hook(name: str) -> None:
+        if name == faults.DEBIT_OPENED and not paused.is_set():
+            paused.set()
+            await resume.wait()
+
+    faults.install(hook)
+    command = LedgerCommand(CUSTOMER, 4_000, "fee", "fee-1")
+    first = asyncio.ensure_future(runtime.admin.debit(p, command))
+    await paused.wait()
+    assert await redis_account(runtime, tenant.name) == (10_000, 4_000)
+    await reap_after(runtime, 120_000 + 1, passes=1)
+    assert await redis_account(runtime, tenant.name) == (10_000, 0)
+    resume.set()
+    with pytest.raises(BeamError) as fenced:
+        await first
+    assert fenced.value.reason is Reason.STORE_UNAVAILABLE
+    assert (await ledger_row(stores, tenant.name))[0] == 10_000
+    retry = await runtime.admin.debit(p, command)
+    assert (retry.balance, retry.replayed) == (6_000, False)
+    assert await redis_account(runtime, tenant.name) == (6_000, 0)
+    assert (await ledger_row(stores, tenant.name))[:2] == (6_000, 6_000)
 
 
 # -- 3. held past 2^53 in begin_settlement: Lua doubles round it -------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: begin_settlement adds a charge of up to 2^53-1 to held unchecked; the "
-    "double rounds, held drifts from the holds and a later release fails forever",
-)
 async def test_a_maximal_charge_makes_held_inexact_and_wedges_another_hold(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -222,25 +284,27 @@ async def test_a_maximal_charge_makes_held_inexact_and_wedges_another_hold(
     p = await customer(runtime, tenant, 100_000)
     check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r2", 50_002, 1.0, "cheap"))
     assert check.reserved_grains == 50_002
-    final = await settle(runtime, p, "x", MAX_GRAINS)
-    assert final.charged_grains == MAX_GRAINS
+    # Fixed: a charge that would take `held` past 2^53-1 is refused before anything is
+    # reserved or written (OUT_OF_RANGE), never rounded.
+    with pytest.raises(BeamError) as refused:
+        await settle(runtime, p, "x", MAX_GRAINS)
+    assert refused.value.reason is Reason.OUT_OF_RANGE
+    assert await redis_account(runtime, tenant.name) == (100_000, 50_002)
     (report,) = await runtime.admin.verify_integrity(p, CUSTOMER)
-    problems = list(report.problems)
-    try:
-        await settle(runtime, p, "r2", 0, check.request_token)
-    except Exception as error:
-        problems.append(f"finalize r2: {type(error).__name__}: {error}")
-    assert problems == []
+    assert list(report.problems) == []
+    # The largest charge that keeps `held` exact is still taken (no hold: a claim).
+    final = await settle(runtime, p, "x", MAX_GRAINS - 50_002)
+    assert final.charged_grains == MAX_GRAINS - 50_002
+    r2 = await settle(runtime, p, "r2", 0, check.request_token)
+    assert (r2.charged_grains, r2.refunded_grains) == (0, 50_002)
+    (report,) = await runtime.admin.verify_integrity(p, CUSTOMER)
+    assert list(report.problems) == []
+    assert (await ledger_row(stores, tenant.name))[0] == 100_000 - (MAX_GRAINS - 50_002)
 
 
 # -- 4. SyncAll releases the hold a late Finalize is still reserving -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: resync/SyncAll releases a settling hold whose late adjustment has not "
-    "committed yet; a kill -9 then leaves Redis above the ledger for good",
-)
 async def test_sync_releases_the_reservation_of_a_late_finalize_in_flight(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -297,11 +361,6 @@ async def test_sync_releases_the_reservation_of_a_late_finalize_in_flight(
 # -- 5. CreateCustomer: a retry with another opening balance moves money -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a CreateCustomer retry with another initial balance credits it "
-    "(when the first had none) instead of TRANSACTION_ID_CONFLICT",
-)
 async def test_create_customer_retry_with_another_opening_balance_is_a_conflict(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -328,11 +387,6 @@ async def test_create_customer_retry_with_another_opening_balance_is_a_conflict(
 # -- 6. a Finalize retry is refused while a second hold holds the id ----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a retry of an acknowledged Finalize answers INVALID_REQUEST_TOKEN "
-    "while a second hold (opened during a ledger outage) holds the id",
-)
 async def test_a_finalize_retry_is_refused_while_a_second_hold_holds_the_id(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:

@@ -35,6 +35,7 @@ from beam.records import (
     RecordedSettlement,
     RecordOutcome,
     Role,
+    SettleFence,
     Settlement,
     SettlementStatus,
 )
@@ -334,12 +335,15 @@ class PostgresStore:
         description: str = "",
         reference_id: str | None = None,
         fingerprint: str = "",
+        fence: SettleFence | None = None,
     ) -> LedgerEntry:
-        """Append one credit/debit/adjustment exactly once per transaction id."""
+        """Append one credit/debit/adjustment exactly once per transaction id. ``fence``:
+        the settling hold that reserves it; refused (STORE_UNAVAILABLE, nothing written) if
+        the reaper abandoned that hold meanwhile."""
         with STORE_LATENCY.labels("postgres", "append_entry").time():
             return await self._append_entry(
                 tenant, customer_id, transaction_id, entry_type, amount_grains, description,
-                reference_id, fingerprint,
+                reference_id, fingerprint, fence,
             )  # fmt: skip
 
     async def _append_entry(
@@ -352,6 +356,7 @@ class PostgresStore:
         description: str,
         reference_id: str | None,
         fingerprint: str,
+        fence: SettleFence | None,
     ) -> LedgerEntry:
         async with self.pool.acquire() as conn, conn.transaction():
             account = await self._lock_customer(conn, tenant, customer_id)
@@ -373,6 +378,14 @@ class PostgresStore:
                     existing["balance_after_grains"],
                     existing["balance_version"],
                     replayed=True,
+                )
+            if fence is not None and await conn.fetchval(
+                "SELECT beam_fenced($1, $2, $3, $4, $5)",
+                tenant, customer_id, fence.hold_id, fence.nonce, fence.attempt,
+            ):  # fmt: skip
+                raise BeamError(
+                    Reason.STORE_UNAVAILABLE,
+                    f"{transaction_id!r} waited past its deadline: nothing was written, retry",
                 )
             return await self._append(
                 conn, account, (tenant, customer_id, transaction_id, entry_type),
@@ -466,12 +479,19 @@ class PostgresStore:
         return found
 
     async def committed_after_lock(
-        self, tenant: str, customer_id: str, request_id: str, transaction_ids: Sequence[str]
+        self,
+        tenant: str,
+        customer_id: str,
+        request_id: str,
+        transaction_ids: Sequence[str],
+        fence: SettleFence | None = None,
     ) -> tuple[Settlement | None, frozenset[str], Customer | None]:
         """What the ledger holds for a settling hold: its request's settlement ('' for
         none), which of ``transaction_ids`` exist, and the customer, read after
         share-locking the customer row, so any settlement in flight has committed or rolled
-        back first. The reaper completes or abandons settling holds from this."""
+        back first. The reaper completes or abandons settling holds from this. ``fence``
+        (a hold past its deadline, about to be abandoned): written under the same lock, so
+        a commit of that hold either is in what this reads or is refused from now on."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
@@ -481,6 +501,15 @@ class PostgresStore:
             )
             if row is None:
                 return None, frozenset(), None
+            if fence is not None:
+                await conn.execute(
+                    """INSERT INTO settle_fences (tenant, customer_id, hold_id, nonce, attempt)
+                       VALUES ($1, $2, $3, $4, $5)
+                       ON CONFLICT (tenant, customer_id, hold_id, nonce) DO UPDATE
+                       SET attempt = GREATEST(settle_fences.attempt, EXCLUDED.attempt),
+                           fenced_at = now()""",
+                    tenant, customer_id, fence.hold_id, fence.nonce, fence.attempt,
+                )  # fmt: skip
             request = await conn.fetchrow(
                 f"""SELECT {_REQUEST_COLUMNS} FROM requests
                     WHERE tenant = $1 AND customer_id = $2 AND request_id = $3""",
@@ -502,7 +531,12 @@ class PostgresStore:
         )
 
     async def record_settlement(
-        self, s: Settlement, created_at: datetime | None, *, charge_other_hold: bool = True
+        self,
+        s: Settlement,
+        created_at: datetime | None,
+        *,
+        charge_other_hold: bool = True,
+        fence: SettleFence | None = None,
     ) -> RecordedSettlement:
         """Charge a settled request exactly once. A second call for the same hold (same
         nonce) returns the first result. A different hold under an id that is already
@@ -510,8 +544,16 @@ class PostgresStore:
         one entry ``settlement:<customer>:<request>#<nonce>``, and never settles the request
         again. Concurrent calls share one round trip and one commit (group commit,
         ``beam_settle`` in migrations/0004_settle_batch.sql); each is acknowledged only
-        after the batch it joined committed, and one bad settlement never fails another."""
+        after the batch it joined committed, and one bad settlement never fails another.
+        ``fence``: the settling hold this commit belongs to; refused (STORE_UNAVAILABLE,
+        retry) if the reaper abandoned it meanwhile (migrations/0006_settle_fences.sql)."""
         item = _settlement_item(s, created_at, charge_other_hold)
+        if fence is not None:
+            item["fence"] = {
+                "hold_id": fence.hold_id,
+                "nonce": fence.nonce,
+                "attempt": fence.attempt,
+            }
         with (
             STORE_LATENCY.labels("postgres", "record_settlement").time(),
             _unavailable_as_store_error(),
@@ -770,6 +812,8 @@ _SQLSTATE_REASONS = {
     "BL001": Reason.BALANCE_LIMIT_EXCEEDED,
     "BL002": Reason.OUT_OF_RANGE,
     "BL003": Reason.CUSTOMER_NOT_FOUND,
+    # A commit that waited past its hold's deadline (fenced): nothing written, retry.
+    "BL004": Reason.STORE_UNAVAILABLE,
 }
 
 

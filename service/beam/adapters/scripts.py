@@ -106,6 +106,7 @@ class SettlingHold:
     out_tokens: int
     cached_tokens: int
     created_ms: int
+    attempt: int  # settlements begun on this hold, this one included (the commit's fence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class HoldView:
     created_ms: int
     marked_ms: int
     deadline_ms: int
+    attempt: int  # settlements begun on it (0: none, or a debit/credit hold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +172,11 @@ class AuditView:
 
 def _hold_view(fields: Sequence[Any]) -> HoldView:
     (hold_id, kind, status, nonce, amount, consumed, in_tokens, out_tokens, cached_tokens,
-     model, estimated, created, marked, deadline) = fields  # fmt: skip
+     model, estimated, created, marked, deadline, attempt) = fields  # fmt: skip
     return HoldView(
         str(hold_id), str(kind), str(status), str(nonce), int(amount), int(consumed),
         int(in_tokens), int(out_tokens), int(cached_tokens), str(model), int(estimated),
-        int(created), int(marked), int(deadline),
+        int(created), int(marked), int(deadline), int(attempt),
     )  # fmt: skip
 
 
@@ -303,11 +305,11 @@ class Scripts:
             return BeginSettlementReply("ERR", code=str(reply[1]))
         assert outcome == "SETTLE", reply
         (_, claim, nonce, reserved, charged, consumed, estimated, model, in_tokens,
-         out_tokens, cached_tokens, created) = reply  # fmt: skip
+         out_tokens, cached_tokens, created, attempt) = reply  # fmt: skip
         hold = SettlingHold(
             bool(int(claim)), str(nonce), int(reserved), int(charged), int(consumed),
             int(estimated), str(model), int(in_tokens), int(out_tokens), int(cached_tokens),
-            int(created),
+            int(created), int(attempt),
         )  # fmt: skip
         return BeginSettlementReply("SETTLE", hold=hold)
 
@@ -353,12 +355,20 @@ class Scripts:
         return ReaperWork([_hold_view(h) for h in expiring], [_hold_view(h) for h in settling])
 
     async def abandon_settlement(
-        self, tenant: str, customer_id: str, hold_id: str, *, nonce: str, now_ms: int
+        self,
+        tenant: str,
+        customer_id: str,
+        hold_id: str,
+        *,
+        nonce: str,
+        attempt: int,
+        now_ms: int,
     ) -> str:
+        """Only attempt ``attempt`` (the one the reaper fenced): EXPIRING, RELEASED or GONE."""
         reply = await self._run(
             SCRIPT_ABANDON_SETTLEMENT,
             customer_keys(tenant, customer_id, hold_id),
-            [hold_id, nonce, now_ms],
+            [hold_id, nonce, now_ms, attempt],
             idempotent=True,
         )
         return str(reply[0])

@@ -42,9 +42,16 @@ from beam.core.commands import (
     validate_strategy,
 )
 from beam.core.faults import now_ms
-from beam.core.ledger import Ledger, fingerprint
+from beam.core.ledger import Ledger, fingerprint, second_hold_entry_id
 from beam.errors import BeamError, Reason
-from beam.records import Customer, CustomerState, EntryType, LedgerEntry, Settlement
+from beam.records import (
+    Customer,
+    CustomerState,
+    EntryType,
+    LedgerEntry,
+    SettleFence,
+    Settlement,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +123,26 @@ class Admin:
                     f"customer {customer.customer_id!r} already exists",
                     field="customer_id",
                 )
+        # The opening entry is written even for 0, so that a retry asking for another
+        # opening balance is refused (TRANSACTION_ID_CONFLICT: same id, other amount)
+        # instead of crediting, or silently answering the existing customer.
+        opening = LedgerCommand(
+            customer.customer_id,
+            initial_balance_grains,
+            "opening balance",
+            f"open:{customer.customer_id}",
+        )
         if initial_balance_grains:
-            await self.credit(
-                principal,
-                LedgerCommand(
-                    customer.customer_id,
-                    initial_balance_grains,
-                    "opening balance",
-                    f"open:{customer.customer_id}",
-                ),
-                system=True,
+            await self.credit(principal, opening, system=True)
+        else:
+            await self.postgres.append_entry(
+                tenant=principal.tenant,
+                customer_id=customer.customer_id,
+                transaction_id=opening.transaction_id,
+                entry_type=EntryType.CREDIT,
+                amount_grains=0,
+                description=opening.description,
+                fingerprint=fingerprint("credit", customer.customer_id, 0),
             )
         return await self.get_customer(principal, customer.customer_id)
 
@@ -267,8 +284,10 @@ class Admin:
         self, tenant: str, command: LedgerCommand, transaction_id: str, digest: str, nonce: str
     ) -> EntryResult:
         customer_id, hold_id = command.customer_id, DEBIT_HOLD_PREFIX + transaction_id
+        # Attempt 0: the hold was opened for this commit and nothing else settles it.
+        fence = SettleFence(hold_id, nonce, 0)
         try:
-            entry = await self._append_debit(tenant, command, transaction_id, digest)
+            entry = await self._append_debit(tenant, command, transaction_id, digest, fence)
         except BeamError as error:
             if error.reason is not Reason.STORE_UNAVAILABLE:
                 await self.ledger.release(tenant, customer_id, hold_id, nonce)  # nothing committed
@@ -280,7 +299,12 @@ class Admin:
         return _entry_result(entry, held)
 
     async def _append_debit(
-        self, tenant: str, command: LedgerCommand, transaction_id: str, digest: str
+        self,
+        tenant: str,
+        command: LedgerCommand,
+        transaction_id: str,
+        digest: str,
+        fence: SettleFence | None = None,
     ) -> LedgerEntry:
         return await self.postgres.append_entry(
             tenant=tenant,
@@ -290,6 +314,7 @@ class Admin:
             amount_grains=-command.amount_grains,
             description=command.description,
             fingerprint=digest,
+            fence=fence,
         )
 
     # -- requests ----------------------------------------------------------------------------
@@ -393,14 +418,29 @@ class Admin:
         """Release holds the ledger has settled: a Redis that lost its last writes brings
         settled holds back, and a settled hold must never stream again."""
         released = 0
-        for hold_id, nonce, _status, kind in await self.scripts.list_holds(tenant, customer_id):
+        for hold_id, nonce, status, kind in await self.scripts.list_holds(tenant, customer_id):
             if kind != "request" or hold_id.startswith(SYSTEM_HOLD_PREFIX):
                 continue
-            if await self.postgres.settled_nonce(tenant, customer_id, hold_id) != nonce:
+            if status == "settling":
+                # A settlement is in flight and this hold reserves its charge until Redis
+                # adopts it; only its own process or the reaper (complete_settling, from
+                # the ledger) may release it.
                 continue
-            settled = await self.postgres.find_settlement(tenant, customer_id, hold_id)
-            await self.ledger.release(tenant, customer_id, hold_id, nonce, settled, settled)
-            released += 1
+            settled_nonce = await self.postgres.settled_nonce(tenant, customer_id, hold_id)
+            if settled_nonce is None:
+                continue  # never settled: a live request
+            if settled_nonce == nonce:
+                settled = await self.postgres.find_settlement(tenant, customer_id, hold_id)
+                await self.ledger.release(tenant, customer_id, hold_id, nonce, settled, settled)
+                released += 1
+                continue
+            # A second hold under a settled id: settled on its own if its entry exists.
+            orphan = await self.postgres.find_entry(
+                tenant, second_hold_entry_id(customer_id, hold_id, nonce), customer_id
+            )
+            if orphan is not None:
+                await self.ledger.release(tenant, customer_id, hold_id, nonce, orphan)
+                released += 1
         return released
 
     async def set_state(

@@ -83,6 +83,7 @@ from beam.records import (
     LedgerEntry,
     RecordedSettlement,
     RecordOutcome,
+    SettleFence,
     Settlement,
     SettlementStatus,
 )
@@ -167,6 +168,12 @@ def marker_of(s: Settlement) -> DoneMarker:
         s.status.value,
         s.hold_nonce,
     )
+
+
+def second_hold_entry_id(customer_id: str, request_id: str, nonce: str) -> str:
+    """The ledger entry that charges a second hold opened under a settled request id on
+    its own (``beam_settle``, migrations/0004): it never settles the request again."""
+    return f"settlement:{customer_id}:{request_id}#{nonce}"
 
 
 def request_id_conflict(request_id: str, why: str) -> BeamError:
@@ -470,6 +477,19 @@ class Ledger:
         if begun.outcome == "DONE":
             assert begun.done is not None
             return _replayed(command, begun.done, token_nonce)
+        if begun.outcome == "ERR" and begun.code == "INVALID_REQUEST_TOKEN":
+            # The hold under this id is not the token's: a retry of a Finalize the ledger
+            # already settled (its hold gone, another one opened since) replays its answer.
+            earlier = await self.postgres.find_settlement(
+                tenant, command.customer_id, command.request_id
+            )
+            if (
+                earlier is not None
+                and token_nonce
+                and earlier.hold_nonce == token_nonce
+                and earlier.status is not SettlementStatus.EXPIRED  # that one adjusts, below
+            ):
+                return _replayed_settlement(earlier)
         if begun.outcome == "ERR":
             raise _finalize_error(begun.code, command)
         assert begun.hold is not None
@@ -514,7 +534,10 @@ class Ledger:
         """Steps (2) and (3) of a Finalize; runs to the end once started (``finish``)."""
         tenant, customer_id, request_id = settlement.tenant, command.customer_id, command.request_id
         recorded = await self.postgres.record_settlement(
-            settlement, _created_at(hold), charge_other_hold=not hold.claim
+            settlement,
+            _created_at(hold),
+            charge_other_hold=not hold.claim,
+            fence=SettleFence(request_id, hold.nonce, hold.attempt),
         )
         await faults.point(faults.FINALIZE_COMMITTED)
         first = recorded.settlement
@@ -568,6 +591,7 @@ class Ledger:
                 description="late finalize of an expired hold",
                 reference_id=request_id,
                 fingerprint=fingerprint("adjustment", customer_id, request_id, delta),
+                fence=SettleFence(request_id, hold.nonce, hold.attempt),
             )
         except BeamError as error:
             if error.reason is not Reason.TRANSACTION_ID_CONFLICT:
@@ -608,11 +632,16 @@ class Ledger:
             if system
             else [
                 f"adjustment:{customer_id}:{hold.hold_id}",  # a late Finalize's difference
-                f"settlement:{customer_id}:{hold.hold_id}#{hold.nonce}",  # a second hold
+                second_hold_entry_id(customer_id, hold.hold_id, hold.nonce),
             ]
         )
+        # Past its deadline, the hold is fenced under the lock the reading takes: from then
+        # on a commit of it that has not landed never will, so abandoning it below cannot
+        # leave a commit that nothing reserves.
+        past_deadline = now_ms() >= hold.deadline_ms
+        fence = SettleFence(hold.hold_id, hold.nonce, hold.attempt) if past_deadline else None
         settlement, found, customer = await self.postgres.committed_after_lock(
-            tenant, customer_id, "" if system else hold.hold_id, entries
+            tenant, customer_id, "" if system else hold.hold_id, entries, fence
         )
         if customer is not None and _committed(hold, settlement, found, entries):
             # The customer's balance as the ledger has it now (it includes this entry).
@@ -636,9 +665,14 @@ class Ledger:
                 balance=customer.balance_grains,
                 version=customer.balance_version,
             )
-        if now_ms() >= hold.deadline_ms:
+        if past_deadline:
             await self.scripts.abandon_settlement(
-                tenant, customer_id, hold.hold_id, nonce=hold.nonce, now_ms=now_ms()
+                tenant,
+                customer_id,
+                hold.hold_id,
+                nonce=hold.nonce,
+                attempt=hold.attempt,
+                now_ms=now_ms(),
             )
             return "abandoned"
         return "pending"
@@ -757,6 +791,12 @@ def _finalize_result(recorded: RecordedSettlement) -> FinalizeResult:
         charged_grains=s.charged_grains,
         overage_grains=s.overage_grains,
         replayed=recorded.outcome is not RecordOutcome.NEW,
+    )
+
+
+def _replayed_settlement(s: Settlement) -> FinalizeResult:
+    return FinalizeResult(
+        True, s.refunded_grains, s.balance_after_grains, s.charged_grains, s.overage_grains, True
     )
 
 
