@@ -170,11 +170,10 @@ class Model:
         for t, row in enumerate(balances):
             self.txns[t] = {}
             for c, balance in enumerate(row):
-                self.custs[t, c] = Cust(balance, 1 if balance else 0)
+                self.custs[t, c] = Cust(balance, 1)  # the opening entry (0 included)
                 self.journal[t, c] = Journal()
-                if balance:
-                    self.txns[t][f"open:c{c}"] = Txn(c, "credit", balance, balance, 1)
-                    self.journal[t, c].credits.add((f"open:c{c}", balance))
+                self.txns[t][f"open:c{c}"] = Txn(c, "credit", balance, balance, 1)
+                self.journal[t, c].credits.add((f"open:c{c}", balance))
 
     # -- helpers --------------------------------------------------------------------------
 
