@@ -7,20 +7,18 @@ status does not change, ``observedGeneration`` says which spec it was computed f
 controller's) are kept.
 
 The dangerous part: a handler reads the object, awaits the stores, and only then is its
-patch sent, so the conditions it read may be stale by then. A JSON merge patch replaces a
-list whole, so the list is never put into the merge patch. The merge is a patch function
-(Kopf's ``patch.fns``): Kopf calls it on the freshest body it has right before patching
-(the response of the merge patch it sent first, else the body the handler got), turns the
-difference into a JSON patch guarded by a ``test`` of ``metadata.resourceVersion``, and when
-the object moved on in between, keeps the function and applies it again to the next version.
-A condition another controller added, or a newer write, is therefore merged with, never
-overwritten.
+patch sent, so the status it read may be stale by then. A JSON merge patch replaces a list
+whole, so nothing goes into the merge patch. The whole status change is a patch function
+(Kopf's ``patch.fns``): Kopf calls it on the freshest body it has right before patching,
+turns the difference into one JSON patch guarded by a ``test`` of
+``metadata.resourceVersion``, and when the object moved on in between, keeps the function
+and applies it again to the next version. A condition another controller added, or a newer
+write, is therefore merged with, never overwritten; and the balances and the conditions
+computed from them land in the same write, so no reader sees one without the other.
 
-The other status fields (balances, key ids, ``observedGeneration``) are this operator's
-alone: they go into the merge patch, and only those that differ from the status read.
-A timer that finds nothing new therefore sends nothing: no merge patch, and a patch
-function that changes nothing yields no JSON patch (no watch event, no resourceVersion
-churn on idle objects).
+Only what differs is written: a timer that finds nothing new yields a patch function that
+changes nothing, so no JSON patch is sent (no watch event, no resourceVersion churn on idle
+objects).
 """
 
 from __future__ import annotations
@@ -101,13 +99,21 @@ def publish_status(
     *,
     now: str | None = None,
 ) -> bool:
-    """Publish ``fields`` (what differs from ``current``, into Kopf's ``patch.status``) and
-    merge ``conditions`` into the object's list (``patch_conditions``). Returns whether
-    anything differs from ``current`` (the status the handler read; for metrics)."""
-    changes = status_changes(current, fields)
-    for key, value in changes.items():
-        patch.status[key] = value
-    return patch_conditions(patch, conditions, current, generation, now=now) or bool(changes)
+    """Queue one patch function that sets ``fields`` (``None`` deletes one) and merges
+    ``conditions`` into the object's list, on the freshest body, in one JSON patch: a reader
+    never sees a balance without the conditions computed from it. Returns whether anything
+    differs from ``current`` (the status the handler read; for metrics)."""
+    desired, wanted = tuple(conditions), dict(fields)
+    stamp = now or now_rfc3339()
+    patch.fns.append(
+        functools.partial(
+            apply_to_body, fields=wanted, conditions=desired, generation=generation, now=stamp
+        )
+    )
+    merged = merge_conditions(desired, current.get("conditions"), generation, now=stamp)
+    return bool(status_changes(current, wanted)) or merged != list(
+        current.get("conditions") or []
+    )
 
 
 def patch_conditions(
@@ -118,32 +124,31 @@ def patch_conditions(
     *,
     now: str | None = None,
 ) -> bool:
-    """Queue the merge of ``conditions`` as a patch function, applied by Kopf to the
-    freshest body right before the PATCH (see the module docstring). Returns whether it
-    changes the conditions in ``current`` (the status the handler read)."""
-    desired = tuple(conditions)
-    stamp = now or now_rfc3339()
-    patch.fns.append(
-        functools.partial(merge_into_body, conditions=desired, generation=generation, now=stamp)
-    )
-    return merge_conditions(desired, current.get("conditions"), generation, now=stamp) != list(
-        current.get("conditions") or []
-    )
+    """``publish_status`` with conditions only."""
+    return publish_status(patch, current, {}, conditions, generation, now=now)
 
 
-def merge_into_body(
+def apply_to_body(
     body: MutableMapping[str, Any],
     *,
+    fields: Mapping[str, Any],
     conditions: Iterable[Condition],
     generation: int | None,
     now: str,
 ) -> None:
-    """The patch function: merge into the body's own conditions, in place. The body is left
-    untouched when the merge changes nothing, so Kopf sends nothing."""
-    status = body.get("status") or {}
+    """The patch function: set the fields and merge the conditions into the body's own
+    status, in place. The body is left untouched when nothing changes, so Kopf sends
+    nothing."""
+    status = dict(body.get("status") or {})
+    changes = status_changes(status, fields)
+    for key, value in changes.items():
+        if value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value
     existing = status.get("conditions")
     merged = merge_conditions(conditions, existing, generation, now=now)
-    if merged != list(existing or []):
+    if changes or merged != list(existing or []):
         body["status"] = {**status, "conditions": merged}
 
 

@@ -36,6 +36,8 @@ from tests.support.topologies import RedisSentinelGroup
 BALANCE = 10_000_000
 # A kill lands at a random point of a round; the seed is printed so a failure can be replayed.
 SEED = random.randrange(1_000_000)
+# Kill loops and restarts: well past the suite's 60 s default under a loaded machine.
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.controlplane import ControlPlane, pinned_versions
 
-pytestmark = pytest.mark.k8s
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]  # starts the control plane
 
 # Bounds for waiting on controllers; they normally converge in a second or two.
 CONVERGE_TIMEOUT_SECONDS = 60.0

@@ -46,7 +46,7 @@ class ControlPlane(Protocol):
     ) -> subprocess.CompletedProcess[str]: ...
 
 
-pytestmark = pytest.mark.k8s
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]  # helm install/upgrade cycles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "beam"

@@ -52,7 +52,7 @@ from tests.k8s.operator_support import (
 )
 from tests.support.stack import ServiceProcess, Stores
 
-pytestmark = pytest.mark.k8s
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]  # an operator process per module
 
 ACME = "acme"
 EXAMPLE_BALANCE = 60_000_000  # examples/customer.yaml: 10000000 + 50000000
