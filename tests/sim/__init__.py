@@ -5,10 +5,12 @@ In the spirit of TigerBeetle's VOPR and Jepsen: one integer seed generates a sch
 (retried, reordered, without sequence numbers), Finalizes (with and without usage and
 token, replayed, late after expiry, for ids never checked), credits and debits (retried,
 conflicting), with time jumping past hold TTLs, reaper passes, done markers expiring,
-syncs, Redis losing its last writes, PostgreSQL restarting, and calls cancelled, crashed
-or failing at every fault point of ``beam.core.faults``. The runner drives the real core
-(``Runtime``) against a real Redis and a real PostgreSQL of its own, predicts every
-answer with a plain-Python model, and checks the money invariants after every step:
+syncs, Redis losing its last writes, PostgreSQL restarting, calls cancelled, crashed
+or failing at every fault point of ``beam.core.faults``, and settlements stalled (paused
+after reserving, before committing) past their hold's deadline while the reaper runs.
+The runner drives the real core (``Runtime``) against a real Redis and a real PostgreSQL
+of its own, predicts every answer with a plain-Python model, and checks the money
+invariants after every step:
 
 1. PostgreSQL's balance is the sum of the ledger; the version counts its entries.
 2. Redis's cached balance never leads PostgreSQL's, and equals it once the call was

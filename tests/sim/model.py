@@ -22,6 +22,9 @@ appeared meanwhile must be explained by a call that was made (``attribute``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -555,18 +558,23 @@ class Model:
 
     # -- the reaper -----------------------------------------------------------------------
 
-    def reap(self) -> set[tuple[int, int]]:
+    def reap(
+        self, abandoning: frozenset[tuple[int, int, str]] = frozenset()
+    ) -> set[tuple[int, int]]:
         """A reaper pass over certain customers: every overdue hold is recorded as an
         expiry at what it consumed and released. Returns the customers it settled for
         (their entries' order within the pass is the reaper's choice: the runner reads
-        each expiry's balance and version back from PostgreSQL)."""
+        each expiry's balance and version back from PostgreSQL). ``abandoning``: holds
+        (tenant, customer, request id) left settling past their deadline by a stalled
+        Finalize: this pass abandons them (back to expiring, at what they consumed) and
+        the next one records them."""
         touched = set()
         for key, cust in self.custs.items():
             if not cust.certain or not cust.holds:
                 continue
             self.expire_due(cust)
             for hold in sorted(cust.holds.values(), key=lambda h: h.rid):
-                if hold.status != "expiring":
+                if hold.status != "expiring" or (*key, hold.rid) in abandoning:
                     continue
                 assert hold.rid not in cust.settled
                 overage = self.append(cust, -hold.consumed, spending=True)
@@ -576,6 +584,48 @@ class Model:
                 del cust.holds[hold.rid]
                 touched.add(key)
         return touched
+
+    # -- a call that stalled past its hold's deadline, then resumed ----------------------
+
+    def finalize_stalled(
+        self, t: int, c: int, a: dict[str, Any], token: str, actual: Any, nonce: str | None
+    ) -> None:
+        """A Finalize paused after reserving (its hold or claim settling), past the hold's
+        deadline; the reaper fenced and abandoned it; now its commit runs. Nothing it would
+        write may land (refused: STORE_UNAVAILABLE, retryable); a replay of what the ledger
+        already has (the id settled meanwhile, by an expiry or a retry) still answers.
+        ``nonce``: the hold nonce its settlement names (the hold it took over, else the
+        token's, '' for none), when the pause came before the settlement was recorded: a
+        fenced settlement is replayed only if the id is settled under that nonce."""
+        settled = self.custs[t, c].settled.get(a["rid"])
+        where = f"Finalize {a['rid']} (resumed past its deadline)"
+        if nonce is not None and (settled is None or settled.nonce != nonce):
+            self._expect_error(where, actual, "STORE_UNAVAILABLE")
+            return
+        self._resumed(t, c, where, actual, lambda m: m.finalize(t, c, a, token, actual))
+
+    def entry_stalled(self, t: int, c: int, kind: str, a: dict[str, Any], actual: Any) -> None:
+        """A debit paused with its hold open, past the hold's deadline (see
+        ``finalize_stalled``): a new entry is refused; a transaction id the ledger has
+        answers as before (replayed, or a conflict)."""
+        where = f"{kind.capitalize()} {a['txid'] or '(no id)'} (resumed past its deadline)"
+        if not a["txid"] or a["txid"] not in self.txns[t]:
+            self._expect_error(where, actual, "STORE_UNAVAILABLE")
+            return
+        self._resumed(t, c, where, actual, lambda m: m.entry(t, c, kind, a, actual))
+
+    def _resumed(
+        self, t: int, c: int, where: str, actual: Any, predict: Callable[[Model], None]
+    ) -> None:
+        """What the call would do now: if that writes to the ledger, it must have been
+        refused; otherwise it must answer exactly that (a replay)."""
+        trial = copy.deepcopy(self)
+        with contextlib.suppress(Mismatch):  # the answer is checked below, not here
+            predict(trial)
+        if trial.custs[t, c].version != self.custs[t, c].version:
+            self._expect_error(where, actual, "STORE_UNAVAILABLE")
+            return
+        predict(self)
 
     def mark_uncertain(self, key: tuple[int, int]) -> None:
         cust = self.custs[key]

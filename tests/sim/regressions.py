@@ -7,7 +7,7 @@ as a reminder to move the schedule to the fixed ones, the day the core is fixed)
 
 from __future__ import annotations
 
-from tests.sim.steps import Fault, Schedule, Step
+from tests.sim.steps import ADJUST_QUEUED, Fault, Schedule, Step
 
 BALANCES = ((1_000, 1_000), (1_000, 1_000))
 HAND_WRITTEN = {"edited": True}  # replayed from its JSON, not from its seed
@@ -110,5 +110,87 @@ SCHEDULES: dict[str, Schedule] = {
         HAND_WRITTEN,
     ),
 }
+
+
+# Stalls (review finding 2, tests/integration/test_review_findings.py): a settlement that
+# reserved and has not committed pauses past its hold's deadline while the reaper runs. The
+# reaper fences and abandons the hold; the resumed commit must be refused (STORE_UNAVAILABLE,
+# nothing charged) and the client's retry settle once. Fixed by settle_fences (fc9c07d).
+
+
+def _stalled(point: str, reaps: int = 1, during: str = "") -> Fault:
+    return Fault("stall", point, retry=True, reaps=reaps, during=during)
+
+
+SCHEDULES.update(
+    {
+        # A claim (a Finalize for an id never checked): released at its 2 min deadline.
+        "stalled_claim_is_fenced": Schedule(
+            105,
+            2,
+            2,
+            BALANCES,
+            (_finalize("r2", 300, source="none", fault=_stalled("finalize.begun")),),
+            HAND_WRITTEN,
+        ),
+        # A request hold: abandoned at its TTL (back to expiring), then its expiry recorded;
+        # the retry is a late Finalize (an adjustment).
+        "stalled_request_hold_is_fenced": Schedule(
+            106,
+            2,
+            2,
+            BALANCES,
+            (
+                _check("r0"),
+                _deduct("r0", 20, 1),
+                _finalize("r0", 600, fault=_stalled("finalize.begun", reaps=2)),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
+        # The client's retry runs while the first attempt is still paused: it takes the
+        # abandoned hold over (a new attempt) and settles; the first then replays it.
+        "stalled_request_hold_retried_while_paused": Schedule(
+            107,
+            2,
+            2,
+            BALANCES,
+            (
+                _check("r0"),
+                _finalize("r0", 600, fault=_stalled("finalize.begun", during="retry")),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
+        # A debit: its hold is released at its 2 min deadline; the retry debits once.
+        "stalled_debit_is_fenced": Schedule(
+            108,
+            2,
+            2,
+            BALANCES,
+            (
+                Step("debit", 0, 0, {"amount": 400, "txid": "tx1"}, _stalled("debit.opened")),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
+        # A late Finalize's adjustment queued behind a slow pool: its claim is abandoned.
+        "stalled_adjustment_is_fenced": Schedule(
+            109,
+            2,
+            2,
+            BALANCES,
+            (
+                _check("r1"),
+                _deduct("r1", 20, 1),
+                Step("advance", args={"ms": 1_200_000}),
+                Step("reaper"),
+                _finalize("r1", 90, source="none", fault=_stalled(ADJUST_QUEUED, reaps=2)),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
+    }
+)
 
 OPEN: frozenset[str] = frozenset()

@@ -4,8 +4,10 @@ Each call runs as its own asyncio task, with a hook on ``beam.core.faults`` poin
 step's fault (if any) cancels that task at its point (a client deadline), raises
 ``SimulatedCrash`` there (``kill -9``; the runner then restarts the "process": a new
 Runtime and a reaper pass) or raises ``BeamError(STORE_UNAVAILABLE)`` there (a store call
-failing). Work the core finishes in the background after a cancellation is awaited
-before the next step. The first violated invariant ends the schedule.
+failing); a stall pauses the call there while the runner moves the clock past its hold's
+deadline and runs the reaper (``while_stalled``), then lets it go on. Work the core
+finishes in the background after a cancellation is awaited before the next step. The
+first violated invariant ends the schedule.
 
 Invariants (numbered as in tests/sim/__init__.py):
 
@@ -22,6 +24,10 @@ Invariants (numbered as in tests/sim/__init__.py):
    is one adjustment (after an expiry); a Deduct on it never succeeds.
 7. A call for one customer changes no other customer (tenants share customer and request
    ids), in either store.
+
+A stalled call stays followed by the model: its resumed commit must be refused
+(``STORE_UNAVAILABLE``, nothing charged) unless the ledger already has what it would
+commit (a replay); the client's retry then settles once (``Model.finalize_stalled``).
 
 Plus the model (``answer``, ``model``): every answer and every balance of a customer the
 model is certain about is exactly what the rules predict.
@@ -46,7 +52,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from beam import constants
@@ -148,10 +154,18 @@ class _Hook:
     fired: set[int] = field(default_factory=set)
     dead: bool = False  # after a crash: the process is gone, nothing of it may run on
     points: Counter[str] = field(default_factory=Counter)
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)  # a call paused (stall)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)  # ... may go on
 
     def arm(self, faults_by_call: dict[int, Fault]) -> None:
         self.faults, self.targets = faults_by_call, {}
         self.counts, self.fired = Counter(), set()
+
+    def save(self) -> tuple[Any, ...]:
+        return self.faults, self.targets, self.counts, self.fired
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        self.faults, self.targets, self.counts, self.fired = saved
 
     async def __call__(self, name: str) -> None:
         self.points[name] += 1
@@ -170,6 +184,10 @@ class _Hook:
             raise faults.SimulatedCrash(name)
         if fault.kind == "error":
             raise BeamError(Reason.STORE_UNAVAILABLE, f"injected store failure at {name}")
+        if fault.kind == "stall":
+            self.stalled.set()
+            await self.resume.wait()  # the runner runs the reaper meanwhile
+            return
         self.targets[call].cancel()
         await asyncio.sleep(0)  # the cancellation lands here when this is the caller's task
 
@@ -359,6 +377,11 @@ class Runner:
 
             return done
 
+        stall = [c.step for c in calls if c.step.fault is not None and c.step.fault.kind == "stall"]
+        if stall and len(calls) > 1:
+            raise self.fail("internal error", "a stall pauses one call alone, not a burst")
+        if stall:  # (the calls run while a call is paused have none)
+            hook.stalled, hook.resume = asyncio.Event(), asyncio.Event()
         tasks: list[asyncio.Task[Any]] = []
         for i, c in enumerate(calls):
             task = asyncio.create_task(run(i, c.work), name=f"sim-{self.index}-{i}")
@@ -366,6 +389,8 @@ class Runner:
             hook.targets[i] = task
             tasks.append(task)
         try:
+            if stall:
+                await self.while_stalled(stall[0], tasks[0])
             _, pending = await asyncio.wait(tasks, timeout=OP_TIMEOUT_SECONDS)
             if pending:
                 for task in pending:
@@ -373,6 +398,8 @@ class Runner:
                 kinds = [calls[tasks.index(t)].step.kind for t in pending]
                 raise self.fail("liveness", f"{kinds} did not answer in {OP_TIMEOUT_SECONDS}s")
         finally:
+            if stall:
+                hook.resume.set()  # never leave a paused call behind (a violation mid-stall)
             fired = set(hook.fired)
             hook.arm({})
         crashed = hook.dead
@@ -410,7 +437,8 @@ class Runner:
             elif outcome.fired:
                 fault = c.step.fault
                 assert fault is not None
-                self.after_fault(c.affected, fault.kind)
+                if fault.kind != "stall":  # the model follows a stall (it is refused)
+                    self.after_fault(c.affected, fault.kind)
         await self._drain(before)
         for call, outcome in zip(calls, outcomes, strict=True):
             await call.conclude(outcome)  # before a restart: it happened before the crash
@@ -647,9 +675,17 @@ class Runner:
             request_token=token,
         )
         self.model.journal[t, c].finalized.add(a["rid"])
+        # The hold nonce its settlement would name (a stall before it is recorded).
+        hold = self.model.custs[t, c].holds.get(a["rid"])
+        nonce = nonce_of(hold.token) if hold is not None else nonce_of(token) if token else ""
+        stall = step.fault.point if step.fault and step.fault.kind == "stall" else None
 
         async def conclude(outcome: _Outcome) -> None:
-            if not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
+            if outcome.fired and stall and not outcome.crashed and not self.uncertain(t, c):
+                self.model.finalize_stalled(
+                    t, c, a, token, outcome.value, nonce if stall == faults.FINALIZE_BEGUN else None
+                )
+            elif not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
                 self.model.finalize(t, c, a, token, outcome.value)
             if outcome.answered:
                 await self.acknowledged_settlement(t, c, a["rid"], outcome.value)
@@ -680,8 +716,12 @@ class Runner:
             call = admin.credit if kind == "credit" else admin.debit
             return await call(self.p(t), command)
 
+        stall = step.fault is not None and step.fault.kind == "stall"
+
         async def conclude(outcome: _Outcome) -> None:
-            if not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
+            if outcome.fired and stall and not outcome.crashed and not self.uncertain(t, c):
+                self.model.entry_stalled(t, c, kind, a, outcome.value)
+            elif not outcome.fired and not outcome.crashed and not self.uncertain(t, c):
                 self.model.entry(t, c, kind, a, outcome.value)
             if outcome.answered:
                 await self.acknowledged_entry(t, c, kind, a, outcome.value)
@@ -721,7 +761,81 @@ class Runner:
     async def _advance(self, step: Step) -> None:
         self.advance(step.args["ms"])
 
-    async def _reaper(self, step: Step) -> None:
+    # -- a call stalled past its hold's deadline ------------------------------------------
+
+    async def while_stalled(self, step: Step, task: asyncio.Task[Any]) -> None:
+        """The call paused where its settlement reserved and has not committed: the clock
+        passes its hold's deadline (read from Redis: 2 min for a claim or a debit, the
+        hold's TTL for a request hold), the reaper runs (it must fence and abandon the
+        hold), maybe the client's retry runs, every invariant is checked, and the call
+        resumes (``run_calls`` waits for it: its commit must be refused)."""
+        hook = self.hook
+        fault = step.fault
+        assert fault is not None
+        waiter = asyncio.ensure_future(hook.stalled.wait())
+        try:
+            await asyncio.wait(
+                [task, waiter], timeout=OP_TIMEOUT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if not hook.stalled.is_set():
+            return  # the call never reached the point (or is stuck: run_calls reports it)
+        saved = hook.save()
+        hook.arm({})
+        try:
+            await self._stall(step, fault)
+        finally:
+            hook.restore(saved)
+        hook.resume.set()
+        await asyncio.wait([task], timeout=OP_TIMEOUT_SECONDS)
+        if task.done():
+            outcome = _Outcome(fired=True, cancelled=task.cancelled())
+            if not task.cancelled():
+                outcome.value = task.exception() or task.result()
+            self.stats[f"{step.kind} resumed past its deadline: {self._category(outcome)}"] += 1
+
+    async def _stall(self, step: Step, fault: Fault) -> None:
+        key = (step.tenant, step.customer)
+        name = self.names([key])[0]
+        obs = await self.observe()
+        settling = {h: v for h, v in obs.rd[key].holds.items() if v[0] == "stl"}
+        if obs.rd[key].exists and not settling:
+            raise self.fail(
+                "2 reserve first",
+                f"{step.kind} of {name} paused at {fault.point}, about to commit, and no "
+                f"settling hold reserves it (holds: {sorted(obs.rd[key].holds)})",
+            )
+        self.stats[f"stall at {fault.point}"] += 1
+        deadline = max((v[4] for v in settling.values()), default=faults.now_ms())
+        quanta = max(1, -(-(int(deadline) - faults.now_ms() + 1) // QUANTUM_MS))
+        self.advance(quanta * QUANTUM_MS)
+        rid = step.args.get("rid", "")
+        # A request hold the Finalize took over: the first pass abandons it (back to
+        # expiring), the next one records its expiry.
+        abandoning = frozenset({(*key, rid)}) if rid in self.model.custs[key].holds else frozenset()
+        for n in range(max(1, fault.reaps)):
+            self.obs = await self.observe()
+            await self._reaper(Step("reaper"), abandoning if n == 0 else frozenset())
+        obs = await self.observe()
+        late = [
+            h for h, v in obs.rd[key].holds.items() if v[0] == "stl" and v[4] <= faults.now_ms()
+        ]
+        if late and key not in self.dirty and not self.reaper_cut:
+            raise self.fail(
+                "3 reaper",
+                f"{name}: settling holds {late} past their deadline after a reaper pass",
+            )
+        if fault.during == "retry":
+            await self.run_calls([self.prepare(replace(step, fault=None))])
+        self.obs = obs = await self.observe()  # the step's own changes are checked from here
+        self.check_stores(None, obs)
+        await self.check_model(obs)
+        await self.check_integrity()
+
+    async def _reaper(
+        self, step: Step, abandoning: frozenset[tuple[int, int, str]] = frozenset()
+    ) -> None:
         now = faults.now_ms()
         with_holds = [k for k in self.keys if self.has_holds(k)]
         resumed = self.reaper_cut
@@ -767,7 +881,7 @@ class Runner:
         if outcome.fired:
             for key in left:
                 self.dirty.setdefault(key, ("cancel", self.model.now))
-        await self.model_reaped()
+        await self.model_reaped(abandoning)
         still = [
             k
             for k in self.keys
@@ -857,10 +971,10 @@ class Runner:
             for hold, (where, _, _, _, score) in rd.holds.items()
         )
 
-    async def model_reaped(self) -> None:
+    async def model_reaped(self, abandoning: frozenset[tuple[int, int, str]] = frozenset()) -> None:
         """Apply a reaper pass to the model, then learn the order the reaper settled in
         (each expiry's balance and version) from PostgreSQL."""
-        touched = self.model.reap()
+        touched = self.model.reap(abandoning)
         if not touched:
             return
         settled = await self.request_rows()

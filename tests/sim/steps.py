@@ -38,6 +38,15 @@ OP_POINTS: dict[str, tuple[str, ...]] = {
     "reaper": (faults.REAPER_COMMITTED,),
 }
 FAULT_KINDS = ("cancel", "crash", "error")
+# A stall: the call pauses where its settlement has reserved but not yet committed (its
+# process paused, or its commit queued for a pool connection) past its hold's deadline,
+# while the reaper runs; then it resumes. ``ADJUST_QUEUED`` is the simulator's own point
+# (tests/sim/world.py): a late Finalize's adjustment about to be committed.
+ADJUST_QUEUED = "sim.adjust.queued"
+STALL_POINTS: dict[str, tuple[str, ...]] = {
+    "finalize": (faults.FINALIZE_BEGUN, faults.FINALIZE_BEGUN, ADJUST_QUEUED),
+    "debit": (faults.DEBIT_OPENED,),
+}
 
 # Steps that act on one customer (everything else acts on the whole system).
 CUSTOMER_STEPS = frozenset({"check", "deduct", "finalize", "credit", "debit", "balance"})
@@ -49,17 +58,24 @@ class Fault:
 
     cancel: the caller's task is cancelled there (a client deadline); crash: the process
     dies there (``faults.SimulatedCrash``, then a restart); error: a store call fails there
-    (``BeamError(STORE_UNAVAILABLE)`` raised at the point)."""
+    (``BeamError(STORE_UNAVAILABLE)`` raised at the point); stall: the call pauses there
+    (a settlement that reserved and has not committed), the clock passes its hold's
+    deadline, ``reaps`` reaper passes run (then, with ``during="retry"``, the client's
+    retry of the call), and the call resumes: its commit must be refused (fenced)."""
 
     kind: str
     point: str
     nth: int = 1
-    retry: bool = False  # after a cancel or an error, the client retries the call once
+    retry: bool = False  # after a cancel, an error or a stall, the client retries once
+    reaps: int = 0  # stall: reaper passes while the call is paused
+    during: str = ""  # stall: "retry" = the client's retry runs while the call is paused
 
     def describe(self) -> str:
         nth = f"#{self.nth}" if self.nth != 1 else ""
         retry = "+retry" if self.retry else ""
-        return f"{self.kind}@{self.point}{nth}{retry}"
+        stall = f"+reaps{self.reaps}" if self.kind == "stall" else ""
+        during = f"+{self.during}-while-paused" if self.during else ""
+        return f"{self.kind}@{self.point}{nth}{stall}{during}{retry}"
 
 
 @dataclass(frozen=True)
@@ -219,6 +235,14 @@ class _Gen:
     def fault(self, op: str) -> Fault | None:
         if op not in OP_POINTS or self.rng.random() >= self.fault_rate:
             return None
+        if op in STALL_POINTS and self.rng.random() < 0.2:
+            return Fault(
+                "stall",
+                self.rng.choice(STALL_POINTS[op]),
+                retry=self.rng.random() < 0.5,
+                reaps=self.rng.choice((1, 1, 2, 3)),
+                during="retry" if self.rng.random() < 0.3 else "",
+            )
         kind = self.rng.choices(FAULT_KINDS, weights=(6, 3, 2))[0]
         points = OP_POINTS[op]
         if self.rng.random() < 0.1:
@@ -345,7 +369,7 @@ class _Gen:
         if rng.random() < self.fault_rate:
             at = rng.randrange(len(subs))
             fault = self.fault(subs[at].kind) if subs[at].kind in OP_POINTS else None
-            if fault is not None:
+            if fault is not None and fault.kind != "stall":  # a stall pauses one call alone
                 subs[at] = replace(subs[at], fault=replace(fault, retry=False))
         return Step("burst", subs=tuple(subs))
 

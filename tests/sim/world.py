@@ -18,16 +18,19 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from beam.adapters.migrations import migrate
 from beam.config import ServiceSettings
+from beam.core import faults
 from beam.core.pricing import parse_price_entries
 from beam.core.runtime import Runtime
+from beam.records import EntryType
 from beam_dev import servers as devservers
-from tests.sim.steps import HOLD_TTL_SECONDS
+from tests.sim.steps import ADJUST_QUEUED, HOLD_TTL_SECONDS
 from tests.support.stack import PRICES, Stores
 
 _KEEP_TABLES = ("schema_migrations",)
@@ -76,6 +79,7 @@ class World:
     async def runtime(self) -> Runtime:
         rt = await Runtime.create(self.settings(), background=False)
         self.migrated = True
+        _instrument(rt)
         return rt
 
     # -- the simulator's own connections (for observing, never for the core) --------------
@@ -164,6 +168,21 @@ class World:
         await asyncio.to_thread(server.kill)
         await asyncio.to_thread(server.start)
         await self.connect()
+
+
+def _instrument(rt: Runtime) -> None:
+    """The simulator's own fault point ``ADJUST_QUEUED``: a late Finalize's adjustment
+    about to be committed (its claim reserving it), where a paused process or a commit
+    queued for a pool connection waits. The core has no point there; the store is wrapped."""
+    store = rt.postgres
+    append_entry = store.append_entry
+
+    async def queued(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("fence") is not None and kwargs.get("entry_type") is EntryType.ADJUSTMENT:
+            await faults.point(ADJUST_QUEUED)
+        return await append_entry(*args, **kwargs)
+
+    store.append_entry = queued  # type: ignore[method-assign]
 
 
 async def stop_runtime(rt: Runtime | None) -> None:
