@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from beam_client import AsyncBeamClient, RetryPolicy
 
-from tests.support.rest import Rest, rest_client
+from tests.support.rest import rest_client
 from tests.support.stack import ServiceProcess, Tenant
 
 # Fast retries for tests that expect Beam to stay away.
@@ -26,24 +26,29 @@ QUICK_RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01
 class Admin:
     """REST admin calls of one tenant on one service (the tests' independent view)."""
 
-    def __init__(self, rest: Rest) -> None:
-        self.rest = rest
+    def __init__(self, service: ServiceProcess, tenant: Tenant) -> None:
+        self.service = service
+        self.tenant = tenant
 
     async def customer(self, balance: int, customer_id: str | None = None) -> str:
         customer_id = customer_id or f"cus_{secrets.token_hex(4)}"
-        await self.rest.create_customer(customer_id, balance)
+        async with rest_client(self.service, self.tenant) as rest:
+            await rest.create_customer(customer_id, balance)
         return customer_id
 
     async def balance(self, customer_id: str) -> tuple[int, int, int]:
         """(balance, reserved, available)."""
-        return await self.rest.balance(customer_id)
+        async with rest_client(self.service, self.tenant) as rest:
+            return await rest.balance(customer_id)
 
     async def request(self, request_id: str, customer_id: str) -> dict[str, Any]:
-        return await self.rest.get(f"/v1/requests/{request_id}", customer_id=customer_id)
+        async with rest_client(self.service, self.tenant) as rest:
+            return await rest.get(f"/v1/requests/{request_id}", customer_id=customer_id)
 
     async def request_list(self, customer_id: str) -> list[dict[str, Any]]:
         """Settled requests of the customer (ListRequests)."""
-        answer = await self.rest.get(f"/v1/customers/{customer_id}/requests", limit=1000)
+        async with rest_client(self.service, self.tenant) as rest:
+            answer = await rest.get(f"/v1/customers/{customer_id}/requests", limit=1000)
         requests = answer["requests"]
         assert isinstance(requests, list)
         return requests
@@ -54,9 +59,8 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(service: ServiceProcess, tenant: Tenant) -> AsyncIterator[Admin]:
-    async with rest_client(service, tenant) as rest:
-        yield Admin(rest)
+async def admin(service: ServiceProcess, tenant: Tenant) -> Admin:
+    return Admin(service, tenant)
 
 
 @pytest.fixture
