@@ -162,6 +162,21 @@ SCHEDULES.update(
             ),
             HAND_WRITTEN,
         ),
+        # A resync (SyncAll) while the paused Finalize's hold reserves its charge, and again
+        # once the reaper abandoned it: the hold is kept while settling (finding 4).
+        "stalled_request_hold_through_resyncs": Schedule(
+            110,
+            2,
+            2,
+            BALANCES,
+            (
+                _check("r0"),
+                _deduct("r0", 20, 1),
+                _finalize("r0", 600, fault=_stalled("finalize.begun", during="sync")),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
         # A debit: its hold is released at its 2 min deadline; the retry debits once.
         "stalled_debit_is_fenced": Schedule(
             108,

@@ -807,6 +807,8 @@ class Runner:
                 f"settling hold reserves it (holds: {sorted(obs.rd[key].holds)})",
             )
         self.stats[f"stall at {fault.point}"] += 1
+        if fault.during == "sync":  # SyncAll while the hold reserves the charge
+            await self.stall_sync(step, settling=True)
         deadline = max((v[4] for v in settling.values()), default=faults.now_ms())
         quanta = max(1, -(-(int(deadline) - faults.now_ms() + 1) // QUANTUM_MS))
         self.advance(quanta * QUANTUM_MS)
@@ -828,10 +830,21 @@ class Runner:
             )
         if fault.during == "retry":
             await self.run_calls([self.prepare(replace(step, fault=None))])
+        if fault.during == "sync":  # ... and after the reaper abandoned the hold
+            await self.stall_sync(step)
         self.obs = obs = await self.observe()  # the step's own changes are checked from here
         self.check_stores(None, obs)
         await self.check_model(obs)
         await self.check_integrity()
+
+    async def stall_sync(self, step: Step, *, settling: bool = False) -> None:
+        """A resync while a call is paused; the model knows no settling hold (it grew to
+        the charge): while one reserves, only the stores' invariants are checked."""
+        await self._sync(Step("sync", step.tenant))
+        obs = await self.observe()
+        self.check_stores(None, obs)
+        if not settling:
+            await self.check_model(obs)
 
     async def _reaper(
         self, step: Step, abandoning: frozenset[tuple[int, int, str]] = frozenset()

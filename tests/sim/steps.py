@@ -60,15 +60,17 @@ class Fault:
     dies there (``faults.SimulatedCrash``, then a restart); error: a store call fails there
     (``BeamError(STORE_UNAVAILABLE)`` raised at the point); stall: the call pauses there
     (a settlement that reserved and has not committed), the clock passes its hold's
-    deadline, ``reaps`` reaper passes run (then, with ``during="retry"``, the client's
-    retry of the call), and the call resumes: its commit must be refused (fenced)."""
+    deadline, ``reaps`` reaper passes run (then, with ``during``, the client's retry of the
+    call, or a resync), and the call resumes: its commit must be refused (fenced)."""
 
     kind: str
     point: str
     nth: int = 1
     retry: bool = False  # after a cancel, an error or a stall, the client retries once
     reaps: int = 0  # stall: reaper passes while the call is paused
-    during: str = ""  # stall: "retry" = the client's retry runs while the call is paused
+    # stall: "retry" = the client's retry runs while the call is paused; "sync" = a resync
+    # from PostgreSQL (SyncAll) runs while its hold settles, and again after the reaper
+    during: str = ""
 
     def describe(self) -> str:
         nth = f"#{self.nth}" if self.nth != 1 else ""
@@ -241,7 +243,7 @@ class _Gen:
                 self.rng.choice(STALL_POINTS[op]),
                 retry=self.rng.random() < 0.5,
                 reaps=self.rng.choice((1, 1, 2, 3)),
-                during="retry" if self.rng.random() < 0.3 else "",
+                during=self.during(),
             )
         kind = self.rng.choices(FAULT_KINDS, weights=(6, 3, 2))[0]
         points = OP_POINTS[op]
@@ -250,6 +252,11 @@ class _Gen:
         nth = 1 if op != "reaper" else self.rng.choice((1, 1, 2))
         retry = op != "reaper" and kind != "crash" and self.rng.random() < 0.5
         return Fault(kind, self.rng.choice(points), nth, retry)
+
+    def during(self) -> str:
+        """What else happens while a stalled call is paused."""
+        roll = self.rng.random()
+        return "retry" if roll < 0.3 else "sync" if roll < 0.45 else ""
 
     # -- one step of each kind -----------------------------------------------------------
 
