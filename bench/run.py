@@ -467,15 +467,18 @@ class Bench:
         return self.workdir / f"run-{self.runs:03d}{suffix}"
 
     def settle(self, server: Server) -> None:
-        """Waits (at most 15 s) until the server is idle: an overloaded run can leave it
-        working through calls its client gave up on."""
-        deadline = time.monotonic() + 15
+        """Waits (at most 60 s) until the server and PostgreSQL are idle: an overloaded run
+        can leave them working through calls their client gave up on. PostgreSQL too: the
+        settlements of one hot customer that outlive their callers (ADR 0010: shielded)
+        wait on its row lock, so `beam serve` looks idle while they drain."""
+        deadline = time.monotonic() + 60
+        pids = [server.pid, self.store_pids["postgres"]]
         while time.monotonic() < deadline:
-            before = cpu_seconds([server.pid])
+            before = [cpu_seconds([pid]) for pid in pids]
             time.sleep(0.5)
-            if cpu_seconds([server.pid]) - before < 0.05:  # under 10% of a CPU
-                return
-        log(f"{server.name} still busy after 15 s; measuring anyway")
+            if all(cpu_seconds([p]) - b < 0.05 for p, b in zip(pids, before, strict=True)):
+                return  # each under 10% of a CPU
+        log(f"{server.name} or PostgreSQL still busy after 60 s; measuring anyway")
 
     def _measure(
         self, server: Server, command: list[str], timeout: float, profile: str | None = None
