@@ -111,9 +111,7 @@ def publish_status(
         )
     )
     merged = merge_conditions(desired, current.get("conditions"), generation, now=stamp)
-    return bool(status_changes(current, wanted)) or merged != list(
-        current.get("conditions") or []
-    )
+    return bool(status_changes(current, wanted)) or merged != list(current.get("conditions") or [])
 
 
 def patch_conditions(
