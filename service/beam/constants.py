@@ -97,6 +97,10 @@ SETTLE_DEADLINE_MS: Final = 120_000
 # The reaper completes a settling hold from the ledger once it has been pending this long
 # (a settlement in flight normally finishes in milliseconds).
 SETTLE_REPAIR_GRACE_MS: Final = 2_000
+# Finalizes of one customer a process settles at once; beyond it a Finalize is refused
+# before it reserves anything (STORE_UNAVAILABLE, retry): a hot customer's backlog stays
+# bounded (a batch of group commit is at most 64 settlements, 4 in flight).
+MAX_SETTLEMENTS_IN_FLIGHT_PER_CUSTOMER: Final = 256
 MIN_BUFFER_MULTIPLIER: Final = 1.0
 MAX_BUFFER_MULTIPLIER: Final = 100.0
 # Multipliers are applied as integer parts-per-million, rounding up.

@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from beam.constants import MAX_GRAINS, customer_keys, done_key
+from beam.constants import (
+    MAX_GRAINS,
+    MAX_SETTLEMENTS_IN_FLIGHT_PER_CUSTOMER,
+    customer_keys,
+    done_key,
+)
 from beam.core import faults
 from beam.core.commands import CheckCommand, DeductCommand, LedgerCommand
 from beam.core.runtime import Runtime
@@ -412,3 +417,90 @@ async def test_a_finalize_retry_is_refused_while_a_second_hold_holds_the_id(
     except BeamError as error:
         answer = (error.reason.name,)
     assert answer == (True, 700, 9_300)
+
+
+# -- a hot customer's backlog stays bounded (bench: finalize_hot after an overload) -------
+
+
+async def test_finalizes_beyond_the_per_customer_bound_are_refused_before_reserving(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Callers that time out leave their settlements running; without a bound a hot
+    customer's queue only grew. With the bound at 3: three Finalizes paused before their
+    commit, the fourth is refused at once (STORE_UNAVAILABLE) and reserves nothing (its hold
+    stays open at its size); once the three finish, the fourth's retry settles."""
+    runtime.ledger.max_settlements_per_customer = 3
+    p = await customer(runtime, tenant, 10_000)
+    checks = [
+        await runtime.ledger.check(p, CheckCommand(CUSTOMER, f"r{i}", 100, 1.0, "cheap"))
+        for i in range(4)
+    ]
+    paused, resume = asyncio.Event(), asyncio.Event()
+    begun = 0
+
+    async def hook(name: str) -> None:
+        nonlocal begun
+        if name == faults.FINALIZE_BEGUN:
+            begun += 1
+            if begun == 3:
+                paused.set()
+            await resume.wait()
+
+    faults.install(hook)
+    try:
+        first = [
+            asyncio.ensure_future(settle(runtime, p, f"r{i}", 50, checks[i].request_token))
+            for i in range(3)
+        ]
+        await paused.wait()
+        with pytest.raises(BeamError) as refused:
+            await settle(runtime, p, "r3", 50, checks[3].request_token)
+        assert refused.value.reason is Reason.STORE_UNAVAILABLE
+        assert await redis_account(runtime, tenant.name) == (10_000, 400)  # r3 untouched
+        resume.set()
+        assert [(await f).charged_grains for f in first] == [50, 50, 50]
+    finally:
+        faults.install(None)
+        runtime.ledger.max_settlements_per_customer = MAX_SETTLEMENTS_IN_FLIGHT_PER_CUSTOMER
+    retry = await settle(runtime, p, "r3", 50, checks[3].request_token)
+    assert (retry.charged_grains, retry.final_balance) == (50, 9_800)
+    assert await redis_account(runtime, tenant.name) == (9_800, 0)
+
+
+async def test_the_reaper_leaves_a_finalize_in_flight_here_to_its_process_until_its_deadline(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """A Finalize of this process waits for its commit for longer than the repair grace
+    (2 s): the reaper does not read the ledger for it (that would only queue on the
+    customer's row lock behind it). Past the hold's deadline it fences and abandons it as
+    for any other process (test_an_abandoned_hold_refuses_its_old_attempt_...)."""
+    p = await customer(runtime, tenant, 10_000)
+    check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap"))
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def hook(name: str) -> None:
+        if name == faults.FINALIZE_BEGUN:
+            paused.set()
+            await resume.wait()
+
+    reads = 0
+    committed_after_lock = runtime.postgres.committed_after_lock
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await committed_after_lock(*args, **kwargs)
+
+    runtime.postgres.committed_after_lock = counting  # type: ignore[method-assign]
+    faults.install(hook)
+    try:
+        final = asyncio.ensure_future(settle(runtime, p, "r", 600, check.request_token))
+        await paused.wait()
+        await reap_after(runtime, 5_000, passes=2)  # past the grace, before the deadline
+        assert reads == 0
+        resume.set()
+        assert (await final).charged_grains == 600
+    finally:
+        faults.install(None)
+        runtime.postgres.committed_after_lock = committed_after_lock  # type: ignore[method-assign]
+    assert await redis_account(runtime, tenant.name) == (9_400, 0)

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from beam.constants import (
     EXPIRE_BATCH_PER_CALL,
     MAX_GRAINS,
     MAX_OPEN_HOLDS_PER_CUSTOMER,
+    MAX_SETTLEMENTS_IN_FLIGHT_PER_CUSTOMER,
     MAX_TOKENS_PER_CALL,
     MAX_TOKENS_PER_REQUEST,
     SETTLE_DEADLINE_MS,
@@ -90,6 +92,7 @@ from beam.records import (
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 
 # A Check waits at most this long for the ledger to say whether its request id is settled.
 SETTLED_LOOKUP_TIMEOUT_SECONDS = 1.0
@@ -191,13 +194,19 @@ class Ledger:
         tokens: RequestTokens,
         *,
         default_hold_ttl_seconds: int = 900,
+        max_settlements_per_customer: int = MAX_SETTLEMENTS_IN_FLIGHT_PER_CUSTOMER,
     ) -> None:
         self.scripts = scripts
         self.postgres = postgres
         self.prices = prices
         self.tokens = tokens
         self.default_hold_ttl_ms = default_hold_ttl_seconds * 1000
+        self.max_settlements_per_customer = max_settlements_per_customer
         self._finishing: set[asyncio.Task[Any]] = set()
+        # Finalizes this process is settling: per customer (the admission bound) and per
+        # request id (the reaper leaves those to this process until their deadline).
+        self._settling_customers: Counter[tuple[str, str]] = Counter()
+        self._settling_requests: Counter[tuple[str, str, str]] = Counter()
 
     # -- accounts --------------------------------------------------------------------------
 
@@ -457,9 +466,43 @@ class Ledger:
             if command.request_token
             else ""
         )
+        customer = (tenant, command.customer_id)
+        if self._settling_customers[customer] >= self.max_settlements_per_customer:
+            # Refused before anything is reserved: the hold (if any) stays open, a retry
+            # settles it. Without a bound, callers that time out leave their settlements
+            # running and a hot customer's queue only grows.
+            raise BeamError(
+                Reason.STORE_UNAVAILABLE,
+                f"{self.max_settlements_per_customer} settlements of customer "
+                f"{command.customer_id!r} are in flight: retry with back-off",
+            )
+        # Counted now (before the task starts, so concurrent calls see it) until the work
+        # ends, not until its caller stops waiting.
+        request = (tenant, command.customer_id, command.request_id)
+        self._settling_customers[customer] += 1
+        self._settling_requests[request] += 1
         # From here on the settlement runs to the end even if the caller goes away: once
         # the hold is reserving the charge, only a commit (or the reaper) may finish it.
-        return await self.finish(self._settle_request(tenant, command, token_nonce))
+        return await self.finish(
+            self._counted(customer, request, self._settle_request(tenant, command, token_nonce))
+        )
+
+    async def _counted(
+        self,
+        customer: tuple[str, str],
+        request: tuple[str, str, str],
+        work: Coroutine[Any, Any, _T],
+    ) -> _T:
+        """Run ``work``, then uncount it (``finalize`` counted it)."""
+        try:
+            return await work
+        finally:
+            _uncount(self._settling_customers, customer)
+            _uncount(self._settling_requests, request)
+
+    def settling_here(self, tenant: str, customer_id: str, request_id: str) -> bool:
+        """Whether this process has a Finalize of that request in flight."""
+        return (tenant, customer_id, request_id) in self._settling_requests
 
     async def _settle_request(
         self, tenant: str, command: FinalizeCommand, token_nonce: str
@@ -627,6 +670,16 @@ class Ledger:
         deadline -> abandon it (a request hold is then charged what it consumed, like any
         expired hold). Returns what was done: completed, abandoned or pending."""
         system = hold.hold_id.startswith(SYSTEM_HOLD_PREFIX)  # a debit or a credit
+        if (
+            not system
+            and now_ms() < hold.deadline_ms
+            and self.settling_here(tenant, customer_id, hold.hold_id)
+        ):
+            # Its settlement is running in this process and will finish steps (2) and (3)
+            # itself: reading the ledger now would only queue behind it on the customer's
+            # row lock (under load, on every reaper pass). Past the deadline the reaper
+            # fences and abandons it like any other.
+            return "pending"
         entries = (
             [hold.hold_id.partition(":")[2]]
             if system
@@ -728,6 +781,12 @@ async def _quietly(work: Awaitable[Any]) -> None:
     being raised (the reaper abandons whatever it leaves)."""
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await work
+
+
+def _uncount(counter: Counter[_K], key: _K) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _balance_of(entry: Settlement | LedgerEntry | Customer | None) -> tuple[int, int]:
