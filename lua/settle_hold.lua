@@ -14,6 +14,9 @@ local done_ttl        = ARGV[11]
 local only_status     = ARGV[12]           -- release only a hold in this status ('' = any)
 local final_balance   = ARGV[13]           -- the marker's: the balance the settlement left
                                            -- (the balance adopted may be a newer one)
+local max_attempt     = tonumber(ARGV[14]) -- release only a hold settled by this attempt or
+                                           -- an older one (0 = any): a stale attempt never
+                                           -- drops the reservation of a newer one
 -- Returns {released, held, balance}. Safe to run any number of times: only the hold with
 -- this nonce is released (never a newer hold under a reused id), once; a stale balance
 -- version is ignored. With balance_version 0 and no marker it voids a hold that nothing
@@ -21,8 +24,9 @@ local final_balance   = ARGV[13]           -- the marker's: the balance the sett
 -- The reaper releases an expired hold only while it is still expiring: a Finalize that
 -- took it over meanwhile keeps its reservation until its own commit (a late adjustment).
 local released = 0
-local h = redis.call('HMGET', KEYS[4], 'nonce', 'status')
-if nonce ~= '' and h[1] == nonce and (only_status == '' or h[2] == only_status) then
+local h = redis.call('HMGET', KEYS[4], 'nonce', 'status', 'attempt')
+if nonce ~= '' and h[1] == nonce and (only_status == '' or h[2] == only_status)
+    and (max_attempt == 0 or num(h[3]) <= max_attempt) then
   released = drop_hold(hold_id)
 end
 local balance = 0

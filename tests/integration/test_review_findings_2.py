@@ -1,6 +1,7 @@
 """Adversarial review (HEAD c7c9f49) of the settle fences, the per-customer admission bound
 and the late-finalize paths: each test is a schedule that breaks a money invariant
-(docs/ARCHITECTURE.md, "Invariants") against the real stores, a strict xfail until fixed.
+(docs/ARCHITECTURE.md, "Invariants") against the real stores; fixed: a settlement attempt
+releases a hold only if no newer attempt has taken it over (settle_hold's max_attempt).
 Fixtures and style as tests/integration/test_review_findings.py.
 Prices: "cheap" costs 1 grain per input token and 2 per output token.
 """
@@ -26,11 +27,6 @@ def _no_faults() -> Iterator[None]:
     faults.reset()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fenced (stale) attempt bypasses its fence by replaying the expiry and then "
-    "releases the hold by nonce alone, dropping the newer attempt's reservation",
-)
 async def test_a_fenced_attempt_releases_the_newer_attempts_reservation(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:

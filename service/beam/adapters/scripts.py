@@ -325,10 +325,12 @@ class Scripts:
         marker: DoneMarker | None = None,
         marker_ttl_seconds: int = 0,
         only_status: str = "",
+        max_attempt: int = 0,
     ) -> SettleReply:
-        """Release the hold with ``nonce`` (if it is still there), adopt the balance if
-        its version is newer, and write the done marker when one is given. With only a
-        nonce it voids a hold nothing was committed for."""
+        """Release the hold with ``nonce`` (if it is still there and no settlement newer
+        than ``max_attempt`` has begun on it; 0 = any), adopt the balance if its version is
+        newer, and write the done marker when one is given. With only a nonce it voids a
+        hold nothing was committed for."""
         m = marker or DoneMarker(0, 0, balance_after, 0, "", "")
         reply = await self._run(
             SCRIPT_SETTLE_HOLD,
@@ -336,7 +338,7 @@ class Scripts:
             [
                 hold_id, nonce, balance_after, balance_version, "1" if marker else "0",
                 m.charged, m.refunded, m.overage, m.status, m.nonce, marker_ttl_seconds,
-                only_status, m.final_balance,
+                only_status, m.final_balance, max_attempt,
             ],
             idempotent=True,
         )  # fmt: skip

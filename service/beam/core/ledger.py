@@ -270,9 +270,12 @@ class Ledger:
         marker: Settlement | None = None,
         *,
         only_status: str = "",
+        attempt: int = 0,
     ) -> int:
         """Step (3): release hold ``nonce`` and adopt the balance ``entry`` committed (none
-        for a void); returns the customer's ``held`` afterwards."""
+        for a void); returns the customer's ``held`` afterwards. ``attempt``: the settlement
+        attempt releasing it; a hold a newer attempt has taken over is kept (its own
+        settlement releases it), only the balance is adopted."""
         balance, version = _balance_of(entry)
         reply = await self.scripts.settle_hold(
             tenant,
@@ -284,6 +287,7 @@ class Ledger:
             marker=marker_of(marker) if marker is not None else None,
             marker_ttl_seconds=DONE_MARKER_TTL_SECONDS,
             only_status=only_status,
+            max_attempt=attempt,
         )
         return reply.held
 
@@ -590,11 +594,16 @@ class Ledger:
             # A hold (or a token) of this id that is not the one that settled it: the id was
             # reused. Whatever that hold consumed was charged on its own; nothing settles
             # the request again.
-            await self.release(tenant, customer_id, request_id, hold.nonce, recorded.orphan_entry)
+            await self.release(
+                tenant, customer_id, request_id, hold.nonce, recorded.orphan_entry,
+                attempt=hold.attempt,
+            )  # fmt: skip
             raise request_id_conflict(request_id, "is already settled by another hold")
         if first.status is SettlementStatus.EXPIRED and recorded.outcome is not RecordOutcome.NEW:
             return await self._adjust_expired(command, hold, first)
-        await self.release(tenant, customer_id, request_id, hold.nonce, first, marker=first)
+        await self.release(
+            tenant, customer_id, request_id, hold.nonce, first, marker=first, attempt=hold.attempt
+        )
         if recorded.outcome is RecordOutcome.NEW:
             SPENT.labels(first.model or "none").inc(first.charged_grains)
         return _finalize_result(recorded)
@@ -618,7 +627,10 @@ class Ledger:
             # Adopt the newest committed balance: an adjustment with other usage may have
             # committed while its own Redis half was cut short (its claim is this hold).
             adopted = earlier if earlier is not None else expired
-            await self.release(tenant, customer_id, request_id, hold.nonce, adopted, expired)
+            await self.release(
+                tenant, customer_id, request_id, hold.nonce, adopted, expired,
+                attempt=hold.attempt,
+            )  # fmt: skip
             if earlier is not None:
                 raise request_id_conflict(request_id, "was already finalized with other usage")
             return FinalizeResult(
@@ -643,12 +655,16 @@ class Ledger:
             # short, the claim it left settling is the one we hold now, and releasing it
             # without adopting that adjustment would offer its grains again.
             earlier = await self.postgres.find_entry(tenant, transaction_id)
-            await self.release(tenant, customer_id, request_id, hold.nonce, earlier)
+            await self.release(
+                tenant, customer_id, request_id, hold.nonce, earlier, attempt=hold.attempt
+            )
             raise request_id_conflict(
                 request_id, "was already finalized with other usage"
             ) from None
         await faults.point(faults.ADJUST_COMMITTED)
-        await self.release(tenant, customer_id, request_id, hold.nonce, entry, expired)
+        await self.release(
+            tenant, customer_id, request_id, hold.nonce, entry, expired, attempt=hold.attempt
+        )
         if delta > 0 and not entry.replayed:
             SPENT.labels(expired.model or "none").inc(delta)
         after = entry.balance_after_grains
@@ -706,6 +722,7 @@ class Ledger:
                 hold.nonce,
                 customer,
                 settlement if ours or hold.kind == "claim" else None,
+                attempt=hold.attempt,  # a Finalize that took the hold over since keeps it
             )
             return "completed"
         if customer is not None:
