@@ -12,62 +12,27 @@ does). Prices: "cheap" costs 1 grain per input token and 2 per output token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from beam.constants import customer_keys, done_key
+from beam.constants import done_key
 from beam.core import faults
 from beam.core.commands import CheckCommand, DeductCommand
 from beam.core.runtime import Runtime
 from beam.errors import BeamError, Reason
 from tests.support.money import (
     CUSTOMER,
+    RedisSnapshot,
     cancelled_at,
     crash_at,
     customer,
     ledger_row,
+    reap_after,
     redis_account,
     settle,
 )
 from tests.support.stack import Stores, Tenant
-
-
-@pytest.fixture(autouse=True)
-def _no_faults() -> Iterator[None]:
-    faults.reset()
-    yield
-    faults.reset()
-
-
-async def reap_after(rt: Runtime, milliseconds: int, passes: int = 2) -> None:
-    faults.advance(milliseconds)
-    for _ in range(passes):
-        await rt.reaper.run_once()
-
-
-class RedisSnapshot:
-    """The keys of one customer (account, hold sets, one hold, its done marker) as they are
-    now; ``restore`` puts exactly that back, as a Redis that lost every later write."""
-
-    def __init__(self, rt: Runtime, tenant: str, request_id: str, cid: str = CUSTOMER) -> None:
-        self.rt = rt
-        self.keys = customer_keys(tenant, cid, request_id)
-        self.dumps: dict[str, bytes | None] = {}
-
-    async def take(self) -> None:
-        raw = self.rt.redis.client
-        for key in self.keys:
-            self.dumps[key] = await raw.execute_command("DUMP", key, NEVER_DECODE=True)
-
-    async def restore(self) -> None:
-        raw = self.rt.redis.client
-        for key, dump in self.dumps.items():
-            await raw.delete(key)
-            if dump is not None:
-                await raw.execute_command("RESTORE", key, 0, dump, "REPLACE")
-
 
 # -- 1. a replayed Check voids the live hold it replays ------------------------------------
 

@@ -8,7 +8,6 @@ Prices (tests/support/stack.py): "cheap" costs 1 grain per input and 2 per outpu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,14 +32,6 @@ from tests.support.money import (
     settle,
 )
 from tests.support.stack import Stores, Tenant
-
-
-@pytest.fixture(autouse=True)
-def _no_faults() -> Iterator[None]:
-    faults.reset()
-    yield
-    faults.reset()
-
 
 # -- defect 1: a settled request id never buys new tokens ----------------------------------
 

@@ -12,7 +12,6 @@ Prices: "cheap" costs 1 grain per input token and 2 per output token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +19,6 @@ import pytest
 from beam.constants import (
     MAX_GRAINS,
     MAX_SETTLEMENTS_IN_FLIGHT_PER_CUSTOMER,
-    customer_keys,
     done_key,
 )
 from beam.core import faults
@@ -30,62 +28,16 @@ from beam.errors import BeamError, Reason
 from beam.records import Customer
 from tests.support.money import (
     CUSTOMER,
+    Pause,
+    RedisSnapshot,
+    check_while_ledger_unavailable,
     customer,
     ledger_row,
+    reap_after,
     redis_account,
     settle,
 )
 from tests.support.stack import Stores, Tenant
-
-
-@pytest.fixture(autouse=True)
-def _no_faults() -> Iterator[None]:
-    faults.reset()
-    yield
-    faults.reset()
-
-
-async def reap_after(rt: Runtime, milliseconds: int, passes: int = 2) -> None:
-    faults.advance(milliseconds)
-    for _ in range(passes):
-        await rt.reaper.run_once()
-
-
-class RedisSnapshot:
-    """The keys of one customer (account, hold sets, one hold, its done marker) as they are
-    now; ``restore`` puts exactly that back, as a Redis that lost every later write."""
-
-    def __init__(self, rt: Runtime, tenant: str, request_id: str, cid: str = CUSTOMER) -> None:
-        self.rt = rt
-        self.keys = customer_keys(tenant, cid, request_id)
-        self.dumps: dict[str, bytes | None] = {}
-
-    async def take(self) -> None:
-        raw = self.rt.redis.client
-        for key in self.keys:
-            self.dumps[key] = await raw.execute_command("DUMP", key, NEVER_DECODE=True)
-
-    async def restore(self) -> None:
-        raw = self.rt.redis.client
-        for key, dump in self.dumps.items():
-            await raw.delete(key)
-            if dump is not None:
-                await raw.execute_command("RESTORE", key, 0, dump, "REPLACE")
-
-
-async def check_while_ledger_unavailable(rt: Runtime, p: Any, command: CheckCommand) -> Any:
-    """A Check whose settled-id lookup cannot reach PostgreSQL (it proceeds from Redis)."""
-    lookup = rt.postgres.settled_nonce
-
-    async def unavailable(*_args: Any) -> Any:
-        raise BeamError(Reason.STORE_UNAVAILABLE, "postgresql unavailable: injected")
-
-    rt.postgres.settled_nonce = unavailable  # type: ignore[method-assign]
-    try:
-        return await rt.ledger.check(p, command)
-    finally:
-        rt.postgres.settled_nonce = lookup  # type: ignore[method-assign]
-
 
 # -- 1. a second hold under a settled id, resurrected by lost Redis writes ------------------
 
@@ -166,22 +118,13 @@ async def test_a_commit_landing_after_its_hold_was_abandoned_leaves_redis_above_
     # Fixed (migrations/0006_settle_fences.sql): the reaper fences the claim in PostgreSQL,
     # under the customer row lock, before abandoning it; the delayed commit is refused.
     p = await customer(runtime, tenant, 10_000)
-    paused, resume = asyncio.Event(), asyncio.Event()
-
-    async def hook(name: str) -> None:
-        if name == faults.FINALIZE_BEGUN:
-            paused.set()
-            await resume.wait()
-        elif name == faults.FINALIZE_COMMITTED:
-            raise faults.SimulatedCrash(name)
-
-    faults.install(hook)
+    pause = Pause(faults.FINALIZE_BEGUN)
     finalize = asyncio.ensure_future(settle(runtime, p, "r", 3_000))
-    await paused.wait()
+    await pause.reached.wait()
     assert await redis_account(runtime, tenant.name) == (10_000, 3_000)
     await reap_after(runtime, 120_000 + 1, passes=1)  # abandons the claim
     assert await redis_account(runtime, tenant.name) == (10_000, 0)
-    resume.set()
+    pause.resume.set()
     with pytest.raises(BeamError) as fenced:
         await finalize
     assert fenced.value.reason is Reason.STORE_UNAVAILABLE  # retryable: nothing was written
@@ -206,20 +149,13 @@ async def test_an_abandoned_hold_refuses_its_old_attempt_and_settles_a_new_one(
     over (attempt 2), commits and settles: charged 600, balance 9 400, Redis equal."""
     p = await customer(runtime, tenant, 10_000)
     check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap"))
-    paused, resume = asyncio.Event(), asyncio.Event()
-
-    async def hook(name: str) -> None:
-        if name == faults.FINALIZE_BEGUN and not paused.is_set():
-            paused.set()
-            await resume.wait()
-
-    faults.install(hook)
+    pause = Pause(faults.FINALIZE_BEGUN)
     first = asyncio.ensure_future(settle(runtime, p, "r", 600, check.request_token))
-    await paused.wait()
+    await pause.reached.wait()
     assert await redis_account(runtime, tenant.name) == (10_000, 1_000)
     await reap_after(runtime, 16 * 60_000, passes=1)  # fences attempt 1, abandons the hold
     assert await redis_account(runtime, tenant.name) == (10_000, 0)  # expiring, 0 consumed
-    resume.set()
+    pause.resume.set()
     with pytest.raises(BeamError) as fenced:
         await first
     assert fenced.value.reason is Reason.STORE_UNAVAILABLE
@@ -240,21 +176,14 @@ async def test_a_debit_committing_after_its_hold_was_abandoned_is_refused(
     commit is refused (nothing debited, Redis and the ledger at 10 000) -> the retry
     debits once: 6 000 in both."""
     p = await customer(runtime, tenant, 10_000)
-    paused, resume = asyncio.Event(), asyncio.Event()
-
-    async def hook(name: str) -> None:
-        if name == faults.DEBIT_OPENED and not paused.is_set():
-            paused.set()
-            await resume.wait()
-
-    faults.install(hook)
+    pause = Pause(faults.DEBIT_OPENED)
     command = LedgerCommand(CUSTOMER, 4_000, "fee", "fee-1")
     first = asyncio.ensure_future(runtime.admin.debit(p, command))
-    await paused.wait()
+    await pause.reached.wait()
     assert await redis_account(runtime, tenant.name) == (10_000, 4_000)
     await reap_after(runtime, 120_000 + 1, passes=1)
     assert await redis_account(runtime, tenant.name) == (10_000, 0)
-    resume.set()
+    pause.resume.set()
     with pytest.raises(BeamError) as fenced:
         await first
     assert fenced.value.reason is Reason.STORE_UNAVAILABLE
@@ -476,13 +405,6 @@ async def test_the_reaper_leaves_a_finalize_in_flight_here_to_its_process_until_
     for any other process (test_an_abandoned_hold_refuses_its_old_attempt_...)."""
     p = await customer(runtime, tenant, 10_000)
     check = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 1_000, 1.0, "cheap"))
-    paused, resume = asyncio.Event(), asyncio.Event()
-
-    async def hook(name: str) -> None:
-        if name == faults.FINALIZE_BEGUN:
-            paused.set()
-            await resume.wait()
-
     reads = 0
     committed_after_lock = runtime.postgres.committed_after_lock
 
@@ -492,13 +414,13 @@ async def test_the_reaper_leaves_a_finalize_in_flight_here_to_its_process_until_
         return await committed_after_lock(*args, **kwargs)
 
     runtime.postgres.committed_after_lock = counting  # type: ignore[method-assign]
-    faults.install(hook)
+    pause = Pause(faults.FINALIZE_BEGUN)
     try:
         final = asyncio.ensure_future(settle(runtime, p, "r", 600, check.request_token))
-        await paused.wait()
+        await pause.reached.wait()
         await reap_after(runtime, 5_000, passes=2)  # past the grace, before the deadline
         assert reads == 0
-        resume.set()
+        pause.resume.set()
         assert (await final).charged_grains == 600
     finally:
         faults.install(None)

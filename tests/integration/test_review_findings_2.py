@@ -9,7 +9,6 @@ Prices: "cheap" costs 1 grain per input token and 2 per output token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,13 +17,6 @@ from beam.core.commands import CheckCommand
 from beam.core.runtime import Runtime
 from tests.support.money import CUSTOMER, customer, ledger_row, redis_account, settle
 from tests.support.stack import Stores, Tenant
-
-
-@pytest.fixture(autouse=True)
-def _no_faults() -> Iterator[None]:
-    faults.reset()
-    yield
-    faults.reset()
 
 
 async def test_a_fenced_attempt_releases_the_newer_attempts_reservation(

@@ -40,13 +40,6 @@ from tests.support.stack import Stores, Tenant
 SPEND = ("settlement", "expiry", "adjustment")
 
 
-@pytest.fixture(autouse=True)
-def _no_faults() -> Any:
-    faults.reset()
-    yield
-    faults.reset()
-
-
 async def _customer(rt: Runtime, p: Principal, cid: str, balance: int, **config: Any) -> None:
     await rt.admin.create_customer(p, Customer(p.tenant, cid, cid), balance)
     if config:

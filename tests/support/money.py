@@ -10,11 +10,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from beam.constants import SETTLE_REPAIR_GRACE_MS, account_key
+from beam.constants import SETTLE_REPAIR_GRACE_MS, account_key, customer_keys
 from beam.core import faults
 from beam.core.auth import Principal
-from beam.core.commands import FinalizeCommand
+from beam.core.commands import CheckCommand, FinalizeCommand
 from beam.core.runtime import Runtime
+from beam.errors import BeamError, Reason
 from beam.records import Customer, Role
 from tests.support.stack import Stores, Tenant
 
@@ -103,3 +104,62 @@ def crash_at(point: str) -> None:
             raise faults.SimulatedCrash(point)
 
     faults.install(hook)
+
+
+async def reap_after(rt: Runtime, milliseconds: int, passes: int = 2) -> None:
+    """The injected clock moves on by ``milliseconds``, then ``passes`` reaper passes."""
+    faults.advance(milliseconds)
+    for _ in range(passes):
+        await rt.reaper.run_once()
+
+
+class Pause:
+    """A fault hook that holds the first call reaching ``point`` (a paused process, a
+    commit queued for a connection) until ``resume`` is set; ``reached`` says it got there."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.reached = asyncio.Event()
+        self.resume = asyncio.Event()
+        faults.install(self._hook)
+
+    async def _hook(self, name: str) -> None:
+        if name == self.point and not self.reached.is_set():
+            self.reached.set()
+            await self.resume.wait()
+
+
+class RedisSnapshot:
+    """The keys of one customer (account, hold sets, one hold, its done marker) as they are
+    now; ``restore`` puts exactly that back, as a Redis that lost every later write."""
+
+    def __init__(self, rt: Runtime, tenant: str, request_id: str, cid: str = CUSTOMER) -> None:
+        self.rt = rt
+        self.keys = customer_keys(tenant, cid, request_id)
+        self.dumps: dict[str, bytes | None] = {}
+
+    async def take(self) -> None:
+        raw = self.rt.redis.client
+        for key in self.keys:
+            self.dumps[key] = await raw.execute_command("DUMP", key, NEVER_DECODE=True)
+
+    async def restore(self) -> None:
+        raw = self.rt.redis.client
+        for key, dump in self.dumps.items():
+            await raw.delete(key)
+            if dump is not None:
+                await raw.execute_command("RESTORE", key, 0, dump, "REPLACE")
+
+
+async def check_while_ledger_unavailable(rt: Runtime, p: Principal, command: CheckCommand) -> Any:
+    """A Check whose settled-id lookup cannot reach PostgreSQL (it proceeds from Redis)."""
+    lookup = rt.postgres.settled_nonce
+
+    async def unavailable(*_args: Any) -> Any:
+        raise BeamError(Reason.STORE_UNAVAILABLE, "postgresql unavailable: injected")
+
+    rt.postgres.settled_nonce = unavailable  # type: ignore[method-assign]
+    try:
+        return await rt.ledger.check(p, command)
+    finally:
+        rt.postgres.settled_nonce = lookup  # type: ignore[method-assign]

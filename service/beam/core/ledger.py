@@ -536,7 +536,7 @@ class Ledger:
                 and earlier.hold_nonce == token_nonce
                 and earlier.status is not SettlementStatus.EXPIRED  # that one adjusts, below
             ):
-                return _replayed_settlement(earlier)
+                return _finalize_result(RecordedSettlement(earlier, RecordOutcome.REPLAY))
         if begun.outcome == "ERR":
             raise _finalize_error(begun.code, command)
         assert begun.hold is not None
@@ -867,12 +867,6 @@ def _finalize_result(recorded: RecordedSettlement) -> FinalizeResult:
         charged_grains=s.charged_grains,
         overage_grains=s.overage_grains,
         replayed=recorded.outcome is not RecordOutcome.NEW,
-    )
-
-
-def _replayed_settlement(s: Settlement) -> FinalizeResult:
-    return FinalizeResult(
-        True, s.refunded_grains, s.balance_after_grains, s.charged_grains, s.overage_grains, True
     )
 
 
