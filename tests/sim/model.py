@@ -140,6 +140,8 @@ class Cust:
     holds: dict[str, Hold] = field(default_factory=dict)
     settled: dict[str, Settled] = field(default_factory=dict)
     adjusted: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # delta, after, v
+    # Holds charged on their own under a settled id (``settlement:<c>:<r>#<nonce>``): nonces.
+    second_charged: set[str] = field(default_factory=set)
     certain: bool = True
 
     @property
@@ -451,7 +453,18 @@ class Model:
         ):
             return  # tokens without a price to charge them at: refused, whatever else holds
         if token and nonce_of(token) != settled.nonce:
-            # A token of another hold of this id: never answered with this settlement.
+            # A token of another hold of this id: never answered with this settlement. That
+            # hold is gone from Redis (the model tracks every hold of a certain customer,
+            # and this id has none): a second hold Redis lost, whose reported usage is
+            # charged on its own, once, unless the id's settlement names no hold (a
+            # Finalize without a token may have settled that very hold's usage).
+            nonce = nonce_of(token)
+            if settled.nonce and nonce not in cust.second_charged:
+                model = a["model"] or settled.model
+                charge = cost or (cost_of(model, prompt, completion, 0) if model else 0)
+                if charge > 0:
+                    self.append(cust, -charge, spending=True)
+                    cust.second_charged.add(nonce)
             self._expect_error(where, actual, "REQUEST_ID_CONFLICT", "INVALID_REQUEST_TOKEN")
             return
         if settled.status != "expired":

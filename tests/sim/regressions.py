@@ -30,6 +30,13 @@ def _finalize(rid: str, cost: int, source: str = "current", fault: Fault | None 
     return Step("finalize", 0, 0, args, fault)
 
 
+def _usage(rid: str, completion: int) -> Step:
+    """A Finalize reporting the provider's tokens (no cost), with the current token."""
+    args = {"rid": rid, "status": "COMPLETED_SUCCESS", "cost": 0, "prompt": 0}
+    args.update(completion=completion, model="cheap", token="current")
+    return Step("finalize", 0, 0, args)
+
+
 SCHEDULES: dict[str, Schedule] = {
     # A credit committed, then the process died before Redis adopted it: nothing held a
     # hold for the reaper to find, so Redis stayed behind the ledger (invariant 2). Fixed
@@ -201,6 +208,74 @@ SCHEDULES.update(
                 Step("advance", args={"ms": 1_200_000}),
                 Step("reaper"),
                 _finalize("r1", 90, source="none", fault=_stalled(ADJUST_QUEUED, reaps=2)),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
+    }
+)
+
+# Issue 23: two fresh seeds that failed on 2c809f7.
+SCHEDULES.update(
+    {
+        # Credit tx2 commits and its Redis half fails (its pending hold is what lets the
+        # reaper repair Redis); a retry of tx2 with another amount is handed that hold, is
+        # refused TRANSACTION_ID_CONFLICT and released it adopting nothing: Redis stayed
+        # behind the ledger with nothing left to repair it (invariant 2). Seed 108572;
+        # fixed by adopting what the id committed on every refused path.
+        "refused_credit_retry_drops_the_repair": Schedule(
+            111,
+            2,
+            2,
+            BALANCES,
+            (
+                Step(
+                    "credit",
+                    0,
+                    0,
+                    {"amount": 6_486, "txid": "tx2"},
+                    Fault("error", "credit.committed"),
+                ),
+                Step("credit", 0, 0, {"amount": 100, "txid": "tx2"}),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
+        # A second hold opened under settled r0 (its settled-id lookup failed), a Deduct
+        # brought it to 200, then Redis restarted from a snapshot older than that hold: it
+        # is gone with its consumption, like any open hold on Redis data loss. The model
+        # still expected a charge for it (seed 103576): it now follows what Redis kept.
+        "second_hold_lost_in_a_redis_restart": Schedule(
+            112,
+            2,
+            2,
+            BALANCES,
+            (
+                _finalize("r0", 50, source="none"),
+                Step("expire_done", 0, 0),
+                Step("check", 0, 0, _check("r0").args, Fault("error", "check.opened")),
+                _deduct("r0", 100, 1),
+                Step("redis_restart"),
+            ),
+            HAND_WRITTEN,
+        ),
+        # The same, with r0 settled by its own hold's Finalize, and then the lost second
+        # hold's Finalize with its own token reporting 300 completion tokens: charged 600
+        # on its own (settlement:<c>:r0#<nonce>), once; on 2c809f7 it was charged 0.
+        "lost_second_hold_finalized_with_its_token": Schedule(
+            113,
+            2,
+            2,
+            BALANCES,
+            (
+                _check("r0"),
+                _finalize("r0", 50),
+                Step("expire_done", 0, 0),
+                Step("check", 0, 0, _check("r0").args, Fault("error", "check.opened")),
+                _deduct("r0", 100, 1),
+                Step("redis_restart"),
+                _usage("r0", 300),
+                _usage("r0", 300),
                 Step("balance", 0, 0),
             ),
             HAND_WRITTEN,

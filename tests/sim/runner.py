@@ -937,6 +937,23 @@ class Runner:
         for key in self.keys:
             self.model.mark_uncertain(key)
         self.dirty.clear()
+        await self.degraded_after_restart()
+
+    async def degraded_after_restart(self) -> None:
+        """Follow what Redis really kept: a hold opened for a settled id (its lookup failed)
+        that the snapshot predates is gone with its consumption, like any open hold on
+        Redis data loss (docs/ARCHITECTURE.md); one that survived is expected to be charged
+        the consumption Redis kept (later Deducts may add to it)."""
+        rd = self.world.rd
+        assert rd is not None
+        for (t, c, nonce), rid in list(self.degraded.items()):
+            key = constants.hold_key(self.tenants[t], self.cids[c], rid)
+            kept, consumed = await rd.hmget(key, "nonce", "consumed")
+            if kept != nonce:  # the simulator's client decodes replies
+                del self.degraded[t, c, nonce]
+                self.stats["degraded hold lost in a redis restart"] += 1
+                continue
+            self.model.journal[t, c].consumed_by[nonce] = int(consumed or 0)
 
     async def _pg_restart(self, step: Step) -> None:
         await stop_runtime(self.rt)
@@ -1374,6 +1391,9 @@ class Runner:
             for rid, r in rows.items()
         }
         cust.adjusted = {}
+        cust.second_charged = {
+            e["transaction_id"].rpartition("#")[2] for e in entries if "#" in e["transaction_id"]
+        }
         for e in entries:
             if e["transaction_type"] == "adjustment" and "#" not in e["transaction_id"]:
                 cust.adjusted[e["reference_id"]] = (

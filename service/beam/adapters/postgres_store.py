@@ -537,6 +537,7 @@ class PostgresStore:
         *,
         charge_other_hold: bool = True,
         fence: SettleFence | None = None,
+        claim: bool = False,
     ) -> RecordedSettlement:
         """Charge a settled request exactly once. A second call for the same hold (same
         nonce) returns the first result. A different hold under an id that is already
@@ -546,8 +547,12 @@ class PostgresStore:
         ``beam_settle`` in migrations/0004_settle_batch.sql); each is acknowledged only
         after the batch it joined committed, and one bad settlement never fails another.
         ``fence``: the settling hold this commit belongs to; refused (STORE_UNAVAILABLE,
-        retry) if the reaper abandoned it meanwhile (migrations/0006_settle_fences.sql)."""
+        retry) if the reaper abandoned it meanwhile (migrations/0006_settle_fences.sql).
+        ``claim``: Redis had no hold for it; a claim never charges a second hold on top of
+        a settlement that names no hold (migrations/0007_claim_second_hold.sql)."""
         item = _settlement_item(s, created_at, charge_other_hold)
+        if claim:
+            item["claim"] = True
         if fence is not None:
             item["fence"] = {
                 "hold_id": fence.hold_id,

@@ -217,7 +217,13 @@ class Admin:
             )
         except BeamError as error:
             if nonce and error.reason is not Reason.STORE_UNAVAILABLE:
-                await self.ledger.release(tenant, customer_id, hold_id, nonce)
+                # Refused (another amount under this id, another customer's id, ...). The
+                # pending hold may be an earlier attempt's whose credit committed and whose
+                # Redis half was cut short (a retry is handed the same hold): release it
+                # adopting what this id committed for this customer, never dropping that
+                # repair. Nothing committed: a plain void.
+                earlier = await self.postgres.find_entry(tenant, transaction_id, customer_id)
+                await self.ledger.release(tenant, customer_id, hold_id, nonce, earlier)
             raise
         await faults.point(faults.CREDIT_COMMITTED)
         held = await self.ledger.release(tenant, customer_id, hold_id, nonce, entry)
@@ -290,7 +296,10 @@ class Admin:
             entry = await self._append_debit(tenant, command, transaction_id, digest, fence)
         except BeamError as error:
             if error.reason is not Reason.STORE_UNAVAILABLE:
-                await self.ledger.release(tenant, customer_id, hold_id, nonce)  # nothing committed
+                # Nothing committed by this attempt; adopt what this id did commit (another
+                # attempt's, whose Redis half may have been cut short), if anything.
+                earlier = await self.postgres.find_entry(tenant, transaction_id, customer_id)
+                await self.ledger.release(tenant, customer_id, hold_id, nonce, earlier)
             # Unavailable: the commit may have happened; the hold stays settling and the
             # reaper completes or abandons it from the ledger.
             raise

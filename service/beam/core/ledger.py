@@ -583,8 +583,15 @@ class Ledger:
         recorded = await self.postgres.record_settlement(
             settlement,
             _created_at(hold),
-            charge_other_hold=not hold.claim,
+            # A claim (Redis has no hold for this id) names a hold only through its token:
+            # if that hold is not the one that settled the id, it is a second hold Redis
+            # lost, and the usage reported for it is charged on its own, under the same
+            # entry id the reaper would use (settlement:<c>:<r>#<nonce>): never twice. A
+            # claim without a token names no hold and charges nothing again; nor does a
+            # claim whose id was settled by a settlement that names no hold (migration 0007).
+            charge_other_hold=not hold.claim or bool(settlement.hold_nonce),
             fence=SettleFence(request_id, hold.nonce, hold.attempt),
+            claim=hold.claim,
         )
         await faults.point(faults.FINALIZE_COMMITTED)
         first = recorded.settlement
