@@ -59,9 +59,9 @@ e2e: $(STAMP)
 controlplane:
 	bash hack/controlplane/build.sh
 
+## Regenerate the protobuf modules (the editable installs' build hooks compile proto/).
 proto: $(STAMP)
-	$(BIN)/python hatch_build.py
-	$(BIN)/python clients/python/hatch_build.py
+	$(BIN)/pip install --quiet --no-deps -e . -e ./clients/python
 
 ## The hot-path benchmark (bench/README.md, 6 to 7 minutes): builds ghz and hey once from the Go
 ## module proxy (hack/bench/build.sh, cached), then measures every call against Beam and an
