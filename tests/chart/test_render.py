@@ -169,13 +169,9 @@ def test_pgbouncer_pools_the_service_and_keeps_listen_direct(helm: Helm) -> None
                   "service.autoscaling.maxReplicas=30")  # fmt: skip
     service = env(container(docs, "Deployment", "beam-service"))
     assert service["BEAM_DATABASE_URL"] == (
-        "postgresql://$(PGUSER):$(PGPASSWORD)@beam-pgbouncer.beam-test.svc.cluster.local:6432"
-        "/beam?sslmode=disable"
+        "postgresql://beam-pgbouncer.beam-test.svc.cluster.local:6432/beam?sslmode=disable"
     )
-    direct = (
-        "postgresql://$(PGUSER):$(PGPASSWORD)@beam-timescaledb.beam-test.svc.cluster.local:5432"
-        "/beam?sslmode=disable"
-    )
+    direct = "postgresql://beam-timescaledb.beam-test.svc.cluster.local:5432/beam?sslmode=disable"
     assert service["BEAM_DATABASE_LISTEN_URL"] == direct
     assert service["BEAM_MIGRATE_ON_START"] == "false"  # never through the pooler
     for name in ("beam-operator",):
@@ -323,7 +319,6 @@ def test_the_bundled_database_runs_beam_as_its_owner_not_the_superuser(helm: Hel
     assert values["POSTGRES_PASSWORD"]["secretKeyRef"] == {
         "name": "beam-timescaledb-auth",
         "key": "postgres-password",
-        "optional": True,
     }
     assert values["BEAM_DATABASE_OWNER"] == "beam"
     assert values["BEAM_DATABASE_OWNER_PASSWORD"]["secretKeyRef"]["key"] == "password"
@@ -380,26 +375,6 @@ def test_timescaledb_telemetry_is_off_and_extra_config_sidecars_and_volumes_fit_
 
 
 # --- smaller safety nets ---------------------------------------------------------------------
-
-
-def test_a_changed_secret_rolls_every_pod_that_reads_it(helm: Helm) -> None:
-    pods = (
-        ("Deployment", "beam-service"),
-        ("Deployment", "beam-operator"),
-        ("StatefulSet", "beam-redis"),
-        ("StatefulSet", "beam-redis-sentinel"),
-        ("StatefulSet", "beam-timescaledb"),
-    )
-    gitops = ("--set", "gitops.enabled=true", *EXISTING_SECRETS)
-    helm_docs = render(helm)
-    for kind, name in pods:
-        annotations = find(helm_docs, kind, name)["spec"]["template"]["metadata"]["annotations"]
-        assert len(annotations["checksum/secrets"]) == 64, (kind, name)
-    # GitOps: no generated Secret, so the checksum is stable from render to render.
-    first, second = render(helm, *gitops), render(helm, *gitops)
-    for kind, name in pods:
-        checksum = find(first, kind, name)["spec"]["template"]["metadata"]["annotations"]
-        assert checksum == find(second, kind, name)["spec"]["template"]["metadata"]["annotations"]
 
 
 def test_service_monitors_need_the_prometheus_operator_crd(helm: Helm) -> None:

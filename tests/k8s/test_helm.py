@@ -49,7 +49,9 @@ class ControlPlane(Protocol):
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]  # helm install/upgrade cycles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CHART = REPO_ROOT / "charts" / "beam"
+# BEAM_TEST_CHART installs another copy of the chart (e.g. an older commit's, to watch a
+# regression test fail against it), as in tests/chart.
+CHART = Path(os.environ.get("BEAM_TEST_CHART") or REPO_ROOT / "charts" / "beam")
 CRD_DIR = REPO_ROOT / "crds"
 CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in (CHART / "ci").glob("*.yaml")}
 CRD_NAMES = ("beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev")
@@ -355,7 +357,9 @@ def test_install_upgrade_uninstall_keeps_generated_secrets(
     assert env["BEAM_LOG_LEVEL"] == "INFO"
     assert env["BEAM_REDIS_MODE"] == "sentinel"
     assert env["BEAM_REDIS_SENTINELS"].count(":26379") == 3
-    assert env["BEAM_DATABASE_URL"].startswith("postgresql://$(PGUSER):$(PGPASSWORD)@")
+    assert env["BEAM_DATABASE_URL"] == (
+        f"postgresql://{prefix}-timescaledb.{namespace}.svc.cluster.local:5432/beam?sslmode=disable"
+    )
 
     kube.helm(
         "upgrade",
@@ -387,6 +391,53 @@ def test_install_upgrade_uninstall_keeps_generated_secrets(
     assert release_secrets(kube, namespace, release) == generated  # adopted, not regenerated
 
 
+WORKLOADS = (
+    ("deployment", "operator"),
+    ("deployment", "service"),
+    ("statefulset", "redis"),
+    ("statefulset", "redis-sentinel"),
+    ("statefulset", "timescaledb"),
+)
+
+
+def workload_templates(kube: ControlPlane, namespace: str, release: str) -> dict[str, Any]:
+    """.spec.template of the five workloads, by name."""
+    found = {}
+    for kind, suffix in WORKLOADS:
+        name = f"{release}-beam-{suffix}"
+        obj = json.loads(kube.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
+        found[name] = obj["spec"]["template"]
+    return found
+
+
+def test_upgrades_that_change_nothing_keep_every_pod_template(
+    kube: ControlPlane, namespace: str, release: str
+) -> None:
+    """A no-op `helm upgrade --reuse-values` must not restart the database or roll Redis:
+    the checksum annotations hash only the generated values each pod reads, and the value
+    the install generated is the one an upgrade reads back."""
+    kube.helm("install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT)
+    installed = workload_templates(kube, namespace, release)
+    assert len(installed) == 5
+    for _ in range(2):
+        kube.helm(
+            "upgrade", release, str(CHART), "--namespace", namespace, "--reuse-values",
+            "--no-hooks", timeout=HELM_TIMEOUT,
+        )  # fmt: skip
+        assert workload_templates(kube, namespace, release) == installed
+    # A changed generated value still rolls exactly the pods that read it.
+    kube.kubectl("delete", "secret", f"{release}-beam-redis-auth", "-n", namespace)
+    kube.helm(
+        "upgrade", release, str(CHART), "--namespace", namespace, "--reuse-values",
+        "--no-hooks", timeout=HELM_TIMEOUT,
+    )  # fmt: skip
+    rolled = workload_templates(kube, namespace, release)
+    changed = sorted(name for name in installed if rolled[name] != installed[name])
+    assert changed == [
+        f"{release}-beam-{suffix}" for suffix in ("operator", "redis", "redis-sentinel", "service")
+    ]
+
+
 def test_existing_secrets_replace_generated_ones(
     kube: ControlPlane, namespace: str, release: str
 ) -> None:
@@ -408,8 +459,7 @@ def test_existing_secrets_replace_generated_ones(
         "secretKeyRef": {"name": "beam-request-token", "key": "hmac-key"}
     }
     assert env["BEAM_DATABASE_URL"] == (
-        "postgresql://$(PGUSER):$(PGPASSWORD)@postgres.data.svc.cluster.local:5432/beam"
-        "?sslmode=require"
+        "postgresql://postgres.data.svc.cluster.local:5432/beam?sslmode=require"
     )
 
 

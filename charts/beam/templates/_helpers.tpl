@@ -190,17 +190,57 @@ when that Secret already exists in the release namespace (lookup), otherwise a n
 alphanumeric string. `helm template` and client-side dry runs cannot look up, so they
 always show a fresh value; install and upgrade reuse. Call with
 (dict "context" $ "name" "beam-redis-auth" "key" "redis-password" "length" 48).
+
+The value is made once per render and remembered in the render's top-level context
+(beamGeneratedSecrets, shared by every template of the chart): secrets.yaml and each pod's
+checksum/secrets annotation (beam.secretsChecksum) then see the same value, so the
+checksum written at install equals the one an upgrade computes from the live Secret.
 */}}
 {{- define "beam.secretValue" -}}
 {{- if .context.Values.gitops.enabled -}}
 {{- fail (printf "gitops.enabled: the chart may not generate Secret %s (it would need lookup)" .name) -}}
 {{- end -}}
+{{- if not (hasKey .context "beamGeneratedSecrets") -}}
+{{- $_ := set .context "beamGeneratedSecrets" (dict) -}}
+{{- end -}}
+{{- $cache := index .context "beamGeneratedSecrets" -}}
+{{- $id := printf "%s/%s" .name .key -}}
+{{- if not (hasKey $cache $id) -}}
 {{- $existing := lookup "v1" "Secret" .context.Release.Namespace .name -}}
 {{- if and $existing $existing.data (hasKey $existing.data .key) -}}
-{{- index $existing.data .key -}}
+{{- $_ := set $cache $id (index $existing.data .key) -}}
 {{- else -}}
-{{- randAlphaNum (int .length) | b64enc -}}
+{{- $_ := set $cache $id (randAlphaNum (int .length) | b64enc) -}}
 {{- end -}}
+{{- end -}}
+{{- index $cache $id -}}
+{{- end -}}
+
+{{/*
+checksum/secrets of a pod: the SHA-256 of the generated Secret values it reads, and of
+nothing else (no labels, no chart version, no Secret it does not mount), so an upgrade
+that changes none of them keeps the pod template. Call with
+(dict "context" $ "reads" (list "requestToken" "redis" "database")). A Secret the user
+provides (existingSecret) is not the chart's to hash: roll the pods after rotating it
+(docs/OPERATIONS.md).
+*/}}
+{{- define "beam.secretsChecksum" -}}
+{{- $ctx := .context -}}
+{{- $values := $ctx.Values -}}
+{{- $parts := list -}}
+{{- if and (has "requestToken" .reads) (not $values.secrets.existingSecret) -}}
+{{- $name := printf "%s-request-token" (include "beam.fullname" $ctx) -}}
+{{- $parts = append $parts (printf "%s/request-token-secret=%s" $name (include "beam.secretValue" (dict "context" $ctx "name" $name "key" "request-token-secret" "length" 64))) -}}
+{{- end -}}
+{{- if and (has "redis" .reads) $values.redis.enabled (not $values.redis.auth.existingSecret) -}}
+{{- $name := printf "%s-redis-auth" (include "beam.fullname" $ctx) -}}
+{{- $parts = append $parts (printf "%s/redis-password=%s" $name (include "beam.secretValue" (dict "context" $ctx "name" $name "key" "redis-password" "length" 48))) -}}
+{{- end -}}
+{{- if and (has "database" .reads) $values.timescaledb.enabled (not $values.timescaledb.auth.existingSecret) -}}
+{{- $name := printf "%s-timescaledb-auth" (include "beam.fullname" $ctx) -}}
+{{- $parts = append $parts (printf "%s/password=%s" $name (include "beam.secretValue" (dict "context" $ctx "name" $name "key" "password" "length" 48))) -}}
+{{- end -}}
+{{- join "\n" $parts | sha256sum -}}
 {{- end -}}
 
 {{/* Annotations on generated Secrets: keep them on uninstall so data volumes stay usable. */}}
@@ -348,10 +388,9 @@ request-token key is the service's alone: beam.env.requestToken). Call with
 (dict "context" $ "component" "service"|"operator"|"migrations"|"integrity"); the component picks its
 database pool size, and only the service goes through PgBouncer (pgbouncer.enabled), with
 LISTEN kept on a direct connection (BEAM_DATABASE_LISTEN_URL): the operator and migrations
-need sessions (advisory locks). BEAM_DATABASE_URL is assembled in the pod with $(VAR)
-expansion, so the password only ever travels in a Secret; PGUSER/PGPASSWORD must come first
-for that, and are also the libpq variables asyncpg falls back to. Passwords must be URL-safe
-(the generated ones are alphanumeric).
+need sessions (advisory locks). BEAM_DATABASE_URL names neither user nor password: asyncpg
+takes them from PGUSER and PGPASSWORD (the libpq variables), so the password only travels
+in a Secret and may hold any character (inside a URL, "@", "/", "?" or "%" would break it).
 */}}
 {{- define "beam.env.stores" -}}
 {{- $ctx := .context -}}
@@ -400,10 +439,10 @@ for that, and are also the libpq variables asyncpg falls back to. Passwords must
     secretKeyRef:
       name: {{ include "beam.database.secretName" $ctx }}
       key: {{ include "beam.database.secretKey" $ctx }}
-{{- $direct := printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s:%v/%s?sslmode=%s" (include "beam.database.host" $ctx) (include "beam.database.port" $ctx) (include "beam.database.name" $ctx) (include "beam.database.sslmode" $ctx) }}
+{{- $direct := printf "postgresql://%s:%v/%s?sslmode=%s" (include "beam.database.host" $ctx) (include "beam.database.port" $ctx) (include "beam.database.name" $ctx) (include "beam.database.sslmode" $ctx) }}
 {{- if and (eq .component "service") $values.pgbouncer.enabled }}
 - name: BEAM_DATABASE_URL
-  value: {{ printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s.%s:%d/%s?sslmode=disable" (include "beam.pgbouncer.fullname" $ctx) (include "beam.dnsSuffix" $ctx) (int $values.pgbouncer.service.ports.pgbouncer) (include "beam.database.name" $ctx) | quote }}
+  value: {{ printf "postgresql://%s.%s:%d/%s?sslmode=disable" (include "beam.pgbouncer.fullname" $ctx) (include "beam.dnsSuffix" $ctx) (int $values.pgbouncer.service.ports.pgbouncer) (include "beam.database.name" $ctx) | quote }}
 - name: BEAM_DATABASE_LISTEN_URL
   value: {{ $direct | quote }}
 {{- else }}

@@ -1,0 +1,114 @@
+"""Production hardening of the chart (issue 18), asserted on `helm template` output.
+
+What a rendered manifest can prove: which values each pod's checksum covers, which Secret
+keys are required, resources and disruption settings of the stateful pods, the alert rules
+and their expressions, the operator's Secret access. tests/k8s/test_helm.py proves the
+no-op upgrade on a real API server; tests/chart/test_redis_readiness.py runs the Redis
+readiness probe against real replicas.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import pytest
+
+from tests.chart.conftest import Helm
+from tests.chart.test_render import EXISTING_SECRETS, container, env, find, render
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def annotations(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, str]:
+    found: dict[str, str] = find(docs, kind, name)["spec"]["template"]["metadata"].get(
+        "annotations", {}
+    )
+    return found
+
+
+def _checksum(docs: list[dict[str, Any]], *reads: tuple[str, str]) -> str:
+    parts = []
+    for secret, key in reads:
+        value = find(docs, "Secret", secret)["data"][key]
+        assert len(base64.b64decode(value)) in (48, 64)
+        parts.append(f"{secret}/{key}={value}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# --- 1. checksums -----------------------------------------------------------------------------
+
+
+def test_each_checksum_covers_exactly_the_generated_values_its_pod_reads(helm: Helm) -> None:
+    docs = render(helm)
+    token = ("beam-request-token", "request-token-secret")
+    redis = ("beam-redis-auth", "redis-password")
+    database = ("beam-timescaledb-auth", "password")
+    expected = {
+        ("Deployment", "beam-service"): _checksum(docs, token, redis, database),
+        ("Deployment", "beam-operator"): _checksum(docs, redis, database),
+        ("StatefulSet", "beam-redis"): _checksum(docs, redis),
+        ("StatefulSet", "beam-redis-sentinel"): _checksum(docs, redis),
+    }
+    for (kind, name), checksum in expected.items():
+        assert annotations(docs, kind, name)["checksum/secrets"] == checksum, name
+    # The database reads its passwords at initdb only: nothing may restart it.
+    assert annotations(docs, "StatefulSet", "beam-timescaledb") == {}
+    pgbouncer = render(helm, "--set", "pgbouncer.enabled=true")
+    assert annotations(pgbouncer, "Deployment", "beam-pgbouncer")["checksum/secrets"] == (
+        _checksum(pgbouncer, database)
+    )
+
+
+def test_checksums_ignore_labels_and_secrets_the_chart_does_not_generate(helm: Helm) -> None:
+    plain = render(helm, *EXISTING_SECRETS)
+    labelled = render(helm, *EXISTING_SECRETS, "--set", "commonLabels.team=payments")
+    empty = hashlib.sha256(b"").hexdigest()
+    for kind, name in (
+        ("Deployment", "beam-service"),
+        ("Deployment", "beam-operator"),
+        ("StatefulSet", "beam-redis"),
+        ("StatefulSet", "beam-redis-sentinel"),
+    ):
+        assert annotations(plain, kind, name)["checksum/secrets"] == empty
+        assert annotations(plain, kind, name) == annotations(labelled, kind, name)
+
+
+# --- 2. the database's superuser key -----------------------------------------------------------
+
+
+def test_the_superuser_password_key_is_required_and_named(helm: Helm) -> None:
+    docs = render(
+        helm,
+        "--set",
+        "gitops.enabled=true",
+        *EXISTING_SECRETS,
+        "--set",
+        "timescaledb.auth.existingSecretSuperuserPasswordKey=superuser",
+    )
+    database = env(container(docs, "StatefulSet", "beam-timescaledb"))
+    assert database["POSTGRES_PASSWORD"] == {
+        "secretKeyRef": {"name": "beam-timescaledb", "key": "superuser"}
+    }
+    assert database["BEAM_DATABASE_OWNER_PASSWORD"] == {
+        "secretKeyRef": {"name": "beam-timescaledb", "key": "password"}
+    }
+
+
+# --- 12. the password never enters a URL ----------------------------------------------------
+
+
+def test_database_urls_carry_no_credentials(helm: Helm) -> None:
+    docs = render(helm, "--set", "integrityCheck.enabled=true")
+    for kind, name in (("Deployment", "beam-service"), ("Deployment", "beam-operator")):
+        values = env(container(docs, kind, name))
+        assert values["BEAM_DATABASE_URL"] == (
+            "postgresql://beam-timescaledb.beam-test.svc.cluster.local:5432/beam?sslmode=disable"
+        )
+        assert values["PGUSER"] == "beam"
+        assert values["PGPASSWORD"] == {
+            "secretKeyRef": {"name": "beam-timescaledb-auth", "key": "password"}
+        }
+    assert "$(" not in str(find(docs, "Job", "beam-migrate"))
+    assert "$(" not in str(find(docs, "CronJob", "beam-integrity"))
