@@ -137,18 +137,33 @@ CREATE TABLE IF NOT EXISTS usage_events (
 CREATE INDEX IF NOT EXISTS usage_events_customer_time_idx
     ON usage_events (tenant, customer_id, time DESC);
 
+-- CREATE EXTENSION timescaledb without the library in shared_preload_libraries is not an
+-- error the EXCEPTION block can catch: TimescaleDB answers FATAL and the connection dies. So
+-- the preload is checked first (entries may carry spaces, quotes or a $libdir/ path).
+-- This file changed after release for that check: beam.adapters.migrations accepts the
+-- earlier checksum of 0001 (databases that applied it are unaffected either way).
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
-        BEGIN
-            CREATE EXTENSION IF NOT EXISTS timescaledb;
-            PERFORM create_hypertable('usage_events', 'time', if_not_exists => TRUE,
-                                      migrate_data => TRUE);
-        EXCEPTION WHEN OTHERS THEN
-            -- Installed but not preloaded (shared_preload_libraries): keep the plain table.
-            RAISE NOTICE 'timescaledb unavailable (%); usage_events stays a plain table',
-                SQLERRM;
-        END;
+    IF NOT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+        RETURN;
     END IF;
+    IF NOT EXISTS (
+        SELECT 1
+        FROM regexp_split_to_table(current_setting('shared_preload_libraries'), ',') AS lib
+        WHERE regexp_replace(btrim(lib, E' \t"'), '^.*/', '') = 'timescaledb'
+    ) THEN
+        RAISE NOTICE 'timescaledb is installed but not in shared_preload_libraries; '
+            'usage_events stays a plain table';
+        RETURN;
+    END IF;
+    BEGIN
+        CREATE EXTENSION IF NOT EXISTS timescaledb;
+        PERFORM create_hypertable('usage_events', 'time', if_not_exists => TRUE,
+                                  migrate_data => TRUE);
+    EXCEPTION WHEN OTHERS THEN
+        -- e.g. a role that may not create the extension: keep the plain table.
+        RAISE NOTICE 'timescaledb unavailable (%); usage_events stays a plain table',
+            SQLERRM;
+    END;
 END
 $$;

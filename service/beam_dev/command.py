@@ -2,8 +2,11 @@
 
 State (Redis AOF, PostgreSQL data) lives in ``--state-dir`` and is reused by the next run.
 Seeds, idempotently: the dev price list, customer ``test_customer_1`` with 100000000
-grains, and the well-known admin key ``beam_test_key_1234567890`` of tenant ``default``
-(refused by any service not started in dev mode).
+grains, the customers docs/INTEGRATION.md's examples name (``cus_42`` with 10000000 grains,
+``cus_broke`` with 5, too few for any call), and the well-known admin key
+``beam_test_key_1234567890`` of tenant ``default`` (refused by any service not started in
+dev mode). Each seed credit has a fixed transaction id, so a restart never tops a customer
+up again: the state, spent or not, is the previous run's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ from beam.core.runtime import Runtime
 from beam.records import ApiKeyRecord, Customer, Role
 from beam_dev import servers
 
+# The customers docs/INTEGRATION.md's examples use: (id, display name, opening grains).
+DOCS_CUSTOMERS = (
+    ("cus_42", "Docs example customer", 10_000_000),
+    ("cus_broke", "Docs example customer who cannot pay", 5),
+)
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_GRPC_PORT = 9090
+
 
 def dev_price_file() -> Path:
     return Path(str(files("beam_dev") / "devdata" / "prices.yaml"))
@@ -44,38 +55,50 @@ async def seed(runtime: Runtime) -> None:
     await postgres.upsert_api_key(
         ApiKeyRecord(hash_key(DEV_API_KEY), "dev", DEFAULT_TENANT, Role.ADMIN, "beam-dev")
     )
+    customers = (
+        (DEV_CUSTOMER_ID, "Test Customer 1", DEV_CUSTOMER_BALANCE_GRAINS),
+        *DOCS_CUSTOMERS,
+    )
     principal = operator_principal(DEFAULT_TENANT)
-    await postgres.insert_customer(
-        Customer(DEFAULT_TENANT, DEV_CUSTOMER_ID, "Test Customer 1", "dev-platform-user")
-    )
-    await runtime.admin.credit(
-        principal,
-        LedgerCommand(
-            DEV_CUSTOMER_ID,
-            DEV_CUSTOMER_BALANCE_GRAINS,
-            "beam dev seed",
-            f"dev-seed:{DEV_CUSTOMER_ID}",
-        ),
-    )
+    for customer_id, name, grains in customers:
+        await postgres.insert_customer(
+            Customer(DEFAULT_TENANT, customer_id, name, "dev-platform-user")
+        )
+        await runtime.admin.credit(
+            principal,
+            LedgerCommand(customer_id, grains, "beam dev seed", f"dev-seed:{customer_id}"),
+        )
     await runtime.auth.reload()
     await runtime.prices.reload()
 
 
 def banner(settings: ServiceSettings) -> str:
+    """What ``beam dev`` prints once it serves: every command in it reaches this instance,
+    whatever its ports (off the defaults, the CLI gets ``--server`` and the other shells
+    the two variables)."""
     http = f"http://localhost:{settings.http_port}"
     grpc = f"localhost:{settings.grpc_port}"
+    default_http = settings.http_port == DEFAULT_HTTP_PORT
+    server = "" if default_http else f" --server {http}"
+    other_shells = ""
+    if not default_http or settings.grpc_port != DEFAULT_GRPC_PORT:
+        other_shells = f"""
+In another shell (the CLI reads BEAM_REST_URL, the Python client BEAM_GRPC_TARGET):
+  export BEAM_REST_URL={http} BEAM_GRPC_TARGET={grpc}"""
+    docs_customers = ", ".join(customer_id for customer_id, _, _ in DOCS_CUSTOMERS)
     return f"""
 Beam dev is running (tenant "{DEFAULT_TENANT}", state kept between runs).
   REST  {http}   (OpenAPI docs: {http}/docs)
   gRPC  {grpc}   (reflection on: grpcurl -plaintext {grpc} list)
   key   {DEV_API_KEY}   (admin, dev only)
+  customers  {DEV_CUSTOMER_ID}; {docs_customers} (docs/INTEGRATION.md's examples)
 
 Try:
   curl -H "Authorization: Bearer {DEV_API_KEY}" {http}/v1/balance/{DEV_CUSTOMER_ID}
-  beam balance get --customer-id {DEV_CUSTOMER_ID}
+  beam balance get --customer-id {DEV_CUSTOMER_ID}{server}
   grpcurl -plaintext -H "authorization: Bearer {DEV_API_KEY}" \\
-    -d '{{"customer_id": "{DEV_CUSTOMER_ID}"}}' localhost:{settings.grpc_port} \\
-    beam.balance.v1.BalanceService/GetBalance
+    -d '{{"customer_id": "{DEV_CUSTOMER_ID}"}}' {grpc} \\
+    beam.balance.v1.BalanceService/GetBalance{other_shells}
 Ctrl-C stops the service, Redis and PostgreSQL.
 """
 
@@ -87,7 +110,15 @@ def run_dev(state_dir: Path, http_port: int, grpc_port: int, log_level: str) -> 
     # by the ExitStack below).
     servers.stop_servers_on_signals()
     redis = servers.RedisServer(state_dir / "redis")
-    postgres = servers.PostgresServer(state_dir / "postgres")
+    # TimescaleDB installed (as most packages leave it) is usable only when preloaded.
+    bin_dir = servers.find_pg_bin_dir().path
+    timescaledb = servers.has_timescaledb(bin_dir)
+    postgres = servers.PostgresServer(
+        state_dir / "postgres",
+        bin_dir=bin_dir,
+        preload_libraries=("timescaledb",) if timescaledb else (),
+        extra_settings={"timescaledb.telemetry_level": "off"} if timescaledb else None,
+    )
     click.echo(f"starting Redis and PostgreSQL in {state_dir} ...", err=True)
     with contextlib.ExitStack() as stack:
         redis.start()

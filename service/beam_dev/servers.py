@@ -895,6 +895,28 @@ def _postgres_env(password: str | None) -> dict[str, str]:
     return env
 
 
+def has_timescaledb(bin_dir: Path) -> bool:
+    """Whether the PostgreSQL of ``bin_dir`` has the TimescaleDB library installed (its
+    pkglibdir holds timescaledb.so): then it must be preloaded before CREATE EXTENSION, which
+    otherwise ends the connection with a FATAL."""
+    candidates = [bin_dir.parent / "lib", bin_dir.parent / "lib" / "postgresql"]
+    pg_config = bin_dir / "pg_config"
+    if _is_executable(pg_config):
+        try:
+            result = subprocess.run(
+                [str(pg_config), "--pkglibdir"],
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            result = None
+        if result is not None and result.returncode == 0 and result.stdout.strip():
+            candidates.insert(0, Path(result.stdout.strip()))
+    return any((directory / "timescaledb.so").is_file() for directory in candidates)
+
+
 class PostgresServer(_Lifecycle):
     """One PostgreSQL cluster on 127.0.0.1, data in ``workdir/data``, reused across starts.
 
@@ -911,9 +933,15 @@ class PostgresServer(_Lifecycle):
         user: str = "beam",
         password: str | None = None,
         bin_dir: Path | None = None,
+        preload_libraries: tuple[str, ...] = (),
+        extra_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.data_dir = self.workdir / "data"
+        # shared_preload_libraries and further -c settings (e.g. timescaledb.* ones, which
+        # ALTER SYSTEM refuses before the library is loaded).
+        self.preload_libraries = preload_libraries
+        self.extra_settings = dict(extra_settings or {})
         self.database = _check_identifier("database", database)
         self.user = _check_identifier("user", user)
         self.password = password
@@ -1082,6 +1110,9 @@ class PostgresServer(_Lifecycle):
             "shared_buffers": "16MB",
             "max_connections": "200",
         }
+        if self.preload_libraries:
+            settings["shared_preload_libraries"] = ",".join(self.preload_libraries)
+        settings.update(self.extra_settings)
         argv = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             argv += ["-c", f"{key}={value}"]

@@ -9,7 +9,9 @@ Checked: migration 0005 creates ``usage_hourly`` (real-time) with its refresh po
 and day buckets and the top customers come from it once it is complete and still equal the
 ledger bucket by bucket, before and after a refresh; a database with history is read from
 the hypertable until ``apply_policies`` has materialized that history; the retention and
-compression policies follow the settings and re-applying them is idempotent.
+compression policies follow the settings and re-applying them is idempotent; every policy
+job runs (``run_job``) and succeeds. Policy jobs are told from TimescaleDB's built-in ones
+(telemetry, job-stat history) by their hypertable.
 """
 
 from __future__ import annotations
@@ -52,12 +54,16 @@ def timescale_server(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -
     ).strip()
     if available == "0":
         pytest.skip(NOT_INSTALLED)
-    server = devservers.PostgresServer(tmp_path_factory.mktemp("timescale") / "postgres")
+    # Preloaded from the command line: ALTER SYSTEM cannot name timescaledb.* settings before
+    # the library is loaded (PostgreSQL 15 refuses them as unknown).
+    server = devservers.PostgresServer(
+        tmp_path_factory.mktemp("timescale") / "postgres",
+        bin_dir=stores.postgres.bin_dir,
+        preload_libraries=("timescaledb",),
+        extra_settings={"timescaledb.telemetry_level": "off"},
+    )
     server.start()
     try:
-        server.psql("ALTER SYSTEM SET shared_preload_libraries = 'timescaledb'")
-        server.psql("ALTER SYSTEM SET timescaledb.telemetry_level = 'off'")
-        server.restart()
         yield server.dsn
     finally:
         server.stop()
@@ -89,6 +95,28 @@ async def _require_hypertable(conn: asyncpg.Connection) -> None:
     loaded = await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname='timescaledb'")
     if not loaded:
         pytest.skip("timescaledb is installed but could not be loaded (shared_preload_libraries)")
+
+
+# Beam's own policy jobs: TimescaleDB's built-in jobs (policy_telemetry,
+# policy_job_stat_history_retention, ...) belong to no hypertable.
+_OWN_JOBS = """SELECT job_id, proc_name, hypertable_name, config
+               FROM timescaledb_information.jobs
+               WHERE proc_name LIKE 'policy_%' AND hypertable_name IS NOT NULL
+               ORDER BY proc_name"""
+
+
+async def _run_jobs(conn: asyncpg.Connection, jobs: list[asyncpg.Record]) -> dict[str, str]:
+    """Run each job now (run_job, outside a transaction); proc_name -> its last run status."""
+    for job in jobs:
+        await conn.execute(f"CALL run_job({int(job['job_id'])})")
+    rows = await conn.fetch(
+        """SELECT j.proc_name, s.last_run_status
+           FROM timescaledb_information.job_stats s
+           JOIN timescaledb_information.jobs j USING (job_id)
+           WHERE s.job_id = ANY($1::int[])""",
+        [job["job_id"] for job in jobs],
+    )
+    return {row["proc_name"]: row["last_run_status"] for row in rows}
 
 
 async def _workload(conn: asyncpg.Connection) -> None:
@@ -149,9 +177,7 @@ async def test_the_hourly_aggregate_answers_like_the_ledger(
     )
     assert view is not None
     assert view["materialized_only"] is False
-    jobs = await conn.fetch(
-        "SELECT proc_name FROM timescaledb_information.jobs WHERE proc_name LIKE 'policy_%'"
-    )
+    jobs = await conn.fetch(_OWN_JOBS)
     assert [j["proc_name"] for j in jobs] == ["policy_refresh_continuous_aggregate"]
     # Empty at migration time: the aggregate is complete from the start.
     assert await store.aggregate_usable() is True
@@ -163,6 +189,9 @@ async def test_the_hourly_aggregate_answers_like_the_ledger(
     )
     await _append(conn, "adjustment:c:r1", "adjustment", 300, "r1", datetime.now(UTC))
     await _assert_equals_ledger(conn, store)  # materialized + real-time
+    # The refresh policy's own job runs and succeeds, and the answers stay the ledger's.
+    assert await _run_jobs(conn, jobs) == {"policy_refresh_continuous_aggregate": "Success"}
+    await _assert_equals_ledger(conn, store)
 
 
 async def test_history_is_read_raw_until_materialized_then_policies_follow_settings(
@@ -195,16 +224,25 @@ async def test_history_is_read_raw_until_materialized_then_policies_follow_setti
                 UsagePolicies(raw_retention_days=60, compress_after_days=14,
                               hourly_retention_days=0)
             )  # fmt: skip
-        jobs = await conn.fetch(
-            """SELECT proc_name, hypertable_name, config FROM timescaledb_information.jobs
-               WHERE proc_name IN ('policy_retention', 'policy_compression')"""
-        )
+        jobs = await conn.fetch(_OWN_JOBS)
         retention = [j for j in jobs if j["proc_name"] == "policy_retention"]
         compression = [j for j in jobs if j["proc_name"] == "policy_compression"]
         # One each, on usage_events; the aggregate's retention (0 = keep) was removed.
         assert [j["hypertable_name"] for j in retention] == ["usage_events"]
         assert [j["hypertable_name"] for j in compression] == ["usage_events"]
+        assert sorted(j["proc_name"] for j in jobs) == [
+            "policy_compression", "policy_refresh_continuous_aggregate", "policy_retention",
+        ]  # fmt: skip
         assert "60" in str(json.loads(retention[0]["config"])["drop_after"])
+        # Every policy job runs now and succeeds; nothing is older than 14 days (compression)
+        # or 60 days (retention), so the answers do not change.
+        statuses = await _run_jobs(conn, list(jobs))
+        assert statuses == {
+            "policy_compression": "Success",
+            "policy_refresh_continuous_aggregate": "Success",
+            "policy_retention": "Success",
+        }
+        await _assert_equals_ledger(conn, store)
     finally:
         await pool.close()
         await conn.close()

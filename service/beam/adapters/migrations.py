@@ -4,6 +4,14 @@ Each file runs in its own transaction and is recorded in ``schema_migrations`` w
 SHA-256; a recorded file whose content changed is refused (migrations are append-only like
 the ledger: fix forward with a new file). Running ``migrate`` twice is a no-op, and two
 processes migrating at once serialize on the lock.
+
+One exception to append-only, in ``EARLIER_CHECKSUMS``: 0001 once ran ``CREATE EXTENSION
+timescaledb`` whenever the extension was installed, and TimescaleDB answers that with a FATAL
+(the connection dies) when it is not preloaded. Moving the step into a later file would not
+do: a new database would then apply 0005 (the continuous aggregate over the hypertable)
+before any file made usage_events a hypertable. So 0001 itself now checks
+``shared_preload_libraries`` first, and a database that applied the earlier text (which
+succeeded there, or the database would not have it recorded) keeps its record valid.
 """
 
 from __future__ import annotations
@@ -16,6 +24,11 @@ import asyncpg
 from beam.adapters.resources import migrations_dir
 
 _LOCK_ID = 0x6265616D  # "beam"
+
+# version -> SHA-256 of earlier texts of that file which are still accepted as applied.
+EARLIER_CHECKSUMS: dict[str, frozenset[str]] = {
+    "0001_ledger": frozenset({"0199c2ce3e2d8c21b98b9560b30ece66071fc62ba03922554d17e43145126add"}),
+}
 
 
 class MigrationError(RuntimeError):
@@ -49,7 +62,8 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
             sql = path.read_text()
             checksum = hashlib.sha256(sql.encode()).hexdigest()
             if version in recorded:
-                if recorded[version] != checksum:
+                accepted = {checksum} | EARLIER_CHECKSUMS.get(version, frozenset())
+                if recorded[version] not in accepted:
                     raise MigrationError(
                         f"migration {version} changed after it was applied; "
                         "add a new migration instead"
