@@ -123,7 +123,7 @@ async def test_customers_create_and_balance_commands(
         "transaction_id": "tx-cli-2", "balance": "6500", "available": "6500", "replayed": False,
     }  # fmt: skip
     # The key from the environment, JSON out: the same numbers the API reports.
-    env = {"BEAM_SERVER": service.http_url, "BEAM_API_KEY": tenant.keys["reader"]}
+    env = {"BEAM_REST_URL": service.http_url, "BEAM_API_KEY": tenant.keys["reader"]}
     read = await beam("balance", "get", "--customer-id", "cli_c1", "--json", env=env)
     assert read.json() == {"balance": "6500", "reserved": "0", "available": "6500"}
 

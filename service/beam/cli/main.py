@@ -23,11 +23,38 @@ from beam.constants import DEV_API_KEY
 
 DEFAULT_SERVER = "http://localhost:8080"
 DEFAULT_DEV_STATE = Path(".beam/dev")
+# The CLI's REST endpoint. The Python client reads BEAM_GRPC_TARGET, so one shell sets both.
+SERVER_ENV = "BEAM_REST_URL"
+# Deprecated: once shared by the CLI (a REST URL) and the Python client (a gRPC target).
+DEPRECATED_SERVER_ENV = "BEAM_SERVER"
+
+
+def resolve_server(server: str | None) -> str:
+    """``--server``, else ``BEAM_REST_URL``, else the deprecated ``BEAM_SERVER`` when it is
+    a REST URL (a gRPC target there is the Python client's: refused, naming the fix), else
+    ``beam dev``'s REST endpoint."""
+    if server:
+        return server
+    legacy = os.environ.get(DEPRECATED_SERVER_ENV, "").strip()
+    if not legacy:
+        return DEFAULT_SERVER
+    if not legacy.lower().startswith(("http://", "https://")):
+        fail(
+            f"{DEPRECATED_SERVER_ENV}={legacy!r} is not a REST URL (a gRPC target, the Python "
+            f"client's; it reads BEAM_GRPC_TARGET now): set {SERVER_ENV} to Beam's REST "
+            f"endpoint, e.g. {DEFAULT_SERVER}, or pass --server",
+            code=2,
+        )
+    click.echo(
+        f"warning: {DEPRECATED_SERVER_ENV} is deprecated for the CLI; set {SERVER_ENV}",
+        err=True,
+    )
+    return legacy
 
 
 class Client:
-    def __init__(self, server: str, api_key: str | None, as_json: bool) -> None:
-        self.server = server.rstrip("/")
+    def __init__(self, server: str | None, api_key: str | None, as_json: bool) -> None:
+        self.server = resolve_server(server).rstrip("/")
         host = urlparse(self.server).hostname or ""
         # The dev key is the default only against a local server (refused elsewhere anyway).
         if api_key is None and host in ("localhost", "127.0.0.1", "::1"):
@@ -89,10 +116,10 @@ def _cell(value: Any) -> str:
 client_options = [
     click.option(
         "--server",
-        envvar="BEAM_SERVER",
-        default=DEFAULT_SERVER,
-        show_default=True,
-        help="Beam REST endpoint (env BEAM_SERVER).",
+        envvar=SERVER_ENV,
+        default=None,
+        help=f"Beam's REST endpoint (env {SERVER_ENV}; default {DEFAULT_SERVER}, beam dev's). "
+        f"{DEPRECATED_SERVER_ENV} is read when both are unset (deprecated).",
     ),
     click.option(
         "--api-key",
@@ -254,7 +281,7 @@ def balance() -> None:
 @balance.command("get")
 @click.option("--customer-id", required=True)
 @with_client
-def balance_get(customer_id: str, server: str, api_key: str | None, as_json: bool) -> None:
+def balance_get(customer_id: str, server: str | None, api_key: str | None, as_json: bool) -> None:
     client = Client(server, api_key, as_json)
     data = client.call("GET", f"/v1/balance/{quote(customer_id, safe='')}")
     client.show(data, [{"customer_id": customer_id, **data}],
@@ -277,7 +304,7 @@ def _entry(kind: str, customer_id: str, amount: int, description: str, transacti
 @click.option("--transaction-id", default="", help="Idempotency key (retry-safe when set).")
 @with_client
 def balance_add(customer_id: str, amount: int, description: str, transaction_id: str,
-                server: str, api_key: str | None, as_json: bool) -> None:  # fmt: skip
+                server: str | None, api_key: str | None, as_json: bool) -> None:  # fmt: skip
     """Credit a customer (a top-up)."""
     _entry("credits", customer_id, amount, description, transaction_id,
            Client(server, api_key, as_json))  # fmt: skip
@@ -290,7 +317,7 @@ def balance_add(customer_id: str, amount: int, description: str, transaction_id:
 @click.option("--transaction-id", default="", help="Idempotency key (retry-safe when set).")
 @with_client
 def balance_deduct(customer_id: str, amount: int, description: str, transaction_id: str,
-                   server: str, api_key: str | None, as_json: bool) -> None:  # fmt: skip
+                   server: str | None, api_key: str | None, as_json: bool) -> None:  # fmt: skip
     """Debit a customer (never below what open holds need)."""
     _entry("debits", customer_id, amount, description, transaction_id,
            Client(server, api_key, as_json))  # fmt: skip
@@ -309,7 +336,7 @@ def requests() -> None:
 @click.option("--customer-id", required=True)
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @with_client
-def requests_list(customer_id: str, limit: int, server: str, api_key: str | None,
+def requests_list(customer_id: str, limit: int, server: str | None, api_key: str | None,
                   as_json: bool) -> None:  # fmt: skip
     client = Client(server, api_key, as_json)
     data = client.call("GET", f"/v1/customers/{quote(customer_id, safe='')}/requests",
@@ -321,7 +348,7 @@ def requests_list(customer_id: str, limit: int, server: str, api_key: str | None
 @click.option("--request-id", required=True)
 @click.option("--customer-id", default="")
 @with_client
-def requests_show(request_id: str, customer_id: str, server: str, api_key: str | None,
+def requests_show(request_id: str, customer_id: str, server: str | None, api_key: str | None,
                   as_json: bool) -> None:  # fmt: skip
     client = Client(server, api_key, as_json)
     params = {"customer_id": customer_id} if customer_id else None
@@ -350,7 +377,7 @@ def customers() -> None:
 )
 @with_client
 def customers_create(customer_id: str, name: str, initial_balance: int, platform_user_id: str,
-                     buffer_strategy: str, server: str, api_key: str | None,
+                     buffer_strategy: str, server: str | None, api_key: str | None,
                      as_json: bool) -> None:  # fmt: skip
     client = Client(server, api_key, as_json)
     data = client.call("POST", "/v1/customers", {
@@ -368,7 +395,7 @@ def admin() -> None:
 @admin.command("verify-integrity")
 @click.option("--customer-id", default="", help="One customer (default: all of the tenant).")
 @with_client
-def admin_verify(customer_id: str, server: str, api_key: str | None, as_json: bool) -> None:
+def admin_verify(customer_id: str, server: str | None, api_key: str | None, as_json: bool) -> None:
     """Prove ledger sum == PostgreSQL balance == Redis balance, and held == open holds."""
     client = Client(server, api_key, as_json)
     data = client.call("POST", "/v1/admin/verify-integrity", {"customer_id": customer_id})
@@ -382,7 +409,7 @@ def admin_verify(customer_id: str, server: str, api_key: str | None, as_json: bo
 
 @admin.command("sync-all")
 @with_client
-def admin_sync(server: str, api_key: str | None, as_json: bool) -> None:
+def admin_sync(server: str | None, api_key: str | None, as_json: bool) -> None:
     """Rebuild Redis from PostgreSQL for every customer (open holds are kept)."""
     client = Client(server, api_key, as_json)
     data = client.call("POST", "/v1/admin/sync", {})

@@ -66,7 +66,7 @@ def register(group: click.Group, with_client: Callable[[Any], Any], client: type
     @click.option("--by-model", is_flag=True, help="One row per bucket and model.")
     @with_client
     def usage(customer_id: str, top: int | None, since: str, until: str, bucket: str,
-              by_model: bool, server: str, api_key: str | None,
+              by_model: bool, server: str | None, api_key: str | None,
               as_json: bool) -> None:  # fmt: skip
         """Spend per time bucket (UTC), from the ledger's settlements, expiries and
         adjustments: a table and a bar chart."""
