@@ -110,7 +110,15 @@ def run_dev(state_dir: Path, http_port: int, grpc_port: int, log_level: str) -> 
     # by the ExitStack below).
     servers.stop_servers_on_signals()
     redis = servers.RedisServer(state_dir / "redis")
-    postgres = servers.PostgresServer(state_dir / "postgres")
+    # TimescaleDB installed (as most packages leave it) is usable only when preloaded.
+    bin_dir = servers.find_pg_bin_dir().path
+    timescaledb = servers.has_timescaledb(bin_dir)
+    postgres = servers.PostgresServer(
+        state_dir / "postgres",
+        bin_dir=bin_dir,
+        preload_libraries=("timescaledb",) if timescaledb else (),
+        extra_settings={"timescaledb.telemetry_level": "off"} if timescaledb else None,
+    )
     click.echo(f"starting Redis and PostgreSQL in {state_dir} ...", err=True)
     with contextlib.ExitStack() as stack:
         redis.start()
