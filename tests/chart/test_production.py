@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import subprocess
 from typing import Any
 
 import pytest
 
 from tests.chart.conftest import Helm
-from tests.chart.test_render import EXISTING_SECRETS, container, env, find, render
+from tests.chart.test_render import EXISTING_SECRETS, container, env, find, refused, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,3 +113,65 @@ def test_database_urls_carry_no_credentials(helm: Helm) -> None:
         }
     assert "$(" not in str(find(docs, "Job", "beam-migrate"))
     assert "$(" not in str(find(docs, "CronJob", "beam-integrity"))
+
+
+# --- 8. stateful pods ---------------------------------------------------------------------------
+
+
+def test_stateful_pods_are_guaranteed_qos_and_own_volumes_without_a_walk(helm: Helm) -> None:
+    docs = render(helm, "--set", "timescaledb.pdb.create=true")
+    for kind, name in (
+        ("StatefulSet", "beam-redis"),
+        ("StatefulSet", "beam-redis-sentinel"),
+        ("StatefulSet", "beam-timescaledb"),
+    ):
+        resources = container(docs, kind, name)["resources"]
+        assert resources["requests"] == resources["limits"], name
+        pod = find(docs, kind, name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", name
+    assert container(docs, "StatefulSet", "beam-redis")["resources"]["limits"] == {
+        "cpu": "500m",
+        "memory": "1Gi",
+    }
+    pdb = find(docs, "PodDisruptionBudget", "beam-timescaledb")
+    assert pdb["spec"] == {
+        "maxUnavailable": 0,
+        "selector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "beam",
+                "app.kubernetes.io/instance": "beam",
+                "app.kubernetes.io/component": "timescaledb",
+            }
+        },
+    }
+    assert not [
+        d for d in render(helm) if d["kind"] == "PodDisruptionBudget" and "timescaledb" in str(d)
+    ]
+
+
+# --- 12. smaller ----------------------------------------------------------------------------
+
+
+def test_database_liveness_survives_crash_recovery_and_readiness_does_not(helm: Helm) -> None:
+    database = container(render(helm), "StatefulSet", "beam-timescaledb")
+    alive = database["livenessProbe"]["exec"]["command"][-1]
+    ready = database["readinessProbe"]["exec"]["command"][-1]
+    assert alive == (
+        'pg_isready -h 127.0.0.1 -p 5432 -U "$POSTGRES_USER" -d "$POSTGRES_DB"; [ $? -le 1 ]'
+    )
+    assert ready == 'exec pg_isready -h 127.0.0.1 -p 5432 -U "$POSTGRES_USER" -d "$POSTGRES_DB"'
+    # pg_isready's exit codes: 0 accepting, 1 rejecting (recovery), 2 no answer, 3 bad call.
+    for status, is_alive in ((0, True), (1, True), (2, False), (3, False)):
+        script = alive.replace("pg_isready", f"sh -c 'exit {status}' --")
+        assert (subprocess.run(["/bin/sh", "-c", script], check=False).returncode == 0) is is_alive
+
+
+def test_the_integrity_check_skips_stale_runs_and_retries_a_lost_pod(helm: Helm) -> None:
+    cronjob = find(render(helm), "CronJob", "beam-integrity")["spec"]
+    assert cronjob["startingDeadlineSeconds"] == 600
+    assert cronjob["jobTemplate"]["spec"]["backoffLimit"] == 2
+
+
+def test_sentinel_quorum_zero_is_refused(helm: Helm) -> None:
+    error = refused(helm, "--set", "redis.sentinel.quorum=0")
+    assert "at '/redis/sentinel/quorum': minimum: got 0, want 1" in error
