@@ -57,7 +57,7 @@ def test_bad_beam_server_values_are_refused_clearly(value: str, message: str) ->
 
 
 def test_target_and_key_come_from_arguments_then_the_environment_then_defaults() -> None:
-    env = {"BEAM_SERVER": "grpcs://beam.example.com", "BEAM_API_KEY": "beam_sk_a_b"}
+    env = {"BEAM_GRPC_TARGET": "grpcs://beam.example.com", "BEAM_API_KEY": "beam_sk_a_b"}
     assert resolve(None, None, env) == (Target("beam.example.com:443", True), "beam_sk_a_b")
     assert resolve("other:1", "k", env) == (Target("other:1", False), "k")
     # Nothing set: beam dev on localhost, with the dev key (as the CLI does).

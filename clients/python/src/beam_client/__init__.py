@@ -4,7 +4,7 @@
 
     from beam_client import AsyncBeamClient
 
-    beam = AsyncBeamClient()  # BEAM_SERVER, BEAM_API_KEY
+    beam = AsyncBeamClient()  # BEAM_GRPC_TARGET, BEAM_API_KEY
     async with beam.guard("cus_42", model="gpt-4o-mini", prompt_tokens=120, max_tokens=400) as g:
         async for chunk in g.openai(await openai.chat.completions.create(...)):
             ...

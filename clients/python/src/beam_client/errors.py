@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class ConfigurationError(ValueError):
-    """The client cannot be configured: a malformed ``BEAM_SERVER``, no API key."""
+    """The client cannot be configured: a malformed ``BEAM_GRPC_TARGET``, no API key."""
 
 
 class BeamError(Exception):
