@@ -2,9 +2,11 @@
 
 Server commands: ``serve``, ``dev``, ``operator``, ``migrate``, ``apply -f``.
 Client commands talk to a running service over REST: ``balance``, ``requests``,
-``customers``, ``admin``, ``usage``. They print readable tables, or the API's JSON with
-``--json``; errors go to stderr with the stable reason code; exit status 1 for an API error,
-3 when the server cannot be reached, 2 for usage errors.
+``customers``, ``admin``, ``usage``, at ``--server`` / ``BEAM_REST_URL`` (a REST URL; the
+Python client reads its gRPC target from ``BEAM_GRPC_TARGET``, so one shell sets both).
+They print readable tables, or the API's JSON with ``--json``; errors go to stderr with the
+stable reason code; exit status 1 for an API error, 3 when the server cannot be reached, 2
+for usage errors.
 """
 
 from __future__ import annotations
