@@ -39,8 +39,9 @@ DOCS_CUSTOMERS = (
     ("cus_42", "Docs example customer", 10_000_000),
     ("cus_broke", "Docs example customer who cannot pay", 5),
 )
-DEFAULT_HTTP_PORT = 8080
-DEFAULT_GRPC_PORT = 9090
+# The ports the CLI and the client reach without being told (beam serve's defaults).
+DEFAULT_HTTP_PORT: int = ServiceSettings.model_fields["http_port"].default
+DEFAULT_GRPC_PORT: int = ServiceSettings.model_fields["grpc_port"].default
 
 
 def dev_price_file() -> Path:
