@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +57,14 @@ class Admin:
     async def ledger_entries(self, customer_id: str) -> int:
         """Settled requests of the customer (each settles by one ledger entry)."""
         return len(await self.request_list(customer_id))
+
+
+@pytest.fixture(autouse=True)
+def _outbox_per_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's clients share one outbox file of its own (never the user's)."""
+    path = tmp_path / "outbox.sqlite3"
+    monkeypatch.setenv("BEAM_OUTBOX_PATH", str(path))
+    return path
 
 
 @pytest.fixture

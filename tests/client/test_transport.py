@@ -49,6 +49,9 @@ class Scripted:
 
     failures: dict[str, list[Failure]] = field(default_factory=dict)
     received: list[tuple[str, Any, dict[str, str]]] = field(default_factory=list)
+    # Per method: seconds to wait before answering, and answers replacing the defaults.
+    delays: dict[str, float] = field(default_factory=dict)
+    answers: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
     def handler(self, method: str, answer: Callable[[Any], Any]) -> Any:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -66,7 +69,8 @@ class Scripted:
                     trailers.append(("beam-field", failure.field))
                 context.set_trailing_metadata(tuple(trailers))
                 await context.abort(failure.code, f"scripted {failure.code.name}")
-            return answer(request)
+            await asyncio.sleep(self.delays.get(method, 0.0))
+            return self.answers.get(method, answer)(request)
 
         return handle
 
@@ -142,7 +146,7 @@ async def test_store_unavailable_and_unavailable_are_retried_with_the_same_ids(
         async with beam.guard(
             "cus_1", model="m", prompt_tokens=5, max_tokens=10, deduct_every=3
         ) as g:
-            await g.add(3)  # Deduct 1 (prompt) and 2 (3 tokens)
+            await g.add(3)  # Deduct 1 (the prompt and 3 tokens), in the background
         assert g.result is not None
         assert g.result.charged_grains == 42
         stats = beam.stats()
@@ -152,17 +156,19 @@ async def test_store_unavailable_and_unavailable_are_retried_with_the_same_ids(
     assert checks[0].request_id == g.request_id
     assert checks[0].metadata.max_tokens == 10
     deducts = script.calls("DeductTokens")
-    # seq 1 failed twice, then was answered; then seq 2.
-    assert [d.sequence_number for d in deducts] == [1, 1, 1, 2]
-    assert [d.is_completion for d in deducts] == [False, False, False, True]
-    assert (deducts[0].tokens_consumed, deducts[3].tokens_consumed) == (5, 3)
+    # seq 1 failed twice, then was answered (the Finalize waited for it).
+    assert [d.sequence_number for d in deducts] == [1, 1, 1]
+    assert all(d == deducts[0] for d in deducts)
+    assert (deducts[0].tokens_consumed, deducts[0].prompt_tokens) == (3, 5)
     finalizes = script.calls("FinalizeRequest")
     assert len(finalizes) == 4
     assert all(f == finalizes[0] for f in finalizes)
     assert finalizes[0].status == RequestStatus.COMPLETED_SUCCESS
     assert (finalizes[0].actual_prompt_tokens, finalizes[0].actual_completion_tokens) == (5, 3)
     assert finalizes[0].request_token == "v1.t"
-    assert (stats["retries"], stats["calls"], stats["finalizes"]) == (6, 10, 1)
+    assert (stats["retries"], stats["calls"], stats["finalizes"]) == (6, 9, 1)
+    # The Finalize was in the outbox from its first failed attempt until acknowledged.
+    assert (stats["finalizes_queued"], stats["outbox_pending"]) == (1, 0)
     # Every call carried the key.
     assert {meta.get("authorization") for _, _, meta in script.received} == {"Bearer beam_sk_k_s"}
 
@@ -271,7 +277,7 @@ async def test_grpcs_targets_use_tls(certificate: tuple[bytes, bytes]) -> None:
     assert len(script.calls("GetBalance")) == 2
 
 
-async def test_the_first_deduct_reports_the_prompt_fresh_and_cached_then_completions(
+async def test_the_first_deduct_carries_the_prompt_fresh_and_cached_then_completions(
     scripted: tuple[Scripted, str],
 ) -> None:
     script, target = scripted
@@ -280,23 +286,113 @@ async def test_the_first_deduct_reports_the_prompt_fresh_and_cached_then_complet
         deduct_every=10,
     ) as g:  # fmt: skip
         assert await g.add(9)  # below the interval: nothing sent
+        await asyncio.sleep(0.05)
         assert script.calls("DeductTokens") == []
-        await g.add(1)
-        await g.add(25)
+        await g.add(1)  # due: Deduct 1 starts in the background
+        await g.add(25)  # coalesced while Deduct 1 is in flight
+        assert await g.flush()  # waits for Deduct 1, then sends the 25
         assert await g.flush()  # nothing pending: nothing sent
         await g.add(4)
         assert await g.flush()  # 4 pending: sent now
     sent = [
-        (d.sequence_number, d.tokens_consumed, d.is_completion, d.is_cached_prompt, d.model)
+        (
+            d.sequence_number, d.tokens_consumed, d.is_completion, d.prompt_tokens,
+            d.cached_prompt_tokens, d.reserve_ahead_tokens, d.model,
+        )
         for d in script.calls("DeductTokens")
-    ]
+    ]  # fmt: skip
+    # The prompt rides with the first completion tokens (100 fresh + 200 cached), never in
+    # a Deduct of its own. No coverage known (the Check answered none): the interval is
+    # deduct_every and each Deduct reserves two intervals ahead (20 tokens).
     assert sent == [
-        (1, 100, False, False, "m"),  # the prompt's uncached part
-        (2, 200, False, True, "m"),  # its cached part
-        (3, 10, True, False, "m"),
-        (4, 25, True, False, "m"),
-        (5, 4, True, False, "m"),
+        (1, 10, True, 100, 200, 20, "m"),
+        (2, 25, True, 0, 0, 20, "m"),
+        (3, 4, True, 0, 0, 20, "m"),
     ]
     (final,) = script.calls("FinalizeRequest")
     assert (final.actual_prompt_tokens, final.actual_cached_prompt_tokens) == (300, 200)
     assert final.actual_completion_tokens == 39
+
+
+def _check_granting(granted: int) -> Callable[[Any], Any]:
+    return lambda r: pb.CheckBalanceResponse(
+        approved=True, request_token="v1.t", reserved_grains=10**6,
+        max_affordable_completion_tokens=10**6, granted_completion_tokens=granted,
+    )  # fmt: skip
+
+
+async def test_add_never_waits_for_beam_and_one_deduct_is_in_flight_at_a_time(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """Issue 16, failure 6: the stream waited for every Deduct (23 RPCs per 1,000 tokens)."""
+    script, target = scripted
+    script.answers["CheckBalance"] = _check_granting(1000)
+    script.answers["DeductTokens"] = lambda r: pb.DeductTokensResponse(
+        success=True, covered_completion_tokens=5000
+    )
+    script.delays["DeductTokens"] = 0.5  # a slow Beam
+    async with AsyncBeamClient(target, "k") as beam:
+        async with beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=1000) as g:
+            for _ in range(999):
+                adding = g.add(1)
+                # The coroutine runs to its end without suspending once: it cannot be
+                # waiting for a Deduct (nor for anything else).
+                with pytest.raises(StopIteration) as finished:
+                    adding.send(None)
+                assert finished.value.value is True
+            await asyncio.sleep(0.1)
+            # Half the headroom of 1000 granted tokens: one Deduct at 500, still in flight;
+            # the 499 tokens since wait for the next interval.
+            assert [d.tokens_consumed for d in script.calls("DeductTokens")] == [500]
+            assert g.deduct_in_flight
+        stats = beam.stats()
+    (deduct,) = script.calls("DeductTokens")
+    assert (deduct.sequence_number, deduct.prompt_tokens, deduct.reserve_ahead_tokens) == (
+        1, 10, 500,
+    )  # fmt: skip
+    # Check, one Deduct, Finalize (which waited for the Deduct): 3 RPCs for 999 tokens.
+    assert (stats["calls"], stats["deducts"], stats["finalizes"]) == (3, 1, 1)
+    (final,) = script.calls("FinalizeRequest")
+    assert final.actual_completion_tokens == 999
+
+
+async def test_the_stream_is_cut_where_the_hold_coverage_ends_when_beam_is_slow(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """Issue 16, item 1: no token past what the hold pays for, however slow Beam is."""
+    script, target = scripted
+    script.answers["CheckBalance"] = _check_granting(100)
+    script.delays["DeductTokens"] = 1.0
+    async with AsyncBeamClient(target, "k") as beam:
+        async with beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=100) as g:
+            went_on = [await g.add(1) for _ in range(300)]  # a provider ignoring max_tokens
+        assert went_on.index(False) == 99  # the 100th token is the last the hold covers
+        assert (g.completion_tokens, g.should_stop, g.stop_reason) == (300, True, "HOLD_COVERAGE")
+        assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
+        assert beam.stats()["coverage_cuts"] == 1
+    (deduct,) = script.calls("DeductTokens")
+    # Sent at 50 (half the headroom), reserving 100 ahead; nothing more while in flight.
+    assert (deduct.tokens_consumed, deduct.reserve_ahead_tokens) == (50, 100)
+
+
+async def test_the_sync_guard_never_blocks_the_stream_on_a_deduct(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    script.answers["CheckBalance"] = _check_granting(1000)
+    script.answers["DeductTokens"] = lambda r: pb.DeductTokensResponse(
+        success=True, covered_completion_tokens=5000
+    )
+    script.delays["DeductTokens"] = 2.0
+
+    def stream() -> tuple[bool, int, int]:
+        with BeamClient(target, "k") as beam:
+            with beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=1000) as g:
+                assert all(g.add(1) for _ in range(999))
+                # Had add() waited for the Deduct sent at 500, it would be answered by now.
+                in_flight = g.deduct_in_flight
+            return in_flight, beam.stats()["calls"], beam.stats()["deducts"]
+
+    in_flight, calls, deducts = await asyncio.to_thread(stream)
+    assert (in_flight, calls, deducts) == (True, 3, 1)
+    assert [d.tokens_consumed for d in script.calls("DeductTokens")] == [500]

@@ -26,6 +26,7 @@ from beam_client.errors import (
     InsufficientBalance,
     RequestRejected,
 )
+from beam_client.outbox import MemoryOutbox, Outbox, OutboxEntry, SQLiteOutbox
 from beam_client.policy import FailClosed, FailOpen, FailurePolicy, LetThrough, ModelPrice
 from beam_client.retry import RetryPolicy
 from beam_client.sync import BeamClient, Guard
@@ -55,10 +56,14 @@ __all__ = [
     "Guard",
     "InsufficientBalance",
     "LetThrough",
+    "MemoryOutbox",
     "ModelPrice",
+    "Outbox",
+    "OutboxEntry",
     "RequestRejected",
     "RequestStatus",
     "RetryPolicy",
+    "SQLiteOutbox",
     "Target",
     "Usage",
     "__version__",

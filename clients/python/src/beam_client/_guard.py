@@ -1,9 +1,30 @@
-"""The streaming guard's state and decisions, shared by the async and the sync guard.
+"""The streaming guard's state and decisions: one core, shared by the async and sync guard.
 
-The I/O (CheckBalance, DeductTokens, FinalizeRequest) is done by
-:class:`beam_client.aio.AsyncGuard` and :class:`beam_client.sync.Guard`; everything they
-decide — which Deducts to send with which sequence numbers, when to stop, the status and
-usage of the settlement — is decided here, once.
+This module does no I/O and never waits. :class:`beam_client.aio.AsyncGuard` and
+:class:`beam_client.sync.Guard` send what it plans (CheckBalance, DeductTokens,
+FinalizeRequest) and hand the answers back; everything they decide — when a Deduct is due
+and what it carries, where the stream must be cut, when to stop, the fail-open allowance
+mid-stream, the status and usage of the settlement, and whether the settlement goes to
+Beam or straight to the outbox — is decided here, once.
+
+**The stream never waits for Beam.** ``add`` counts tokens and, when a report is due,
+returns a :class:`DeductPlan` that the face sends in the background (at most one in flight
+per guard; tokens that arrive meanwhile are coalesced into the next one). The dangerous
+part is what keeps that safe: every Deduct asks Beam to reserve ahead
+(``reserve_ahead_tokens``) for the tokens that may arrive before the next answer, and each
+answer says how many completion tokens the hold pays for in all
+(``covered_completion_tokens``). The guard cuts the stream itself when its count reaches
+that number before a newer answer raised it, so no token goes past what the hold pays for,
+however slow Beam is; a stop answer takes effect at the next chunk.
+
+**Pacing.** The interval between reports is half the hold's headroom (covered minus
+reported) at the newest answer, between ``deduct_every`` and ``deduct_every_max``: a hold
+with plenty of room is reported rarely, a hold near its end often. The reserve-ahead is
+twice the interval (so a report goes out while one interval of room is left), but never
+beyond the completion tokens granted while the stream is within them. Completion tokens
+streamed but in no Deduct sent are at most ``2 * deduct_every_max`` (one interval, plus
+the next one accumulating while a Deduct is in flight), and never past what the hold
+covers: the bound on what a process that dies mid-stream leaves unreported.
 """
 
 from __future__ import annotations
@@ -24,15 +45,50 @@ from beam_client.types import CheckResult, DeductResult, FinalizeResult, Request
 
 log = logging.getLogger("beam_client")
 
-# Deduct error codes that mean "the customer's money ran out" (KILLED_INSUFFICIENT_BALANCE).
-MONEY_STOPS = frozenset({"INSUFFICIENT_BALANCE", "MAX_REQUEST_GRAINS_EXCEEDED"})
 # stop_reason values set by the client itself (Beam's error codes are the others).
 STOP_UNAVAILABLE = "BEAM_UNAVAILABLE"
 STOP_FAIL_OPEN_MAX_TOKENS = "FAIL_OPEN_MAX_TOKENS"
+# The stream reached the completion tokens the hold covers before a newer answer raised it.
+STOP_HOLD_COVERAGE = "HOLD_COVERAGE"
+# Deduct error codes (and the guard's own cut) that mean "the customer's money ran out"
+# (KILLED_INSUFFICIENT_BALANCE).
+MONEY_STOPS = frozenset({"INSUFFICIENT_BALANCE", "MAX_REQUEST_GRAINS_EXCEEDED", STOP_HOLD_COVERAGE})
+
+DEFAULT_DEDUCT_EVERY = 50
+DEFAULT_DEDUCT_EVERY_MAX = 500
 
 State = Literal["new", "open", "closing", "closed"]
+# What closing needs: nothing, a Finalize sent now, or a let-through settlement for the
+# outbox (Beam was unreachable: it is posted once Beam answers again).
+CloseAction = Literal["none", "finalize", "outbox"]
 # How a caller stops waiting; the request settles as FAILED_TIMEOUT.
 _GAVE_UP = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a settlement ended: acknowledged (``result``), or not (``error``), and whether
+    it waits in the outbox (``queued``: it will be replayed until acknowledged)."""
+
+    result: FinalizeResult | None
+    error: BeamError | None
+    queued: bool = False
+
+
+def finalize_failed(counters: Counters, request: Any, error: BeamError, queued: bool) -> None:
+    counters.bump("finalize_failures")
+    if queued:
+        log.error(
+            "FinalizeRequest for request %s of customer %s was not acknowledged; it waits in "
+            "the outbox and is replayed until Beam acknowledges it: %s",
+            request.request_id, request.customer_id, error,
+        )  # fmt: skip
+    else:
+        log.error(
+            "FinalizeRequest for request %s of customer %s was refused or could not be "
+            "queued; the hold will expire and be charged what its Deducts reported: %s",
+            request.request_id, request.customer_id, error,
+        )  # fmt: skip
 
 
 def new_request_id() -> str:
@@ -40,22 +96,32 @@ def new_request_id() -> str:
     return f"req_{secrets.token_hex(12)}"
 
 
+def default_min_tokens(max_tokens: int) -> int:
+    """The shortest answer a guard accepts instead of a refusal: a quarter of max_tokens."""
+    return max(1, max_tokens // 4) if max_tokens > 0 else 0
+
+
 @dataclass(frozen=True, slots=True)
 class DeductPlan:
-    """One DeductTokens to send, with its sequence number fixed before the first attempt."""
+    """One DeductTokens to send, with its sequence number fixed before the first attempt.
+
+    ``tokens`` completion tokens; the first Deduct also carries the prompt
+    (``prompt_tokens`` uncached, ``cached_prompt_tokens`` cached).
+    """
 
     sequence_number: int
     tokens: int
-    is_completion: bool
-    is_cached_prompt: bool = False
+    reserve_ahead_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
     """The settlement status from how the guarded block ended.
 
-    - Beam stopped the stream for money (a Deduct answered ``INSUFFICIENT_BALANCE`` or
-      ``MAX_REQUEST_GRAINS_EXCEEDED``): ``KILLED_INSUFFICIENT_BALANCE``, however the block
-      then ended;
+    - the stream was stopped for money (a Deduct answered ``INSUFFICIENT_BALANCE`` or
+      ``MAX_REQUEST_GRAINS_EXCEEDED``, or the guard cut it where the hold's coverage ends):
+      ``KILLED_INSUFFICIENT_BALANCE``, however the block then ended;
     - the caller stopped waiting: ``asyncio.CancelledError`` (a deadline, a client that
       disconnected, shutdown), ``GeneratorExit`` (the guard was inside a generator that its
       consumer abandoned), ``KeyboardInterrupt``, ``TimeoutError`` or any exception whose
@@ -63,7 +129,7 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
       or Beam said the hold expired: ``FAILED_TIMEOUT``;
     - any other exception, or a stream stopped because Beam could not be reached (or
       refused a Deduct): ``FAILED_ERROR``;
-    - otherwise ``COMPLETED_SUCCESS`` (also when a fail-open stream was cut at max_tokens).
+    - otherwise ``COMPLETED_SUCCESS`` (also when a fail-open stream was cut at its limit).
     """
     if stop_reason in MONEY_STOPS:
         return RequestStatus.KILLED_INSUFFICIENT_BALANCE
@@ -80,6 +146,11 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
     return RequestStatus.COMPLETED_SUCCESS
 
 
+def interval_for(headroom: int, deduct_every: int, deduct_every_max: int) -> int:
+    """Tokens until the next report: half the headroom, within [deduct_every, max]."""
+    return max(1, min(deduct_every_max, max(deduct_every, headroom // 2)))
+
+
 class GuardCore:
     """State of one guarded request. Use it through ``client.guard(...)``."""
 
@@ -91,11 +162,13 @@ class GuardCore:
         prompt_tokens: int = 0,
         max_tokens: int = 0,
         cached_prompt_tokens: int = 0,
+        min_tokens: int | None = None,
         request_id: str | None = None,
         estimated_grains: int = 0,
         buffer_multiplier: float = 0.0,
         custom_properties: Mapping[str, str] | None = None,
-        deduct_every: int = 50,
+        deduct_every: int = DEFAULT_DEDUCT_EVERY,
+        deduct_every_max: int | None = None,
         failure_policy: FailurePolicy,
         counters: Counters,
     ) -> None:
@@ -106,6 +179,7 @@ class GuardCore:
             ("max_tokens", max_tokens),
             ("cached_prompt_tokens", cached_prompt_tokens),
             ("estimated_grains", estimated_grains),
+            ("min_tokens", min_tokens or 0),
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -114,17 +188,27 @@ class GuardCore:
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.cached_prompt_tokens = cached_prompt_tokens
+        #: The fewest completion tokens worth answering: below ``max_tokens`` the Check
+        #: shortens the request rather than refuse it (0: all of ``max_tokens`` or nothing).
+        self.min_tokens = min(
+            max_tokens, default_min_tokens(max_tokens) if min_tokens is None else min_tokens
+        )
         self.request_id = request_id or new_request_id()
         self.estimated_grains = estimated_grains
         self.buffer_multiplier = buffer_multiplier
         self.custom_properties = dict(custom_properties or {})
         self.deduct_every = deduct_every
+        self.deduct_every_max = max(
+            deduct_every,
+            DEFAULT_DEDUCT_EVERY_MAX if deduct_every_max is None else deduct_every_max,
+        )
         self.failure_policy = failure_policy
         self._counters = counters
 
         #: CheckBalance's answer (``None`` before ``open`` and when let through fail-open).
         self.check: CheckResult | None = None
-        #: The fail-open record when the request went ahead without Beam.
+        #: The fail-open record when the request went ahead without Beam (at open, or when
+        #: its Deducts could not reach Beam mid-stream).
         self.let_through: LetThrough | None = None
         #: True once the stream must stop; ``stop_reason`` says why.
         self.should_stop = False
@@ -137,9 +221,15 @@ class GuardCore:
         self.status: RequestStatus | None = None
         self.result: FinalizeResult | None = None
         self.finalize_error: BeamError | None = None
+        #: True when the settlement was not acknowledged and waits in the client's outbox
+        #: (it is replayed, same request id, until Beam acknowledges it).
+        self.settlement_queued = False
         self._state: State = "new"
-        self._pending = 0
         self._sequence = 0
+        self._reported = 0  # completion tokens in Deducts sent
+        self._limit = 0  # completion tokens the stream may reach (0: no limit known)
+        self._interval = deduct_every
+        self._in_flight: DeductPlan | None = None
         self._prompt_reported = False
         self._skip_deducts = False
         self._usage = Usage()
@@ -152,18 +242,43 @@ class GuardCore:
 
     @property
     def fail_open(self) -> bool:
-        """True when the request was let through without a hold (fail-open policy)."""
+        """True when the request went on without Beam (fail-open policy)."""
         return self.let_through is not None
 
     @property
     def affordable_completion_tokens(self) -> int:
         """Completion tokens the customer can pay for now (Check's
-        ``max_affordable_completion_tokens``); ask the provider for at most
-        ``min(max_tokens, affordable_completion_tokens)``. Under fail-open: ``max_tokens``.
-        """
+        ``max_affordable_completion_tokens``). Under fail-open: ``max_tokens``."""
         if self.check is not None:
             return self.check.max_affordable_completion_tokens
         return self.max_tokens
+
+    @property
+    def granted_completion_tokens(self) -> int:
+        """Completion tokens the hold was sized for: ``max_tokens``, or fewer when the
+        customer's balance made Beam shorten the request (never below ``min_tokens``)."""
+        if self.check is not None and self.check.granted_completion_tokens > 0:
+            return self.check.granted_completion_tokens
+        return self.max_tokens
+
+    @property
+    def max_tokens_for_provider(self) -> int:
+        """What to pass to the provider as its ``max_tokens``: the tokens granted."""
+        return self.granted_completion_tokens
+
+    @property
+    def covered_completion_tokens(self) -> int:
+        """Completion tokens the stream may reach before a newer answer (0: no limit)."""
+        return self._limit
+
+    @property
+    def unreported_tokens(self) -> int:
+        """Completion tokens counted but in no Deduct sent yet."""
+        return self.completion_tokens - self._reported
+
+    @property
+    def deduct_in_flight(self) -> bool:
+        return self._in_flight is not None
 
     @property
     def reported_usage(self) -> Usage:
@@ -201,7 +316,7 @@ class GuardCore:
             old.total_cost_grains if total_cost_grains is None else total_cost_grains,
         )
 
-    # -- decisions -----------------------------------------------------------------------
+    # -- opening -------------------------------------------------------------------------
 
     def _check_args(self) -> dict[str, Any]:
         return {
@@ -209,6 +324,7 @@ class GuardCore:
             "prompt_tokens": self.prompt_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "max_tokens": self.max_tokens,
+            "min_completion_tokens": self.min_tokens if self.estimated_grains <= 0 else 0,
             "estimated_grains": self.estimated_grains,
             "buffer_multiplier": self.buffer_multiplier,
             "custom_properties": self.custom_properties,
@@ -232,6 +348,9 @@ class GuardCore:
         self._counters.bump("checks_approved")
         self.check = check
         self._state = "open"
+        # Until the first answer, the stream may reach what the hold was sized for.
+        self._limit = check.granted_completion_tokens
+        self._repace()
 
     def _open_failed(self, error: BeamError) -> None:
         """Fail open if the policy allows; else re-raise."""
@@ -257,56 +376,87 @@ class GuardCore:
             self._state = "closed"
             raise error
         self.let_through = record
+        self._skip_deducts = True
+        self._limit = self.max_tokens
         self._state = "open"
 
-    def _plan_add(self, tokens: int) -> list[DeductPlan]:
+    # -- streaming -----------------------------------------------------------------------
+
+    def _plan_add(self, tokens: int) -> DeductPlan | None:
+        """Count ``tokens``; the Deduct to start in the background, if one is due."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         if self._state != "open":
             raise RuntimeError("add() outside an open guard")
         self.completion_tokens += tokens
+        self._cut_at_limit()
+        return self._due()
+
+    def _cut_at_limit(self) -> None:
+        if self._limit <= 0 or self.completion_tokens < self._limit or self.should_stop:
+            return
         if self.let_through is not None:
-            if self.max_tokens and self.completion_tokens >= self.max_tokens:
-                self._stop(STOP_FAIL_OPEN_MAX_TOKENS)
-            return []
-        self._pending += tokens
-        if self._pending < self.deduct_every:
-            return []
+            self._stop(STOP_FAIL_OPEN_MAX_TOKENS)
+            return
+        self._counters.bump("coverage_cuts")
+        log.info(
+            "request %s of customer %s reached the %d completion tokens its hold covers "
+            "before a newer answer; the guard cuts the stream",
+            self.request_id, self.customer_id, self._limit,
+        )  # fmt: skip
+        self._stop(STOP_HOLD_COVERAGE)
+
+    def _due(self) -> DeductPlan | None:
+        if self._in_flight is not None or self.unreported_tokens < self._interval:
+            return None
         return self._plan_flush()
 
-    def _plan_flush(self) -> list[DeductPlan]:
-        if self._state != "open" or self.let_through is not None:
-            return []
-        if self.should_stop or self._skip_deducts or self._pending <= 0:
-            return []
-        plans: list[DeductPlan] = []
+    def _plan_flush(self) -> DeductPlan | None:
+        """The Deduct of every unreported token now (``None``: nothing to send)."""
+        if self._state != "open" or self._in_flight is not None:
+            return None
+        if self.should_stop or self._skip_deducts:
+            return None
+        tokens = min(self.unreported_tokens, _wire.INT32_MAX)
+        if tokens <= 0:
+            return None
+        prompt = cached = 0
         if not self._prompt_reported:
-            # The prompt is charged first, so the stop decision counts it. The best prompt
-            # count known now: the provider's (an adapter may have set it) or the estimate.
+            # The prompt rides with the first completion tokens, so the stop decision
+            # counts it: the provider's count (an adapter may have set it) or the estimate.
             self._prompt_reported = True
-            prompt = self._usage.prompt_tokens
-            cached = self._usage.cached_prompt_tokens
-            if prompt is None:
-                prompt, cached = self.prompt_tokens, self.cached_prompt_tokens
-            cached = min(cached or 0, prompt)
-            if prompt - cached > 0:
-                plans.append(self._plan(prompt - cached, is_completion=False))
-            if cached > 0:
-                plans.append(self._plan(cached, is_completion=False, is_cached_prompt=True))
-        pending, self._pending = self._pending, 0
-        while pending > 0:
-            chunk = min(pending, _wire.INT32_MAX)
-            plans.append(self._plan(chunk, is_completion=True))
-            pending -= chunk
-        return plans
-
-    def _plan(
-        self, tokens: int, *, is_completion: bool, is_cached_prompt: bool = False
-    ) -> DeductPlan:
+            prompt_known, cached_known = self._usage.prompt_tokens, self._usage.cached_prompt_tokens
+            if prompt_known is None:
+                prompt_known, cached_known = self.prompt_tokens, self.cached_prompt_tokens
+            cached = min(cached_known or 0, prompt_known)
+            prompt = prompt_known - cached
         self._sequence += 1
-        return DeductPlan(
-            self._sequence, min(tokens, _wire.INT32_MAX), is_completion, is_cached_prompt
+        self._reported += tokens
+        plan = DeductPlan(
+            self._sequence,
+            tokens,
+            reserve_ahead_tokens=self._reserve_ahead(),
+            prompt_tokens=min(prompt, _wire.INT32_MAX),
+            cached_prompt_tokens=min(cached, _wire.INT32_MAX),
         )
+        self._in_flight = plan
+        return plan
+
+    def _reserve_ahead(self) -> int:
+        """Completion tokens that may arrive before the next answer: two intervals, but
+        within the tokens granted while the stream is still within them."""
+        ahead = 2 * max(self._interval, self.deduct_every)
+        granted = self.granted_completion_tokens
+        if granted > 0:
+            ahead = min(ahead, max(granted - self._reported, 2 * self.deduct_every))
+        return min(ahead, _wire.INT32_MAX)
+
+    def _repace(self) -> None:
+        headroom = self._limit - self._reported if self._limit > 0 else 0
+        if self._limit <= 0:
+            self._interval = self.deduct_every
+        else:
+            self._interval = interval_for(headroom, self.deduct_every, self.deduct_every_max)
 
     def _deduct_request(self, plan: DeductPlan) -> Any:
         return _wire.deduct_request(
@@ -316,13 +466,19 @@ class GuardCore:
             tokens=plan.tokens,
             sequence_number=plan.sequence_number,
             model=self.model,
-            is_completion=plan.is_completion,
-            is_cached_prompt=plan.is_cached_prompt,
+            reserve_ahead_tokens=plan.reserve_ahead_tokens,
+            prompt_tokens=plan.prompt_tokens,
+            cached_prompt_tokens=plan.cached_prompt_tokens,
         )
 
-    def _deducted(self, result: DeductResult) -> None:
+    def _deducted(self, plan: DeductPlan, result: DeductResult) -> DeductPlan | None:
+        """Record an answer; the next Deduct to send at once, if one is due."""
+        self._in_flight = None
         self._counters.bump("deducts")
         self.last_deduct = result
+        if result.covered_completion_tokens > 0:
+            self._limit = result.covered_completion_tokens
+        self._repace()
         if not result.success:
             self._counters.bump("stream_stops")
             log.info(
@@ -330,17 +486,35 @@ class GuardCore:
                 self.request_id, self.customer_id, result.error_code, result.consumed_grains,
             )  # fmt: skip
             self._stop(result.error_code or "STOPPED")
+            return None
+        if self._state != "open":
+            return None
+        return self._due()
 
-    def _deduct_failed(self, error: BeamError) -> None:
+    def _deduct_failed(self, plan: DeductPlan, error: BeamError) -> None:
+        """A Deduct that got no answer: fail open within the allowance, or stop now."""
+        self._in_flight = None
         if isinstance(error, BeamUnavailable) and self.failure_policy.fail_open:
-            self._counters.bump("deducts_skipped_open")
-            self._skip_deducts = True
-            log.warning(
-                "beam unreachable during request %s of customer %s; fail-open: the stream "
-                "goes on without Deducts (its Finalize settles it): %s",
-                self.request_id, self.customer_id, error,
-            )  # fmt: skip
-            return
+            # What the hold covers is paid; past it, the stream runs on the allowance.
+            covered = self._limit if self._limit > 0 else self._reported - plan.tokens
+            record = self.failure_policy.extend(
+                customer_id=self.customer_id,
+                request_id=self.request_id,
+                model=self.model,
+                covered_tokens=covered,
+                max_tokens=self.granted_completion_tokens,
+            )
+            if record is not None:
+                self._counters.bump("deducts_skipped_open")
+                self.let_through = record
+                self._skip_deducts = True
+                limit = covered + record.allowance_tokens
+                if self.granted_completion_tokens > 0:
+                    limit = min(limit, self.granted_completion_tokens)
+                if limit <= self.completion_tokens:
+                    self._stop(STOP_FAIL_OPEN_MAX_TOKENS)
+                self._limit = max(limit, 1)
+                return
         reason = STOP_UNAVAILABLE if isinstance(error, BeamUnavailable) else error.reason
         log.error(
             "DeductTokens failed for request %s of customer %s; stopping the stream: %s",
@@ -353,23 +527,24 @@ class GuardCore:
             self.should_stop = True
             self.stop_reason = reason
 
-    def _begin_close(self, error: BaseException | None) -> Literal["none", "open", "finalize"]:
-        """What closing needs: nothing, finishing a fail-open record, or a Finalize."""
+    # -- closing -------------------------------------------------------------------------
+
+    def _begin_close(self, error: BaseException | None) -> CloseAction:
+        """What closing needs: nothing, a Finalize, or a let-through for the outbox."""
         if self._state != "open":
             return "none"
         self._state = "closing"
         self.status = status_for(error, self.stop_reason)
-        if self.let_through is not None:
-            record = self.let_through
-            prompt, completion, cached, cost = self._final_usage(self.status)
-            record.status = self.status.name
-            record.prompt_tokens, record.completion_tokens = prompt, completion
-            record.cached_prompt_tokens, record.total_cost_grains = cached, cost
-            record.ended_at = time.time()
-            self.failure_policy.finish(record)
-            self._state = "closed"
-            return "open"
-        return "finalize"
+        if self.let_through is None:
+            return "finalize"
+        record = self.let_through
+        prompt, completion, cached, cost = self._final_usage(self.status)
+        record.status = self.status.name
+        record.prompt_tokens, record.completion_tokens = prompt, completion
+        record.cached_prompt_tokens, record.total_cost_grains = cached, cost
+        record.ended_at = time.time()
+        self.failure_policy.finish(record)
+        return "outbox"
 
     def _final_usage(self, status: RequestStatus) -> tuple[int, int, int, int]:
         """(prompt, completion, cached prompt, cost) to settle with.
@@ -404,6 +579,8 @@ class GuardCore:
         return prompt, completion, min(cached, prompt), usage.total_cost_grains or 0
 
     def _finalize_request(self) -> Any:
+        """The settlement, under the request's own id: for a let-through request that
+        never had a hold (no token), Beam settles it as a claim charging its usage."""
         assert self.status is not None
         prompt, completion, cached, cost = self._final_usage(self.status)
         return _wire.finalize_request(
@@ -418,9 +595,10 @@ class GuardCore:
             total_cost_grains=cost,
         )
 
-    def _settled(self, result: FinalizeResult | None, error: BeamError | None) -> None:
-        self.result = result
-        self.finalize_error = error
+    def _settled(self, settlement: Settlement) -> None:
+        self.result = settlement.result
+        self.finalize_error = settlement.error
+        self.settlement_queued = settlement.queued
         self._state = "closed"
 
     def __repr__(self) -> str:
@@ -428,12 +606,3 @@ class GuardCore:
             f"<{type(self).__name__} {self.request_id} customer={self.customer_id} "
             f"state={self._state} tokens={self.completion_tokens} stop={self.stop_reason!r}>"
         )
-
-
-def finalize_failed(counters: Counters, request: Any, error: BeamError) -> None:
-    counters.bump("finalize_failures")
-    log.error(
-        "FinalizeRequest for request %s of customer %s was not acknowledged; the hold will "
-        "expire and be charged what its Deducts reported: %s",
-        request.request_id, request.customer_id, error,
-    )  # fmt: skip

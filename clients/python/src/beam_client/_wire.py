@@ -32,6 +32,7 @@ def check_request(
     estimated_grains: int,
     buffer_multiplier: float,
     custom_properties: Mapping[str, str] | None,
+    min_completion_tokens: int = 0,
 ) -> pb.CheckBalanceRequest:
     return pb.CheckBalanceRequest(
         customer_id=customer_id,
@@ -44,6 +45,7 @@ def check_request(
             prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached_prompt_tokens,
             custom_properties=dict(custom_properties or {}),
+            min_completion_tokens=min_completion_tokens,
         ),
     )
 
@@ -58,6 +60,9 @@ def deduct_request(
     model: str = "",
     is_completion: bool = True,
     is_cached_prompt: bool = False,
+    reserve_ahead_tokens: int = 0,
+    prompt_tokens: int = 0,
+    cached_prompt_tokens: int = 0,
 ) -> pb.DeductTokensRequest:
     if sequence_number < 1:
         raise ValueError("sequence_number must be >= 1 (it makes a retried Deduct safe)")
@@ -70,6 +75,9 @@ def deduct_request(
         is_completion=is_completion,
         is_cached_prompt=is_cached_prompt,
         sequence_number=sequence_number,
+        reserve_ahead_tokens=reserve_ahead_tokens,
+        prompt_tokens=prompt_tokens,
+        cached_prompt_tokens=cached_prompt_tokens,
     )
 
 
@@ -108,6 +116,7 @@ def check_result(m: pb.CheckBalanceResponse) -> CheckResult:
         max_affordable_completion_tokens=m.max_affordable_completion_tokens,
         hold_expires_at_unix_ms=m.hold_expires_at_unix_ms,
         replayed=m.replayed,
+        granted_completion_tokens=m.granted_completion_tokens,
     )
 
 
@@ -118,6 +127,7 @@ def deduct_result(m: pb.DeductTokensResponse) -> DeductResult:
         remaining_balance=m.remaining_balance,
         consumed_grains=m.consumed_grains,
         reserved_grains=m.reserved_grains,
+        covered_completion_tokens=m.covered_completion_tokens,
     )
 
 

@@ -1,11 +1,20 @@
-"""The asyncio client (:class:`AsyncBeamClient`) and its streaming guard (:class:`AsyncGuard`)."""
+"""The asyncio face: :class:`AsyncBeamClient` and its streaming guard :class:`AsyncGuard`.
+
+Only the waiting lives here (gRPC calls, retries' sleeps, background tasks, the outbox's
+file I/O in a thread); every decision is :class:`beam_client._guard.GuardCore`'s. A guard's
+Deducts run in a task of their own, so ``await g.add(n)`` never waits for Beam: it returns
+without suspending. Settlements run in tasks the caller's cancellation cannot stop; one
+that Beam does not acknowledge waits in the outbox (:mod:`beam_client.outbox`) and a
+background task replays it until Beam does.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -14,11 +23,35 @@ import grpc.aio
 
 from beam_client import _wire
 from beam_client._channel import channel_options, credentials
-from beam_client._guard import GuardCore, finalize_failed
+from beam_client._generated import balance_pb2 as pb
+from beam_client._guard import (
+    DEFAULT_DEDUCT_EVERY,
+    DeductPlan,
+    GuardCore,
+    Settlement,
+    finalize_failed,
+)
 from beam_client.config import Target, resolve
 from beam_client.errors import BeamError, BeamUnavailable
-from beam_client.policy import FailClosed, FailurePolicy
-from beam_client.retry import DEFAULT_RETRY, FINALIZE_RETRY, RetryPolicy, is_retryable
+from beam_client.outbox import (
+    REPLAY_BATCH,
+    REPLAY_INTERVAL_SECONDS,
+    Outbox,
+    OutboxEntry,
+    new_entry,
+    next_attempt_at,
+    open_outbox,
+    replay_decision,
+    scope_for,
+)
+from beam_client.policy import FailClosed, FailurePolicy, LetThrough
+from beam_client.retry import (
+    DEFAULT_RETRY,
+    FINALIZE_RETRY,
+    ONE_ATTEMPT,
+    RetryPolicy,
+    is_retryable,
+)
 from beam_client.stats import Counters
 from beam_client.types import Balance, CheckResult, DeductResult, FinalizeResult, RequestStatus
 
@@ -33,10 +66,13 @@ class AsyncBeamClient:
     and GetBalance, ``finalize_timeout`` of each FinalizeRequest attempt; ``retry`` and
     ``finalize_retry`` bound the attempts (:mod:`beam_client.retry`). ``failure_policy`` is
     what guards do when Beam cannot be reached (:mod:`beam_client.policy`; default
-    :class:`~beam_client.policy.FailClosed`).
+    :class:`~beam_client.policy.FailClosed`). ``outbox`` (or ``outbox_path``, else
+    ``BEAM_OUTBOX_PATH``) is where unacknowledged settlements wait (:mod:`beam_client.outbox`).
 
-    The channel opens on first use, in the running event loop. ``close()`` (or ``async
-    with``) waits for settlements still running in the background, then closes it.
+    The channel opens on first use, in the running event loop, and the outbox's replay
+    starts with it (settlements a previous process left are posted then). ``close()`` (or
+    ``async with``) waits for settlements still running, then stops the replay and closes
+    the channel.
     """
 
     def __init__(
@@ -49,7 +85,10 @@ class AsyncBeamClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         finalize_retry: RetryPolicy = FINALIZE_RETRY,
         failure_policy: FailurePolicy | None = None,
-        deduct_every: int = 50,
+        deduct_every: int = DEFAULT_DEDUCT_EVERY,
+        deduct_every_max: int | None = None,
+        outbox: Outbox | None = None,
+        outbox_path: str | None = None,
         root_certificates: bytes | None = None,
         channel_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -61,6 +100,9 @@ class AsyncBeamClient:
         self.finalize_retry = finalize_retry
         self.failure_policy = failure_policy or FailClosed()
         self.deduct_every = deduct_every
+        self.deduct_every_max = deduct_every_max
+        self.outbox: Outbox = outbox if outbox is not None else open_outbox(outbox_path)
+        self._scope = scope_for(self.target.address, self._api_key)
         self._root_certificates = root_certificates
         self._channel_options = dict(channel_options or {})
         self._metadata = (("authorization", f"Bearer {self._api_key}"),)
@@ -68,6 +110,11 @@ class AsyncBeamClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stubs: dict[str, Any] = {}
         self._settlements: set[asyncio.Task[Any]] = set()
+        self._deducts: set[asyncio.Task[Any]] = set()
+        self._replayer: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._let_through: dict[tuple[str, str], LetThrough] = {}
+        self._closed = False
         self.counters = Counters()
 
     def __repr__(self) -> str:
@@ -84,17 +131,23 @@ class AsyncBeamClient:
         prompt_tokens: int = 0,
         cached_prompt_tokens: int = 0,
         max_tokens: int = 0,
+        min_completion_tokens: int = 0,
         estimated_grains: int = 0,
         buffer_multiplier: float = 0.0,
         custom_properties: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> CheckResult:
-        """Open a hold. ``approved=False`` is returned, not raised (the guard raises)."""
+        """Open a hold. ``approved=False`` is returned, not raised (the guard raises).
+
+        ``min_completion_tokens`` > 0: when the hold for ``max_tokens`` is more than the
+        customer can pay, Beam holds for the most completion tokens it can pay for (at
+        least this many) and answers them in ``granted_completion_tokens``.
+        """
         request = _wire.check_request(
             customer_id, request_id, model=model, prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached_prompt_tokens, max_tokens=max_tokens,
             estimated_grains=estimated_grains, buffer_multiplier=buffer_multiplier,
-            custom_properties=custom_properties,
+            custom_properties=custom_properties, min_completion_tokens=min_completion_tokens,
         )  # fmt: skip
         answer = await self._call("CheckBalance", request, timeout)
         return _wire.check_result(answer)
@@ -110,14 +163,20 @@ class AsyncBeamClient:
         is_completion: bool = True,
         is_cached_prompt: bool = False,
         model: str = "",
+        reserve_ahead_tokens: int = 0,
+        prompt_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
         timeout: float | None = None,
     ) -> DeductResult:
         """Charge ``tokens`` to the hold. ``sequence_number`` (>= 1, one per Deduct of the
-        request) is required: it is what makes a retry charge once."""
+        request) is required: it is what makes a retry charge once. ``reserve_ahead_tokens``
+        grows the hold for completion tokens still to come (stop now if it cannot);
+        ``prompt_tokens`` / ``cached_prompt_tokens`` charge the prompt with this call."""
         request = _wire.deduct_request(
             customer_id, request_id, request_token, tokens=tokens,
             sequence_number=sequence_number, model=model, is_completion=is_completion,
-            is_cached_prompt=is_cached_prompt,
+            is_cached_prompt=is_cached_prompt, reserve_ahead_tokens=reserve_ahead_tokens,
+            prompt_tokens=prompt_tokens, cached_prompt_tokens=cached_prompt_tokens,
         )  # fmt: skip
         return _wire.deduct_result(await self._call("DeductTokens", request, timeout))
 
@@ -160,26 +219,32 @@ class AsyncBeamClient:
         prompt_tokens: int = 0,
         max_tokens: int = 0,
         cached_prompt_tokens: int = 0,
+        min_tokens: int | None = None,
         request_id: str | None = None,
         estimated_grains: int = 0,
         buffer_multiplier: float = 0.0,
         custom_properties: Mapping[str, str] | None = None,
         deduct_every: int | None = None,
+        deduct_every_max: int | None = None,
         failure_policy: FailurePolicy | None = None,
     ) -> AsyncGuard:
         """A guard for one LLM call: ``async with client.guard(...) as g:`` (see AsyncGuard).
 
         Beam estimates the hold from ``model``, ``prompt_tokens``, ``cached_prompt_tokens``
         and ``max_tokens`` unless ``estimated_grains`` is given; ``buffer_multiplier`` 0
-        uses the customer's buffer strategy. ``request_id`` defaults to a fresh one; pass
-        your own to make a retried request (another process, a job retry) the same request.
+        uses the customer's buffer strategy. A customer who cannot pay for ``max_tokens``
+        gets a shorter hold, down to ``min_tokens`` (default a quarter of ``max_tokens``;
+        0: all or nothing): pass ``g.max_tokens_for_provider`` to the provider.
+        ``request_id`` defaults to a fresh one; pass your own to make a retried request
+        (another process, a job retry) the same request.
         """
         return AsyncGuard(
             self, customer_id, model=model, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, cached_prompt_tokens=cached_prompt_tokens,
-            request_id=request_id, estimated_grains=estimated_grains,
+            min_tokens=min_tokens, request_id=request_id, estimated_grains=estimated_grains,
             buffer_multiplier=buffer_multiplier, custom_properties=custom_properties,
             deduct_every=self.deduct_every if deduct_every is None else deduct_every,
+            deduct_every_max=deduct_every_max or self.deduct_every_max,
             failure_policy=failure_policy or self.failure_policy, counters=self.counters,
         )  # fmt: skip
 
@@ -191,17 +256,32 @@ class AsyncBeamClient:
             **self.counters.snapshot(),
             **self.failure_policy.stats(),
             "settlements_in_flight": len(self._settlements),
+            "outbox_pending": self.outbox.count(self._scope),
         }
 
+    async def replay_outbox(self) -> int:
+        """Post the settlements waiting in the outbox now; how many Beam acknowledged."""
+        return await self._replay_pass(force=True)
+
     async def close(self) -> None:
-        """Wait for settlements still running, then close the channel."""
+        """Wait for settlements still running (each is in the outbox from its first failed
+        attempt, so what Beam has not acknowledged is persisted), stop the outbox's replay
+        and close the channel. The next client on the same outbox replays what is left."""
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
+        for task in list(self._deducts):
+            task.cancel()
+        if self._replayer is not None:
+            replayer, self._replayer = self._replayer, None
+            replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replayer
         if self._channel is not None:
             channel, self._channel, self._stubs = self._channel, None, {}
             await channel.close()
 
     async def __aenter__(self) -> AsyncBeamClient:
+        self._start_replay()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -221,6 +301,8 @@ class AsyncBeamClient:
             else:
                 self._channel = grpc.aio.insecure_channel(self.target.address, options)
             self._loop, self._stubs = loop, {}
+            self._replayer = None
+            self._start_replay()
         if method not in self._stubs:
             request_type, response_type = _wire.METHODS[method]
             self._stubs[method] = self._channel.unary_unary(
@@ -231,7 +313,12 @@ class AsyncBeamClient:
         return self._stubs[method]
 
     async def _call(
-        self, method: str, request: Any, timeout: float | None, retry: RetryPolicy | None = None
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        retry: RetryPolicy | None = None,
+        on_first_failure: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
         policy = retry or self.retry
         deadline = timeout or self.timeout
@@ -246,6 +333,8 @@ class AsyncBeamClient:
             if not is_retryable(error):
                 self.counters.bump("errors")
                 raise error
+            if attempt == 1 and on_first_failure is not None:
+                await on_first_failure()
             if attempt >= policy.max_attempts:
                 self.counters.bump("unavailable")
                 log.warning("%s gave up after %d attempts: %s", method, attempt, error)
@@ -257,50 +346,186 @@ class AsyncBeamClient:
             log.info("%s attempt %d failed (%s); retrying in %.2fs", method, attempt, error, wait)
             await asyncio.sleep(wait)
 
-    def _settle(self, request: Any) -> asyncio.Task[FinalizeResult]:
-        """FinalizeRequest in a task of its own: the caller's cancellation cannot stop it."""
+    def _background(
+        self, tasks: set[asyncio.Task[Any]], work: Coroutine[Any, Any, Any]
+    ) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
 
-        async def settle() -> FinalizeResult:
+    def _settle(
+        self,
+        request: Any,
+        *,
+        queue_now: bool,
+        after: asyncio.Task[Any] | None,
+        record: LetThrough | None,
+    ) -> asyncio.Task[Settlement]:
+        """FinalizeRequest in a task of its own: the caller's cancellation cannot stop it.
+
+        ``after``: the guard's Deduct still in flight, awaited first. ``queue_now``: Beam
+        was unreachable (a let-through request): straight to the outbox.
+        """
+
+        async def settle() -> Settlement:
+            if after is not None:
+                with contextlib.suppress(BaseException):
+                    await after
+            if record is not None:
+                self._remember(record)
+            if queue_now:
+                return Settlement(None, None, await self._queue(request, "let_through", 0.0))
+            return await self._finalize(request)
+
+        task: asyncio.Task[Settlement] = self._background(self._settlements, settle())
+        return task
+
+    async def _finalize(self, request: Any) -> Settlement:
+        queued = False
+
+        async def persist() -> None:
+            nonlocal queued
+            # Due once the retries below are over: the replay takes it from there.
+            delay = self.finalize_retry.worst_case_wait() + self.finalize_timeout
+            queued = await self._queue(request, "finalize", delay)
+
+        try:
+            answer = await self._call(
+                "FinalizeRequest", request, self.finalize_timeout, self.finalize_retry, persist
+            )
+        except BeamError as error:
+            finalize_failed(self.counters, request, error, queued)
+            return Settlement(None, error, queued)
+        except Exception as error:
+            failure = BeamError("UNKNOWN", "", f"{type(error).__name__}: {error}")
+            finalize_failed(self.counters, request, failure, queued)
+            return Settlement(None, failure, queued)
+        self.counters.bump("finalizes")
+        if queued:
+            await asyncio.to_thread(
+                self.outbox.remove, self._scope, request.customer_id, request.request_id
+            )
+        return Settlement(_wire.finalize_result(answer), None)
+
+    async def _queue(self, request: Any, kind: Any, delay: float) -> bool:
+        entry = new_entry(self._scope, request, kind, delay=delay)
+        try:
+            stored = await asyncio.to_thread(self.outbox.put, entry)
+        except Exception:
+            log.exception("the outbox could not store request %s", entry.request_id)
+            stored = False
+        if not stored:
+            self.counters.bump("outbox_full")
+            return False
+        self.counters.bump("finalizes_queued")
+        log.warning(
+            "settlement of request %s of customer %s queued in the outbox (%s)",
+            entry.request_id, entry.customer_id, kind,
+        )  # fmt: skip
+        self._wake_replay()
+        return True
+
+    def _remember(self, record: LetThrough) -> None:
+        self._let_through[(record.customer_id, record.request_id)] = record
+        while len(self._let_through) > 10_000:  # bounded: forget the oldest
+            del self._let_through[next(iter(self._let_through))]
+
+    # -- the outbox's replay -------------------------------------------------------------
+
+    def _start_replay(self) -> None:
+        if self._replayer is None or self._replayer.done():
+            self._wake = asyncio.Event()
+            self._replayer = asyncio.get_running_loop().create_task(self._replay_forever())
+
+    def _wake_replay(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _replay_forever(self) -> None:
+        """Replay at start, then every few seconds or when woken, until ``close()``."""
+        wake = self._wake
+        assert wake is not None
+        while True:
+            try:
+                await self._replay_pass()
+            except Exception:
+                log.exception("replaying the outbox failed; trying again later")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), REPLAY_INTERVAL_SECONDS)
+            wake.clear()
+
+    async def _replay_pass(self, force: bool = False) -> int:
+        """One pass over the due entries; stops at the first that finds Beam away."""
+        now = time.time()
+        due = await asyncio.to_thread(
+            self.outbox.due, self._scope, float("inf") if force else now, REPLAY_BATCH
+        )
+        acknowledged = 0
+        for entry in due:
+            request = pb.FinalizeRequestRequest.FromString(entry.payload)
             try:
                 answer = await self._call(
-                    "FinalizeRequest", request, self.finalize_timeout, self.finalize_retry
+                    "FinalizeRequest", request, self.finalize_timeout, ONE_ATTEMPT
                 )
             except BeamError as error:
-                finalize_failed(self.counters, request, error)
-                raise
-            except Exception as error:
-                failure = BeamError("UNKNOWN", "", f"{type(error).__name__}: {error}")
-                finalize_failed(self.counters, request, failure)
-                raise failure from error
-            self.counters.bump("finalizes")
-            return _wire.finalize_result(answer)
+                if replay_decision(error) == "retry":
+                    attempts = entry.attempts + 1
+                    await asyncio.to_thread(
+                        self.outbox.reschedule, entry, attempts, next_attempt_at(now, attempts)
+                    )
+                    break
+                await asyncio.to_thread(self._drop, entry, error)
+                continue
+            await asyncio.to_thread(
+                self.outbox.remove, entry.scope, entry.customer_id, entry.request_id
+            )
+            self._replayed(entry, _wire.finalize_result(answer))
+            acknowledged += 1
+        return acknowledged
 
-        task = asyncio.get_running_loop().create_task(settle())
-        self._settlements.add(task)
-        task.add_done_callback(self._settlements.discard)
-        return task
+    def _drop(self, entry: OutboxEntry, error: BeamError) -> None:
+        self.outbox.remove(entry.scope, entry.customer_id, entry.request_id)
+        self.counters.bump("outbox_dropped")
+        log.error(
+            "Beam refused the queued settlement of request %s of customer %s; dropped: %s",
+            entry.request_id, entry.customer_id, error,
+        )  # fmt: skip
+
+    def _replayed(self, entry: OutboxEntry, result: FinalizeResult) -> None:
+        self.counters.bump("outbox_replayed")
+        if entry.kind == "let_through":
+            self.counters.bump("let_through_posted")
+            record = self._let_through.pop((entry.customer_id, entry.request_id), None)
+            if record is not None:
+                record.reconciled = True
+        log.warning(
+            "queued settlement of request %s of customer %s acknowledged: charged %d grains",
+            entry.request_id, entry.customer_id, result.charged_grains,
+        )  # fmt: skip
 
 
 class AsyncGuard(GuardCore):
     """One guarded LLM call (made by :meth:`AsyncBeamClient.guard`).
 
-    ``async with`` (or ``await g.open()``) runs CheckBalance: the hold opens, or
+    ``async with`` (or ``await g.open()``) runs CheckBalance: the hold opens (shortened to
+    what the customer can pay, down to ``min_tokens``), or
     :class:`~beam_client.errors.InsufficientBalance` (or another
     :class:`~beam_client.errors.RequestRejected`) is raised. Then ``await g.add(tokens)``
-    for each piece of the stream: every ``deduct_every`` tokens (default 50) one
-    DeductTokens goes out with the next sequence number (the first one also reports the
-    prompt), and ``add`` answers ``False`` once ``g.should_stop``. On exit exactly one
-    FinalizeRequest settles the request, with ``g.usage(...)`` (or the adapter's usage) and
-    a status from how the block ended (:func:`beam_client._guard.status_for`). It runs in
-    its own task, so cancelling the caller cannot stop it, and is retried until Beam
-    acknowledges it (bounded by the client's ``finalize_retry``). A Finalize that is never
-    acknowledged is logged and counted, and not raised; the hold then expires and is
-    charged what the Deducts reported.
+    for each piece of the stream: it counts and returns at once (it never waits for Beam);
+    Deducts go out in the background, at most one at a time, the first one with the prompt
+    (see :mod:`beam_client._guard`), and ``add`` answers ``False`` once ``g.should_stop``.
+    On exit exactly one FinalizeRequest settles the request, with ``g.usage(...)`` (or the
+    adapter's usage) and a status from how the block ended
+    (:func:`beam_client._guard.status_for`). It runs in its own task, so cancelling the
+    caller cannot stop it, and is retried (bounded by ``finalize_retry``); one that Beam
+    does not acknowledge waits in the client's outbox and is replayed until it is.
     """
 
     def __init__(self, client: AsyncBeamClient, customer_id: str, **kwargs: Any) -> None:
         super().__init__(customer_id, **kwargs)
         self._client = client
+        self._deducting: asyncio.Task[None] | None = None
 
     async def open(self) -> AsyncGuard:
         """CheckBalance (once; later calls return at once). Raises when not approved."""
@@ -344,16 +569,21 @@ class AsyncGuard(GuardCore):
         await self._close(asyncio.CancelledError())
 
     async def add(self, tokens: int) -> bool:
-        """Count ``tokens`` completion tokens; Deduct when ``deduct_every`` are pending.
-
-        Returns ``not should_stop``: stop reading the stream when it is ``False``.
+        """Count ``tokens`` completion tokens; never waits (a due Deduct goes out in the
+        background). Returns ``not should_stop``: stop reading the stream when ``False``.
         """
-        await self._send(self._plan_add(tokens))
+        plan = self._plan_add(tokens)
+        if plan is not None:
+            self._start(plan)
         return not self.should_stop
 
     async def flush(self) -> bool:
-        """Deduct the pending tokens now, whatever their number."""
-        await self._send(self._plan_flush())
+        """Deduct the pending tokens now, whatever their number, and wait for the answer."""
+        await self._idle()
+        plan = self._plan_flush()
+        if plan is not None:
+            self._start(plan)
+            await self._idle()
         return not self.should_stop
 
     def openai(
@@ -372,23 +602,42 @@ class AsyncGuard(GuardCore):
 
         return anthropic_stream(self, stream, count_tokens)
 
-    async def _send(self, plans: list[Any]) -> None:
-        for plan in plans:
-            if self.should_stop:
-                return
+    def _start(self, plan: DeductPlan) -> None:
+        self._deducting = self._client._background(self._client._deducts, self._deduct(plan))
+
+    async def _idle(self) -> None:
+        if self._deducting is not None and not self._deducting.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._deducting)
+
+    async def _deduct(self, plan: DeductPlan) -> None:
+        """Send ``plan``, then each Deduct the answers make due (one at a time; each carries
+        tokens counted since the previous, so the chain ends with the stream)."""
+        next_plan: DeductPlan | None = plan
+        while next_plan is not None:
+            current = next_plan
             try:
-                result = _wire.deduct_result(
-                    await self._client._call("DeductTokens", self._deduct_request(plan), None)
+                answer = await self._client._call(
+                    "DeductTokens", self._deduct_request(current), None
                 )
             except BeamError as error:
-                self._deduct_failed(error)
+                self._deduct_failed(current, error)
                 return
-            self._deducted(result)
+            except Exception as error:  # a bug or a broken channel: the stream stops
+                self._deduct_failed(current, BeamError("UNKNOWN", "", repr(error)))
+                return
+            next_plan = self._deducted(current, _wire.deduct_result(answer))
 
     async def _close(self, error: BaseException | None) -> None:
-        if self._begin_close(error) != "finalize":
+        action = self._begin_close(error)
+        if action == "none":
             return
-        task = self._client._settle(self._finalize_request())
+        task = self._client._settle(
+            self._finalize_request(),
+            queue_now=action == "outbox",
+            after=self._deducting,
+            record=self.let_through,
+        )
         task.add_done_callback(self._task_settled)
         # Shielded: a second cancellation of the caller ends this wait, not the settlement
         # (the client keeps the task; close() waits for it; the callback records it).
@@ -396,13 +645,15 @@ class AsyncGuard(GuardCore):
             await asyncio.shield(task)
         self._task_settled(task)
 
-    def _task_settled(self, task: asyncio.Task[FinalizeResult]) -> None:
-        if self.result is not None or self.finalize_error is not None:
+    def _task_settled(self, task: asyncio.Task[Settlement]) -> None:
+        if self._state == "closed":
             return
         if task.cancelled():
-            self._settled(None, BeamError("CANCELLED", "", "the settlement task was cancelled"))
+            self._settled(
+                Settlement(None, BeamError("CANCELLED", "", "the settlement task was cancelled"))
+            )
         elif (failure := task.exception()) is not None:
-            assert isinstance(failure, BeamError)
-            self._settled(None, failure)
+            error = failure if isinstance(failure, BeamError) else BeamError("UNKNOWN", "", "")
+            self._settled(Settlement(None, error))
         else:
-            self._settled(task.result(), None)
+            self._settled(task.result())

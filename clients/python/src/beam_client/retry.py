@@ -65,6 +65,8 @@ class RetryPolicy:
 
 # Check, Deduct, GetBalance: the stream waits on them, so give up within about a second.
 DEFAULT_RETRY = RetryPolicy()
-# Finalize: settles money; keep trying longer (about 15 s of back-off) before the hold is
-# left to expire (it is then charged what its Deducts reported).
+# Finalize: settles money; keep trying longer (about 15 s of back-off); a settlement still
+# not acknowledged then waits in the outbox (beam_client.outbox), replayed until it is.
 FINALIZE_RETRY = RetryPolicy(max_attempts=10, initial_backoff=0.1, max_backoff=3.0)
+# One attempt: the outbox's replay (its own back-off spaces the attempts).
+ONE_ATTEMPT = RetryPolicy(max_attempts=1)

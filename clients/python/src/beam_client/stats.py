@@ -27,9 +27,15 @@ class Counters:
         "deducts",
         "stream_stops",  # Deducts that answered success=false
         "finalizes",  # settlements acknowledged
-        "finalize_failures",  # settlements never acknowledged (the hold will expire)
+        "finalize_failures",  # settlements the guard's retries could not get acknowledged
+        "finalizes_queued",  # settlements written to the outbox (unacknowledged, let-through)
+        "outbox_replayed",  # queued settlements Beam acknowledged on replay
+        "outbox_dropped",  # queued settlements Beam refused on replay (logged, given up)
+        "outbox_full",  # settlements the outbox could not store (the hold TTL is the net)
+        "let_through_posted",  # fail-open requests whose usage reached Beam's ledger
         "fail_closed_refusals",  # guards refused because Beam was unreachable
-        "deducts_skipped_open",  # Deducts skipped under fail-open (Beam unreachable)
+        "deducts_skipped_open",  # streams that went on past their hold under fail-open
+        "coverage_cuts",  # streams cut where their hold's coverage ended, before an answer
     )
 
     def __post_init__(self) -> None:

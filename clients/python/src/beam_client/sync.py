@@ -1,7 +1,10 @@
-"""The blocking client (:class:`BeamClient`) and its streaming guard (:class:`Guard`).
+"""The blocking face: :class:`BeamClient` and its streaming guard :class:`Guard`.
 
 The same calls, retries, counters and guard as :mod:`beam_client.aio`, for code without an
-event loop (a thread per request, a worker, a script). A client may be shared by threads.
+event loop (a thread per request, a worker, a script); a client may be shared by threads.
+Only the waiting lives here; every decision is :class:`beam_client._guard.GuardCore`'s. A
+guard's Deducts run on a small worker pool of the client (at most one in flight per
+guard), so ``g.add(n)`` never blocks on Beam; a daemon thread replays the outbox.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from types import TracebackType
 from typing import Any
 
@@ -17,19 +22,50 @@ import grpc
 
 from beam_client import _wire
 from beam_client._channel import channel_options, credentials
-from beam_client._guard import DeductPlan, GuardCore, finalize_failed
+from beam_client._generated import balance_pb2 as pb
+from beam_client._guard import (
+    DEFAULT_DEDUCT_EVERY,
+    DeductPlan,
+    GuardCore,
+    Settlement,
+    finalize_failed,
+)
 from beam_client.config import Target, resolve
 from beam_client.errors import BeamError, BeamUnavailable
-from beam_client.policy import FailClosed, FailurePolicy
-from beam_client.retry import DEFAULT_RETRY, FINALIZE_RETRY, RetryPolicy, is_retryable
+from beam_client.outbox import (
+    REPLAY_BATCH,
+    REPLAY_INTERVAL_SECONDS,
+    Outbox,
+    OutboxEntry,
+    new_entry,
+    next_attempt_at,
+    open_outbox,
+    replay_decision,
+    scope_for,
+)
+from beam_client.policy import FailClosed, FailurePolicy, LetThrough
+from beam_client.retry import (
+    DEFAULT_RETRY,
+    FINALIZE_RETRY,
+    ONE_ATTEMPT,
+    RetryPolicy,
+    is_retryable,
+)
 from beam_client.stats import Counters
 from beam_client.types import Balance, CheckResult, DeductResult, FinalizeResult, RequestStatus
 
 log = logging.getLogger("beam_client")
 
+# Threads sending guards' Deducts (per client; a guard has at most one Deduct in flight).
+DEDUCT_WORKERS = 8
+
 
 class BeamClient:
-    """Beam's BalanceService over gRPC, blocking. Arguments as :class:`AsyncBeamClient`."""
+    """Beam's BalanceService over gRPC, blocking. Arguments as :class:`AsyncBeamClient`.
+
+    The outbox's replay starts with the client (settlements a previous process left are
+    posted then) in a daemon thread; ``close()`` stops it.
+    """
 
     def __init__(
         self,
@@ -41,7 +77,10 @@ class BeamClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         finalize_retry: RetryPolicy = FINALIZE_RETRY,
         failure_policy: FailurePolicy | None = None,
-        deduct_every: int = 50,
+        deduct_every: int = DEFAULT_DEDUCT_EVERY,
+        deduct_every_max: int | None = None,
+        outbox: Outbox | None = None,
+        outbox_path: str | None = None,
         root_certificates: bytes | None = None,
         channel_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -53,13 +92,24 @@ class BeamClient:
         self.finalize_retry = finalize_retry
         self.failure_policy = failure_policy or FailClosed()
         self.deduct_every = deduct_every
+        self.deduct_every_max = deduct_every_max
+        self.outbox: Outbox = outbox if outbox is not None else open_outbox(outbox_path)
+        self._scope = scope_for(self.target.address, self._api_key)
         self._root_certificates = root_certificates
         self._channel_options = dict(channel_options or {})
         self._metadata = (("authorization", f"Bearer {self._api_key}"),)
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stubs: dict[str, Any] = {}
+        self._workers: ThreadPoolExecutor | None = None
+        self._let_through: dict[tuple[str, str], LetThrough] = {}
+        self._stop_replay = threading.Event()
+        self._wake = threading.Event()
         self.counters = Counters()
+        self._replayer = threading.Thread(
+            target=self._replay_forever, name="beam-outbox-replay", daemon=True
+        )
+        self._replayer.start()
 
     def __repr__(self) -> str:
         return f"BeamClient({self.target.address!r}, tls={self.target.tls})"
@@ -73,17 +123,19 @@ class BeamClient:
         prompt_tokens: int = 0,
         cached_prompt_tokens: int = 0,
         max_tokens: int = 0,
+        min_completion_tokens: int = 0,
         estimated_grains: int = 0,
         buffer_multiplier: float = 0.0,
         custom_properties: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> CheckResult:
-        """Open a hold. ``approved=False`` is returned, not raised (the guard raises)."""
+        """Open a hold (``approved=False`` is returned, not raised); ``min_completion_tokens``
+        as :meth:`AsyncBeamClient.check_balance`."""
         request = _wire.check_request(
             customer_id, request_id, model=model, prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached_prompt_tokens, max_tokens=max_tokens,
             estimated_grains=estimated_grains, buffer_multiplier=buffer_multiplier,
-            custom_properties=custom_properties,
+            custom_properties=custom_properties, min_completion_tokens=min_completion_tokens,
         )  # fmt: skip
         return _wire.check_result(self._call("CheckBalance", request, timeout))
 
@@ -98,13 +150,18 @@ class BeamClient:
         is_completion: bool = True,
         is_cached_prompt: bool = False,
         model: str = "",
+        reserve_ahead_tokens: int = 0,
+        prompt_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
         timeout: float | None = None,
     ) -> DeductResult:
-        """Charge ``tokens`` to the hold; ``sequence_number`` >= 1 makes a retry charge once."""
+        """Charge ``tokens`` to the hold; ``sequence_number`` >= 1 makes a retry charge once
+        (the other arguments as :meth:`AsyncBeamClient.deduct_tokens`)."""
         request = _wire.deduct_request(
             customer_id, request_id, request_token, tokens=tokens,
             sequence_number=sequence_number, model=model, is_completion=is_completion,
-            is_cached_prompt=is_cached_prompt,
+            is_cached_prompt=is_cached_prompt, reserve_ahead_tokens=reserve_ahead_tokens,
+            prompt_tokens=prompt_tokens, cached_prompt_tokens=cached_prompt_tokens,
         )  # fmt: skip
         return _wire.deduct_result(self._call("DeductTokens", request, timeout))
 
@@ -145,30 +202,50 @@ class BeamClient:
         prompt_tokens: int = 0,
         max_tokens: int = 0,
         cached_prompt_tokens: int = 0,
+        min_tokens: int | None = None,
         request_id: str | None = None,
         estimated_grains: int = 0,
         buffer_multiplier: float = 0.0,
         custom_properties: Mapping[str, str] | None = None,
         deduct_every: int | None = None,
+        deduct_every_max: int | None = None,
         failure_policy: FailurePolicy | None = None,
     ) -> Guard:
         """A guard for one LLM call: ``with client.guard(...) as g:`` (see :class:`Guard`)."""
         return Guard(
             self, customer_id, model=model, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, cached_prompt_tokens=cached_prompt_tokens,
-            request_id=request_id, estimated_grains=estimated_grains,
+            min_tokens=min_tokens, request_id=request_id, estimated_grains=estimated_grains,
             buffer_multiplier=buffer_multiplier, custom_properties=custom_properties,
             deduct_every=self.deduct_every if deduct_every is None else deduct_every,
+            deduct_every_max=deduct_every_max or self.deduct_every_max,
             failure_policy=failure_policy or self.failure_policy, counters=self.counters,
         )  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         """Counters of this client (:mod:`beam_client.stats`) and of its failure policy."""
-        return {**self.counters.snapshot(), **self.failure_policy.stats()}
+        return {
+            **self.counters.snapshot(),
+            **self.failure_policy.stats(),
+            "outbox_pending": self.outbox.count(self._scope),
+        }
+
+    def replay_outbox(self) -> int:
+        """Post the settlements waiting in the outbox now; how many Beam acknowledged."""
+        return self._replay_pass(force=True)
 
     def close(self) -> None:
+        """Stop the outbox's replay and the Deduct workers, close the channel. Settlements
+        not acknowledged are in the outbox: the next client on it replays them."""
+        self._stop_replay.set()
+        self._wake.set()
+        if self._replayer.is_alive() and self._replayer is not threading.current_thread():
+            self._replayer.join(timeout=self.finalize_timeout + 1)
         with self._lock:
+            workers, self._workers = self._workers, None
             channel, self._channel, self._stubs = self._channel, None, {}
+        if workers is not None:
+            workers.shutdown(wait=False, cancel_futures=True)
         if channel is not None:
             channel.close()
 
@@ -199,7 +276,12 @@ class BeamClient:
             return self._stubs[method]
 
     def _call(
-        self, method: str, request: Any, timeout: float | None, retry: RetryPolicy | None = None
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        retry: RetryPolicy | None = None,
+        on_first_failure: Callable[[], None] | None = None,
     ) -> Any:
         policy = retry or self.retry
         deadline = timeout or self.timeout
@@ -214,6 +296,8 @@ class BeamClient:
             if not is_retryable(error):
                 self.counters.bump("errors")
                 raise error
+            if attempt == 1 and on_first_failure is not None:
+                on_first_failure()
             if attempt >= policy.max_attempts:
                 self.counters.bump("unavailable")
                 log.warning("%s gave up after %d attempts: %s", method, attempt, error)
@@ -225,18 +309,130 @@ class BeamClient:
             log.info("%s attempt %d failed (%s); retrying in %.2fs", method, attempt, error, wait)
             time.sleep(wait)
 
+    def _submit(self, work: Callable[[], None]) -> Future[None]:
+        with self._lock:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(DEDUCT_WORKERS, "beam-deduct")
+            return self._workers.submit(work)
+
+    # -- settlements and the outbox ------------------------------------------------------
+
+    def _settle(self, request: Any, *, queue_now: bool, record: LetThrough | None) -> Settlement:
+        if record is not None:
+            self._remember(record)
+        if queue_now:
+            return Settlement(None, None, self._queue(request, "let_through", 0.0))
+        queued = False
+
+        def persist() -> None:
+            nonlocal queued
+            delay = self.finalize_retry.worst_case_wait() + self.finalize_timeout
+            queued = self._queue(request, "finalize", delay)
+
+        try:
+            answer = self._call(
+                "FinalizeRequest", request, self.finalize_timeout, self.finalize_retry, persist
+            )
+        except BeamError as error:
+            finalize_failed(self.counters, request, error, queued)
+            return Settlement(None, error, queued)
+        self.counters.bump("finalizes")
+        if queued:
+            self.outbox.remove(self._scope, request.customer_id, request.request_id)
+        return Settlement(_wire.finalize_result(answer), None)
+
+    def _queue(self, request: Any, kind: Any, delay: float) -> bool:
+        entry = new_entry(self._scope, request, kind, delay=delay)
+        try:
+            stored = self.outbox.put(entry)
+        except Exception:
+            log.exception("the outbox could not store request %s", entry.request_id)
+            stored = False
+        if not stored:
+            self.counters.bump("outbox_full")
+            return False
+        self.counters.bump("finalizes_queued")
+        log.warning(
+            "settlement of request %s of customer %s queued in the outbox (%s)",
+            entry.request_id, entry.customer_id, kind,
+        )  # fmt: skip
+        self._wake.set()
+        return True
+
+    def _remember(self, record: LetThrough) -> None:
+        with self._lock:
+            self._let_through[(record.customer_id, record.request_id)] = record
+            while len(self._let_through) > 10_000:  # bounded: forget the oldest
+                del self._let_through[next(iter(self._let_through))]
+
+    def _replay_forever(self) -> None:
+        """Replay at start, then every few seconds or when woken, until ``close()``."""
+        while not self._stop_replay.is_set():
+            try:
+                self._replay_pass()
+            except Exception:
+                log.exception("replaying the outbox failed; trying again later")
+            self._wake.wait(REPLAY_INTERVAL_SECONDS)
+            self._wake.clear()
+
+    def _replay_pass(self, force: bool = False) -> int:
+        """One pass over the due entries; stops at the first that finds Beam away."""
+        now = time.time()
+        acknowledged = 0
+        for entry in self.outbox.due(self._scope, float("inf") if force else now, REPLAY_BATCH):
+            if self._stop_replay.is_set() and not force:
+                break
+            request = pb.FinalizeRequestRequest.FromString(entry.payload)
+            try:
+                answer = self._call("FinalizeRequest", request, self.finalize_timeout, ONE_ATTEMPT)
+            except BeamError as error:
+                if replay_decision(error) == "retry":
+                    attempts = entry.attempts + 1
+                    self.outbox.reschedule(entry, attempts, next_attempt_at(now, attempts))
+                    break
+                self._drop(entry, error)
+                continue
+            self.outbox.remove(entry.scope, entry.customer_id, entry.request_id)
+            self._replayed(entry, _wire.finalize_result(answer))
+            acknowledged += 1
+        return acknowledged
+
+    def _drop(self, entry: OutboxEntry, error: BeamError) -> None:
+        self.outbox.remove(entry.scope, entry.customer_id, entry.request_id)
+        self.counters.bump("outbox_dropped")
+        log.error(
+            "Beam refused the queued settlement of request %s of customer %s; dropped: %s",
+            entry.request_id, entry.customer_id, error,
+        )  # fmt: skip
+
+    def _replayed(self, entry: OutboxEntry, result: FinalizeResult) -> None:
+        self.counters.bump("outbox_replayed")
+        if entry.kind == "let_through":
+            self.counters.bump("let_through_posted")
+            with self._lock:
+                record = self._let_through.pop((entry.customer_id, entry.request_id), None)
+            if record is not None:
+                record.reconciled = True
+        log.warning(
+            "queued settlement of request %s of customer %s acknowledged: charged %d grains",
+            entry.request_id, entry.customer_id, result.charged_grains,
+        )  # fmt: skip
+
 
 class Guard(GuardCore):
     """One guarded LLM call in blocking code (made by :meth:`BeamClient.guard`).
 
-    As :class:`~beam_client.aio.AsyncGuard`, with ``g.add(tokens)`` blocking while a
-    Deduct is sent. The Finalize runs in ``__exit__``, retried until acknowledged
-    (bounded); an interrupt (``KeyboardInterrupt``) settles as ``FAILED_TIMEOUT``.
+    As :class:`~beam_client.aio.AsyncGuard`: ``g.add(tokens)`` counts and returns at once
+    (Deducts go out on the client's workers, at most one in flight); the Finalize runs in
+    ``__exit__``, retried (bounded), and waits in the outbox if Beam does not acknowledge
+    it; an interrupt (``KeyboardInterrupt``) settles as ``FAILED_TIMEOUT``.
     """
 
     def __init__(self, client: BeamClient, customer_id: str, **kwargs: Any) -> None:
         super().__init__(customer_id, **kwargs)
         self._client = client
+        self._lock = threading.Lock()  # the core is shared with the Deduct worker
+        self._deducting: Future[None] | None = None
 
     def open(self) -> Guard:
         """CheckBalance (once; later calls return at once). Raises when not approved."""
@@ -265,36 +461,38 @@ class Guard(GuardCore):
 
     def close(self, error: BaseException | None = None) -> None:
         """Settle now if open (as if the block ended with ``error``); idempotent."""
-        if self._begin_close(error) != "finalize":
+        with self._lock:
+            action = self._begin_close(error)
+        if action == "none":
             return
-        request = self._finalize_request()
-        try:
-            answer = self._client._call(
-                "FinalizeRequest", request, self._client.finalize_timeout,
-                self._client.finalize_retry,
-            )  # fmt: skip
-        except BeamError as failure:
-            finalize_failed(self._client.counters, request, failure)
-            self._settled(None, failure)
-            return
-        self._client.counters.bump("finalizes")
-        self._settled(_wire.finalize_result(answer), None)
+        self._idle()
+        settlement = self._client._settle(
+            self._finalize_request(), queue_now=action == "outbox", record=self.let_through
+        )
+        self._settled(settlement)
 
     def abandon(self) -> None:
         """Settle now if still open, as abandoned (``FAILED_TIMEOUT``); idempotent."""
         self.close(TimeoutError("abandoned"))
 
     def add(self, tokens: int) -> bool:
-        """Count ``tokens`` completion tokens; Deduct when ``deduct_every`` are pending.
-
-        Returns ``not should_stop``: stop reading the stream when it is ``False``.
+        """Count ``tokens`` completion tokens; never blocks on Beam (a due Deduct goes out
+        on a worker). Returns ``not should_stop``: stop reading the stream when ``False``.
         """
-        self._send(self._plan_add(tokens))
+        with self._lock:
+            plan = self._plan_add(tokens)
+        if plan is not None:
+            self._start(plan)
         return not self.should_stop
 
     def flush(self) -> bool:
-        """Deduct the pending tokens now, whatever their number."""
-        self._send(self._plan_flush())
+        """Deduct the pending tokens now, whatever their number, and wait for the answer."""
+        self._idle()
+        with self._lock:
+            plan = self._plan_flush()
+        if plan is not None:
+            self._start(plan)
+            self._idle()
         return not self.should_stop
 
     def openai(
@@ -313,15 +511,39 @@ class Guard(GuardCore):
 
         return anthropic_stream_sync(self, stream, count_tokens)
 
-    def _send(self, plans: list[DeductPlan]) -> None:
-        for plan in plans:
-            if self.should_stop:
-                return
+    def _start(self, plan: DeductPlan) -> None:
+        try:
+            self._deducting = self._client._submit(lambda: self._deduct(plan))
+        except RuntimeError as error:  # the client was closed
+            with self._lock:
+                self._deduct_failed(plan, BeamError("CANCELLED", "", str(error)))
+
+    def _idle(self) -> None:
+        """Wait for the Deduct in flight (bounded by its deadline and retries)."""
+        future = self._deducting
+        if future is None:
+            return
+        budget = (self._client.timeout + 1) * self._client.retry.max_attempts
+        try:
+            future.result(timeout=budget + self._client.retry.worst_case_wait())
+        except (FutureTimeout, Exception):
+            return
+
+    def _deduct(self, plan: DeductPlan) -> None:
+        """Send ``plan``, then each Deduct the answers make due (one at a time; each carries
+        tokens counted since the previous, so the chain ends with the stream)."""
+        next_plan: DeductPlan | None = plan
+        while next_plan is not None:
+            current = next_plan
             try:
-                result = _wire.deduct_result(
-                    self._client._call("DeductTokens", self._deduct_request(plan), None)
-                )
+                answer = self._client._call("DeductTokens", self._deduct_request(current), None)
             except BeamError as error:
-                self._deduct_failed(error)
+                with self._lock:
+                    self._deduct_failed(current, error)
                 return
-            self._deducted(result)
+            except Exception as error:  # a bug or a broken channel: the stream stops
+                with self._lock:
+                    self._deduct_failed(current, BeamError("UNKNOWN", "", repr(error)))
+                return
+            with self._lock:
+                next_plan = self._deducted(current, _wire.deduct_result(answer))

@@ -27,6 +27,10 @@ class CheckResult:
     max_affordable_completion_tokens: int
     hold_expires_at_unix_ms: int
     replayed: bool
+    #: Completion tokens the hold was sized for: ``max_tokens``, or fewer when
+    #: ``min_completion_tokens`` let Beam shorten the request (0: unknown, e.g. a hold from
+    #: ``estimated_grains``). Ask the provider for at most this many.
+    granted_completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,9 @@ class DeductResult:
     remaining_balance: int
     consumed_grains: int
     reserved_grains: int
+    #: Completion tokens the hold pays for in all at its locked prices, given the prompt
+    #: charged so far (0: unknown). A guard never lets its stream go past it.
+    covered_completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
