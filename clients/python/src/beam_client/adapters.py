@@ -23,16 +23,38 @@ Each adapter wraps the stream and yields its chunks unchanged, and for each chun
                             cumulative ``usage.output_tokens``
   ========================  ==================================================================
 
+The SDKs' stream helpers are read too: OpenAI's ``client.chat.completions.stream(...)``
+yields ``chunk`` events (each carries the raw chunk, read as above) and derived events
+(``content.delta`` and the like, which repeat a chunk's content and are not counted again);
+Anthropic's ``client.messages.stream(...)`` yields the raw events (read as above) and
+derived ``text``/``thinking``/``input_json`` events (not counted again).
+
 When a Deduct answers stop (``guard.should_stop``), the adapter yields the chunk it has
-(those tokens were delivered), closes the upstream stream (``aclose()`` or ``close()``) and
-ends. The provider's final usage then never arrives; the settlement uses what is known: the
-prompt as reported (Anthropic reports it first) or estimated, and the counted completion
-tokens.
+(those tokens were delivered) and ends.
+
+**Every exit closes the upstream.** However the wrapper ends — the stream finished, Beam
+said stop, the consumer ``break``s out, raises, is cancelled, or abandons the generator it
+runs in (``GeneratorExit``), or the upstream itself fails — the adapter closes the upstream
+stream (``aclose()`` or ``close()``; the SDKs' streams then close the HTTP response, and with
+it the provider's generation), so the provider never generates tokens nobody is billed for.
+The charge is what was streamed: every chunk is counted before it is yielded, so the
+settlement holds the tokens the consumer was handed (the provider's own count where it
+reported one), and the status is the guard's (:func:`beam_client._guard.status_for`). Where
+the provider's final usage never arrived, the settlement uses what is known: the prompt as
+reported (Anthropic reports it first) or estimated, and the counted completion tokens.
+
+A sync wrapper is closed at once when the consumer leaves it (CPython closes a generator
+nobody refers to). An async generator is closed by the event loop soon after it is dropped
+(asyncio finalizes it in a task of its own); to close it at a point of your choosing, or if
+you keep a reference to the wrapper, use ``async with contextlib.aclosing(g.openai(stream))
+as chunks:``. Closing never raises: a failure to close is logged (logger ``beam_client``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +64,8 @@ if TYPE_CHECKING:
     from beam_client.sync import Guard
 
 Counter = Callable[[str], int]
+
+log = logging.getLogger("beam_client")
 
 
 def estimate_tokens(text: str) -> int:
@@ -97,8 +121,12 @@ def _strings(*values: Any) -> list[str]:
 def openai_step(chunk: Any, reader: _Reader) -> _Step:
     """One OpenAI Chat Completions chunk (or Responses API event)."""
     kind = _get(chunk, "type")
-    if isinstance(kind, str) and kind.startswith("response."):
-        return _openai_responses_step(kind, chunk, reader)
+    if isinstance(kind, str):
+        if kind.startswith("response."):
+            return _openai_responses_step(kind, chunk, reader)
+        if kind == "chunk":  # the stream helper's event around each raw chunk
+            return openai_step(_get(chunk, "chunk"), reader)
+        return _Step()  # the helper's derived events repeat a chunk's content
     step = _Step()
     usage = _get(chunk, "usage")
     completion = _int(_get(usage, "completion_tokens"))
@@ -187,21 +215,19 @@ async def _meter(
     count_tokens: Counter | None,
 ) -> AsyncIterator[Any]:
     reader = _Reader(count_tokens or estimate_tokens)
-    stopped = False
     try:
         async for chunk in stream:
             meaning = step(chunk, reader)
             if meaning.usage:
                 guard.usage(**meaning.usage)
-            if meaning.tokens and not await guard.add(meaning.tokens):
-                stopped = True
+            if meaning.tokens:
+                await guard.add(meaning.tokens)
             yield chunk
-            if stopped or guard.should_stop:
-                stopped = True
+            if guard.should_stop:
                 break
     finally:
-        if stopped:
-            await _aclose(stream)
+        # Every exit, not only a stop: an upstream left open goes on generating, unbilled.
+        await _aclose(stream)
 
 
 def _meter_sync(
@@ -211,33 +237,51 @@ def _meter_sync(
     count_tokens: Counter | None,
 ) -> Iterator[Any]:
     reader = _Reader(count_tokens or estimate_tokens)
-    stopped = False
     try:
         for chunk in stream:
             meaning = step(chunk, reader)
             if meaning.usage:
                 guard.usage(**meaning.usage)
-            if meaning.tokens and not guard.add(meaning.tokens):
-                stopped = True
+            if meaning.tokens:
+                guard.add(meaning.tokens)
             yield chunk
-            if stopped or guard.should_stop:
-                stopped = True
+            if guard.should_stop:
                 break
     finally:
-        if stopped:
-            close = getattr(stream, "close", None)
-            if callable(close):
-                close()
+        _close(stream)
+
+
+# Closes in flight, shielded from a second cancellation of their caller (kept referenced).
+_closing: set[asyncio.Future[Any]] = set()
 
 
 async def _aclose(stream: Any) -> None:
+    """Close an async upstream; shielded, so cancelling the consumer again cannot leave it
+    half closed. A failure is logged, not raised: it must not hide how the stream ended."""
     for name in ("aclose", "close"):
         close = getattr(stream, name, None)
-        if callable(close):
+        if not callable(close):
+            continue
+        try:
             result = close()
             if inspect.isawaitable(result):
-                await result
-            return
+                closing = asyncio.ensure_future(result)
+                _closing.add(closing)
+                closing.add_done_callback(_closing.discard)
+                await asyncio.shield(closing)
+        except Exception as error:
+            log.warning("closing the upstream stream %r failed: %r", stream, error)
+        return
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if not callable(close):
+        return
+    try:
+        close()
+    except Exception as error:
+        log.warning("closing the upstream stream %r failed: %r", stream, error)
 
 
 def openai_stream(
