@@ -6,9 +6,10 @@ nothing but ``BEAM_GRPC_TARGET`` pointing at it (no key: the client uses the dev
 loopback, as against `make dev`), against the customers `beam dev` seeds (``cus_42`` with
 10 000 000 grains, ``cus_broke`` with 5). Where the guide's examples print or charge
 something fixed, each run is checked to the grain; a block this module does not know is
-still run twice and must leave no hold open. The provider SDKs are the stand-ins of
-tests/client/fakes.py (chunks of the SDKs' shapes), installed as the ``openai`` and
-``anthropic`` modules.
+still run twice and must leave no hold open. The provider calls are the real ``openai`` and
+``anthropic`` SDKs, pointed by their own variables (``OPENAI_BASE_URL``,
+``ANTHROPIC_BASE_URL``) at tests/client/providers.py's fake on loopback, which speaks their
+wire formats; each example's call to it is checked (count, ``max_tokens`` asked).
 
 The README's "Calling Beam from Python" block runs as a program, twice: the first run prints
 what the README says a fresh `beam dev` prints, the second 87 grains less. `beam dev`'s
@@ -30,17 +31,19 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import openai
 import pytest
 from beam_client import AsyncBeamClient, Balance, BeamClient, estimate_tokens
 
 from beam_dev import servers as devservers
-from tests.client.fakes import Provider, fake_anthropic_module, fake_openai_module
+from tests.client.providers import FakeProvider, Reply
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -88,43 +91,54 @@ def estimates_printed(_balance: int) -> str:
 @dataclass(frozen=True)
 class Expected:
     """What one run of an example prints (exactly, or a regex from the balance before it)
-    and charges ``cus_42``, with the provider stand-in it talks to."""
+    and charges ``cus_42``; what the fake provider answers it (``reply``: tokens, prompt and
+    cached tokens), and the ``max_tokens`` of each call it makes there."""
 
     charged: int | None
     printed: str | None = None
     printed_pattern: Callable[[int], str] | None = None
-    provider: dict[str, int] = field(default_factory=dict)
+    reply: dict[str, int] = field(default_factory=dict)
+    max_tokens: tuple[int, ...] | None = None
 
 
 WORDS = "".join(("Beam ", "keeps ", "the ", "bill ", "prepaid. ") * 40)
 EXPECTED = {
     "five-lines": Expected(
-        cost(24, 180), "tok " * 180, provider={"prompt_tokens": 24, "reply_tokens": 180}
+        cost(24, 180), "tok " * 180, reply={"prompt_tokens": 24, "tokens": 180}, max_tokens=(300,)
     ),
     # cus_broke is refused before the provider is called, and keeps its 5 grains.
     "openai": Expected(
         cost(31, 90),
         "tok " * 90 + "\n[out of credit: 5 grains available]\n",
-        provider={"prompt_tokens": 31, "reply_tokens": 90},
+        reply={"prompt_tokens": 31, "tokens": 90},
+        max_tokens=(500,),  # min(500, affordable); cus_broke never reaches the provider
     ),
     "anthropic": Expected(
         1550,  # 200 x 1 + 1000 x 0.1 + 250 x 5 (claude-haiku-4-5, 1000 cached)
         "tok " * 250 + "\nCOMPLETED_SUCCESS: charged 1550 grains\n",
-        provider={"prompt_tokens": 1200, "cached_tokens": 1000, "reply_tokens": 250},
+        reply={"prompt_tokens": 1200, "cached_tokens": 1000, "tokens": 250},
+        max_tokens=(400,),
     ),
-    "manual": Expected(cost(12, 200), WORDS + f"\ncharged {cost(12, 200)} grains\n"),
+    "manual": Expected(cost(12, 200), WORDS + f"\ncharged {cost(12, 200)} grains\n", max_tokens=()),
     "sync": Expected(
         cost(15, 42),
         "tok " * 42 + f"\nCOMPLETED_SUCCESS: charged {cost(15, 42)} grains\n",
-        provider={"prompt_tokens": 15, "reply_tokens": 42},
+        reply={"prompt_tokens": 15, "tokens": 42},
+        max_tokens=(300,),
     ),
-    "fastapi": Expected(cost(9, 150), "", provider={"prompt_tokens": 9, "reply_tokens": 150}),
-    "estimates": Expected(cost(CONTRACT_PROMPT, 100), printed_pattern=estimates_printed),
-    "failure-policy": Expected(cost(50, 120), "held 0 []\n"),
+    "fastapi": Expected(
+        cost(9, 150), "", reply={"prompt_tokens": 9, "tokens": 150}, max_tokens=(200,)
+    ),
+    "estimates": Expected(
+        cost(CONTRACT_PROMPT, 100), printed_pattern=estimates_printed, max_tokens=()
+    ),
+    "failure-policy": Expected(cost(50, 120), "held 0 []\n", max_tokens=()),
     "retries": Expected(
-        0, printed_pattern=lambda b: re.escape(f"Balance(balance={b}, reserved=0, available={b})\n")
+        0,
+        printed_pattern=lambda b: re.escape(f"Balance(balance={b}, reserved=0, available={b})\n"),
+        max_tokens=(),
     ),
-    "idempotency": Expected(cost(100, 50), f"charged {cost(100, 50)} grains once\n"),
+    "idempotency": Expected(cost(100, 50), f"charged {cost(100, 50)} grains once\n", max_tokens=()),
 }
 
 
@@ -220,10 +234,21 @@ async def run_block(name: str, code: str) -> dict[str, Any]:
 
 async def close_clients(namespace: dict[str, Any]) -> None:
     for value in namespace.values():
-        if isinstance(value, AsyncBeamClient):
+        if isinstance(value, AsyncBeamClient | openai.AsyncOpenAI | anthropic.AsyncAnthropic):
             await value.close()
-        elif isinstance(value, BeamClient):
+        elif isinstance(value, BeamClient | openai.OpenAI | anthropic.Anthropic):
             value.close()
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeProvider]:
+    """The fake provider, where the SDKs' own variables send the examples' calls."""
+    with FakeProvider() as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.openai_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-docs-test")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.anthropic_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-docs-test")
+        yield fake
 
 
 async def drive_fastapi(app: Any) -> None:
@@ -248,6 +273,7 @@ def test_every_python_block_of_the_guide_is_found() -> None:
 async def test_the_guide_example_runs_twice_against_beam_dev(
     name: str,
     dev: Dev,
+    provider: FakeProvider,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -257,9 +283,8 @@ async def test_the_guide_example_runs_twice_against_beam_dev(
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("BEAM_GRPC_TARGET", dev.grpc_target)
     for run in (1, 2):
-        provider = Provider(**expected.provider)
-        monkeypatch.setitem(sys.modules, "openai", fake_openai_module(provider))
-        monkeypatch.setitem(sys.modules, "anthropic", fake_anthropic_module(provider))
+        provider.default = Reply(**expected.reply)
+        calls = len(provider.calls)
         before = await dev.balance(CUSTOMER)
         capsys.readouterr()
         namespace = await run_block(name, code)
@@ -276,6 +301,9 @@ async def test_the_guide_example_runs_twice_against_beam_dev(
         if expected.charged is not None:
             assert before.balance - after.balance == expected.charged, f"run {run}"
         assert await dev.balance(BROKE) == Balance(5, 0, 5)
+        if expected.max_tokens is not None:
+            made = [(await provider.call(i)).max_tokens for i in range(calls, len(provider.calls))]
+            assert tuple(made) == expected.max_tokens, f"run {run}"
 
 
 # -- the README's example -------------------------------------------------------------------------
