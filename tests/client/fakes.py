@@ -256,3 +256,38 @@ def fake_anthropic_module(provider: Provider) -> types.ModuleType:
 
     module.AsyncAnthropic = AsyncAnthropic  # type: ignore[attr-defined]
     return module
+
+
+# -- a provider paced by the guard (deterministic Deduct timing) -----------------------------
+
+
+class Paced:
+    """A stream that waits, between chunks, until the guard has no Deduct in flight: every
+    answer lands before the next token (as with a provider slower than Beam), so which
+    Deduct stops a stream is exact. Bounded: a Deduct that never ends fails the test."""
+
+    def __init__(self, stream: FakeStream, guard: Any, max_wait_seconds: float = 20.0) -> None:
+        self.stream = stream
+        self.guard = guard
+        self.max_wait_seconds = max_wait_seconds
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for chunk in self.stream:
+            for _ in range(int(self.max_wait_seconds / 0.002)):
+                if not self.guard.deduct_in_flight:
+                    break
+                await asyncio.sleep(0.002)
+            else:
+                raise AssertionError("a Deduct stayed in flight")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    @property
+    def pieces_sent(self) -> int:
+        return self.stream.pieces_sent

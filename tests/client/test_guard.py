@@ -19,7 +19,7 @@ from beam_client import (
 )
 
 from tests.client.conftest import Admin
-from tests.client.fakes import anthropic_stream, endless, openai_stream
+from tests.client.fakes import Paced, anthropic_stream, endless, openai_stream
 from tests.support.stack import ServiceProcess, Tenant
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,9 +36,11 @@ async def test_an_openai_stream_is_charged_exactly_its_usage(
         assert g.affordable_completion_tokens > 500
         pieces = [chunk async for chunk in g.openai(stream)]
     assert len(pieces) == 131  # 130 content chunks and the usage chunk, unchanged
-    # 130 tokens at 50 a Deduct: two Deducts (prompt + 50, then 50); 30 left for Finalize.
-    assert g.last_deduct is not None
-    assert g.last_deduct.success
+    # The hold covers the 500 tokens granted: the first report would be due at half of
+    # that, so 130 tokens cost no Deduct at all: Check and Finalize, two RPCs.
+    assert g.granted_completion_tokens == g.max_tokens_for_provider == 500
+    assert g.last_deduct is None
+    assert client.stats()["calls"] == 2
     assert g.reported_usage.prompt_tokens == 110
     assert g.status is RequestStatus.COMPLETED_SUCCESS
     # (70 x 150000 + 40 x 75000 + 130 x 600000) / 1e6 = 10.5 + 3 + 78 = 91.5 -> 92
@@ -96,43 +98,93 @@ async def test_the_sync_guard_charges_exactly_the_usage_and_reported_cost_wins(
     assert await admin.balance(customer) == (10_000 - 172 - 1234, 0, 10_000 - 172 - 1234)
 
 
-async def test_a_stream_is_stopped_when_the_money_runs_out_and_the_deficit_is_overage(
+async def test_a_stream_is_stopped_ahead_of_the_money_and_the_balance_never_goes_below_zero(
     client: AsyncBeamClient, admin: Admin
 ) -> None:
+    """Issue 16, failure 4 (one stream): a stream cut by Beam left the balance at -100."""
     customer = await admin.customer(1000)
-    stream = openai_stream(endless(), usage=None)
     # Hold: estimate 100 x 1 + 300 x 2 = 700 at multiplier 1.0; the provider ignores
-    # max_tokens and never ends.
+    # max_tokens and never ends. Paced: each Deduct's answer lands before the next token.
     async with client.guard(
         customer, model="cheap", prompt_tokens=100, max_tokens=300, buffer_multiplier=1.0
     ) as g:
         assert g.check is not None
-        assert g.check.reserved_grains == 700
+        assert (g.check.reserved_grains, g.granted_completion_tokens) == (700, 300)
+        stream = Paced(openai_stream(endless(), usage=None), g)
         async for _ in g.openai(stream):
             pass
-    # Deducts every 50 tokens: consumed = 100 (prompt) + 100 per Deduct. The 10th Deduct
-    # (500 tokens, 1100 grains) passes the balance of 1000: the hold grows to all there is
-    # and Beam says stop.
+    # Reports at 150 tokens (half of the 300 granted; the prompt rides along), then as the
+    # headroom shrinks at 225, 275, 325 and 375, each reserving what may arrive before the
+    # next one (150, then 100 tokens ahead). The hold grows 700 -> 750 -> 850 -> 950; at
+    # 375 it cannot cover 375 + 100 tokens (100 + 950 = 1050 > 1000 grains): stop now,
+    # which takes effect at the next chunk (376, within the 425 the hold covered).
     assert stream.closed
-    assert stream.pieces_sent == 500
-    assert g.should_stop
-    assert g.stop_reason == "INSUFFICIENT_BALANCE"
+    assert stream.pieces_sent == g.completion_tokens == 376
+    assert (g.should_stop, g.stop_reason) == (True, "INSUFFICIENT_BALANCE")
     assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
     assert g.last_deduct is not None
-    assert (g.last_deduct.consumed_grains, g.last_deduct.reserved_grains) == (1000, 1000)
-    # Settled at what was delivered: 100 + 500 x 2 = 1100; the balance ends at -100, and
-    # exactly that deficit is recorded as overage: one Deduct interval (50 x 2 grains).
+    # consumed 100 + 375 x 2 = 850; the hold keeps all it could (1000) and covers
+    # (1000 - 100) / 2 = 450 completion tokens: more than were streamed.
+    assert (g.last_deduct.consumed_grains, g.last_deduct.reserved_grains) == (850, 1000)
+    assert g.last_deduct.covered_completion_tokens == 450
+    assert client.stats()["deducts"] == 5
+    # Settled at what was delivered: 100 + 376 x 2 = 852, no overage; the balance never
+    # went below zero.
     assert g.result is not None
-    assert (g.result.charged_grains, g.result.overage_grains) == (1100, 100)
-    balance, reserved, _ = await admin.balance(customer)
-    assert (balance, reserved) == (-100, 0)
+    assert (g.result.charged_grains, g.result.overage_grains) == (852, 0)
+    assert await admin.balance(customer) == (148, 0, 148)
     settled = await admin.request(g.request_id, customer)
-    assert (settled["status"], settled["overage_grains"]) == ("killed", "100")
-    assert -balance == int(settled["overage_grains"]) <= 50 * 2
-    # A customer below zero by an overage cannot open a new hold.
-    with pytest.raises(InsufficientBalance) as refused:
-        await client.guard(customer, model="cheap", prompt_tokens=1, max_tokens=1).open()
-    assert refused.value.reason == "INSUFFICIENT_BALANCE"
+    assert (settled["status"], settled["overage_grains"]) == ("killed", "0")
+
+
+async def test_a_low_balance_shortens_the_answer_instead_of_refusing_it(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    """Issue 16, failure 5: 130 grains were refused at max_tokens 150, 200 and 500."""
+    customer = await admin.customer(130)
+    for max_tokens in (150, 200, 500):
+        g = client.guard(
+            customer, model="cheap", prompt_tokens=10, max_tokens=max_tokens,
+            buffer_multiplier=1.0,
+        )  # fmt: skip
+        await g.open()
+        # (130 - 10) / 2 = 60 completion tokens are all the customer can pay for: the hold
+        # is sized for them (the default min_tokens, 50, is below that).
+        assert g.check is not None
+        assert (g.granted_completion_tokens, g.max_tokens_for_provider) == (60, 60)
+        assert g.check.reserved_grains == 130
+        await g.abandon()  # nothing streamed: nothing charged
+        assert g.result is not None
+        assert g.result.charged_grains == 0
+    # The provider is asked for 60 and streams them: charged 10 + 60 x 2 = 130, all of it.
+    async with client.guard(
+        customer, model="cheap", prompt_tokens=10, max_tokens=500, buffer_multiplier=1.0
+    ) as g:
+        count = g.max_tokens_for_provider
+        async for _ in g.openai(openai_stream(["tok "] * count, usage=(10, count))):
+            pass
+    assert g.status is RequestStatus.COMPLETED_SUCCESS
+    assert g.result is not None
+    assert (g.result.charged_grains, g.result.overage_grains) == (130, 0)
+    assert await admin.balance(customer) == (0, 0, 0)
+    # Below min_tokens it is still a refusal; min_tokens=0 is all of max_tokens or nothing.
+    await admin.customer(130, customer_id=f"{customer}_b")
+    with pytest.raises(InsufficientBalance):
+        await client.guard(
+            f"{customer}_b", model="cheap", prompt_tokens=10, max_tokens=500, min_tokens=61,
+            buffer_multiplier=1.0,
+        ).open()  # fmt: skip
+    with pytest.raises(InsufficientBalance):
+        await client.guard(
+            f"{customer}_b", model="cheap", prompt_tokens=10, max_tokens=500, min_tokens=0,
+            buffer_multiplier=1.0,
+        ).open()  # fmt: skip
+    # The plain call has it too.
+    check = await client.check_balance(
+        f"{customer}_b", "plain-1", model="cheap", prompt_tokens=10, max_tokens=500,
+        min_completion_tokens=1, buffer_multiplier=1.0,
+    )  # fmt: skip
+    assert (check.approved, check.granted_completion_tokens) == (True, 60)
 
 
 async def test_cancelling_the_caller_mid_stream_still_settles_the_hold(

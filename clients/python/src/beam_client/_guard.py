@@ -55,6 +55,7 @@ STOP_HOLD_COVERAGE = "HOLD_COVERAGE"
 MONEY_STOPS = frozenset({"INSUFFICIENT_BALANCE", "MAX_REQUEST_GRAINS_EXCEEDED", STOP_HOLD_COVERAGE})
 
 DEFAULT_DEDUCT_EVERY = 50
+DEFAULT_MIN_TOKENS = 50
 DEFAULT_DEDUCT_EVERY_MAX = 500
 
 State = Literal["new", "open", "closing", "closed"]
@@ -97,8 +98,9 @@ def new_request_id() -> str:
 
 
 def default_min_tokens(max_tokens: int) -> int:
-    """The shortest answer a guard accepts instead of a refusal: a quarter of max_tokens."""
-    return max(1, max_tokens // 4) if max_tokens > 0 else 0
+    """The shortest answer a guard takes rather than a refusal: 50 completion tokens (all
+    of ``max_tokens`` when it is smaller)."""
+    return min(max_tokens, DEFAULT_MIN_TOKENS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,10 +395,19 @@ class GuardCore:
         return self._due()
 
     def _cut_at_limit(self) -> None:
+        """Stop the stream where what pays for it ends.
+
+        Fail-open: at the limit. Held: at the covered count, except when the hold covers
+        every token the provider was asked for (``granted``) — then the stream may end there
+        by itself (its usage chunk still to come), and only a token past it is cut.
+        """
         if self._limit <= 0 or self.completion_tokens < self._limit or self.should_stop:
             return
         if self.let_through is not None:
             self._stop(STOP_FAIL_OPEN_MAX_TOKENS)
+            return
+        granted = self.granted_completion_tokens
+        if self.completion_tokens == self._limit and 0 < granted <= self._limit:
             return
         self._counters.bump("coverage_cuts")
         log.info(

@@ -233,7 +233,7 @@ class AsyncBeamClient:
         Beam estimates the hold from ``model``, ``prompt_tokens``, ``cached_prompt_tokens``
         and ``max_tokens`` unless ``estimated_grains`` is given; ``buffer_multiplier`` 0
         uses the customer's buffer strategy. A customer who cannot pay for ``max_tokens``
-        gets a shorter hold, down to ``min_tokens`` (default a quarter of ``max_tokens``;
+        gets a shorter hold, down to ``min_tokens`` (default 50, or ``max_tokens`` if smaller;
         0: all or nothing): pass ``g.max_tokens_for_provider`` to the provider.
         ``request_id`` defaults to a fresh one; pass your own to make a retried request
         (another process, a job retry) the same request.
@@ -452,7 +452,8 @@ class AsyncBeamClient:
             except Exception:
                 log.exception("replaying the outbox failed; trying again later")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), REPLAY_INTERVAL_SECONDS)
+                async with asyncio.timeout(REPLAY_INTERVAL_SECONDS):
+                    await wake.wait()
             wake.clear()
 
     async def _replay_pass(self, force: bool = False) -> int:
