@@ -66,6 +66,7 @@ class Reply:
     pause_after: int | None = None  # after this many tokens, wait for the client to hang up
     pause_seconds: float = 5.0  # ... at most this long, then go on generating
     delay_seconds: float = 0.0  # between tokens
+    honor_max_tokens: bool = True  # False: a provider that streams past the request's max
 
     def __post_init__(self) -> None:
         assert 0 <= self.tokens <= MAX_TOKENS_PER_REPLY
@@ -87,8 +88,15 @@ class Call:
 
     @property
     def max_tokens(self) -> int | None:
+        """The request's max_tokens (max_completion_tokens), if it has one."""
         value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
         return value if isinstance(value, int) else None
+
+    @property
+    def to_generate(self) -> int:
+        """Tokens the reply generates if nobody stops it."""
+        limit = self.max_tokens if self.reply.honor_max_tokens else None
+        return min(self.reply.tokens, limit or self.reply.tokens)
 
 
 class ClientGone(Exception):
@@ -216,7 +224,7 @@ class FakeProvider:
             if body.get("stream"):
                 await self._stream(wire, call, writer, hangup)
             else:
-                call.generated = min(reply.tokens, call.max_tokens or reply.tokens)
+                call.generated = call.to_generate
                 await _respond_json(writer, 200, wire.message())
                 call.outcome = "json"
         except (ClientGone, ConnectionError):
@@ -236,7 +244,7 @@ class FakeProvider:
         )
         for event in wire.head():
             await _send(writer, event, hangup)
-        total = min(reply.tokens, call.max_tokens or reply.tokens)
+        total = call.to_generate
         for _ in range(total):
             if reply.fault is not None and call.generated == reply.fault_after:
                 break
