@@ -163,6 +163,8 @@ async def test_a_low_balance_shortens_the_answer_instead_of_refusing_it(
         count = g.max_tokens_for_provider
         async for _ in g.openai(openai_stream(["tok "] * count, usage=(10, count))):
             pass
+    # The hold covers exactly the 60 granted: the stream ends there, completed.
+    assert (g.completion_tokens, g.stop_reason) == (60, "MAX_TOKENS_REACHED")
     assert g.status is RequestStatus.COMPLETED_SUCCESS
     assert g.result is not None
     assert (g.result.charged_grains, g.result.overage_grains) == (130, 0)

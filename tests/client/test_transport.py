@@ -49,8 +49,9 @@ class Scripted:
 
     failures: dict[str, list[Failure]] = field(default_factory=dict)
     received: list[tuple[str, Any, dict[str, str]]] = field(default_factory=list)
-    # Per method: seconds to wait before answering, and answers replacing the defaults.
-    delays: dict[str, float] = field(default_factory=dict)
+    # Per method: seconds to wait before each answer (in turn; then none), and answers
+    # replacing the defaults.
+    delays: dict[str, list[float]] = field(default_factory=dict)
     answers: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
     def handler(self, method: str, answer: Callable[[Any], Any]) -> Any:
@@ -69,7 +70,8 @@ class Scripted:
                     trailers.append(("beam-field", failure.field))
                 context.set_trailing_metadata(tuple(trailers))
                 await context.abort(failure.code, f"scripted {failure.code.name}")
-            await asyncio.sleep(self.delays.get(method, 0.0))
+            delays = self.delays.get(method) or [0.0]
+            await asyncio.sleep(delays.pop(0) if len(delays) > 1 else delays[0])
             return self.answers.get(method, answer)(request)
 
         return handle
@@ -330,7 +332,7 @@ async def test_add_never_waits_for_beam_and_one_deduct_is_in_flight_at_a_time(
     script.answers["DeductTokens"] = lambda r: pb.DeductTokensResponse(
         success=True, covered_completion_tokens=5000
     )
-    script.delays["DeductTokens"] = 0.5  # a slow Beam
+    script.delays["DeductTokens"] = [0.5]  # a slow Beam
     async with AsyncBeamClient(target, "k") as beam:
         async with beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=1000) as g:
             for _ in range(999):
@@ -361,18 +363,46 @@ async def test_the_stream_is_cut_where_the_hold_coverage_ends_when_beam_is_slow(
 ) -> None:
     """Issue 16, item 1: no token past what the hold pays for, however slow Beam is."""
     script, target = scripted
-    script.answers["CheckBalance"] = _check_granting(100)
-    script.delays["DeductTokens"] = 1.0
+    script.answers["CheckBalance"] = _check_granting(1000)
+    # The first answer says the hold covers 600 tokens in all (the money is short); the
+    # second is slow.
+    script.answers["DeductTokens"] = lambda r: pb.DeductTokensResponse(
+        success=True, covered_completion_tokens=600
+    )
+    script.delays["DeductTokens"] = [0.0, 1.0, 0.0]
     async with AsyncBeamClient(target, "k") as beam:
-        async with beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=100) as g:
-            went_on = [await g.add(1) for _ in range(300)]  # a provider ignoring max_tokens
-        assert went_on.index(False) == 99  # the 100th token is the last the hold covers
-        assert (g.completion_tokens, g.should_stop, g.stop_reason) == (300, True, "HOLD_COVERAGE")
+        async with beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=1000) as g:
+            went_on = [await g.add(1) for _ in range(500)]
+            for _ in range(1000):  # bounded: the first answer lands
+                if not g.deduct_in_flight:
+                    break
+                await asyncio.sleep(0.005)
+            assert g.covered_completion_tokens == 600
+            went_on += [await g.add(1) for _ in range(500)]
+        assert went_on.index(False) == 599  # the 600th token is the last the hold covers
+        assert (g.completion_tokens, g.should_stop, g.stop_reason) == (1000, True, "HOLD_COVERAGE")
         assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
         assert beam.stats()["coverage_cuts"] == 1
-    (deduct,) = script.calls("DeductTokens")
-    # Sent at 50 (half the headroom), reserving 100 ahead; nothing more while in flight.
-    assert (deduct.tokens_consumed, deduct.reserve_ahead_tokens) == (50, 100)
+    # 500 at half the 1000 granted, reserving 500 ahead; then, with 100 of headroom left,
+    # every 50 (reserving 100): the one at 550 was still in flight at 600.
+    sent = [(d.tokens_consumed, d.reserve_ahead_tokens) for d in script.calls("DeductTokens")]
+    assert sent == [(500, 500), (50, 100)]
+
+
+async def test_a_stream_that_reaches_the_tokens_granted_ends_completed(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    script.answers["CheckBalance"] = _check_granting(100)
+    script.delays["DeductTokens"] = [1.0]
+    async with (
+        AsyncBeamClient(target, "k") as beam,
+        beam.guard("cus_1", model="m", prompt_tokens=10, max_tokens=500) as g,
+    ):
+        went_on = [await g.add(1) for _ in range(300)]  # a provider ignoring max_tokens
+    assert went_on.index(False) == 99
+    assert (g.completion_tokens, g.stop_reason) == (300, "MAX_TOKENS_REACHED")
+    assert g.status is RequestStatus.COMPLETED_SUCCESS
 
 
 async def test_the_sync_guard_never_blocks_the_stream_on_a_deduct(
@@ -383,7 +413,7 @@ async def test_the_sync_guard_never_blocks_the_stream_on_a_deduct(
     script.answers["DeductTokens"] = lambda r: pb.DeductTokensResponse(
         success=True, covered_completion_tokens=5000
     )
-    script.delays["DeductTokens"] = 2.0
+    script.delays["DeductTokens"] = [2.0]
 
     def stream() -> tuple[bool, int, int]:
         with BeamClient(target, "k") as beam:

@@ -50,6 +50,8 @@ STOP_UNAVAILABLE = "BEAM_UNAVAILABLE"
 STOP_FAIL_OPEN_MAX_TOKENS = "FAIL_OPEN_MAX_TOKENS"
 # The stream reached the completion tokens the hold covers before a newer answer raised it.
 STOP_HOLD_COVERAGE = "HOLD_COVERAGE"
+# The stream reached the tokens granted, all the hold covers: the provider's own end.
+STOP_MAX_TOKENS_REACHED = "MAX_TOKENS_REACHED"
 # Deduct error codes (and the guard's own cut) that mean "the customer's money ran out"
 # (KILLED_INSUFFICIENT_BALANCE).
 MONEY_STOPS = frozenset({"INSUFFICIENT_BALANCE", "MAX_REQUEST_GRAINS_EXCEEDED", STOP_HOLD_COVERAGE})
@@ -131,7 +133,8 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
       or Beam said the hold expired: ``FAILED_TIMEOUT``;
     - any other exception, or a stream stopped because Beam could not be reached (or
       refused a Deduct): ``FAILED_ERROR``;
-    - otherwise ``COMPLETED_SUCCESS`` (also when a fail-open stream was cut at its limit).
+    - otherwise ``COMPLETED_SUCCESS`` (also when a fail-open stream was cut at its limit,
+      or a stream at the tokens granted).
     """
     if stop_reason in MONEY_STOPS:
         return RequestStatus.KILLED_INSUFFICIENT_BALANCE
@@ -143,7 +146,7 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
         return RequestStatus.FAILED_ERROR
     if stop_reason == "HOLD_EXPIRED":
         return RequestStatus.FAILED_TIMEOUT
-    if stop_reason and stop_reason != STOP_FAIL_OPEN_MAX_TOKENS:
+    if stop_reason and stop_reason not in (STOP_FAIL_OPEN_MAX_TOKENS, STOP_MAX_TOKENS_REACHED):
         return RequestStatus.FAILED_ERROR
     return RequestStatus.COMPLETED_SUCCESS
 
@@ -395,19 +398,19 @@ class GuardCore:
         return self._due()
 
     def _cut_at_limit(self) -> None:
-        """Stop the stream where what pays for it ends.
+        """Stop the stream where what pays for it ends (the count may not go past it).
 
-        Fail-open: at the limit. Held: at the covered count, except when the hold covers
-        every token the provider was asked for (``granted``) — then the stream may end there
-        by itself (its usage chunk still to come), and only a token past it is cut.
+        Held, at exactly the tokens granted when the hold covers no more: the provider
+        delivered all it was asked for (``MAX_TOKENS_REACHED``, settled as completed; its
+        final usage chunk, if any, is not waited for). Anywhere else: ``HOLD_COVERAGE``.
         """
         if self._limit <= 0 or self.completion_tokens < self._limit or self.should_stop:
             return
         if self.let_through is not None:
             self._stop(STOP_FAIL_OPEN_MAX_TOKENS)
             return
-        granted = self.granted_completion_tokens
-        if self.completion_tokens == self._limit and 0 < granted <= self._limit:
+        if self.completion_tokens == self._limit == self.granted_completion_tokens:
+            self._stop(STOP_MAX_TOKENS_REACHED)
             return
         self._counters.bump("coverage_cuts")
         log.info(
