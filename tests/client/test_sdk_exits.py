@@ -14,11 +14,17 @@ tokens and the prompt: on the "cheap" model (1 grain per input token, 2 per outp
 usage chunk), 30 + 100 x 2 = 230 for Anthropic (the prompt its ``message_start``
 reported). Before the fix an exit other than Beam's stop left the upstream open: the fake
 generated all 1,000 tokens and the ledger held 100.
+
+The app keeps its stream object and its SDK client alive past the guarded block, as a
+long-lived app does: then nothing but the adapter (or a stream helper's own ``with``)
+closes the upstream. (A dropped Anthropic stream closes itself; an OpenAI one waits for
+the cyclic garbage collector.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -263,3 +269,31 @@ async def test_every_sync_exit_closes_the_upstream_and_bills_what_was_streamed(
     )
     (g,) = guards
     await assert_billed_as_streamed(api, exit_, g, fake, admin, customer)
+
+
+@pytest.mark.parametrize("api", [Api("openai"), Api("anthropic")], ids=str)
+async def test_aclosing_closes_a_wrapper_the_app_keeps_before_the_guard_settles(
+    api: Api, client: AsyncBeamClient, admin: Admin, fake: FakeProvider
+) -> None:
+    customer = await admin.customer(BALANCE)
+    if api.provider == "anthropic":
+        fake.default.prompt_tokens = ANTHROPIC_PROMPT
+    async with api.async_client(fake) as sdk:
+        async with (
+            client.guard(
+                customer, model="cheap", prompt_tokens=PROMPT_ESTIMATE, max_tokens=1000
+            ) as g,
+            api.astream(sdk, "cheap", 1000) as stream,
+        ):
+            tokens = 0
+            # The app keeps its wrapper (``chunks``): only aclosing() closes it here.
+            async with contextlib.aclosing(api.meter(g, stream)) as chunks:
+                async for item in chunks:
+                    tokens += api.is_token(item)
+                    if tokens == TOKENS_READ:
+                        break
+            # Closed at aclosing's exit, before the guard's: the provider stopped at 100.
+            call = await fake.call(0)
+            assert (call.generated, call.closed_by_client) == (TOKENS_READ, True)
+            assert g.status is None  # not settled yet
+        await assert_billed_as_streamed(api, "break", g, fake, admin, customer)
