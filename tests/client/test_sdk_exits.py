@@ -49,6 +49,7 @@ STATUS = {
     "raise": RequestStatus.FAILED_ERROR,
     "generator_exit": RequestStatus.FAILED_TIMEOUT,
     "cancel": RequestStatus.FAILED_TIMEOUT,
+    "cancel_in_body": RequestStatus.FAILED_TIMEOUT,
     "keyboard_interrupt": RequestStatus.FAILED_TIMEOUT,
     "timeout": RequestStatus.FAILED_TIMEOUT,
 }
@@ -57,7 +58,9 @@ SETTLED_STATUS = {
     RequestStatus.FAILED_ERROR: "failed",
     RequestStatus.FAILED_TIMEOUT: "timeout",
 }
-ASYNC_EXITS = ["break", "raise", "generator_exit", "cancel", "timeout"]
+# "cancel": cancelled while waiting for the next chunk (inside the adapter); "cancel_in_body":
+# while the app awaits something else between two chunks (the adapter is suspended).
+ASYNC_EXITS = ["break", "raise", "generator_exit", "cancel", "cancel_in_body", "timeout"]
 SYNC_EXITS = ["break", "raise", "generator_exit", "keyboard_interrupt", "timeout"]
 
 
@@ -140,7 +143,9 @@ async def test_every_async_exit_closes_the_upstream_and_bills_what_was_streamed(
                                 break
                             if exit_ == "raise":
                                 raise ConsumerFailed("the app failed mid-stream")
-                            reached.set()  # "cancel": the test cancels the next read
+                            reached.set()  # the test cancels the task now
+                            if exit_ == "cancel_in_body":
+                                await asyncio.Event().wait()  # e.g. a slow websocket send
 
         async def answer() -> AsyncIterator[Any]:
             """A generator the guard runs in (a web response's body)."""
@@ -165,7 +170,7 @@ async def test_every_async_exit_closes_the_upstream_and_bills_what_was_streamed(
             for _ in range(TOKENS_READ):
                 await anext(body)
             await body.aclose()  # the web client went away
-        elif exit_ == "cancel":
+        elif exit_ in ("cancel", "cancel_in_body"):
             task = asyncio.create_task(read(TOKENS_READ))
             await asyncio.wait_for(reached.wait(), PAUSE_SECONDS * 4)
             task.cancel()
