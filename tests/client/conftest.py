@@ -9,6 +9,7 @@ output token; "gpt-4o-mini" 0.15 / 0.6 / 0.075 (cached) grains per token.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from beam_client import AsyncBeamClient, RetryPolicy
 
 from tests.support.rest import rest_client
-from tests.support.stack import ServiceProcess, Tenant
+from tests.support.stack import ServiceProcess, Stores, Tenant
 
 # Fast retries for tests that expect Beam to stay away.
 QUICK_RETRY = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01)
@@ -79,3 +80,14 @@ async def client(service: ServiceProcess, tenant: Tenant) -> AsyncIterator[Async
         yield beam
     finally:
         await beam.close()
+
+
+@pytest.fixture
+async def own_service(stores: Stores, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    """A `beam serve` of the test's own (on the session's stores), to stop and start."""
+    service = ServiceProcess(stores, tmp_path)
+    await asyncio.to_thread(service.start)
+    try:
+        yield service
+    finally:
+        await asyncio.to_thread(service.stop)

@@ -9,14 +9,12 @@ id and sequence numbers, and nothing is charged twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-from beam_client import AsyncBeamClient, RetryPolicy
+from beam_client import AsyncBeamClient, AsyncGuard, RequestStatus, RetryPolicy
 
 from tests.client.conftest import QUICK_RETRY, Admin
-from tests.support.stack import ServiceProcess, Stores, Tenant
+from tests.support.stack import ServiceProcess, Tenant
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,14 +23,13 @@ pytestmark = pytest.mark.timeout(240)
 PATIENT = RetryPolicy(max_attempts=400, initial_backoff=0.05, max_backoff=0.2)
 
 
-@pytest.fixture
-async def own_service(stores: Stores, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
-    service = ServiceProcess(stores, tmp_path)
-    await asyncio.to_thread(service.start)
-    try:
-        yield service
-    finally:
-        await asyncio.to_thread(service.stop)
+async def _idle(guard: AsyncGuard) -> None:
+    """Wait (bounded) until the guard has no Deduct in flight."""
+    for _ in range(4000):
+        if not guard.deduct_in_flight:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("a Deduct stayed in flight")
 
 
 async def test_a_service_restart_during_a_stream_is_retried_without_double_charging(
@@ -47,14 +44,15 @@ async def test_a_service_restart_during_a_stream_is_retried_without_double_charg
         async with beam.guard(customer, model="cheap", prompt_tokens=40, max_tokens=1000) as g:
             for _ in range(100):
                 await g.add(1)
-            # Deducts 1 (prompt, 40), 2 (50 tokens) and 3 (50 tokens): 40 + 100 x 2 = 240.
+            assert await g.flush()  # Deduct 1: the prompt (40) and 100 tokens: 40 + 200
             assert g.last_deduct is not None
             assert g.last_deduct.consumed_grains == 240
 
             await asyncio.to_thread(own_service.stop)
             restart = asyncio.create_task(asyncio.to_thread(own_service.start))
-            for _ in range(100):  # Deducts 4 and 5 are retried until the service is back
+            for _ in range(100):
                 await g.add(1)
+            assert await g.flush()  # Deduct 2 is retried until the service is back
             await restart
             assert not g.should_stop
             assert g.last_deduct.consumed_grains == 440  # 40 + 200 x 2, nothing twice
@@ -62,7 +60,7 @@ async def test_a_service_restart_during_a_stream_is_retried_without_double_charg
             # An applied Deduct whose answer was lost comes back as a retry with its sequence
             # number: the stored outcome, nothing charged.
             again = await beam.deduct_tokens(
-                customer, g.request_id, g.request_token, 50, sequence_number=5
+                customer, g.request_id, g.request_token, 100, sequence_number=2
             )
             assert (again.success, again.consumed_grains) == (True, 440)
 
@@ -81,7 +79,7 @@ async def test_a_service_restart_during_a_stream_is_retried_without_double_charg
     assert (settled["status"], settled["actual_cost_grains"]) == ("completed", "440")
 
 
-async def test_beam_gone_mid_stream_stops_a_fail_closed_stream_and_the_hold_is_settled_later(
+async def test_beam_gone_mid_stream_stops_a_fail_closed_stream_and_the_outbox_settles_it(
     own_service: ServiceProcess, tenant: Tenant
 ) -> None:
     admin = Admin(own_service, tenant)
@@ -93,28 +91,35 @@ async def test_beam_gone_mid_stream_stops_a_fail_closed_stream_and_the_hold_is_s
     async with beam:
         async with beam.guard(customer, model="cheap", prompt_tokens=10, max_tokens=1000) as g:
             await asyncio.to_thread(own_service.stop)
-            tokens = 0
-            while await g.add(1):
-                tokens += 1
-        # The first Deduct (at 50 tokens) could not reach Beam: the stream stopped there.
-        assert tokens == 49
+            for _ in range(2000):  # the provider, paced: each Deduct ends before a token
+                await _idle(g)
+                if g.should_stop:
+                    break
+                await g.add(1)
+        # The first Deduct (at 500 tokens, half the 1000 granted) could not reach Beam:
+        # under fail-closed the stream stopped there.
+        assert g.completion_tokens == 500
         assert (g.should_stop, g.stop_reason) == (True, "BEAM_UNAVAILABLE")
-        # The Finalize could not either: logged and counted, not raised.
+        assert g.status is RequestStatus.FAILED_ERROR
+        # The Finalize could not either: not raised, and kept in the outbox.
         assert g.result is None
         assert g.finalize_error is not None
         assert g.finalize_error.code == "UNAVAILABLE"
+        assert g.settlement_queued
         stats = beam.stats()
-        assert (stats["finalize_failures"], stats["unavailable"]) == (1, 2)
+        assert (stats["finalize_failures"], stats["finalizes_queued"]) == (1, 1)
+        assert stats["outbox_pending"] == 1
 
-    # Beam is back: the same settlement, sent again (here by a new client, as a retrying
-    # job would), settles the hold once.
+    # Beam is back: the next client on the same outbox (here in this process; a restarted
+    # process alike) posts it at start, with the same request id and token: settled once.
     await asyncio.to_thread(own_service.start)
     async with AsyncBeamClient(own_service.grpc_target, tenant.keys["enforcer"]) as again:
-        assert g.status is not None
-        result = await again.finalize_request(
-            customer, g.request_id, status=g.status, request_token=g.request_token,
-            model="cheap", prompt_tokens=10, completion_tokens=50,
-        )  # fmt: skip
-    assert result.charged_grains == 10 + 50 * 2
-    assert await admin.balance(customer) == (100_000 - 110, 0, 100_000 - 110)
-    assert (await admin.request(g.request_id, customer))["status"] == "failed"
+        for _ in range(200):
+            if again.stats()["outbox_replayed"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (again.stats()["outbox_replayed"], again.stats()["outbox_pending"]) == (1, 0)
+    # 10 (the prompt estimate) + 500 x 2
+    assert await admin.balance(customer) == (100_000 - 1010, 0, 100_000 - 1010)
+    settled = await admin.request(g.request_id, customer)
+    assert (settled["status"], settled["actual_cost_grains"]) == ("failed", "1010")

@@ -113,6 +113,7 @@ class AsyncBeamClient:
         self._deducts: set[asyncio.Task[Any]] = set()
         self._replayer: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._replaying: asyncio.Lock | None = None
         self._let_through: dict[tuple[str, str], LetThrough] = {}
         self._closed = False
         self.counters = Counters()
@@ -301,7 +302,6 @@ class AsyncBeamClient:
             else:
                 self._channel = grpc.aio.insecure_channel(self.target.address, options)
             self._loop, self._stubs = loop, {}
-            self._replayer = None
             self._start_replay()
         if method not in self._stubs:
             request_type, response_type = _wire.METHODS[method]
@@ -434,9 +434,13 @@ class AsyncBeamClient:
     # -- the outbox's replay -------------------------------------------------------------
 
     def _start_replay(self) -> None:
-        if self._replayer is None or self._replayer.done():
-            self._wake = asyncio.Event()
-            self._replayer = asyncio.get_running_loop().create_task(self._replay_forever())
+        """Start the replay task in the running loop, once per loop (idempotent)."""
+        loop = asyncio.get_running_loop()
+        replayer = self._replayer
+        if replayer is not None and not replayer.done() and replayer.get_loop() is loop:
+            return
+        self._wake, self._replaying = asyncio.Event(), asyncio.Lock()
+        self._replayer = loop.create_task(self._replay_forever())
 
     def _wake_replay(self) -> None:
         if self._wake is not None:
@@ -446,18 +450,27 @@ class AsyncBeamClient:
         """Replay at start, then every few seconds or when woken, until ``close()``."""
         wake = self._wake
         assert wake is not None
+        first = True  # at start, all of it: what is there was left by an earlier process
         while True:
             try:
-                await self._replay_pass()
+                await self._replay_pass(force=first)
             except Exception:
                 log.exception("replaying the outbox failed; trying again later")
+            first = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(REPLAY_INTERVAL_SECONDS):
                     await wake.wait()
             wake.clear()
 
     async def _replay_pass(self, force: bool = False) -> int:
-        """One pass over the due entries; stops at the first that finds Beam away."""
+        """One pass over the due entries (one pass at a time)."""
+        self._start_replay()
+        assert self._replaying is not None
+        async with self._replaying:
+            return await self._replay_due(force)
+
+    async def _replay_due(self, force: bool) -> int:
+        """Post the due entries, oldest first; stop at the first that finds Beam away."""
         now = time.time()
         due = await asyncio.to_thread(
             self.outbox.due, self._scope, float("inf") if force else now, REPLAY_BATCH

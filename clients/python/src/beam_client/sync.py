@@ -105,6 +105,7 @@ class BeamClient:
         self._let_through: dict[tuple[str, str], LetThrough] = {}
         self._stop_replay = threading.Event()
         self._wake = threading.Event()
+        self._replaying = threading.Lock()
         self.counters = Counters()
         self._replayer = threading.Thread(
             target=self._replay_forever, name="beam-outbox-replay", daemon=True
@@ -367,16 +368,23 @@ class BeamClient:
 
     def _replay_forever(self) -> None:
         """Replay at start, then every few seconds or when woken, until ``close()``."""
+        first = True  # at start, all of it: what is there was left by an earlier process
         while not self._stop_replay.is_set():
             try:
-                self._replay_pass()
+                self._replay_pass(force=first)
             except Exception:
                 log.exception("replaying the outbox failed; trying again later")
+            first = False
             self._wake.wait(REPLAY_INTERVAL_SECONDS)
             self._wake.clear()
 
     def _replay_pass(self, force: bool = False) -> int:
-        """One pass over the due entries; stops at the first that finds Beam away."""
+        """One pass over the due entries (one pass at a time)."""
+        with self._replaying:
+            return self._replay_due(force)
+
+    def _replay_due(self, force: bool) -> int:
+        """Post the due entries, oldest first; stop at the first that finds Beam away."""
         now = time.time()
         acknowledged = 0
         for entry in self.outbox.due(self._scope, float("inf") if force else now, REPLAY_BATCH):
