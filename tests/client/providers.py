@@ -43,7 +43,7 @@ from typing import Any, Literal
 import anthropic
 import openai
 
-MAX_CALLS = 64  # per server
+MAX_CALLS = 256  # per server
 MAX_TOKENS_PER_REPLY = 100_000
 MAX_REQUEST_BYTES = 1 << 20
 WAIT_SECONDS = 20.0  # the longest any test waits for the server
@@ -112,7 +112,9 @@ class FakeProvider:
         self._replies: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-provider")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fake-provider", daemon=True
+        )
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -195,7 +197,10 @@ class FakeProvider:
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_SECONDS)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_SECONDS)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            return  # a connection that never sent a request
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         method, path, _ = request_line.split(" ", 2)
         headers = dict(
