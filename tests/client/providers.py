@@ -237,6 +237,8 @@ class FakeProvider:
             call.outcome = "closed_by_client"
         finally:
             hangup.cancel()
+            if hangup.done() and not hangup.cancelled():
+                hangup.exception()  # a reset connection: retrieved, so never logged
             call.done.set()
 
     async def _stream(
