@@ -55,6 +55,13 @@ k8s: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e
 
+## The chart end to end on a one-node cluster that runs real pods (root; hack/cluster/README.md):
+## builds what is missing (node binaries, images from Debian packages; cached), helm install,
+## the scenario of tests/e2e/test_cluster.py, helm uninstall, then checks the host is unchanged.
+.PHONY: e2e-cluster
+e2e-cluster: $(STAMP)
+	bash hack/cluster/e2e.sh
+
 ## Build (or reuse from the cache) kube-apiserver, kube-controller-manager, kubectl, etcd, helm.
 controlplane:
 	bash hack/controlplane/build.sh

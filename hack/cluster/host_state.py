@@ -8,7 +8,7 @@ Captured, all from the host's own namespaces (run it outside the cluster's):
 - mounts: mount point, filesystem type and source of each entry of /proc/self/mountinfo;
 - network: links, addresses and routes (`ip -o ...`), iptables rules of every table in both
   the nft and (when the kernel has it loaded) the legacy backend;
-- cgroups: directories of every cgroup hierarchy down to depth 3;
+- cgroups: the top level of every hierarchy, and pod/runtime-named ones below it;
 - paths the node's components would create on a bare host (/run/containerd, /var/lib/cni, ...);
 - processes running one of the node's binaries, and cluster holders (the control plane's
   processes are left out: other test suites run their own at the same time).
@@ -58,6 +58,7 @@ WATCHED_PATHS = (
     "/etc/kubernetes",
     "/usr/libexec/kubernetes",
 )
+POD_CGROUP_PREFIXES = ("beam-node", "kubepods", "pod", "k8s.io", "besteffort", "burstable")
 NODE_BINARIES = {
     "kubelet",
     "kube-scheduler",
@@ -128,16 +129,20 @@ def network() -> dict[str, object]:
 
 
 def cgroups() -> list[str]:
+    """Top-level cgroups of every hierarchy (where the node's cgroup root would be), and any
+    cgroup down to depth 4 named like a pod's or a runtime's. Deeper cgroups of other
+    processes come and go on their own (a job runner's per-command cgroups)."""
     found = []
     root = Path("/sys/fs/cgroup")
     for hierarchy in sorted(root.iterdir()):
         if hierarchy.is_symlink() or not hierarchy.is_dir():
             continue
         for directory, subdirectories, _files in os.walk(hierarchy):
-            depth = len(Path(directory).relative_to(hierarchy).parts)
-            if depth >= 3:
+            relative = Path(directory).relative_to(hierarchy)
+            depth = len(relative.parts)
+            if depth >= 4:
                 subdirectories.clear()
-            if depth > 0:
+            if depth == 1 or (depth > 1 and relative.name.startswith(POD_CGROUP_PREFIXES)):
                 found.append(str(Path(directory).relative_to(root)))
     return sorted(found)
 
