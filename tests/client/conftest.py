@@ -61,7 +61,7 @@ class Admin:
 
 
 @pytest.fixture(autouse=True)
-def _outbox_per_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def outbox_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test's clients share one outbox file of its own (never the user's)."""
     path = tmp_path / "outbox.sqlite3"
     monkeypatch.setenv("BEAM_OUTBOX_PATH", str(path))

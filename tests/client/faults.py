@@ -35,6 +35,7 @@ class CuttableProxy:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()
 
     def cut(self) -> None:
         self._run(self._cut())
