@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import types
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -283,6 +284,36 @@ class Paced:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    @property
+    def pieces_sent(self) -> int:
+        return self.stream.pieces_sent
+
+
+class PacedSync:
+    """:class:`Paced` for blocking code (the guard's Deducts run on the client's workers)."""
+
+    def __init__(self, stream: FakeStream, guard: Any, max_wait_seconds: float = 20.0) -> None:
+        self.stream = stream
+        self.guard = guard
+        self.max_wait_seconds = max_wait_seconds
+
+    def __iter__(self) -> Iterator[Any]:
+        for chunk in self.stream:
+            for _ in range(int(self.max_wait_seconds / 0.002)):
+                if not self.guard.deduct_in_flight:
+                    break
+                time.sleep(0.002)
+            else:
+                raise AssertionError("a Deduct stayed in flight")
+            yield chunk
+
+    def close(self) -> None:
+        self.stream.close()
 
     @property
     def closed(self) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import pytest
 from beam_client import (
     AsyncBeamClient,
+    AsyncGuard,
     BeamClient,
     BeamError,
     InsufficientBalance,
@@ -19,7 +20,7 @@ from beam_client import (
 )
 
 from tests.client.conftest import Admin
-from tests.client.fakes import Paced, anthropic_stream, endless, openai_stream
+from tests.client.fakes import Paced, PacedSync, anthropic_stream, endless, openai_stream
 from tests.support.stack import ServiceProcess, Tenant
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,38 +104,132 @@ async def test_a_stream_is_stopped_ahead_of_the_money_and_the_balance_never_goes
 ) -> None:
     """Issue 16, failure 4 (one stream): a stream cut by Beam left the balance at -100."""
     customer = await admin.customer(1000)
-    # Hold: estimate 100 x 1 + 300 x 2 = 700 at multiplier 1.0; the provider ignores
-    # max_tokens and never ends. Paced: each Deduct's answer lands before the next token.
+    # Hold: ceil((100 x 1 + 300 x 2) x 1.2) = 840, which covers (840 - 100) / 2 = 370
+    # completion tokens. The provider ignores max_tokens and never ends. Paced: each
+    # Deduct's answer lands before the next token.
     async with client.guard(
-        customer, model="cheap", prompt_tokens=100, max_tokens=300, buffer_multiplier=1.0
+        customer, model="cheap", prompt_tokens=100, max_tokens=300, buffer_multiplier=1.2
     ) as g:
         assert g.check is not None
-        assert (g.check.reserved_grains, g.granted_completion_tokens) == (700, 300)
+        assert (g.check.reserved_grains, g.granted_completion_tokens) == (840, 300)
         stream = Paced(openai_stream(endless(), usage=None), g)
         async for _ in g.openai(stream):
             pass
-    # Reports at 150 tokens (half of the 300 granted; the prompt rides along), then as the
-    # headroom shrinks at 225, 275, 325 and 375, each reserving what may arrive before the
-    # next one (150, then 100 tokens ahead). The hold grows 700 -> 750 -> 850 -> 950; at
-    # 375 it cannot cover 375 + 100 tokens (100 + 950 = 1050 > 1000 grains): stop now,
-    # which takes effect at the next chunk (376, within the 425 the hold covered).
+    # Reports: at 150 (half the 300 granted; the prompt rides along; 150 ahead), at 260
+    # (half the 220 of headroom left; 40 ahead, up to the grant). Past the grant the
+    # provider overruns: at 315 (reserving 100 ahead: the hold grows to 930, covering 415)
+    # and at 365, where the hold cannot cover 365 + 100 tokens (100 + 930 = 1030 > 1000
+    # grains): stop now, which takes effect at the next chunk (366, within the 415).
     assert stream.closed
-    assert stream.pieces_sent == g.completion_tokens == 376
+    assert stream.pieces_sent == g.completion_tokens == 366
     assert (g.should_stop, g.stop_reason) == (True, "INSUFFICIENT_BALANCE")
     assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
-    assert g.last_deduct is not None
-    # consumed 100 + 375 x 2 = 850; the hold keeps all it could (1000) and covers
+    assert client.stats()["deducts"] == 4
+    # consumed 100 + 365 x 2 = 830; the hold keeps all it could (1000) and covers
     # (1000 - 100) / 2 = 450 completion tokens: more than were streamed.
-    assert (g.last_deduct.consumed_grains, g.last_deduct.reserved_grains) == (850, 1000)
+    assert g.last_deduct is not None
+    assert (g.last_deduct.consumed_grains, g.last_deduct.reserved_grains) == (830, 1000)
     assert g.last_deduct.covered_completion_tokens == 450
-    assert client.stats()["deducts"] == 5
-    # Settled at what was delivered: 100 + 376 x 2 = 852, no overage; the balance never
+    # Settled at what was delivered: 100 + 366 x 2 = 832, no overage; the balance never
     # went below zero.
     assert g.result is not None
-    assert (g.result.charged_grains, g.result.overage_grains) == (852, 0)
-    assert await admin.balance(customer) == (148, 0, 148)
+    assert (g.result.charged_grains, g.result.overage_grains) == (832, 0)
+    assert await admin.balance(customer) == (168, 0, 168)
     settled = await admin.request(g.request_id, customer)
     assert (settled["status"], settled["overage_grains"]) == ("killed", "0")
+
+
+async def test_the_sync_guard_makes_the_same_decisions(
+    service: ServiceProcess, tenant: Tenant, admin: Admin
+) -> None:
+    """One core, two faces: the blocking guard stops the same stream at the same token."""
+    customer = await admin.customer(1000)
+
+    def run() -> tuple[int, str, int, int]:
+        with BeamClient(service.grpc_target, tenant.keys["enforcer"]) as beam:
+            with beam.guard(
+                customer, model="cheap", prompt_tokens=100, max_tokens=300,
+                buffer_multiplier=1.2,
+            ) as g:  # fmt: skip
+                stream = PacedSync(openai_stream(endless(), usage=None), g)
+                for _ in g.openai(stream):
+                    pass
+            assert g.result is not None
+            return (
+                g.completion_tokens,
+                g.stop_reason,
+                g.result.charged_grains,
+                beam.stats()["deducts"],
+            )
+
+    # As test_a_stream_is_stopped_ahead_of_the_money_...: 4 Deducts, stopped at 366.
+    assert await asyncio.to_thread(run) == (366, "INSUFFICIENT_BALANCE", 832, 4)
+    assert await admin.balance(customer) == (168, 0, 168)
+
+
+async def test_a_stream_its_hold_covers_costs_four_rpcs(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    """Issue 16, failure 6: a 1,000-token stream cost 23 RPCs, each awaited by the stream."""
+    customer = await admin.customer(1_000_000)
+    async with client.guard(
+        customer, model="cheap", prompt_tokens=20, max_tokens=1000, buffer_multiplier=1.2
+    ) as g:
+        stream = Paced(openai_stream(["tok "] * 1000, usage=(20, 1000)), g)
+        async for _ in g.openai(stream):
+            pass
+    # The hold, ceil((20 + 1000 x 2) x 1.2) = 2424, covers (2424 - 20) / 2 = 1202 tokens.
+    # Reports at 500 (half the 1000 granted; the prompt rides along) and at 851 (half the
+    # 702 left); Check, 2 Deducts, Finalize.
+    assert client.stats()["calls"] == 4
+    assert client.stats()["deducts"] == 2
+    assert g.last_deduct is not None
+    assert (g.last_deduct.consumed_grains, g.last_deduct.covered_completion_tokens) == (
+        20 + 851 * 2, 1202,
+    )  # fmt: skip
+    assert g.result is not None
+    assert g.result.charged_grains == 2020
+    assert await admin.balance(customer) == (1_000_000 - 2020, 0, 1_000_000 - 2020)
+
+
+async def test_fifty_concurrent_under_estimated_streams_never_overspend(
+    client: AsyncBeamClient, admin: Admin
+) -> None:
+    """Issue 16, failure 4: 50 streams of one customer estimated at 50 tokens, the provider
+    streaming 200: the customer spent 1,548 of 1,260 grains (23 % over)."""
+    customer = await admin.customer(1260)
+    guards: list[AsyncGuard] = []
+    refused = 0
+
+    async def one() -> None:
+        nonlocal refused
+        g = client.guard(
+            customer, model="cheap", prompt_tokens=10, max_tokens=50, buffer_multiplier=1.2
+        )
+        try:
+            async with g:
+                guards.append(g)
+                stream = openai_stream(["tok "] * 200, usage=(10, 200), delay=0.001)
+                async for _ in g.openai(stream):
+                    pass
+        except InsufficientBalance:
+            refused += 1
+
+    await asyncio.gather(*(one() for _ in range(50)))
+    assert len(guards) + refused == 50
+    charged = 0
+    for g in guards:
+        assert g.result is not None
+        assert g.result.overage_grains == 0
+        # Each is charged what it streamed (10 + 2 per token), and streamed no more than
+        # its hold covered.
+        assert g.result.charged_grains == 10 + 2 * g.completion_tokens
+        charged += g.result.charged_grains
+    assert any(g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE for g in guards)
+    balance, reserved, available = await admin.balance(customer)
+    assert (balance, reserved, available) == (1260 - charged, 0, 1260 - charged)
+    assert balance >= 0
+    assert await admin.ledger_entries(customer) == len(guards)
 
 
 async def test_a_low_balance_shortens_the_answer_instead_of_refusing_it(

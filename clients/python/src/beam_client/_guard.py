@@ -421,7 +421,15 @@ class GuardCore:
         self._stop(STOP_HOLD_COVERAGE)
 
     def _due(self) -> DeductPlan | None:
-        if self._in_flight is not None or self.unreported_tokens < self._interval:
+        if self._in_flight is not None:
+            return None
+        interval = self._interval
+        granted = self.granted_completion_tokens
+        if 0 < granted < self.completion_tokens and self._limit > 0:
+            # The provider streams past what it was asked for: report while half of the
+            # hold's headroom is left, so the hold can grow before the stream reaches it.
+            interval = max(1, min(interval, (self._limit - self._reported) // 2))
+        if self.unreported_tokens < interval:
             return None
         return self._plan_flush()
 
@@ -458,17 +466,26 @@ class GuardCore:
 
     def _reserve_ahead(self) -> int:
         """Completion tokens that may arrive before the next answer: two intervals, but
-        within the tokens granted while the stream is still within them."""
+        no further than the tokens granted while the stream is within them (a customer who
+        can pay for what was granted is never stopped short of it), and two
+        ``deduct_every`` at a time past them (a provider streaming more than asked)."""
         ahead = 2 * max(self._interval, self.deduct_every)
         granted = self.granted_completion_tokens
         if granted > 0:
-            ahead = min(ahead, max(granted - self._reported, 2 * self.deduct_every))
+            past = self._reported >= granted
+            ahead = 2 * self.deduct_every if past else min(ahead, granted - self._reported)
         return min(ahead, _wire.INT32_MAX)
 
     def _repace(self) -> None:
-        headroom = self._limit - self._reported if self._limit > 0 else 0
+        """The interval from the hold's headroom: half of it, within [deduct_every, max];
+        before the first answer (the Check's grant, not a known coverage) also below
+        ``deduct_every``, so the first report lands before the stream reaches the grant."""
         if self._limit <= 0:
             self._interval = self.deduct_every
+            return
+        headroom = self._limit - self._reported
+        if self.last_deduct is None:
+            self._interval = max(1, min(self.deduct_every_max, headroom // 2))
         else:
             self._interval = interval_for(headroom, self.deduct_every, self.deduct_every_max)
 
