@@ -60,6 +60,48 @@ local function token_cost(in_tokens, out_tokens, cached_tokens, p_in, p_out, p_c
   return whole
 end
 
+-- ceil(estimated x multiplier_ppm / 1e6), exact: estimated = q * 1e6 + r, and q * ppm is
+-- exact while it is below 2^53 (above that no balance could cover the hold anyway).
+local function hold_for(estimated, multiplier_ppm)
+  local q, r = split_price(estimated)
+  local amount = q * multiplier_ppm
+  local frac = r * multiplier_ppm
+  local rest = math.fmod(frac, MILLION)
+  amount = amount + (frac - rest) / MILLION
+  if rest > 0 then
+    amount = amount + 1
+  end
+  return amount
+end
+
+-- The most completion tokens (at most max_out) that `amount` pays for at these prices,
+-- given the prompt tokens already charged; 0 if not even the prompt is covered. Exact
+-- (token_cost), bounded: 32 halvings.
+local function covered_out(amount, in_tokens, cached_tokens, p_in, p_out, p_cached, max_out)
+  local function fits(t)
+    return token_cost(in_tokens, t, cached_tokens, p_in, p_out, p_cached) <= amount
+  end
+  if not fits(0) then
+    return 0
+  end
+  if fits(max_out) then
+    return max_out
+  end
+  local lo, hi = 0, max_out
+  for _ = 1, 32 do
+    if hi - lo <= 1 then
+      break
+    end
+    local mid = math.floor((lo + hi) / 2)
+    if fits(mid) then
+      lo = mid
+    else
+      hi = mid
+    end
+  end
+  return lo
+end
+
 local function invariant(ok, message)
   -- Checked before any write: a script that errors after writing would leave them behind.
   if not ok then

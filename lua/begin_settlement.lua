@@ -51,7 +51,12 @@ local hold_exists = redis.call('EXISTS', KEYS[4]) == 1
 if not hold_exists then
   local d = redis.call('HMGET', KEYS[5], 'charged', 'refunded', 'final_balance', 'overage',
     'status', 'nonce')
-  if d[1] and d[5] ~= 'expired' then
+  -- A token of another hold than the one the marker settled (its own marker names it)
+  -- goes on to a claim, exactly as once the marker is gone: that hold was lost by Redis
+  -- and its usage is charged on its own (PostgresStore.record_settlement), today or
+  -- tomorrow alike.
+  local other = token_nonce ~= '' and (d[6] or '') ~= '' and token_nonce ~= d[6]
+  if d[1] and d[5] ~= 'expired' and not other then
     return {'DONE', num(d[1]), num(d[2]), num(d[3]), num(d[4]), d[5], d[6] or ''}
   end
 end

@@ -13,13 +13,21 @@ local arg_p_out    = ARGV[10]
 local arg_p_cached = ARGV[11]
 local expire_batch = tonumber(ARGV[12])
 local max_tokens   = tonumber(ARGV[13])  -- per request
--- Returns {outcome, code, available, consumed, amount} where outcome is
+local ahead        = tonumber(ARGV[14])  -- completion tokens to reserve beyond these
+local extra_in     = tonumber(ARGV[15])  -- prompt tokens charged with this deduct
+local extra_cached = tonumber(ARGV[16])  -- cached prompt tokens charged with this deduct
+-- Returns {outcome, code, available, consumed, amount, covered} where outcome is
 --   'OK'   charged (code '')
 --   'FAIL' the stream must stop: INSUFFICIENT_BALANCE, MAX_REQUEST_GRAINS_EXCEEDED or
 --          HOLD_EXPIRED
 --   'ERR'  a caller error: HOLD_NOT_FOUND, REQUEST_ALREADY_SETTLED, INVALID_REQUEST_TOKEN,
 --          UNKNOWN_MODEL, TOKEN_LIMIT
--- or {'NOT_LOADED'}.
+-- and covered is the number of completion tokens the hold pays for in all at its locked
+-- prices (0 without prices), or {'NOT_LOADED'}.
+-- Reserve-ahead (a streaming guard): the hold grows to pay for `ahead` more completion
+-- tokens too, so the stream may run ahead of the next answer; when it cannot, the answer is
+-- FAIL INSUFFICIENT_BALANCE (or MAX_REQUEST_GRAINS_EXCEEDED) — stop now — and the hold
+-- keeps what it could reserve, which covers the tokens in flight until the stop lands.
 -- The cost is recomputed from the cumulative token counts (rounded up once), so splitting
 -- a stream into more deducts never costs more. When the balance (or the customer's
 -- per-request cap) cannot cover the tokens already delivered, the hold still grows by what
@@ -49,6 +57,13 @@ if h[1] ~= nonce then
   return {'ERR', 'INVALID_REQUEST_TOKEN', balance - held, 0, 0}
 end
 local amount, consumed = num(h[3]), num(h[4])
+local function covered_now()
+  if h[6] ~= '1' then
+    return 0
+  end
+  return covered_out(amount, num(h[10]), num(h[12]), num(h[7]), num(h[8]), num(h[9]),
+    max_tokens)
+end
 if h[2] == 'settling' then
   return {'ERR', 'REQUEST_ALREADY_SETTLED', balance - held, consumed, amount}
 end
@@ -57,14 +72,14 @@ if sequence > 0 then
   local seen = redis.call('HGET', KEYS[4], 's:' .. fmt(sequence))
   if seen then
     local outcome, code = string.match(seen, '^(%u+)|([%u_]*)$')
-    return {outcome, code, balance - held, consumed, amount}
+    return {outcome, code, balance - held, consumed, amount, covered_now()}
   end
   if sequence <= max_seq - SEQUENCE_WINDOW then
-    return {'OK', '', balance - held, consumed, amount}
+    return {'OK', '', balance - held, consumed, amount, covered_now()}
   end
 end
 if h[2] ~= 'open' then
-  return {'FAIL', 'HOLD_EXPIRED', balance - held, consumed, amount}
+  return {'FAIL', 'HOLD_EXPIRED', balance - held, consumed, amount, covered_now()}
 end
 local p_in, p_out, p_cached = num(h[7]), num(h[8]), num(h[9])
 local lock_prices = false
@@ -84,14 +99,20 @@ elseif token_kind == 'cached' then
 else
   in_tokens = in_tokens + tokens
 end
+in_tokens = in_tokens + extra_in
+cached_tokens = cached_tokens + extra_cached
 if in_tokens + out_tokens + cached_tokens > max_tokens then
   return {'ERR', 'TOKEN_LIMIT', balance - held, consumed, amount}
 end
 
 local cost = token_cost(in_tokens, out_tokens, cached_tokens, p_in, p_out, p_cached)
+local target = cost
+if ahead > 0 then
+  target = token_cost(in_tokens, out_tokens + ahead, cached_tokens, p_in, p_out, p_cached)
+end
 local outcome, code = 'OK', ''
-if cost > amount then
-  local grow = cost - amount
+if target > amount then
+  local grow = target - amount
   if max_request > 0 and amount + grow > max_request then
     grow = math.max(max_request - amount, 0)
     outcome, code = 'FAIL', 'MAX_REQUEST_GRAINS_EXCEEDED'
@@ -131,4 +152,5 @@ if sequence > 0 then
   end
 end
 redis.call('ZADD', KEYS[2], fmt(expires_at), hold_id)
-return {outcome, code, balance - held, consumed, amount}
+return {outcome, code, balance - held, consumed, amount,
+  covered_out(amount, in_tokens, cached_tokens, p_in, p_out, p_cached, max_tokens)}

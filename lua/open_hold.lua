@@ -15,9 +15,18 @@ local max_open_holds = tonumber(ARGV[13])
 local expire_batch   = tonumber(ARGV[14])
 local kind           = ARGV[15]           -- 'request' (Check) or 'debit'
 local settle_ttl_ms  = tonumber(ARGV[16]) -- a debit hold opens settling, with this deadline
+-- Shorten rather than refuse (a Check with min_completion_tokens): the estimate is the
+-- cost of in_tokens + cached_tokens + max_out completion tokens at p_in/p_out/p_cached;
+-- when its hold is more than the account can give, the hold is sized for the most
+-- completion tokens in [min_out, max_out] it can give. min_out 0: no shortening.
+local in_tokens      = tonumber(ARGV[17])
+local cached_tokens  = tonumber(ARGV[18])
+local min_out        = tonumber(ARGV[19])
+local max_out        = tonumber(ARGV[20])
 -- The hold is ceil(estimated x multiplier_ppm / 1e6), computed exactly in integers.
 -- Returns one of
---   {'OK', amount, remaining, nonce, expires_at_ms, replayed(0|1)}
+--   {'OK', amount, remaining, nonce, expires_at_ms, replayed(0|1), granted_out}
+--     (granted_out: the completion tokens the hold was sized for; max_out unless shortened)
 --   {'REJECT', reason, available}
 --   {'CONFLICT'}    same hold id, different parameters
 --   {'SETTLED'}     the request id is settled, or its settlement is being committed
@@ -32,7 +41,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 
 local h = redis.call('HMGET', KEYS[4], 'fp', 'amount0', 'remaining0', 'nonce', 'exp0',
-  'status', 'kind')
+  'status', 'kind', 'granted0')
 if h[6] then
   local hold_kind = h[7] or 'request'  -- holds opened before kinds existed are requests
   local replayable = (kind == 'debit' and hold_kind == 'debit') or
@@ -44,7 +53,7 @@ if h[6] then
     return {'CONFLICT'}
   end
   redis.call('HINCRBY', KEYS[4], 'replays', 1)  -- its token is now out there twice
-  return {'OK', num(h[2]), num(h[3]), h[4], num(h[5]), 1}
+  return {'OK', num(h[2]), num(h[3]), h[4], num(h[5]), 1, num(h[8])}
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then
   return {'SETTLED'}
@@ -58,15 +67,40 @@ if multiplier_ppm <= 0 then
   multiplier_ppm = num(redis.call('HGET', KEYS[1], 'buffer_ppm'))
 end
 invariant(multiplier_ppm >= MILLION, 'buffer multiplier below 1')
--- estimated = q * 1e6 + r: q * ppm is exact while it is below 2^53; above that no balance
--- could cover the hold anyway.
-local q, r = split_price(estimated)
-local amount = q * multiplier_ppm
-local frac = r * multiplier_ppm
-local rest = math.fmod(frac, MILLION)
-amount = amount + (frac - rest) / MILLION
-if rest > 0 then
-  amount = amount + 1
+local amount = hold_for(estimated, multiplier_ppm)
+local granted = max_out
+if min_out > 0 and kind == 'request' and state == 'active' then
+  local limit = available
+  if max_request > 0 and max_request < limit then
+    limit = max_request
+  end
+  if amount > limit then
+    -- The largest t in [min_out, max_out) whose hold fits (max_out does not); bounded: 32
+    -- halvings of a range of at most 2^31 tokens. Unaffordable even at min_out: refused
+    -- below, by the usual checks, with the hold for min_out.
+    local function estimate_for(t)
+      return math.max(token_cost(in_tokens, t, cached_tokens, tonumber(p_in), tonumber(p_out),
+        tonumber(p_cached)), 1)
+    end
+    local lo, hi = min_out, max_out
+    if hold_for(estimate_for(lo), multiplier_ppm) > limit then
+      hi = lo
+    end
+    for _ = 1, 32 do
+      if hi - lo <= 1 then
+        break
+      end
+      local mid = math.floor((lo + hi) / 2)
+      if hold_for(estimate_for(mid), multiplier_ppm) <= limit then
+        lo = mid
+      else
+        hi = mid
+      end
+    end
+    granted = lo
+    estimated = estimate_for(lo)
+    amount = hold_for(estimated, multiplier_ppm)
+  end
 end
 if amount > MAX_GRAINS then
   return {'REJECT', 'INSUFFICIENT_BALANCE', available}
@@ -107,10 +141,11 @@ redis.call('HSET', KEYS[4],
   'estimated', fmt(estimated), 'fp', fingerprint, 'nonce', nonce, 'model', model,
   'has_prices', has_prices, 'p_in', p_in, 'p_out', p_out, 'p_cached', p_cached,
   'ttl_ms', fmt(ttl_ms), 'created', fmt(now_ms), 'marked', fmt(now_ms),
-  'amount0', fmt(amount), 'remaining0', fmt(remaining), 'exp0', fmt(expires_at))
+  'amount0', fmt(amount), 'remaining0', fmt(remaining), 'exp0', fmt(expires_at),
+  'granted0', fmt(granted))
 if kind == 'debit' then
   redis.call('ZADD', KEYS[6], fmt(expires_at), hold_id)
 else
   redis.call('ZADD', KEYS[2], fmt(expires_at), hold_id)
 end
-return {'OK', amount, remaining, nonce, expires_at, 0}
+return {'OK', amount, remaining, nonce, expires_at, 0, granted}

@@ -236,12 +236,13 @@ def test_seed_walkthrough_verbatim_then_grpc_by_reflection_then_restart_and_ctrl
     assert check == {
         "approved": True, "remaining_balance": "99940000", "rejection_reason": "",
         "reserved_grains": "60000", "max_affordable_completion_tokens": "1666666",
-        "replayed": False,
+        "replayed": False, "granted_completion_tokens": "0",
     }  # fmt: skip
     deduct = shell(SEED_WALKTHROUGH[2], dev, epoch, token)
     assert deduct == {
         "success": True, "remaining_balance": "99940000", "error_code": "",
         "consumed_grains": "3000", "reserved_grains": "60000",
+        "covered_completion_tokens": "1000",
     }  # fmt: skip
     final = shell(SEED_WALKTHROUGH[3], dev, epoch)
     assert final == {
@@ -324,7 +325,7 @@ def grpc_walkthrough(dev: BeamDev) -> None:
         assert check == {
             "approved": True, "remaining_balance": "99891300", "rejection_reason": "",
             "reserved_grains": "60000", "max_affordable_completion_tokens": "1665855",
-            "replayed": False,
+            "replayed": False, "granted_completion_tokens": "0",
         }  # fmt: skip
         deduct = balance.call("DeductTokens", {
             "customer_id": "test_customer_1", "request_id": "req_grpc_1",

@@ -178,3 +178,32 @@ async def test_a_token_never_charges_again_what_a_tokenless_settlement_settled(
     assert (await ledger_row(stores, tenant.name))[:2] == (700, 700)
     assert await redis_account(runtime, tenant.name) == (700, 0)
     await assert_consistent(runtime, p)
+
+
+async def test_a_lost_first_hold_is_charged_while_the_done_marker_lives_too(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Seed 302226, shrunk: hold A of r (token TA) consumed 100, then Redis lost it; r was
+    checked again (hold B, token TB) and settled by TB's Finalize (300). A Finalize with TA
+    reporting 1 000 is about hold A: charged on its own, the same whether the done marker
+    of B's settlement still lives (today) or not (tomorrow): before, the marker answered
+    REQUEST_ID_CONFLICT and charged nothing, the ledger charged it a day later."""
+    p = await customer(runtime, tenant, 10_000)
+    snapshot = RedisSnapshot(runtime, tenant.name, "r")
+    await snapshot.take()
+    first = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 500, 1.0, "cheap"))
+    await snapshot.restore()  # hold A is gone
+    second = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 500, 1.0, "cheap"))
+    await settle(runtime, p, "r", 300, second.request_token)
+    for _ in range(2):  # the retry charges nothing more
+        with pytest.raises(BeamError) as refused:
+            await settle(runtime, p, "r", 1_000, first.request_token)
+        assert refused.value.reason is Reason.REQUEST_ID_CONFLICT
+        assert await redis_account(runtime, tenant.name) == (8_700, 0)
+    await runtime.redis.client.delete(done_key(tenant.name, CUSTOMER, "r"))  # a day later
+    with pytest.raises(BeamError):
+        await settle(runtime, p, "r", 1_000, first.request_token)
+    assert (await ledger_row(stores, tenant.name))[:2] == (8_700, 8_700)
+    replay = await settle(runtime, p, "r", 300, second.request_token)
+    assert (replay.charged_grains, replay.replayed) == (300, True)
+    await assert_consistent(runtime, p)

@@ -52,7 +52,7 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: Rest) -> None:
     assert check == {
         "approved": True, "remaining_balance": "99940000", "rejection_reason": "",
         "reserved_grains": "60000", "max_affordable_completion_tokens": "1666666",
-        "replayed": False,
+        "replayed": False, "granted_completion_tokens": "0",
     }  # fmt: skip
     deduct = await rest.post("/v1/balance/deduct", {
         "customer_id": "cus", "request_id": "r1", "request_token": token,
@@ -61,6 +61,7 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: Rest) -> None:
     assert deduct == {
         "success": True, "remaining_balance": "99940000", "error_code": "",
         "consumed_grains": "3000", "reserved_grains": "60000",
+        "covered_completion_tokens": "1000",
     }  # fmt: skip
     # 1000 more completion tokens = 63000 consumed: the hold grows by 3000.
     grow = await rest.post("/v1/balance/deduct", {
@@ -102,10 +103,12 @@ async def test_lifecycle_over_rest_with_exact_numbers(rest: Rest) -> None:
         "customer_id": "small", "request_id": "r2", "request_token": check["request_token"],
         "tokens_consumed": 200, "is_completion": True, "sequence_number": 1,
     })  # fmt: skip
-    # 200 x 60 = 12000 > 10000: the hold takes all 10000 and the stream must stop.
+    # 200 x 60 = 12000 > 10000: the hold takes all 10000 and the stream must stop; the
+    # hold pays for 166 of the 200 tokens delivered.
     assert kill == {
         "success": False, "remaining_balance": "0", "error_code": "INSUFFICIENT_BALANCE",
         "consumed_grains": "10000", "reserved_grains": "10000",
+        "covered_completion_tokens": "166",
     }  # fmt: skip
     final = await rest.post("/v1/balance/finalize", {
         "customer_id": "small", "request_id": "r2", "status": "KILLED_INSUFFICIENT_BALANCE",

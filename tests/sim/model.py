@@ -108,6 +108,7 @@ class Hold:
     cached_t: int = 0
     status: str = "open"  # open | expiring
     seqs: dict[int, tuple[str, str]] = field(default_factory=dict)
+    granted0: int = 0  # completion tokens the hold was sized for (0: from estimated_grains)
 
 
 @dataclass
@@ -220,7 +221,8 @@ class Model:
         estimated = a["est"] or max(cost_of("cheap", a["prompt"], a["max_tokens"], 0), 1)
         ppm_arg = multiplier_ppm(a["mult"]) if a["mult"] else 0
         ppm = ppm_arg or DEFAULT_BUFFER_PPM
-        fp = (estimated, ppm_arg, a["model"], a["max_tokens"], a["prompt"])
+        minimum = a.get("min", 0)
+        fp = (estimated, ppm_arg, a["model"], a["max_tokens"], a["prompt"], minimum)
         where = f"Check {rid}"
         if rid in cust.settled:
             # A settled id never opens a hold again: refused, or (no done marker left and
@@ -241,7 +243,8 @@ class Model:
                 return
             expected = (True, hold.remaining0, hold.amount0, hold.token, hold.affordable0)
             got = self._check_tuple(actual)
-            if got != expected or not getattr(actual, "replayed", True):
+            granted = getattr(actual, "granted_completion_tokens", hold.granted0)
+            if got != expected or not getattr(actual, "replayed", True) or granted != hold.granted0:
                 raise Mismatch(
                     "answer", f"{where} retried: expected the original answer {expected} "
                     f"(replayed), got {show(actual)}"
@@ -250,6 +253,17 @@ class Model:
         self.expire_due(cust)
         available = cust.balance - cust.held
         amount = ceil_div(estimated * ppm, MILLION)
+        granted = a["max_tokens"] if not a["est"] else 0
+        if minimum and amount > available:
+            # Shorten rather than refuse: the most completion tokens in [min, max_tokens)
+            # whose hold fits (none: refused, as for the hold at min).
+            def hold_for(t: int) -> int:
+                return ceil_div(max(cost_of("cheap", a["prompt"], t, 0), 1) * ppm, MILLION)
+
+            fitting = [t for t in range(minimum, a["max_tokens"]) if hold_for(t) <= available]
+            granted = max(fitting) if fitting else minimum
+            estimated = max(cost_of("cheap", a["prompt"], granted, 0), 1)
+            amount = hold_for(granted)
         if amount > available:
             if isinstance(actual, BeamError) or actual.approved:
                 raise Mismatch(
@@ -277,10 +291,14 @@ class Model:
                 f"approval, got {show(actual)}"
             )  # fmt: skip
         got = (*self._check_tuple(actual)[:3], actual.max_affordable_completion_tokens)
-        if got != (True, remaining, amount, affordable) or getattr(actual, "replayed", False):
+        if (
+            got != (True, remaining, amount, affordable)
+            or getattr(actual, "replayed", False)
+            or getattr(actual, "granted_completion_tokens", granted) != granted
+        ):
             raise Mismatch(
                 "answer", f"{where}: expected approved, remaining {remaining}, reserved "
-                f"{amount}, affordable {affordable}; got {show(actual)}"
+                f"{amount}, affordable {affordable}, granted {granted}; got {show(actual)}"
             )  # fmt: skip
         token = actual.request_token
         if token in self.tokens.get((t, c, rid), []):
@@ -288,7 +306,7 @@ class Model:
         self.tokens.setdefault((t, c, rid), []).append(token)
         cust.holds[rid] = Hold(
             rid, amount, estimated, fp, token, amount, remaining, affordable,
-            self.now + self.ttl_ms, a["model"],
+            self.now + self.ttl_ms, a["model"], granted0=granted,
         )  # fmt: skip
 
     @staticmethod
@@ -355,10 +373,15 @@ class Model:
             hold.cached_t += tokens
         else:
             hold.in_t += tokens
+        hold.in_t += a.get("prompt_in", 0)
+        hold.cached_t += a.get("prompt_cached", 0)
         cost = cost_of(model, hold.in_t, hold.out_t, hold.cached_t)
+        # A guard reserves ahead: the hold grows to pay for that many more completion
+        # tokens too; if it cannot, the answer is stop now (it keeps what it could).
+        target = cost_of(model, hold.in_t, hold.out_t + a.get("ahead", 0), hold.cached_t)
         outcome, code = "OK", ""
-        if cost > hold.amount:
-            grow = cost - hold.amount
+        if target > hold.amount:
+            grow = target - hold.amount
             available = cust.balance - cust.held
             if grow > available:
                 grow = max(available, 0)
@@ -373,7 +396,13 @@ class Model:
     def _deduct_answer(
         self, where: str, actual: Any, cust: Cust, hold: Hold, outcome: str, code: str
     ) -> None:
-        expected = (outcome == "OK", cust.balance - cust.held, code, hold.consumed, hold.amount)
+        # Completion tokens the hold pays for in all (cheap: 1 grain per input or cached
+        # token, 2 per output token); 0 if not even the prompt is covered, 0 without prices.
+        paid = hold.amount - hold.in_t - hold.cached_t
+        covered = max(paid, 0) // 2 if hold.model else 0
+        expected = (
+            outcome == "OK", cust.balance - cust.held, code, hold.consumed, hold.amount, covered,
+        )  # fmt: skip
         got = (
             ("error", actual.reason.value)
             if isinstance(actual, BeamError)
@@ -383,6 +412,7 @@ class Model:
                 actual.error_code,
                 actual.consumed_grains,
                 actual.reserved_grains,
+                actual.covered_completion_tokens,
             )
         )
         if got != expected:

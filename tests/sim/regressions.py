@@ -280,6 +280,29 @@ SCHEDULES.update(
             ),
             HAND_WRITTEN,
         ),
+        # Hold A of r0 lost in a Redis restart, r0 checked again (hold B) and settled by
+        # B's Finalize; then A's Finalize (its token, "stale" now) reporting 1 000: charged
+        # on its own. The done marker of B's settlement answered it REQUEST_ID_CONFLICT and
+        # charged nothing, while the ledger (the marker gone, a day later) charged it: the
+        # model caught the difference (seed 302226). Now both charge it.
+        "lost_first_hold_finalized_while_the_marker_lives": Schedule(
+            114,
+            2,
+            2,
+            BALANCES,
+            (
+                Step("snapshot"),
+                _check("r0"),
+                _deduct("r0", 50, 1),
+                Step("redis_restart"),
+                _check("r0"),
+                _finalize("r0", 300),
+                _finalize("r0", 600, source="stale"),
+                _finalize("r0", 600, source="stale"),
+                Step("balance", 0, 0),
+            ),
+            HAND_WRITTEN,
+        ),
     }
 )
 

@@ -583,6 +583,7 @@ class Runner:
             model=a["model"],
             max_tokens=a["max_tokens"],
             prompt_tokens=a["prompt"],
+            min_completion_tokens=a.get("min", 0),
         )
         settled_before = rid in self.settled_ids(t, c)
 
@@ -628,6 +629,9 @@ class Runner:
             is_completion=a["kind"] == "out",
             sequence_number=a["seq"],
             is_cached_prompt=a["kind"] == "cached",
+            reserve_ahead_tokens=a.get("ahead", 0),
+            prompt_tokens=a.get("prompt_in", 0),
+            cached_prompt_tokens=a.get("prompt_cached", 0),
         )
         settled_before = a["rid"] in self.settled_ids(t, c)
         journal = self.model.journal[t, c]

@@ -199,6 +199,10 @@ class _Gen:
     # per tenant: transaction id -> (customer, kind, amount)
     txids: dict[int, dict[str, tuple[int, str, int]]] = field(default_factory=dict)
     txid_counter: int = 0
+    # The streaming guard's fields (a Check that may shorten, Deducts that reserve ahead
+    # with the prompt on board) come from a second stream of the seed, so the schedules
+    # of seeds recorded before they existed stay what they were.
+    guard_rng: random.Random = field(default_factory=random.Random)
 
     def pick_customer(self) -> tuple[int, int]:
         return self.rng.randrange(self.tenants), self.rng.randrange(self.customers)
@@ -282,13 +286,16 @@ class _Gen:
             model = rng.choice(("cheap", "cheap", "cheap", ""))
             return {"est": est, "mult": mult, "model": model, "max_tokens": 0, "prompt": 0}
         # Beam estimates from the model's prices: prompt x 1 + max_tokens x 2 grains.
-        return {
+        args: dict[str, Any] = {
             "est": 0,
             "mult": mult,
             "model": "cheap",
             "max_tokens": rng.randint(1, 1_500),
             "prompt": rng.randint(0, 500),
         }
+        if self.guard_rng.random() < 0.5:  # shorten rather than refuse, down to min
+            args["min"] = self.guard_rng.randint(1, args["max_tokens"])
+        return args
 
     def deduct(self, customer: tuple[int, int] | None = None) -> Step:
         t, c, rid = self.checked_target(customer, 0.95)
@@ -315,6 +322,12 @@ class _Gen:
             "model": rng.choice(("cheap", "cheap", "cheap", "")),
             "token": rng.choices(("current", "stale", "other", "forged"), (85, 6, 6, 3))[0],
         }
+        guard = self.guard_rng
+        if guard.random() < 0.5:  # a streaming guard: reserve ahead, the prompt on board
+            args["ahead"] = guard.choice((1, 50, 200, guard.randint(1, 2_000)))
+            if guard.random() < 0.3:
+                args["prompt_in"] = guard.randint(0, 300)
+                args["prompt_cached"] = guard.choice((0, 0, guard.randint(1, 100)))
         return Step("deduct", t, c, args)
 
     def finalize(self, customer: tuple[int, int] | None = None) -> Step:
@@ -435,7 +448,7 @@ def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = 
     )
     if fault_rate is None:
         fault_rate = rng.choice((0.0, 0.1, 0.25, 0.5))
-    gen = _Gen(rng, tenants, customers, fault_rate)
+    gen = _Gen(rng, tenants, customers, fault_rate, guard_rng=random.Random(f"{seed}:guard"))
     weights = dict(_BASE_WEIGHTS)
     weights.update(rng.choice(_PROFILES))
     kinds = list(weights)

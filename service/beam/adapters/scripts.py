@@ -66,8 +66,21 @@ class OpenHoldReply:
     nonce: str = ""
     expires_at_ms: int = 0
     replayed: bool = False
+    granted_out: int = 0  # OK: the completion tokens the hold was sized for
     reason: str = ""  # REJECT: the rejection reason
     available: int = 0  # REJECT: what was available
+
+
+@dataclass(frozen=True, slots=True)
+class Shorten:
+    """A Check that may be shortened: the estimate is the cost of these tokens (prompt and
+    ``max_output_tokens``) at the hold's prices, and the hold may be sized for as few as
+    ``min_output_tokens`` (0: no shortening)."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    min_output_tokens: int = 0
+    max_output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,7 @@ class DeductReply:
     available: int
     consumed: int
     amount: int
+    covered_out: int = 0  # completion tokens the hold pays for in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +231,18 @@ class Scripts:
         expire_batch: int,
         kind: Literal["request", "debit"] = "request",
         settle_deadline_ms: int = 0,
+        shorten: Shorten | None = None,
     ) -> OpenHoldReply:
+        """``shorten``: size the hold for fewer completion tokens rather than refuse it."""
+        s = shorten or Shorten()
         reply = await self._run(
             SCRIPT_OPEN_HOLD,
             customer_keys(tenant, customer_id, hold_id),
             [
                 now_ms, hold_id, estimated_grains, multiplier_ppm, fingerprint, nonce,
                 prices.model if prices else "", *_price_args(prices), default_ttl_ms,
-                max_open_holds, expire_batch, kind, settle_deadline_ms,
+                max_open_holds, expire_batch, kind, settle_deadline_ms, s.input_tokens,
+                s.cached_tokens, s.min_output_tokens, s.max_output_tokens,
             ],
             idempotent=True,
         )  # fmt: skip
@@ -232,7 +250,7 @@ class Scripts:
         if outcome == "OK":
             return OpenHoldReply(
                 "OK", int(reply[1]), int(reply[2]), str(reply[3]), int(reply[4]),
-                bool(int(reply[5])),
+                bool(int(reply[5])), int(reply[6]),
             )  # fmt: skip
         if outcome == "REJECT":
             return OpenHoldReply("REJECT", reason=str(reply[1]), available=int(reply[2]))
@@ -253,6 +271,9 @@ class Scripts:
         prices: PriceArgs | None,
         expire_batch: int,
         max_tokens_per_request: int,
+        reserve_ahead_tokens: int = 0,
+        prompt_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
     ) -> DeductReply:
         reply = await self._run(
             SCRIPT_DEDUCT,
@@ -260,11 +281,15 @@ class Scripts:
             [
                 now_ms, hold_id, nonce, tokens, token_kind, sequence,
                 prices.model if prices else "", *_price_args(prices), expire_batch,
-                max_tokens_per_request,
+                max_tokens_per_request, reserve_ahead_tokens, prompt_tokens,
+                cached_prompt_tokens,
             ],
             idempotent=sequence > 0,  # without a sequence number a retry would charge twice
         )  # fmt: skip
-        return DeductReply(reply[0], str(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
+        covered = int(reply[5]) if len(reply) > 5 else 0
+        return DeductReply(
+            reply[0], str(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), covered
+        )
 
     async def begin_settlement(
         self,

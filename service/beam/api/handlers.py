@@ -59,6 +59,7 @@ def check_command(m: balance_pb.CheckBalanceRequest) -> CheckCommand:
         prompt_tokens=md.prompt_tokens,
         cached_prompt_tokens=md.cached_prompt_tokens,
         custom_properties=dict(md.custom_properties),
+        min_completion_tokens=md.min_completion_tokens,
     )
 
 
@@ -72,6 +73,9 @@ def deduct_command(m: balance_pb.DeductTokensRequest) -> DeductCommand:
         is_completion=m.is_completion,
         sequence_number=m.sequence_number,
         is_cached_prompt=m.is_cached_prompt,
+        reserve_ahead_tokens=m.reserve_ahead_tokens,
+        prompt_tokens=m.prompt_tokens,
+        cached_prompt_tokens=m.cached_prompt_tokens,
     )
 
 
@@ -129,6 +133,7 @@ class Handlers:
             max_affordable_completion_tokens=result.max_affordable_completion_tokens,
             hold_expires_at_unix_ms=result.hold_expires_at_unix_ms,
             replayed=result.replayed,
+            granted_completion_tokens=result.granted_completion_tokens,
         )
 
     async def deduct(self, p: Principal, m: balance_pb.DeductTokensRequest) -> Message:
@@ -142,6 +147,7 @@ class Handlers:
             error_code=result.error_code,
             consumed_grains=result.consumed_grains,
             reserved_grains=result.reserved_grains,
+            covered_completion_tokens=result.covered_completion_tokens,
         )
 
     async def finalize(self, p: Principal, m: balance_pb.FinalizeRequestRequest) -> Message:

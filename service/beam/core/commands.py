@@ -51,6 +51,7 @@ class CheckCommand:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     custom_properties: dict[str, str] = field(default_factory=dict)
+    min_completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,9 @@ class DeductCommand:
     is_completion: bool = False
     sequence_number: int = 0
     is_cached_prompt: bool = False
+    reserve_ahead_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,14 @@ def validate_check(command: CheckCommand) -> None:
         command.cached_prompt_tokens, "metadata.cached_prompt_tokens", 0, command.prompt_tokens
     )
     _validate_properties(command.custom_properties)
+    require_range(
+        command.min_completion_tokens, "metadata.min_completion_tokens", 0, command.max_tokens
+    )
+    if command.min_completion_tokens and command.estimated_grains:
+        raise invalid(
+            "metadata.min_completion_tokens",
+            "shortening needs Beam's own estimate: set estimated_grains to 0",
+        )
     if command.estimated_grains == 0:
         if not command.model:
             raise invalid(
@@ -177,7 +189,16 @@ def validate_deduct(command: DeductCommand) -> None:
         raise invalid("request_token", "required", Reason.MISSING_FIELD)
     if len(command.request_token) > 256:
         raise invalid("request_token", "at most 256 characters", Reason.OUT_OF_RANGE)
-    require_range(command.tokens_consumed, "tokens_consumed", 1, MAX_TOKENS_PER_CALL)
+    require_range(command.tokens_consumed, "tokens_consumed", 0, MAX_TOKENS_PER_CALL)
+    require_range(command.prompt_tokens, "prompt_tokens", 0, MAX_TOKENS_PER_CALL)
+    require_range(command.cached_prompt_tokens, "cached_prompt_tokens", 0, MAX_TOKENS_PER_CALL)
+    if command.tokens_consumed + command.prompt_tokens + command.cached_prompt_tokens == 0:
+        raise invalid(
+            "tokens_consumed",
+            "at least one token in tokens_consumed, prompt_tokens or cached_prompt_tokens",
+            Reason.OUT_OF_RANGE,
+        )
+    require_range(command.reserve_ahead_tokens, "reserve_ahead_tokens", 0, MAX_TOKENS_PER_CALL)
     require_model(command.model, "model")
     require_range(command.sequence_number, "sequence_number", 0, MAX_SEQUENCE_NUMBER)
     if command.is_completion and command.is_cached_prompt:

@@ -42,6 +42,7 @@ from beam.adapters.scripts import (
     PriceArgs,
     Scripts,
     SettlingHold,
+    Shorten,
 )
 from beam.constants import (
     BUFFER_STRATEGY_MULTIPLIERS_PPM,
@@ -115,6 +116,7 @@ class CheckResult:
     max_affordable_completion_tokens: int = 0
     hold_expires_at_unix_ms: int = 0
     replayed: bool = False
+    granted_completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class DeductResult:
     error_code: str = ""
     consumed_grains: int = 0
     reserved_grains: int = 0
+    covered_completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +316,17 @@ class Ledger:
             command.prompt_tokens,
             command.cached_prompt_tokens,
             sorted(command.custom_properties.items()),
+            command.min_completion_tokens,
+        )
+        shorten = (
+            Shorten(
+                command.prompt_tokens - command.cached_prompt_tokens,
+                command.cached_prompt_tokens,
+                command.min_completion_tokens,
+                command.max_tokens,
+            )
+            if not command.estimated_grains  # min_completion_tokens 0: never shortened
+            else None
         )
         nonce = self.tokens.new_nonce()
         opened = await self.loaded(
@@ -331,6 +345,7 @@ class Ledger:
                 default_ttl_ms=self.default_hold_ttl_ms,
                 max_open_holds=MAX_OPEN_HOLDS_PER_CUSTOMER,
                 expire_batch=EXPIRE_BATCH_PER_CALL,
+                shorten=shorten,
             ),
         )
         if opened.outcome == "CONFLICT":
@@ -367,6 +382,7 @@ class Ledger:
             max_affordable_completion_tokens=affordable,
             hold_expires_at_unix_ms=opened.expires_at_ms,
             replayed=opened.replayed,
+            granted_completion_tokens=opened.granted_out if not command.estimated_grains else 0,
         )
 
     async def _refuse_settled_id(
@@ -444,6 +460,9 @@ class Ledger:
                 prices=price_args(prices),
                 expire_batch=EXPIRE_BATCH_PER_CALL,
                 max_tokens_per_request=MAX_TOKENS_PER_REQUEST,
+                reserve_ahead_tokens=command.reserve_ahead_tokens,
+                prompt_tokens=command.prompt_tokens,
+                cached_prompt_tokens=command.cached_prompt_tokens,
             ),
         )
         if reply.outcome == "ERR":
@@ -454,6 +473,7 @@ class Ledger:
             error_code=reply.code,
             consumed_grains=reply.consumed,
             reserved_grains=reply.amount,
+            covered_completion_tokens=reply.covered_out,
         )
 
     # -- FinalizeRequest ---------------------------------------------------------------------
