@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
-from beam_client import ConfigurationError, ModelPrice, RequestStatus, RetryPolicy, parse_target
+from beam_client import (
+    ConfigurationError,
+    FailOpen,
+    MemoryOutbox,
+    ModelPrice,
+    OutboxEntry,
+    RequestStatus,
+    RetryPolicy,
+    SQLiteOutbox,
+    parse_target,
+)
 from beam_client._guard import status_for
 from beam_client.adapters import _Reader, anthropic_step, estimate_tokens, openai_step
 from beam_client.config import DEV_API_KEY, Target, resolve
+from beam_client.outbox import next_attempt_at, open_outbox
 
 from tests.client.fakes import (
     anthropic_events_head,
@@ -187,3 +199,118 @@ def test_worst_case_of_a_model_price() -> None:
     # No cached price: cached tokens at the input price; rounded up once.
     assert ModelPrice(1, 1).worst_case(1, 1, 1) == 1
     assert ModelPrice(1, 1).worst_case(0, 0, 0) == 0
+
+
+# -- the fail-open allowances (pure) -----------------------------------------------------
+
+
+def _admit(policy: FailOpen, customer: str, max_tokens: int = 100) -> bool:
+    record = policy.admit(
+        customer_id=customer, request_id=f"r-{customer}", model="cheap", prompt_tokens=10,
+        cached_prompt_tokens=0, max_tokens=max_tokens, estimated_grains=0,
+    )  # fmt: skip
+    return record is not None
+
+
+CHEAP = ModelPrice(input_grains_per_million=1_000_000, output_grains_per_million=2_000_000)
+
+
+def test_fail_open_allowances_per_customer_and_per_process() -> None:
+    policy = FailOpen(
+        max_calls=5, max_calls_per_customer=2, max_grains_per_customer=500,
+        prices={"cheap": CHEAP},
+    )  # fmt: skip
+    # Worst case 10 + 100 x 2 = 210 grains: two per customer fit in 500 and 2 calls.
+    assert [_admit(policy, "a") for _ in range(3)] == [True, True, False]
+    # Another customer has its own allowance; 200 tokens (410 grains) fit once.
+    assert _admit(policy, "b", max_tokens=200)
+    assert not _admit(policy, "b", max_tokens=200)
+    assert _admit(policy, "c")
+    assert _admit(policy, "d")
+    assert not _admit(policy, "e")  # the process allowance of 5 calls is spent
+    assert policy.stats()["fail_open_calls"] == 5
+    assert policy.stats()["fail_open_refusals"] == 3
+
+
+def test_fail_open_allowance_window_refills(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("beam_client.policy.time.time", lambda: now[0])
+    policy = FailOpen(max_calls=2, window_seconds=60)
+    assert [_admit(policy, "a") for _ in range(3)] == [True, True, False]
+    now[0] += 59
+    assert not _admit(policy, "a")
+    now[0] += 2  # the first two admissions are out of the window
+    assert [_admit(policy, "a") for _ in range(3)] == [True, True, False]
+    # The counters of what was let through keep growing; only the allowance refills.
+    assert policy.stats()["fail_open_calls"] == 4
+
+
+def test_fail_open_mid_stream_extension_is_what_the_grains_left_pay_for() -> None:
+    policy = FailOpen(max_calls=3, max_grains=301, prices={"cheap": CHEAP})
+    grant = policy.extend(
+        customer_id="a", request_id="r1", model="cheap", covered_tokens=400, max_tokens=1000
+    )
+    # 301 grains at 2 a token: 150 tokens past the 400 covered (300 grains spent).
+    assert grant is not None
+    assert (grant.allowance_tokens, grant.allowance_grains, grant.mid_stream) == (150, 300, True)
+    # 1 grain left: nothing more past the hold, but the call is recorded.
+    second = policy.extend(
+        customer_id="a", request_id="r2", model="cheap", covered_tokens=10, max_tokens=1000
+    )
+    assert second is not None
+    assert second.allowance_tokens == 0
+    # A calls-only allowance: up to max_tokens; no max_tokens, no bound: refused.
+    calls_only = FailOpen(max_calls=1)
+    third = calls_only.extend(
+        customer_id="a", request_id="r3", model="x", covered_tokens=40, max_tokens=100
+    )
+    assert third is not None
+    assert third.allowance_tokens == 60
+    unbounded = FailOpen(max_calls=1)
+    assert (
+        unbounded.extend(
+            customer_id="a", request_id="r4", model="x", covered_tokens=0, max_tokens=0
+        )
+        is None
+    )
+
+
+# -- the outbox (a real SQLite file) ------------------------------------------------------
+
+
+def test_the_sqlite_outbox_keeps_entries_across_opens_scoped_and_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = SQLiteOutbox(path, max_entries=3)
+    entries = [
+        OutboxEntry("scope-a", "cus_1", f"req_{i}", b"payload-%d" % i, "finalize", 0, 0.0, i)
+        for i in range(3)
+    ]
+    assert all(box.put(e) for e in entries)
+    assert not box.put(OutboxEntry("scope-a", "cus_1", "req_9", b"x", "finalize", 0, 0.0, 9))
+    assert box.put(entries[0])  # replacing an entry is not growing the outbox
+    box.reschedule(entries[1], 3, 500.0)
+    box.close()
+
+    again = SQLiteOutbox(path)  # as a restarted process would
+    assert again.count("scope-a") == 3
+    assert again.count("scope-b") == 0  # another Beam or key sees nothing of it
+    due = again.due("scope-a", now=100.0, limit=10)
+    assert [e.request_id for e in due] == ["req_0", "req_2"]  # req_1 waits until 500
+    assert due[0].payload == b"payload-0"
+    assert [e.attempts for e in again.due("scope-a", now=1000.0, limit=10)] == [0, 3, 0]
+    again.remove("scope-a", "cus_1", "req_0")
+    assert again.count("scope-a") == 2
+    again.close()
+
+
+def test_the_outbox_back_off_is_bounded() -> None:
+    delays = [next_attempt_at(0.0, attempts) for attempts in range(1, 8)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_an_unwritable_outbox_path_falls_back_to_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    box = open_outbox(str(blocker / "outbox.sqlite3"))
+    assert isinstance(box, MemoryOutbox)
+    assert isinstance(open_outbox(":memory:"), MemoryOutbox)
