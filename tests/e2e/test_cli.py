@@ -280,3 +280,34 @@ async def test_usage_errors_exit_2(
     run = await beam(*args, "--server", service.http_url)
     assert (run.code, run.stdout) == (2, ""), run
     assert complaint in run.stderr, run.stderr
+
+
+async def test_balance_check_shortens_and_releases(service: ServiceProcess, tenant: Tenant) -> None:
+    """`beam balance check` (issue 16 item 6). gpt-4: 30 grains per prompt token, 60 per
+    completion token. 1 000 grains: 1 000 completion tokens (60 300) are not affordable;
+    with --min-tokens 10 the grant is the most the balance pays for: 300 + 60t <= 1 000,
+    t = 11 (960 grains). --release (the default) gives the hold back at once."""
+    admin = client(service, tenant.keys["admin"])
+    await beam("customers", "create", "--customer-id", "cli_chk", "--name", "Chk",
+               "--balance", "1000", *admin)  # fmt: skip
+    ask = ["balance", "check", "--customer-id", "cli_chk", "--model", "gpt-4", "--prompt-tokens",
+           "10", "--max-tokens", "1000", "--buffer-multiplier", "1.0"]  # fmt: skip
+    shortened = await beam(*ask, "--min-tokens", "10", "--request-id", "cli_r1", *admin)
+    assert shortened.table() == [
+        {"request_id": "cli_r1", "approved": "True", "rejection_reason": "",
+         "reserved_grains": "960", "granted_completion_tokens": "11",
+         "remaining_balance": "40"},
+    ]  # fmt: skip
+    got = await beam("balance", "get", "--customer-id", "cli_chk", "--json", *admin)
+    assert got.json() == {"balance": "1000", "reserved": "0", "available": "1000"}
+    refused = await beam(*ask, "--min-tokens", "20", "--json", *admin)
+    data = refused.json()
+    assert (data["approved"], data["rejection_reason"], data["remaining_balance"]) == (
+        False, "INSUFFICIENT_BALANCE", "1000",
+    )  # fmt: skip
+    kept = await beam(*ask, "--min-tokens", "10", "--keep", "--json", *admin)
+    assert (kept.json()["reserved_grains"], kept.json()["granted_completion_tokens"]) == (
+        "960", "11",
+    )  # fmt: skip
+    got = await beam("balance", "get", "--customer-id", "cli_chk", "--json", *admin)
+    assert got.json() == {"balance": "1000", "reserved": "960", "available": "40"}

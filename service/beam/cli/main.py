@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlparse
@@ -323,6 +324,56 @@ def balance_deduct(customer_id: str, amount: int, description: str, transaction_
     """Debit a customer (never below what open holds need)."""
     _entry("debits", customer_id, amount, description, transaction_id,
            Client(server, api_key, as_json))  # fmt: skip
+
+
+@balance.command("check")
+@click.option("--customer-id", required=True)
+@click.option("--model", required=True, help="The model whose prices size the hold.")
+@click.option("--max-tokens", type=int, required=True, help="Completion tokens wanted.")
+@click.option(
+    "--min-tokens",
+    type=int,
+    default=0,
+    help="Shorten rather than refuse: accept as few as this many (0: all or none).",
+)
+@click.option("--prompt-tokens", type=int, default=0)
+@click.option(
+    "--buffer-multiplier", type=float, default=0.0, help="0: the customer's buffer strategy."
+)
+@click.option("--request-id", default="", help="Default: a fresh id.")
+@click.option(
+    "--keep/--release",
+    default=False,
+    help="Keep the hold open for the caller (it expires at its TTL unless "
+    "finalized), or release it at once (default): a dry run.",
+)
+@with_client
+def balance_check(customer_id: str, model: str, max_tokens: int, min_tokens: int,
+                  prompt_tokens: int, buffer_multiplier: float, request_id: str, keep: bool,
+                  server: str | None, api_key: str | None, as_json: bool) -> None:  # fmt: skip
+    """CheckBalance: can the customer pay for this call, and how many completion tokens?
+
+    With --min-tokens, a customer who cannot pay for --max-tokens is granted as many as
+    the balance pays for (at least --min-tokens). --release (the default) settles the hold
+    at once with nothing used, so nothing is charged.
+    """
+    client = Client(server, api_key, as_json)
+    request_id = request_id or f"cli_{uuid.uuid4().hex}"
+    body: dict[str, Any] = {
+        "customer_id": customer_id, "request_id": request_id,
+        "buffer_multiplier": buffer_multiplier,
+        "metadata": {"model": model, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens,
+                     "min_completion_tokens": min_tokens},
+    }  # fmt: skip
+    data = client.call("POST", "/v1/balance/check", body)
+    if data.get("approved") and not keep:
+        client.call("POST", "/v1/balance/finalize", {
+            "customer_id": customer_id, "request_id": request_id, "status": "FAILED_ERROR",
+            "request_token": data["request_token"],
+        })  # fmt: skip
+    row = {"request_id": request_id, **data}
+    client.show(data, [row], ["request_id", "approved", "rejection_reason", "reserved_grains",
+                              "granted_completion_tokens", "remaining_balance"])  # fmt: skip
 
 
 REQUEST_COLUMNS = ["request_id", "status", "model", "reserved_grains", "actual_cost_grains",
