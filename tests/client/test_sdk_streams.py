@@ -260,14 +260,42 @@ async def test_non_streaming_calls_report_the_providers_usage(
 
 
 @pytest.mark.parametrize("api", APIS, ids=str)
+async def test_a_provider_streaming_past_max_tokens_is_cut_there_closed_and_charged_for_it(
+    api: Api, fake: FakeProvider, client: AsyncBeamClient, admin: Admin
+) -> None:
+    customer = await admin.customer(BALANCE)
+    # Asked for 300 tokens, the provider would stream 5,000; after 300 it waits for the
+    # client to hang up (at most 5 s) before it goes on.
+    fake.queue(
+        Reply(
+            tokens=5000, prompt_tokens=100, honor_max_tokens=False, pause_after=300,
+            pause_seconds=5.0,
+        )
+    )  # fmt: skip
+    async with api.async_client(fake) as sdk:
+        async with client.guard(customer, model="cheap", prompt_tokens=100, max_tokens=300) as g:
+            opened = []
+            async with api.astream(sdk, "cheap", 300) as stream:
+                opened.append(stream)  # the app keeps its stream; the adapter closes it
+                async for _ in api.meter(g, stream):
+                    pass
+        call = await fake.call(0)
+    assert (g.should_stop, g.completion_tokens) == (True, 300)
+    assert (call.generated, call.closed_by_client) == (300, True)
+    assert g.status is RequestStatus.COMPLETED_SUCCESS
+    # 100 + 300 x 2 = 700 (the usage never arrived: the prompt estimate and the 300 counted)
+    await assert_settled(admin, customer, g, "completed", 700, 100, 300)
+
+
+@pytest.mark.parametrize("api", [Api("anthropic"), Api("anthropic", helper=True)], ids=str)
 async def test_a_stream_beam_stops_for_money_is_closed_and_charged_what_it_streamed(
     api: Api, fake: FakeProvider, client: AsyncBeamClient, admin: Admin
 ) -> None:
     customer = await admin.customer(1000)
-    # A provider that streams past max_tokens (5,000 tokens, 5 ms apart) for a customer
-    # with 1,000 grains on "cheap" (a hold of 100 + 300 x 2 = 700 grains): Beam stops it, the
-    # adapter closes the upstream.
-    fake.queue(Reply(tokens=5000, prompt_tokens=100, honor_max_tokens=False, delay_seconds=0.005))
+    # The app estimated a prompt of 100 tokens; the provider counts 600 (message_start) and
+    # streams past max_tokens (5,000 tokens, 2 ms apart). On "cheap" the 1,000 grains pay
+    # for 600 + 200 x 2: Beam stops the stream before that, the adapter closes it.
+    fake.queue(Reply(tokens=5000, prompt_tokens=600, honor_max_tokens=False, delay_seconds=0.002))
     async with api.async_client(fake) as sdk:
         async with client.guard(
             customer, model="cheap", prompt_tokens=100, max_tokens=300, buffer_multiplier=1.0
@@ -279,17 +307,20 @@ async def test_a_stream_beam_stops_for_money_is_closed_and_charged_what_it_strea
                     pass
         call = await fake.call(0)
     assert g.should_stop
+    assert g.stop_reason in ("INSUFFICIENT_BALANCE", "HOLD_COVERAGE")
     assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
     counted = g.completion_tokens
+    assert 0 < counted <= 200
     assert (call.closed_by_client, call.outcome) == (True, "closed_by_client")
     # The provider generated what was read, and at most the few tokens in flight when the
-    # connection closed (25 tokens is 125 ms of a stalled test machine).
+    # connection closed (25 tokens is 50 ms of a stalled test machine).
     assert counted <= call.generated <= counted + 25
-    # Charged what was streamed: the prompt and the tokens counted. 100 + counted x 2.
-    charge = 100 + counted * 2
+    # Charged what was streamed: the reported prompt and the tokens counted, 600 + counted x 2,
+    # within the balance.
+    charge = 600 + counted * 2
     assert g.result is not None
     assert g.result.charged_grains == charge
-    balance, reserved, _ = await admin.balance(customer)
-    assert (balance, reserved) == (1000 - charge, 0)
+    assert await admin.balance(customer) == (1000 - charge, 0, 1000 - charge)
+    assert 1000 - charge >= 0
     settled = await admin.request(g.request_id, customer)
     assert (settled["status"], settled["completion_tokens"]) == ("killed", str(counted))
