@@ -29,8 +29,9 @@ yields ``chunk`` events (each carries the raw chunk, read as above) and derived 
 Anthropic's ``client.messages.stream(...)`` yields the raw events (read as above) and
 derived ``text``/``thinking``/``input_json`` events (not counted again).
 
-When a Deduct answers stop (``guard.should_stop``), the adapter yields the chunk it has
-(those tokens were delivered) and ends.
+When the guard says stop (``guard.should_stop``: a Deduct answered stop, or the guard cut
+the stream where its hold's coverage or the tokens granted end), the adapter yields the
+chunk it has (those tokens were delivered) and ends.
 
 **Every exit closes the upstream.** However the wrapper ends — the stream finished, Beam
 said stop, the consumer ``break``s out, raises, is cancelled, or abandons the generator it
