@@ -31,6 +31,7 @@ from beam_client._guard import (
     Settlement,
     finalize_failed,
 )
+from beam_client.adapters import anthropic_stream, openai_stream
 from beam_client.config import Target, resolve
 from beam_client.errors import BeamError, BeamUnavailable
 from beam_client.outbox import (
@@ -604,16 +605,12 @@ class AsyncGuard(GuardCore):
         self, stream: AsyncIterable[Any], count_tokens: Callable[[str], int] | None = None
     ) -> AsyncIterator[Any]:
         """Wrap an OpenAI stream (see :func:`beam_client.adapters.openai_stream`)."""
-        from beam_client.adapters import openai_stream
-
         return openai_stream(self, stream, count_tokens)
 
     def anthropic(
         self, stream: AsyncIterable[Any], count_tokens: Callable[[str], int] | None = None
     ) -> AsyncIterator[Any]:
         """Wrap an Anthropic stream (see :func:`beam_client.adapters.anthropic_stream`)."""
-        from beam_client.adapters import anthropic_stream
-
         return anthropic_stream(self, stream, count_tokens)
 
     def _start(self, plan: DeductPlan) -> None:

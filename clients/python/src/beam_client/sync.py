@@ -30,6 +30,7 @@ from beam_client._guard import (
     Settlement,
     finalize_failed,
 )
+from beam_client.adapters import anthropic_stream_sync, openai_stream_sync
 from beam_client.config import Target, resolve
 from beam_client.errors import BeamError, BeamUnavailable
 from beam_client.outbox import (
@@ -507,16 +508,12 @@ class Guard(GuardCore):
         self, stream: Iterable[Any], count_tokens: Callable[[str], int] | None = None
     ) -> Iterator[Any]:
         """Wrap an OpenAI stream (see :func:`beam_client.adapters.openai_stream_sync`)."""
-        from beam_client.adapters import openai_stream_sync
-
         return openai_stream_sync(self, stream, count_tokens)
 
     def anthropic(
         self, stream: Iterable[Any], count_tokens: Callable[[str], int] | None = None
     ) -> Iterator[Any]:
         """Wrap an Anthropic stream (see :func:`beam_client.adapters.anthropic_stream_sync`)."""
-        from beam_client.adapters import anthropic_stream_sync
-
         return anthropic_stream_sync(self, stream, count_tokens)
 
     def _start(self, plan: DeductPlan) -> None:
