@@ -20,6 +20,7 @@ import pytest
 from beam_client import (
     AsyncBeamClient,
     AsyncGuard,
+    BeamClient,
     BeamUnavailable,
     FailOpen,
     LetThrough,
@@ -300,3 +301,33 @@ async def test_a_process_that_dies_mid_stream_leaves_at_most_one_interval_unrepo
         )
     assert result.charged_grains == 1420
     assert await admin.balance(customer) == (100_000 - 1420, 0, 100_000 - 1420)
+
+
+async def test_the_blocking_client_queues_and_replays_a_settlement_too(
+    service: ServiceProcess, tenant: Tenant, admin: Admin
+) -> None:
+    customer = await admin.customer(10_000)
+    with CuttableProxy(service.grpc_target) as proxy:
+
+        def run() -> tuple[bool, bool, dict[str, int]]:
+            with BeamClient(
+                proxy.address, tenant.keys["enforcer"], finalize_retry=QUICK_RETRY
+            ) as beam:
+                with beam.guard(customer, model="cheap", prompt_tokens=10, max_tokens=100) as g:
+                    assert all(g.add(1) for _ in range(30))
+                    proxy.cut()
+                queued = g.settlement_queued
+                proxy.restore()
+                for _ in range(400):  # bounded: the replay thread posts it
+                    if beam.stats()["outbox_replayed"] == 1:
+                        break
+                    time.sleep(0.05)
+                return queued, g.result is None, beam.stats()
+
+        queued, unsettled, stats = await asyncio.to_thread(run)
+    assert (queued, unsettled) == (True, True)
+    assert (stats["finalizes_queued"], stats["outbox_replayed"], stats["outbox_pending"]) == (
+        1, 1, 0,
+    )  # fmt: skip
+    # 10 + 30 x 2
+    assert await admin.balance(customer) == (10_000 - 70, 0, 10_000 - 70)

@@ -397,6 +397,10 @@ class AsyncBeamClient:
             )
         except BeamError as error:
             finalize_failed(self.counters, request, error, queued)
+            if queued:  # the retries are over: the replay's turn, at once
+                entry = new_entry(self._scope, request, "finalize")
+                await asyncio.to_thread(self.outbox.reschedule, entry, 0, time.time())
+                self._wake_replay()
             return Settlement(None, error, queued)
         except Exception as error:
             failure = BeamError("UNKNOWN", "", f"{type(error).__name__}: {error}")

@@ -337,6 +337,10 @@ class BeamClient:
             )
         except BeamError as error:
             finalize_failed(self.counters, request, error, queued)
+            if queued:  # the retries are over: the replay's turn, at once
+                entry = new_entry(self._scope, request, "finalize")
+                self.outbox.reschedule(entry, 0, time.time())
+                self._wake.set()
             return Settlement(None, error, queued)
         self.counters.bump("finalizes")
         if queued:
