@@ -50,7 +50,7 @@ REPLAY_BATCH = 100
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
 # How often the client looks at the outbox when nothing woke it sooner.
-REPLAY_INTERVAL_SECONDS = 5.0
+REPLAY_INTERVAL_SECONDS = 1.0
 
 Kind = Literal["finalize", "let_through"]
 
