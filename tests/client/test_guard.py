@@ -209,7 +209,9 @@ async def test_fifty_concurrent_under_estimated_streams_never_overspend(
         try:
             async with g:
                 guards.append(g)
-                stream = openai_stream(["tok "] * 200, usage=(10, 200), delay=0.001)
+                # Paced (each Deduct answered before the stream's next token), so the
+                # holds grow as they would against a provider slower than Beam.
+                stream = Paced(openai_stream(["tok "] * 200, usage=(10, 200), delay=0.001), g)
                 async for _ in g.openai(stream):
                     pass
         except InsufficientBalance:
