@@ -19,12 +19,16 @@ however slow Beam is; a stop answer takes effect at the next chunk.
 
 **Pacing.** The interval between reports is half the hold's headroom (covered minus
 reported) at the newest answer, between ``deduct_every`` and ``deduct_every_max``: a hold
-with plenty of room is reported rarely, a hold near its end often. The reserve-ahead is
-twice the interval (so a report goes out while one interval of room is left), but never
-beyond the completion tokens granted while the stream is within them. Completion tokens
-streamed but in no Deduct sent are at most ``2 * deduct_every_max`` (one interval, plus
-the next one accumulating while a Deduct is in flight), and never past what the hold
-covers: the bound on what a process that dies mid-stream leaves unreported.
+with plenty of room is reported rarely, a hold near its end often. Before the first answer
+it is half the tokens granted (below ``deduct_every`` too), so the first report lands
+before the stream reaches the grant; past the grant (a provider streaming more than it was
+asked for) a report goes out at half the headroom left. The reserve-ahead is twice the
+interval (a report goes out while one interval of room is left), but no further than the
+tokens granted while the stream is within them — a customer who can pay for the grant is
+never stopped short of it — and ``2 * deduct_every`` past them. Completion tokens streamed
+but in no Deduct sent are at most ``2 * deduct_every_max`` (one interval, plus the next
+one accumulating while a Deduct is in flight), and never past what the hold covers: the
+bound on what a process that dies mid-stream leaves unreported.
 """
 
 from __future__ import annotations
