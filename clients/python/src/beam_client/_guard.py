@@ -26,9 +26,10 @@ asked for) a report goes out at half the headroom left. The reserve-ahead is twi
 interval (a report goes out while one interval of room is left), but no further than the
 tokens granted while the stream is within them — a customer who can pay for the grant is
 never stopped short of it — and ``2 * deduct_every`` past them. Completion tokens streamed
-but in no Deduct sent are at most ``2 * deduct_every_max`` (one interval, plus the next
-one accumulating while a Deduct is in flight), and never past what the hold covers: the
-bound on what a process that dies mid-stream leaves unreported.
+but in no Deduct sent are less than one interval (at most ``deduct_every_max``) whenever
+each answer is back before the next report is due; while a Deduct is late they grow, but
+never past what the hold covers: the bound on what a process that dies mid-stream leaves
+unreported.
 """
 
 from __future__ import annotations
