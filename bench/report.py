@@ -413,3 +413,296 @@ def to_json(
         "rest_vs_grpc_target": REST_VS_GRPC_TARGET,
         "measurements": [m.summary() for m in measurements],
     }
+
+
+# -- the guard row: one stream through the Python client's guard against the same unguarded --
+#
+# bench/run.py's ``guard`` scenario streams ``tokens`` tokens at ``rate`` tokens/s from a paced
+# fake provider on loopback through the real openai SDK, in rounds that interleave the stream
+# unguarded (DIRECT), through ``g.openai(...)`` against Beam (GUARD) and against Beam behind a
+# proxy that delays every Beam response (GUARD_SLOW). Each round also times CheckBalance calls
+# by themselves, on each path. Issue 16's targets per guarded row: stream time (first content
+# chunk to last chunk) at most 1% over the unguarded median, first-token overhead at most the
+# Check's p50 on the same path + 1 ms, at most 4 RPCs per stream its hold covers.
+
+DIRECT = "direct"
+GUARD = "guard"
+GUARD_SLOW = "guard_slow"
+STREAM_KINDS = (DIRECT, GUARD, GUARD_SLOW)
+
+
+@dataclass(frozen=True)
+class GuardTarget:
+    max_stream_overhead: float = 0.01  # stream time over the unguarded median, minus 1
+    first_token_slack_ms: float = 1.0  # first-token overhead <= the Check's p50 + this
+    max_rpcs: int = 4  # per stream its hold covers
+
+
+GUARD_TARGET = GuardTarget()
+
+
+@dataclass
+class StreamRun:
+    """One stream, as the app saw it (milliseconds from its start: before the guard is
+    entered, or before the provider is called when unguarded)."""
+
+    kind: str  # DIRECT, GUARD or GUARD_SLOW
+    round: int
+    first_token_ms: float  # to the first content chunk
+    last_chunk_ms: float  # to the stream's last chunk (the app has the whole answer)
+    exit_ms: float | None = None  # to the guard's exit (the settlement acknowledged)
+    open_ms: float | None = None  # to the guard's entry (its CheckBalance answered)
+    tokens: int = 0  # content chunks received
+    rpcs: int | None = None  # the client's stats()["calls"] over the stream
+    rpcs_at_proxy: int | None = None  # HTTP/2 streams opened through the delaying proxy
+    rpc_kinds: dict[str, int] = field(default_factory=dict)  # checks, deducts, finalizes
+    status: str = ""  # the settlement's status (guarded)
+    client_cpu_ms: float = 0.0  # the app process's CPU time over the stream
+    load_average: str = ""
+
+    @property
+    def stream_ms(self) -> float:
+        """First content chunk to last chunk: the time the stream itself took."""
+        return self.last_chunk_ms - self.first_token_ms
+
+
+@dataclass
+class GuardBench:
+    """Everything the guard scenario measured (warm-up runs excluded)."""
+
+    tokens: int
+    rate: float  # tokens/s the provider paced
+    delay_ms: float  # added to every Beam response on the GUARD_SLOW path
+    runs: list[StreamRun] = field(default_factory=list)
+    check_ms: dict[str, list[float]] = field(default_factory=dict)  # GUARD / GUARD_SLOW path
+    load_averages: list[str] = field(default_factory=list)  # before each round
+
+
+def _median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@dataclass
+class GuardRow:
+    """One guarded path (GUARD or GUARD_SLOW) against the unguarded runs of the same rounds."""
+
+    kind: str
+    title: str
+    tokens: int
+    direct: list[StreamRun]
+    guarded: list[StreamRun]
+    check_ms: list[float]
+    target: GuardTarget = GUARD_TARGET
+
+    @property
+    def stream_ms(self) -> float:
+        return _median(r.stream_ms for r in self.guarded)
+
+    @property
+    def direct_stream_ms(self) -> float:
+        return _median(r.stream_ms for r in self.direct)
+
+    @property
+    def stream_ratio(self) -> float:
+        """Guarded over unguarded median stream time (1.0: no overhead)."""
+        return self.stream_ms / self.direct_stream_ms if self.direct_stream_ms > 0 else math.nan
+
+    @property
+    def round_ratios(self) -> list[float]:
+        """Stream time, guarded over unguarded, round by round (each pair ran back to back)."""
+        direct = {r.round: r.stream_ms for r in self.direct}
+        return [r.stream_ms / direct[r.round] for r in self.guarded if direct.get(r.round)]
+
+    @property
+    def first_token_ms(self) -> float:
+        return _median(r.first_token_ms for r in self.guarded)
+
+    @property
+    def direct_first_token_ms(self) -> float:
+        return _median(r.first_token_ms for r in self.direct)
+
+    @property
+    def first_token_overhead_ms(self) -> float:
+        return self.first_token_ms - self.direct_first_token_ms
+
+    @property
+    def check_p50_ms(self) -> float:
+        return percentile(self.check_ms, 50)
+
+    @property
+    def total_ratio(self) -> float:
+        """Start to last chunk (the first-token wait included), guarded over unguarded."""
+        direct = _median(r.last_chunk_ms for r in self.direct)
+        return _median(r.last_chunk_ms for r in self.guarded) / direct if direct > 0 else math.nan
+
+    @property
+    def cpu_ms(self) -> float:
+        return _median(r.client_cpu_ms for r in self.guarded)
+
+    @property
+    def direct_cpu_ms(self) -> float:
+        return _median(r.client_cpu_ms for r in self.direct)
+
+    @property
+    def rpcs_max(self) -> int | None:
+        counts = [r.rpcs for r in self.guarded if r.rpcs is not None]
+        return max(counts) if counts else None
+
+    @property
+    def rpcs_at_proxy_max(self) -> int | None:
+        counts = [r.rpcs_at_proxy for r in self.guarded if r.rpcs_at_proxy is not None]
+        return max(counts) if counts else None
+
+    @property
+    def complete(self) -> int:
+        """Guarded streams that delivered every token (none cut)."""
+        return sum(1 for r in self.guarded if r.tokens == self.tokens)
+
+    @property
+    def stream_met(self) -> bool | None:
+        if math.isnan(self.stream_ratio):
+            return None
+        return self.stream_ratio - 1 <= self.target.max_stream_overhead
+
+    @property
+    def first_token_met(self) -> bool | None:
+        if math.isnan(self.first_token_overhead_ms) or math.isnan(self.check_p50_ms):
+            return None
+        return self.first_token_overhead_ms <= self.check_p50_ms + self.target.first_token_slack_ms
+
+    @property
+    def rpcs_met(self) -> bool | None:
+        counts = [c for c in (self.rpcs_max, self.rpcs_at_proxy_max) if c is not None]
+        if not counts:
+            return None
+        return max(counts) <= self.target.max_rpcs and self.complete == len(self.guarded)
+
+
+def build_guard_rows(bench: GuardBench) -> list[GuardRow]:
+    direct = [r for r in bench.runs if r.kind == DIRECT]
+    titles = {
+        GUARD: "guard, Beam as is",
+        GUARD_SLOW: f"guard, every Beam response +{bench.delay_ms:g} ms",
+    }
+    rows = []
+    for kind, title in titles.items():
+        guarded = [r for r in bench.runs if r.kind == kind]
+        if guarded:
+            rows.append(
+                GuardRow(kind, title, bench.tokens, direct, guarded, bench.check_ms.get(kind, []))
+            )
+    return rows
+
+
+def _signed_ms(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:+.1f}"
+
+
+def _overhead(ratio: float, rounds: Sequence[float] = ()) -> str:
+    if math.isnan(ratio):
+        return "—"
+    text = f"**{(ratio - 1) * 100:+.1f} %**"
+    if len(rounds) > 1:
+        text += f" ({(min(rounds) - 1) * 100:+.1f} to {(max(rounds) - 1) * 100:+.1f})"
+    return text
+
+
+def _rpcs(row: GuardRow) -> str:
+    parts = [_num(row.rpcs_max)]
+    if row.rpcs_at_proxy_max is not None:
+        parts.append(f"{row.rpcs_at_proxy_max} at the proxy")
+    return "; ".join(parts)
+
+
+def guard_table(rows: Sequence[GuardRow]) -> list[str]:
+    """The guard rows: medians of the guarded runs next to the unguarded runs' medians."""
+    t = GUARD_TARGET
+    lines = [
+        "| stream | runs | stream ms, unguarded → guarded | stream-time overhead (rounds) "
+        "| first token ms, unguarded → guarded | first-token overhead ms | Check p50 ms "
+        "| start to last chunk, ratio | app CPU ms/stream, unguarded → guarded "
+        "| RPCs/stream (max) | streams complete | issue 16 targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        targets = "; ".join(
+            [
+                f"≤ +{t.max_stream_overhead * 100:g} % {_mark(row.stream_met)}",
+                f"≤ Check p50 + {t.first_token_slack_ms:g} ms {_mark(row.first_token_met)}",
+                f"≤ {t.max_rpcs} RPCs {_mark(row.rpcs_met)}",
+            ]
+        )
+        lines.append(
+            f"| {row.title} | {len(row.guarded)} "
+            f"| {_ms(row.direct_stream_ms)} → {_ms(row.stream_ms)} "
+            f"| {_overhead(row.stream_ratio, row.round_ratios)} "
+            f"| {_ms(row.direct_first_token_ms)} → {_ms(row.first_token_ms)} "
+            f"| {_signed_ms(row.first_token_overhead_ms)} | {_ms(row.check_p50_ms)} "
+            f"| {_ratio(row.total_ratio)} | {_ms(row.direct_cpu_ms)} → {_ms(row.cpu_ms)} "
+            f"| {_rpcs(row)} | {row.complete}/{len(row.guarded)} | {targets} |"
+        )
+    return lines
+
+
+def stream_run_table(runs: Sequence[StreamRun]) -> list[str]:
+    lines = [
+        "| round | stream | first token ms | stream ms | last chunk ms | guard exit ms "
+        "| Check (guard entry) ms | tokens | RPCs (check/deduct/finalize) | RPCs at proxy "
+        "| status | app CPU ms | load average before |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|",
+    ]
+    for r in runs:
+        kinds = "/".join(str(r.rpc_kinds.get(k, 0)) for k in ("checks", "deducts", "finalizes"))
+        lines.append(
+            f"| {r.round} | {r.kind} | {_ms(r.first_token_ms)} | {_ms(r.stream_ms)} "
+            f"| {_ms(r.last_chunk_ms)} | {_ms(r.exit_ms if r.exit_ms is not None else math.nan)} "
+            f"| {_ms(r.open_ms if r.open_ms is not None else math.nan)} | {r.tokens:,} "
+            f"| {_num(r.rpcs)}{f' ({kinds})' if r.rpcs is not None else ''} "
+            f"| {_num(r.rpcs_at_proxy)} | {r.status or '—'} | {_ms(r.client_cpu_ms)} "
+            f"| {r.load_average} |"
+        )
+    return lines
+
+
+def guard_json(bench: GuardBench, rows: Sequence[GuardRow]) -> dict[str, Any]:
+    return {
+        "tokens": bench.tokens,
+        "rate_tokens_per_s": bench.rate,
+        "delay_ms": bench.delay_ms,
+        "target": asdict(GUARD_TARGET),
+        "load_averages": bench.load_averages,
+        "rows": [
+            {
+                "kind": row.kind,
+                "title": row.title,
+                "runs": len(row.guarded),
+                "direct_stream_ms_p50": _round(row.direct_stream_ms),
+                "stream_ms_p50": _round(row.stream_ms),
+                "stream_overhead": _round(row.stream_ratio - 1, 4),
+                "round_ratios": [round(r, 4) for r in row.round_ratios],
+                "direct_first_token_ms_p50": _round(row.direct_first_token_ms),
+                "first_token_ms_p50": _round(row.first_token_ms),
+                "first_token_overhead_ms": _round(row.first_token_overhead_ms),
+                "check_ms_p50": _round(row.check_p50_ms),
+                "check_calls": len(row.check_ms),
+                "total_ratio": _round(row.total_ratio, 4),
+                "direct_client_cpu_ms_p50": _round(row.direct_cpu_ms),
+                "client_cpu_ms_p50": _round(row.cpu_ms),
+                "rpcs_max": row.rpcs_max,
+                "rpcs_at_proxy_max": row.rpcs_at_proxy_max,
+                "complete": row.complete,
+                "stream_met": row.stream_met,
+                "first_token_met": row.first_token_met,
+                "rpcs_met": row.rpcs_met,
+            }
+            for row in rows
+        ],
+        "runs": [{**asdict(r), "stream_ms": _round(r.stream_ms)} for r in bench.runs],
+        "check_ms": {
+            path: [round(v, 3) for v in values] for path, values in bench.check_ms.items()
+        },
+    }

@@ -77,6 +77,7 @@ ALL_CALLS = [
     "finalize_spread",
     "finalize_hot",
     "check",
+    "guard",
 ]
 
 
@@ -459,6 +460,8 @@ class Bench:
     key: str
     store_pids: dict[str, int]
     measurements: list[rp.Measurement] = field(default_factory=list)
+    server_prefix: list[str] = field(default_factory=list)  # taskset for a server we start
+    guard: rp.GuardBench | None = None  # the guard scenario's runs
     runs: int = 0
     profiles: int = 0
 
@@ -965,6 +968,50 @@ def scenario_finalize(
             bench.ghz(call, server, "FinalizeRequest", fake, mode=mode, rps=rate, total=total)
 
 
+def scenario_guard(bench: Bench, servers: Servers) -> None:
+    """Issue 16: a stream through the client's guard against the same stream unguarded.
+
+    bench/stream_servers.py (the paced provider and the delaying proxy in front of Beam's
+    gRPC port) runs on the servers' CPU; the app — this process, the real openai SDK and
+    beam_client — on the load CPU. bench/guard_streams.py runs the rounds."""
+    import guard_streams
+
+    args, beam = bench.args, servers.beam
+    assert beam.grpc_target
+    provider_port, proxy_port = devservers.free_port(), devservers.free_port()
+    log_path = bench.workdir / "stream-servers.log"
+    argv = [
+        *bench.server_prefix, sys.executable, str(Path(__file__).with_name("stream_servers.py")),
+        "--provider-port", str(provider_port), "--proxy-port", str(proxy_port),
+        "--upstream", beam.grpc_target, "--delay-ms", f"{args.guard_delay_ms:g}",
+        "--rate", f"{args.guard_rate:g}", "--prompt-tokens", str(guard_streams.PROMPT_TOKENS),
+    ]  # fmt: skip
+    streams = Server("stream-servers", spawn(argv, dict(os.environ), log_path),
+                     http_url=f"http://127.0.0.1:{provider_port}")  # fmt: skip
+    try:
+        wait_http(f"{streams.http_url}/ready", streams.process, log_path)
+        if args.settle:
+            bench.settle(beam)
+        setup = guard_streams.Setup(
+            beam_target=beam.grpc_target, proxy_target=f"127.0.0.1:{proxy_port}",
+            provider_url=f"http://127.0.0.1:{provider_port}", api_key=bench.key,
+            customers=CUSTOMERS[2:], tokens=args.guard_tokens, rate=args.guard_rate,
+            delay_ms=args.guard_delay_ms, rounds=args.guard_rounds,
+            warm_up=args.guard_warm_up, checks_per_round=args.guard_checks,
+            loadavg=loadavg, log=log,
+        )  # fmt: skip
+        bench.guard = guard_streams.measure(setup)
+    finally:
+        streams.stop()
+    for row in rp.build_guard_rows(bench.guard):
+        log(
+            f"{row.title}: stream {row.direct_stream_ms:.1f} -> {row.stream_ms:.1f} ms "
+            f"({(row.stream_ratio - 1) * 100:+.1f} %), first token "
+            f"{row.first_token_overhead_ms:+.1f} ms (Check p50 {row.check_p50_ms:.1f} ms), "
+            f"RPCs max {row.rpcs_max}, {row.complete}/{len(row.guarded)} complete"
+        )
+
+
 SCENARIOS: dict[str, Callable[[Bench, Servers], None]] = {
     "get_balance": scenario_get_balance,
     "rest_get_balance": scenario_rest_get_balance,
@@ -972,6 +1019,7 @@ SCENARIOS: dict[str, Callable[[Bench, Servers], None]] = {
     "finalize_spread": lambda b, s: scenario_finalize(b, s, "finalize_spread", CUSTOMERS, None),
     "finalize_hot": lambda b, s: scenario_finalize(b, s, "finalize_hot", [HOT], HOT_HOLD_CAP),
     "check": scenario_check,
+    "guard": scenario_guard,
 }
 
 
@@ -1055,7 +1103,47 @@ def machine(
     }
 
 
-def render(context: dict[str, Any], rows: list[rp.Row], measurements: list[rp.Measurement]) -> str:
+def render_guard(guard: rp.GuardBench) -> list[str]:
+    rows = rp.build_guard_rows(guard)
+    loads = [float(load.split()[0]) for load in guard.load_averages]
+    checks = ", ".join(f"{len(v)} on the {k} path" for k, v in guard.check_ms.items())
+    return [
+        f"## The guard: a {guard.tokens:,}-token stream at {guard.rate:,.0f} tokens/s (issue 16)",
+        "",
+        f"{len(loads)} rounds, each one stream unguarded (the real `openai` SDK straight to a "
+        "paced fake provider on loopback), one through `async with beam.guard(...) as g:` / "
+        "`g.openai(stream)` against `beam serve`, and one through a second client whose "
+        f"target is a TCP proxy that delays every Beam response by {guard.delay_ms:g} ms "
+        "(order rotating by round; bench/guard_streams.py), then CheckBalance calls by "
+        f"themselves ({checks}). Medians over the rounds; the load average (1 min) before "
+        f"the rounds ranged {min(loads, default=math.nan):.1f} to "
+        f"{max(loads, default=math.nan):.1f}.",
+        "",
+        *rp.guard_table(rows),
+        "",
+        "Stream time: first content chunk to last chunk, as the app sees them; its overhead "
+        "is the guarded median over the unguarded median, in brackets the lowest and highest "
+        "per-round ratio. First token: from just before the guard is entered (unguarded: "
+        "before the provider is called) to the first content chunk; the guard's includes its "
+        "CheckBalance, so the target is the Check's p50 on the same path (measured in the "
+        "same rounds) + 1 ms. Start to last chunk: both together. App CPU: the process time "
+        "of the app (the SDK, the guard, the gRPC client) over one stream. RPCs: the client's "
+        '`stats()["calls"]` over the stream, and the HTTP/2 streams the proxy saw open; '
+        "complete: streams that delivered every token (none cut by the guard).",
+        "",
+        "### Every stream",
+        "",
+        *rp.stream_run_table(guard.runs),
+        "",
+    ]
+
+
+def render(
+    context: dict[str, Any],
+    rows: list[rp.Row],
+    measurements: list[rp.Measurement],
+    guard: rp.GuardBench | None = None,
+) -> str:
     m, s = context["machine"], context["settings"]
     pins = m["pinning"]
     if pins["servers"] is not None:
@@ -1103,25 +1191,30 @@ def render(context: dict[str, Any], rows: list[rp.Row], measurements: list[rp.Me
         ),
         f"- whole run: {context['run_seconds']:.0f} s",
         "",
-        "## Result",
-        "",
-        *rp.markdown_table(rows),
-        "",
-        "Ratio: Beam's closed-loop calls/s over the empty handler's (same call, same load "
-        "generator, same settings); in brackets the lowest and highest ratio of the "
-        "back-to-back rounds, a measure of how much the shared machine moved. Latency: the "
-        "open-loop run at the rate in its column; "
-        '"overloaded" means the server answered less than 95% of what was offered, or '
-        "failed calls, so its percentiles measure a queue. CPU: user + system time of the "
-        "server's process over the closed-loop run, per call answered. The empty handler "
-        "of GetBalance (REST) is the empty FastAPI app; FinalizeRequest's empty handler is "
-        "measured once for both Finalize rows.",
-        "",
-        "## Every measurement",
-        "",
-        *rp.measurement_table(measurements),
-        "",
     ]
+    if rows:
+        lines += [
+            "## Result",
+            "",
+            *rp.markdown_table(rows),
+            "",
+            "Ratio: Beam's closed-loop calls/s over the empty handler's (same call, same load "
+            "generator, same settings); in brackets the lowest and highest ratio of the "
+            "back-to-back rounds, a measure of how much the shared machine moved. Latency: the "
+            "open-loop run at the rate in its column; "
+            '"overloaded" means the server answered less than 95% of what was offered, or '
+            "failed calls, so its percentiles measure a queue. CPU: user + system time of the "
+            "server's process over the closed-loop run, per call answered. The empty handler "
+            "of GetBalance (REST) is the empty FastAPI app; FinalizeRequest's empty handler is "
+            "measured once for both Finalize rows.",
+            "",
+            "## Every measurement",
+            "",
+            *rp.measurement_table(measurements),
+            "",
+        ]
+    if guard is not None:
+        lines += render_guard(guard)
     closed = [m for m in measurements if m.mode == rp.CLOSED]
     if closed:
         busiest = max(m.server_busy for m in closed)
@@ -1147,7 +1240,8 @@ def render(context: dict[str, Any], rows: list[rp.Row], measurements: list[rp.Me
 
 
 def code_version() -> str:
-    """The commit measured, and whether the working tree differed from it under service/."""
+    """The commit measured, and whether the working tree differed from it under service/
+    (the server) or clients/python/ (the guard row's client)."""
 
     def git(*argv: str) -> str:
         out = subprocess.run(
@@ -1156,10 +1250,14 @@ def code_version() -> str:
         return out.stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = [line for line in git("status", "--porcelain", "--", "service").splitlines() if line]
+    status = git("status", "--porcelain", "--", "service", "clients/python")
+    changed = [line for line in status.splitlines() if line]
     if changed:
-        return f"{head} + uncommitted changes in {len(changed)} files under service/"
-    return f"{head} (service/ as committed)"
+        return (
+            f"{head} + uncommitted changes in {len(changed)} files under service/ and "
+            "clients/python/"
+        )
+    return f"{head} (service/ and clients/python/ as committed)"
 
 
 def build_tools() -> Path:
@@ -1173,7 +1271,9 @@ def build_tools() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[rp.Row], list[rp.Measurement]]:
+def run(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], list[rp.Row], list[rp.Measurement], rp.GuardBench | None]:
     started, load_start = time.monotonic(), loadavg()
     bin_dir = build_tools()
     pinning = Pinning.plan(args.server_cpus, args.load_cpus)
@@ -1213,6 +1313,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[rp.Row], list[rp
             ]
             pins = {"checked": ", ".join(checked)}
             bench = Bench(args, bin_dir, workdir, key, store_pids)
+            bench.server_prefix = pinning.server_prefix()
             group = Servers(beam, empty_grpc, empty_rest)
             for name in args.calls:
                 log(f"--- {name}")
@@ -1259,7 +1360,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[rp.Row], list[rp
         "run_seconds": round(time.monotonic() - started, 1),
         "notes": notes,
     }
-    return context, rp.build_rows(bench.measurements), bench.measurements
+    return context, rp.build_rows(bench.measurements), bench.measurements, bench.guard
 
 
 def main() -> None:
@@ -1304,6 +1405,16 @@ def main() -> None:
         help="ghz HTTP/2 connections (default 1; 4 per worker when N > 1)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--guard-rounds", type=int, default=15, help="guard: rounds measured")
+    parser.add_argument("--guard-warm-up", type=int, default=2, help="guard: rounds not kept")
+    parser.add_argument("--guard-tokens", type=int, default=1000, help="guard: tokens/stream")
+    parser.add_argument("--guard-rate", type=float, default=3000.0, help="guard: tokens/s")
+    parser.add_argument(
+        "--guard-delay-ms", type=float, default=20.0, help="guard: added to Beam's responses"
+    )
+    parser.add_argument(
+        "--guard-checks", type=int, default=3, help="guard: lone CheckBalances per round, path"
+    )
     parser.add_argument(
         "--rss-calls",
         type=int,
@@ -1332,17 +1443,30 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --calls {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
 
-    context, rows, measurements = run(args)
+    context, rows, measurements, guard = run(args)
     host = re.sub(r"[^A-Za-z0-9-]+", "-", context["machine"]["host"]).strip("-") or "host"
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"-workers{args.workers}" if args.workers > 1 else ""
     stem = args.out / f"{context['date']}-{host}{suffix}"
-    text = render(context, rows, measurements)
+    text = render(context, rows, measurements, guard)
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(
-        json.dumps(rp.to_json(rows, measurements, **context), indent=2, default=str) + "\n"
+        json.dumps(
+            rp.to_json(
+                rows,
+                measurements,
+                guard=rp.guard_json(guard, rp.build_guard_rows(guard)) if guard else None,
+                **context,
+            ),
+            indent=2,
+            default=str,
+        )
+        + "\n"
     )
-    print("\n".join(rp.markdown_table(rows)))
+    if rows:
+        print("\n".join(rp.markdown_table(rows)))
+    if guard is not None:
+        print("\n".join(rp.guard_table(rp.build_guard_rows(guard))))
     m = context["machine"]
     print(
         f"\n{m['nproc']} CPUs, {m['model_name']}; load average {m['load_average_start']} "

@@ -158,3 +158,84 @@ def test_merge_rounds_and_round_ratios() -> None:
     assert row.round_ratios == [0.5, 0.25]  # 500/1000, then 500/2000
     line = rp.markdown_table([row])[2]
     assert f"**0.33{X}** (0.25 to 0.50)" in line
+
+
+def stream(kind: str, round_index: int, first: float, stream_ms: float, **kw: object
+           ) -> rp.StreamRun:  # fmt: skip
+    values: dict[str, object] = {"tokens": 1000, "client_cpu_ms": 100.0}
+    if kind != rp.DIRECT:
+        values |= {"rpcs": 4, "status": "COMPLETED_SUCCESS", "client_cpu_ms": 110.0}
+    values.update(kw)
+    return rp.StreamRun(kind=kind, round=round_index, first_token_ms=first,  # type: ignore[arg-type]
+                        last_chunk_ms=first + stream_ms, **values)  # fmt: skip
+
+
+def fixed_guard_bench() -> rp.GuardBench:
+    runs = []
+    for i, direct_ms in enumerate([330.0, 340.0, 350.0]):  # median 340
+        runs += [
+            stream(rp.DIRECT, i, 2.0, direct_ms),
+            stream(rp.GUARD, i, 4.6, direct_ms * 1.005),  # +0.5 %
+            # +20 ms Beam: the stream 2 % longer, 3 RPCs in one round, one stream cut short.
+            stream(rp.GUARD_SLOW, i, 24.0 + i, direct_ms * 1.02, rpcs=3 + (i == 1),
+                   rpcs_at_proxy=3 + (i == 1), tokens=1000 - (i == 2)),
+        ]  # fmt: skip
+    return rp.GuardBench(
+        tokens=1000, rate=3000.0, delay_ms=20.0, runs=runs,
+        check_ms={rp.GUARD: [1.0, 1.5, 2.0, 9.0], rp.GUARD_SLOW: [21.0, 21.5, 22.0]},
+        load_averages=["1.0 1.0 1.0"] * 3,
+    )  # fmt: skip
+
+
+def test_guard_rows() -> None:
+    fast, slow = rp.build_guard_rows(fixed_guard_bench())
+    assert fast.title == "guard, Beam as is"
+    assert fast.direct_stream_ms == 340
+    assert fast.stream_ms == pytest.approx(341.7)
+    assert fast.stream_ratio == pytest.approx(1.005)
+    assert fast.round_ratios == pytest.approx([1.005] * 3)
+    assert fast.stream_met is True
+    assert fast.first_token_overhead_ms == pytest.approx(2.6)
+    assert fast.check_p50_ms == 1.5  # nearest rank: the 2nd of 4
+    assert fast.first_token_met is False  # 2.6 ms > 1.5 + 1
+    assert fast.total_ratio == pytest.approx((4.6 + 341.7) / 342)
+    assert (fast.direct_cpu_ms, fast.cpu_ms) == (100, 110)
+    assert fast.rpcs_max == 4
+    assert fast.rpcs_at_proxy_max is None
+    assert fast.complete == 3
+    assert fast.rpcs_met is True
+
+    assert slow.title == "guard, every Beam response +20 ms"
+    assert slow.stream_ratio == pytest.approx(1.02)
+    assert slow.stream_met is False
+    assert slow.first_token_ms == 25  # 24, 25, 26
+    assert slow.first_token_overhead_ms == 23
+    assert slow.check_p50_ms == 21.5
+    assert slow.first_token_met is False  # 23 > 21.5 + 1
+    assert slow.rpcs_max == 4
+    assert slow.rpcs_at_proxy_max == 4
+    assert slow.complete == 2
+    assert slow.rpcs_met is False  # a stream was cut: not one its hold covered to the end
+
+
+def test_guard_table_and_json() -> None:
+    bench = fixed_guard_bench()
+    rows = rp.build_guard_rows(bench)
+    lines = rp.guard_table(rows)
+    assert lines[0].startswith("| stream | runs | stream ms, unguarded → guarded |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[2] == (
+        "| guard, Beam as is | 3 | 340 → 342 | **+0.5 %** (+0.5 to +0.5) | 2.00 → 4.60 | +2.6 "
+        f"| 1.50 | **1.01{X}** | 100 → 110 | 4 | 3/3 "
+        "| ≤ +1 % ✅; ≤ Check p50 + 1 ms ❌; ≤ 4 RPCs ✅ |"
+    )
+    assert "| 4; 4 at the proxy | 2/3 | ≤ +1 % ❌; ≤ Check p50 + 1 ms ❌; ≤ 4 RPCs ❌ |" in lines[3]
+    runs = rp.stream_run_table(bench.runs)
+    assert len(runs) == 2 + 9
+    assert "| 1 | guard_slow | 25 | 347 | 372 | — | — | 1,000 | 4 (0/0/0) | 4 |" in runs[7]
+    data = rp.guard_json(bench, rows)
+    assert data["rows"][0]["stream_overhead"] == 0.005
+    assert data["rows"][1]["first_token_overhead_ms"] == 23
+    assert data["rows"][1]["rpcs_met"] is False
+    assert data["runs"][0]["stream_ms"] == 330
+    assert data["check_ms"][rp.GUARD_SLOW] == [21.0, 21.5, 22.0]
