@@ -70,9 +70,10 @@ controlplane:
 proto: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -e . -e ./clients/python
 
-## The hot-path benchmark (bench/README.md, 6 to 7 minutes): builds ghz and hey once from the Go
+## The hot-path benchmark (bench/README.md, 7 to 8 minutes): builds ghz and hey once from the Go
 ## module proxy (hack/bench/build.sh, cached), then measures every call against Beam and an
-## empty handler side by side; writes bench/results/<date>-<host>.{md,json}.
+## empty handler side by side, and a stream through the Python client's guard against the same
+## stream unguarded (issue 16); writes bench/results/<date>-<host>.{md,json}.
 ## BENCH_ARGS passes options, e.g. BENCH_ARGS="--seconds 5 --calls check,deduct".
 BENCH_ARGS ?=
 bench: $(STAMP)

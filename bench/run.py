@@ -15,7 +15,11 @@ What one run does (bench/README.md has the method and how to read it):
 4. For each call: the empty handler and Beam, closed loop (``--concurrency`` in flight for
    ``--seconds``) for calls/s and server CPU per call, then open loop at ``--open-fraction``
    of the empty handler's closed-loop calls/s for p50/p99/p99.9.
-5. Writes bench/results/<date>-<host>.json and .md and prints the table.
+5. The guard row (issue 16; ``--calls guard``, bench/guard_streams.py): a 1,000-token stream
+   from a paced fake provider through the real openai SDK, unguarded and through the Python
+   client's guard against ``beam serve`` (direct, and behind a proxy that delays every Beam
+   response by 20 ms), interleaved: stream-time and first-token overhead, RPCs per stream.
+6. Writes bench/results/<date>-<host>.json and .md and prints the tables.
 
 Usage: ``python bench/run.py [--seconds 10] [--concurrency 32] [--open-fraction 0.5]
 [--calls get_balance,rest_get_balance,...]``
@@ -1405,7 +1409,7 @@ def main() -> None:
         help="ghz HTTP/2 connections (default 1; 4 per worker when N > 1)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--guard-rounds", type=int, default=15, help="guard: rounds measured")
+    parser.add_argument("--guard-rounds", type=int, default=21, help="guard: rounds measured")
     parser.add_argument("--guard-warm-up", type=int, default=2, help="guard: rounds not kept")
     parser.add_argument("--guard-tokens", type=int, default=1000, help="guard: tokens/stream")
     parser.add_argument("--guard-rate", type=float, default=3000.0, help="guard: tokens/s")
