@@ -56,6 +56,12 @@ class StoreSettings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://beam@127.0.0.1:5432/beam")
     database_pool_min: int = Field(default=2, ge=1, le=100)
     database_pool_max: int = Field(default=20, ge=1, le=500)
+    # asyncpg's per-connection cache of named prepared statements (asyncpg's default, 100).
+    # 0 turns it off (asyncpg then uses the unnamed statement, re-parsed each call): needed
+    # behind a transaction-mode pooler that does not track prepared statements, such as
+    # PgBouncer before 1.21 or with max_prepared_statements = 0, where a statement prepared
+    # on one server connection is missing on the next ("prepared statement does not exist").
+    database_statement_cache_size: int = Field(default=100, ge=0, le=10_000)
 
     @model_validator(mode="before")
     @classmethod

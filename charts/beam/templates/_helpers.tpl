@@ -445,6 +445,11 @@ in a Secret and may hold any character (inside a URL, "@", "/", "?" or "%" would
   value: {{ printf "postgresql://%s.%s:%d/%s?sslmode=disable" (include "beam.pgbouncer.fullname" $ctx) (include "beam.dnsSuffix" $ctx) (int $values.pgbouncer.service.ports.pgbouncer) (include "beam.database.name" $ctx) | quote }}
 - name: BEAM_DATABASE_LISTEN_URL
   value: {{ $direct | quote }}
+{{- if eq (int $values.pgbouncer.maxPreparedStatements) 0 }}
+{{- /* PgBouncer does not track prepared statements: asyncpg must not cache named ones. */}}
+- name: BEAM_DATABASE_STATEMENT_CACHE_SIZE
+  value: "0"
+{{- end }}
 {{- else }}
 - name: BEAM_DATABASE_URL
   value: {{ $direct | quote }}
@@ -489,11 +494,14 @@ listen_port = {{ $values.containerPorts.pgbouncer }}
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = /run/pgbouncer/userlist.txt
+pidfile = /run/pgbouncer/pgbouncer.pid
 pool_mode = {{ $values.poolMode }}
 default_pool_size = {{ $values.defaultPoolSize }}
 max_client_conn = {{ $values.maxClientConnections }}
 max_db_connections = {{ $values.defaultPoolSize }}
+{{- if gt (int $values.maxPreparedStatements) 0 }}
 max_prepared_statements = {{ $values.maxPreparedStatements }}
+{{- end }}
 ignore_startup_parameters = extra_float_digits
 client_tls_sslmode = disable
 server_tls_sslmode = {{ include "beam.database.sslmode" . }}

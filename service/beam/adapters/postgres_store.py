@@ -161,6 +161,7 @@ class PostgresStore:
             min_size=settings.database_pool_min,
             max_size=settings.database_pool_max,
             command_timeout=30,
+            statement_cache_size=settings.database_statement_cache_size,
         )
         return cls(pool)
 
