@@ -19,7 +19,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from beam_client import AsyncBeamClient, BeamClient, RequestStatus
+from beam_client import AsyncBeamClient, BeamClient, InsufficientBalance, RequestStatus
 
 from tests.client.conftest import Admin
 from tests.client.providers import APIS, Api, FakeProvider, Reply
@@ -324,3 +324,53 @@ async def test_a_stream_beam_stops_for_money_is_closed_and_charged_what_it_strea
     assert 1000 - charge >= 0
     settled = await admin.request(g.request_id, customer)
     assert (settled["status"], settled["completion_tokens"]) == ("killed", str(counted))
+
+
+@pytest.mark.parametrize("api", [Api("openai"), Api("anthropic", helper=True)], ids=str)
+async def test_fifty_concurrent_under_estimated_streams_of_one_customer_never_overspend(
+    api: Api, fake: FakeProvider, client: AsyncBeamClient, admin: Admin
+) -> None:
+    # Issue 16's finding 4 with the real SDKs: 50 concurrent streams of a customer with
+    # 1,260 grains; the app asks for 50 tokens (or what the customer can afford), the
+    # provider streams 200 regardless (1 ms apart).
+    customer = await admin.customer(1260)
+    fake.default = Reply(tokens=200, prompt_tokens=10, honor_max_tokens=False, delay_seconds=0.001)
+    guards: list[Any] = []
+    refused = 0
+
+    async with api.async_client(fake) as sdk:
+
+        async def one() -> None:
+            nonlocal refused
+            try:
+                async with client.guard(
+                    customer, model="cheap", prompt_tokens=10, max_tokens=50
+                ) as g:
+                    guards.append(g)
+                    max_tokens = min(50, g.affordable_completion_tokens)
+                    async with api.astream(sdk, "cheap", max_tokens) as stream:
+                        async for _ in api.meter(g, stream):
+                            pass
+            except InsufficientBalance:
+                refused += 1
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(50))), 45)
+        calls = [await fake.call(i) for i in range(len(fake.calls))]
+
+    assert len(guards) + refused == 50
+    assert len(calls) == len(guards) > 0  # a refused request never reaches the provider
+    # Each stream was closed (cut by the guard) or ended, and charged what it streamed:
+    # its prompt (10) and the tokens counted, 2 grains each.
+    for call in calls:
+        assert call.outcome in ("completed", "closed_by_client")
+    charges = []
+    for g in guards:
+        assert g.result is not None
+        assert g.result.charged_grains == 10 + 2 * g.completion_tokens
+        charges.append(g.result.charged_grains)
+    counted = sum(g.completion_tokens for g in guards)
+    generated = sum(call.generated for call in calls)
+    assert counted <= generated <= counted + 25 * len(calls)  # at most the tokens in flight
+    balance, reserved, available = await admin.balance(customer)
+    assert (reserved, available) == (0, balance)
+    assert balance == 1260 - sum(charges) >= 0  # spent at most what the customer had
