@@ -89,7 +89,12 @@ class Call:
     @property
     def max_tokens(self) -> int | None:
         """The request's max_tokens (max_completion_tokens), if it has one."""
-        value = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        body = self.body
+        value = (
+            body.get("max_completion_tokens")
+            or body.get("max_output_tokens")
+            or body.get("max_tokens")
+        )
         return value if isinstance(value, int) else None
 
     @property
@@ -221,6 +226,8 @@ class FakeProvider:
         try:
             if path.endswith("/chat/completions"):
                 wire: _Wire = _OpenAI(call)
+            elif path.endswith("/responses"):
+                wire = _OpenAIResponses(call)
             elif path.endswith("/messages"):
                 wire = _Anthropic(call)
             else:
@@ -412,6 +419,102 @@ class _OpenAI(_Wire):
         return body
 
 
+class _OpenAIResponses(_Wire):
+    """The Responses API: ``event: response.*`` + ``data: {...}`` pairs; the usage in
+    ``response.completed`` (``input_tokens``, ``input_tokens_details.cached_tokens``)."""
+
+    created = 1_767_225_600
+    item_id = "msg_fake"
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call)
+        self.sequence = 0
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return _data(payload, event=kind)
+
+    def _text(self) -> str:
+        return self.reply.piece * self.call.generated
+
+    def _item(self, status: str) -> dict[str, Any]:
+        content = []
+        if status == "completed":
+            content = [{"type": "output_text", "text": self._text(), "annotations": []}]
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": content,
+        }
+
+    def _response(self, status: str) -> dict[str, Any]:
+        reply = self.reply
+        usage = None
+        if status == "completed" and reply.usage:
+            usage = {
+                "input_tokens": reply.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": reply.cached_tokens},
+                "output_tokens": self.call.generated,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": reply.prompt_tokens + self.call.generated,
+            }
+        return {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": [self._item("completed")] if status == "completed" else [],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": usage,
+        }
+
+    def _part(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+
+    def head(self) -> list[bytes]:
+        return [
+            self._event("response.created", response=self._response("in_progress")),
+            self._event("response.in_progress", response=self._response("in_progress")),
+            self._event(
+                "response.output_item.added", output_index=0, item=self._item("in_progress")
+            ),
+            self._event(
+                "response.content_part.added",
+                **self._part(),
+                part={"type": "output_text", "text": "", "annotations": []},
+            ),
+        ]
+
+    def token(self) -> bytes:
+        return self._event(
+            "response.output_text.delta", **self._part(), delta=self.reply.piece, logprobs=[]
+        )
+
+    def tail(self, *, truncated: bool) -> list[bytes]:
+        text = self._text()
+        part = {"type": "output_text", "text": text, "annotations": []}
+        return [
+            self._event("response.output_text.done", **self._part(), text=text, logprobs=[]),
+            self._event("response.content_part.done", **self._part(), part=part),
+            self._event("response.output_item.done", output_index=0, item=self._item("completed")),
+            self._event("response.completed", response=self._response("completed")),
+        ]
+
+    def error(self) -> bytes:
+        return self._event(
+            "error", code="server_error", message="The server had an error.", param=None
+        )
+
+    def message(self) -> dict[str, Any]:
+        return self._response("completed")
+
+
 class _Anthropic(_Wire):
     """Messages: ``event: <type>`` + ``data: {...}`` pairs."""
 
@@ -497,9 +600,11 @@ class Api:
 
     provider: Literal["openai", "anthropic"]
     helper: bool = False
+    responses: bool = False  # OpenAI's Responses API instead of Chat Completions
 
     def __str__(self) -> str:
-        return f"{self.provider}-{'helper' if self.helper else 'create'}"
+        name = "openai-responses" if self.responses else self.provider
+        return f"{name}-{'helper' if self.helper else 'create'}"
 
     def async_client(self, fake: FakeProvider, timeout: float = WAIT_SECONDS) -> Any:
         if self.provider == "openai":
@@ -525,6 +630,8 @@ class Api:
 
     def _request(self, model: str, max_tokens: int) -> dict[str, Any]:
         messages = [{"role": "user", "content": "Count to a thousand."}]
+        if self.responses:
+            return dict(model=model, input=messages, max_output_tokens=max_tokens)
         if self.provider == "openai":
             options = {"include_usage": True}
             return dict(
@@ -537,7 +644,7 @@ class Api:
         """The stream, as an app opens it: a helper inside its ``async with``; a
         ``create(stream=True)`` stream left to whoever reads it (the adapter closes it)."""
         request = self._request(model, max_tokens)
-        api = sdk.chat.completions if self.provider == "openai" else sdk.messages
+        api = self._resource(sdk)
         if self.helper:
             async with api.stream(**request) as stream:
                 yield stream
@@ -547,12 +654,17 @@ class Api:
     @contextlib.contextmanager
     def stream(self, sdk: Any, model: str, max_tokens: int) -> Iterator[Any]:
         request = self._request(model, max_tokens)
-        api = sdk.chat.completions if self.provider == "openai" else sdk.messages
+        api = self._resource(sdk)
         if self.helper:
             with api.stream(**request) as stream:
                 yield stream
         else:
             yield api.create(stream=True, **request)
+
+    def _resource(self, sdk: Any) -> Any:
+        if self.responses:
+            return sdk.responses
+        return sdk.chat.completions if self.provider == "openai" else sdk.messages
 
     def meter(self, guard: Any, stream: Any) -> Any:
         """``g.openai(stream)`` or ``g.anthropic(stream)`` (either face)."""
@@ -562,6 +674,8 @@ class Api:
         """Whether ``item`` (what the adapter yields) is a content token of the fake's."""
         if self.provider == "anthropic":
             return bool(item.type == "content_block_delta")
+        if self.responses:
+            return bool(item.type == "response.output_text.delta")
         if self.helper:
             if item.type != "chunk":
                 return False
@@ -570,3 +684,4 @@ class Api:
 
 
 APIS = [Api("openai"), Api("openai", helper=True), Api("anthropic"), Api("anthropic", helper=True)]
+RESPONSES = [Api("openai", responses=True), Api("openai", helper=True, responses=True)]

@@ -32,7 +32,7 @@ import pytest
 from beam_client import AsyncBeamClient, BeamClient, RequestStatus
 
 from tests.client.conftest import Admin
-from tests.client.providers import APIS, Api, FakeProvider, Reply
+from tests.client.providers import APIS, RESPONSES, Api, FakeProvider, Reply
 from tests.support.stack import ServiceProcess, Tenant
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,7 +113,7 @@ async def assert_billed_as_streamed(
 
 
 @pytest.mark.parametrize("exit_", ASYNC_EXITS)
-@pytest.mark.parametrize("api", APIS, ids=str)
+@pytest.mark.parametrize("api", APIS + RESPONSES, ids=str)
 async def test_every_async_exit_closes_the_upstream_and_bills_what_was_streamed(
     api: Api, exit_: str, client: AsyncBeamClient, admin: Admin, fake: FakeProvider
 ) -> None:
@@ -188,7 +188,7 @@ async def test_every_async_exit_closes_the_upstream_and_bills_what_was_streamed(
 
 
 @pytest.mark.parametrize("exit_", SYNC_EXITS)
-@pytest.mark.parametrize("api", APIS, ids=str)
+@pytest.mark.parametrize("api", APIS + RESPONSES, ids=str)
 async def test_every_sync_exit_closes_the_upstream_and_bills_what_was_streamed(
     api: Api,
     exit_: str,

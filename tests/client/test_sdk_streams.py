@@ -22,7 +22,7 @@ import pytest
 from beam_client import AsyncBeamClient, BeamClient, InsufficientBalance, RequestStatus
 
 from tests.client.conftest import Admin
-from tests.client.providers import APIS, Api, FakeProvider, Reply
+from tests.client.providers import APIS, RESPONSES, Api, FakeProvider, Reply
 from tests.support.stack import ServiceProcess, Tenant
 
 pytestmark = pytest.mark.timeout(60)
@@ -107,7 +107,7 @@ async def assert_settled(
 
 
 @pytest.mark.parametrize("face", FACES)
-@pytest.mark.parametrize("api", APIS, ids=str)
+@pytest.mark.parametrize("api", APIS + RESPONSES, ids=str)
 async def test_a_stream_read_to_its_end_is_charged_the_providers_usage_with_cached_tokens(
     api: Api,
     face: str,
@@ -119,8 +119,9 @@ async def test_a_stream_read_to_its_end_is_charged_the_providers_usage_with_cach
 ) -> None:
     customer = await admin.customer(BALANCE)
     # The provider counts a prompt of 1,200 tokens, 1,000 of them read from its cache
-    # (OpenAI: prompt_tokens_details.cached_tokens; Anthropic: input_tokens 200 +
-    # cache_read_input_tokens 1,000), and streams 130 tokens; the app estimated 1,000.
+    # (OpenAI: prompt_tokens_details.cached_tokens; Responses: input_tokens_details;
+    # Anthropic: input_tokens 200 + cache_read_input_tokens 1,000), and streams 130 tokens;
+    # the app estimated 1,000.
     fake.queue(Reply(tokens=130, prompt_tokens=1200, cached_tokens=1000))
     g, tokens, error = await stream_through_guard(
         face, api, fake, client=client, service=service, tenant=tenant, customer=customer,
@@ -138,7 +139,7 @@ async def test_a_stream_read_to_its_end_is_charged_the_providers_usage_with_cach
     await assert_settled(admin, customer, g, "completed", 183, 1200, 130)
 
 
-USAGE_MISSING = [Api("openai"), Api("openai", helper=True), Api("anthropic")]
+USAGE_MISSING = [Api("openai"), Api("openai", helper=True), Api("anthropic"), *RESPONSES]
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -153,9 +154,10 @@ async def test_a_stream_without_usage_is_charged_the_tokens_it_streamed(
     admin: Admin,
 ) -> None:
     customer = await admin.customer(BALANCE)
-    # No usage chunk (OpenAI), no usage in message_delta (Anthropic; its message_start still
-    # counts the prompt: 30). Anthropic's messages.stream() helper cannot parse a
-    # message_delta without usage, which the real API always sends: not run here.
+    # No usage chunk (OpenAI), no usage in response.completed (Responses), no usage in
+    # message_delta (Anthropic; its message_start still counts the prompt: 30).
+    # Anthropic's messages.stream() helper cannot parse a message_delta without usage,
+    # which the real API always sends: not run here.
     fake.queue(Reply(tokens=40, prompt_tokens=30, usage=False))
     g, tokens, error = await stream_through_guard(
         face, api, fake, client=client, service=service, tenant=tenant, customer=customer,
