@@ -15,9 +15,8 @@ import pytest
 
 from beam.constants import SETTLE_REPAIR_GRACE_MS
 from beam.core import faults
-from beam.core.commands import CheckCommand, FinalizeCommand
+from beam.core.commands import CheckCommand
 from beam.core.runtime import Runtime
-from beam.errors import BeamError, Reason
 from tests.support.money import (
     CUSTOMER,
     RedisSnapshot,
@@ -93,3 +92,69 @@ async def test_another_replicas_reaper_releases_a_token_claim_before_its_commit(
     balance, held = await redis_account(runtime, tenant.name)
     assert balance - held <= ledger_balance, "Redis offers the 1 000 grains the ledger spent"
     assert held_while_committing == 1_000, "the claim was released before its commit"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a tokenless Finalize takes over a token claim and releases it while the token "
+    "claim's own second-hold charge is still to commit",
+)
+async def test_a_tokenless_finalize_releases_a_token_claims_reservation_before_its_commit(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Schedule: hold A of r (token TA) is lost by Redis; r is checked again (hold B) and
+    settled by TB's Finalize (300). Finalize F1 with TA reporting 1 000 creates a claim
+    (attempt 1, 1 000 held) and waits before its commit -> a Finalize F2 of r *without* a
+    token (a retry of B's, or any tokenless caller) finds a hold under r (the claim), so the
+    done marker is not consulted: it takes the claim over (attempt 2), commits (r is settled
+    by B: OTHER_HOLD, and a tokenless claim charges nothing) and releases the claim with
+    attempt 2 (held 1 000 -> 0), answering B's settlement -> F1 commits
+    ``settlement:cus:r#<A>`` (1 000, its own entry, new since 0f535a1) and dies before its
+    Redis half; settle_hold's max_attempt only protects a newer attempt from an older one.
+
+    Breaks: *Redis is never ahead of the ledger*: ledger 8 700, Redis 9 700 with nothing
+    held and nothing left settling. Expected: F1's charge stays reserved until it commits
+    or is fenced (e.g. a tokenless Finalize answers from the done marker / ledger instead of
+    taking over a claim that carries a token, or the claim records its token nonce and a
+    takeover keeps reserving until that second-hold entry is in the ledger)."""
+    p = await customer(runtime, tenant, 10_000)
+    snapshot = RedisSnapshot(runtime, tenant.name, "r")
+    await snapshot.take()
+    first = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 500, 1.0, "cheap"))
+    await snapshot.restore()  # hold A is gone
+    second = await runtime.ledger.check(p, CheckCommand(CUSTOMER, "r", 500, 1.0, "cheap"))
+    await settle(runtime, p, "r", 300, second.request_token)
+    assert await redis_account(runtime, tenant.name) == (9_700, 0)
+
+    paused, resume = asyncio.Event(), asyncio.Event()
+    begun = 0
+
+    async def hook(name: str) -> None:
+        nonlocal begun
+        if name == faults.FINALIZE_BEGUN:
+            begun += 1
+            if begun == 1:
+                paused.set()
+                await resume.wait()
+        elif name == faults.FINALIZE_COMMITTED and begun >= 2 and resume.is_set():
+            raise faults.SimulatedCrash(name)
+
+    faults.install(hook)
+    f1 = asyncio.ensure_future(settle(runtime, p, "r", 1_000, first.request_token))
+    await paused.wait()
+    assert await redis_account(runtime, tenant.name) == (9_700, 1_000)  # F1's claim
+    f2 = await settle(runtime, p, "r", 300)  # no token
+    assert (f2.charged_grains, f2.replayed) == (300, True)
+    held_while_f1_commits = (await redis_account(runtime, tenant.name))[1]
+    resume.set()
+    with pytest.raises(faults.SimulatedCrash):
+        await f1  # committed A's 1 000 on its own, "died" before its Redis half
+    faults.install(None)
+    faults.advance(SETTLE_REPAIR_GRACE_MS + 1)
+    for _ in range(3):
+        await runtime.reaper.run_once()
+    ledger_balance = (await ledger_row(stores, tenant.name))[0]
+    assert ledger_balance == 8_700
+    balance, held = await redis_account(runtime, tenant.name)
+    assert balance - held <= ledger_balance, "Redis offers the 1 000 grains the ledger spent"
+    assert held_while_f1_commits == 1_000, "F2 released F1's reservation before F1 committed"
