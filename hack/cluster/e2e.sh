@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make e2e-cluster`: builds what is missing (cached), starts the one-node cluster with the
 # local images, runs tests/e2e/test_cluster.py inside the cluster's network namespace, stops
-# the cluster, and fails unless the host is exactly as it was before (host_state.py).
+# the cluster, runs tests/e2e/test_cluster_host.py (a second small cluster, the host compared
+# before, during and after), and fails unless the host is exactly as it was before the whole
+# run (host_state.py).
 #
 #   bash hack/cluster/e2e.sh [PYTEST_ARGS...]
 #
@@ -57,6 +59,15 @@ step_started=$SECONDS
 bash "$here/down.sh" "$workdir" || status=1
 down_seconds=$((SECONDS - step_started))
 
+# A second, small cluster: a pod behind a Service, and the host compared before, during and
+# after (tests/e2e/test_cluster_host.py).
+step_started=$SECONDS
+pause_and_redis="$(printf '%s\n' "${images[@]}" | grep -E '/(pause|redis)\.oci\.tar$' | tr '\n' ' ')"
+BEAM_CONTROLPLANE_BIN_DIR="$cp_bin" BEAM_NODE_BIN_DIR="$node_bin" \
+    BEAM_CLUSTER_IMAGES="$pause_and_redis" "$python" -m pytest -p no:cacheprovider \
+    "$root/tests/e2e/test_cluster_host.py" -v --basetemp "$workdir/host-test" || status=1
+host_test_seconds=$((SECONDS - step_started))
+
 python3 "$here/host_state.py" snapshot "$workdir/host-after.json"
 if ! python3 "$here/host_state.py" compare "$workdir/host-before.json" \
     "$workdir/host-after.json" >"$workdir/host-diff.txt"; then
@@ -66,7 +77,8 @@ if ! python3 "$here/host_state.py" compare "$workdir/host-before.json" \
 else
     log "host unchanged (sysctls, mounts, links, routes, iptables, cgroups, paths, processes)"
 fi
-log "timings: build ${build_seconds}s, up ${up_seconds}s, tests ${test_seconds}s, down ${down_seconds}s, total $((SECONDS - started))s"
+log "timings: build ${build_seconds}s, up ${up_seconds}s, scenario ${test_seconds}s," \
+    "down ${down_seconds}s, host test ${host_test_seconds}s, total $((SECONDS - started))s"
 if ((status == 0)) && [[ -z ${BEAM_E2E_CLUSTER_DIR:-} ]]; then
     rm -rf "$workdir"
 else

@@ -83,7 +83,7 @@ cgroup_root="/beam-node-$cgroup_id"
 
 rm -rf "$workdir/node" "$workdir/cp"
 node="$workdir/node"
-mkdir -p "$node"/{run,var-lib,var-log,sysctl,containerd,kubelet,cni/net.d,cni/ipam,pki,logs}
+mkdir -p "$node"/{run,var-lib,var-log,sysctl,cni/net.d,cni/ipam,pki,logs}
 
 # ---------------------------------------------------------------------------------------------
 cleanup_on_failure() {
@@ -154,14 +154,21 @@ start() {
     log "started $name (pid $!)"
 }
 
+# wait_for DESCRIPTION COMMAND...: polls COMMAND until it succeeds, a daemon started so far
+# exits, or the overall deadline passes.
 wait_for() {
-    local description="$1"
+    local description="$1" pid_file
     shift
     while ((SECONDS < deadline)); do
         if "$@" >/dev/null 2>&1; then
             log "ready: $description"
             return 0
         fi
+        for pid_file in "$node"/*.pid; do
+            [[ -f $pid_file ]] || continue
+            kill -0 "$(cat "$pid_file")" 2>/dev/null ||
+                die "$(basename "$pid_file" .pid) exited (see $node/logs)"
+        done
         sleep 0.5
     done
     die "timed out after ${timeout_seconds}s waiting for $description"
@@ -241,12 +248,15 @@ EOF
 # containerd: every path under the workdir; pods' sandbox image is the local pause image.
 cat >"$node/containerd.toml" <<EOF
 version = 3
-root = "$node/containerd/root"
-state = "$node/containerd/state"
+# Inside the mount namespace /run, /var/lib and /var/log are bind mounts of $node/run,
+# $node/var-lib and $node/var-log: the usual paths, under the workdir, and short (a unix socket
+# path has at most 104 bytes; a workdir under pytest's tmp_path is already longer).
+root = "/var/lib/containerd"
+state = "/run/containerd"
 [grpc]
-  address = "$node/containerd/containerd.sock"
+  address = "/run/containerd/containerd.sock"
 [ttrpc]
-  address = "$node/containerd/containerd.sock.ttrpc"
+  address = "/run/containerd/containerd.sock.ttrpc"
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = 'overlayfs'
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
@@ -261,7 +271,7 @@ state = "$node/containerd/state"
       runtime_type = 'io.containerd.runc.v2'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
         BinaryName = '$node_bin/runc'
-        Root = '$node/containerd/runc'
+        Root = '/run/containerd/runc'
         SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ['$cni_dir']
@@ -292,7 +302,7 @@ cat >"$node/cni/net.d/10-beam.conflist" <<EOF
 }
 EOF
 start containerd containerd --config "$node/containerd.toml"
-ctr=("$node_bin/ctr" --address "$node/containerd/containerd.sock" --namespace k8s.io)
+ctr=("$node_bin/ctr" --address /run/containerd/containerd.sock --namespace k8s.io)
 wait_for "containerd" in_ns "${ctr[@]}" version
 for archive in "${images[@]}"; do
     [[ -f $archive ]] || die "no image archive $archive"
@@ -327,7 +337,7 @@ authentication:
   webhook: {enabled: false}
   x509: {clientCAFile: $pki/ca.crt}
 authorization: {mode: AlwaysAllow}
-containerRuntimeEndpoint: unix://$node/containerd/containerd.sock
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
 cgroupDriver: cgroupfs
 cgroupRoot: $cgroup_root
 failCgroupV1: false
@@ -338,8 +348,8 @@ makeIPTablesUtilChains: false
 clusterDNS: [$node_ip]
 clusterDomain: cluster.local
 resolvConf: $node/resolv.conf
-podLogsDir: $node/pod-logs
-volumePluginDir: $node/volume-plugins
+podLogsDir: /var/log/pods
+volumePluginDir: /var/lib/kubelet/volume-plugins
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 50Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%}
@@ -347,7 +357,7 @@ serializeImagePulls: false
 maxPods: 60
 EOF
 start kubelet kubelet --config "$node/kubelet.yaml" --kubeconfig "$node/kubelet.kubeconfig" \
-    --root-dir "$node/kubelet" --cert-dir "$node/kubelet/pki" --node-ip "$node_ip" \
+    --root-dir /var/lib/kubelet --cert-dir /var/lib/kubelet/pki --node-ip "$node_ip" \
     --hostname-override "$node_name" --v 1
 start kube-scheduler kube-scheduler --kubeconfig "$node/kube-scheduler.kubeconfig" \
     --authentication-kubeconfig "$node/kube-scheduler.kubeconfig" \
@@ -400,7 +410,8 @@ NODE_NAME=$node_name
 CGROUP_ROOT=$cgroup_root
 CONTROLPLANE_BIN_DIR=$cp_bin
 NODE_BIN_DIR=$node_bin
-CONTAINERD_ADDRESS=$node/containerd/containerd.sock
+# containerd's socket, inside the cluster's mount namespace (nsenter --mount --net)
+CONTAINERD_ADDRESS=/run/containerd/containerd.sock
 SERVER=$SERVER
 EOF
 trap - EXIT INT TERM

@@ -156,6 +156,11 @@ main() {
     # build_beam's arguments are (out, work, base_dir); cached passes out and work last.
     beam_with_base() { build_beam "$1" "$2" "$base_dir"; }
     cached beam "$beam_dir" beam_with_base
+    # Every edit to Beam's code makes a new Beam image (~150 MB): keep the current one only.
+    local stale
+    for stale in "$cache_root"/beam-*; do
+        [[ $stale == "$beam_dir" ]] || rm -rf "$stale"
+    done
     printf '%s\n' "$base_dir/pause.oci.tar" "$base_dir/redis.oci.tar" \
         "$base_dir/postgresql.oci.tar" "$beam_dir/beam.oci.tar"
 }

@@ -74,10 +74,17 @@ class Cluster(Protocol):
         ...
 
 
-def run(command: list[str], *, stdin: str | None = None, timeout: float = 900) -> str:
+def run(
+    command: list[str],
+    *,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> str:
     result = subprocess.run(
-        command, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-    )
+        command, input=stdin, capture_output=True, text=True, timeout=timeout, env=env,
+        check=False,
+    )  # fmt: skip
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr}")
     return result.stdout
@@ -115,6 +122,7 @@ def helm_values_args(extra_sets: tuple[str, ...] = ()) -> list[str]:
 
 
 def install(cluster: Cluster, extra_sets: tuple[str, ...] = ()) -> None:
+    """helm install with cluster-values.yaml (+ `--set`s: kind swaps the images)."""
     cluster.helm(
         "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
         *helm_values_args(extra_sets), "--wait", "--timeout", "10m",
@@ -180,12 +188,14 @@ class Tenant:
 
 def apply_tenant(cluster: Cluster) -> Tenant:
     cluster.kubectl("apply", "-f", str(ROOT / "examples"))
-    keys = {}
+    keys: dict[str, str] = {}
     for role in ("enforcer", "admin"):
-        keys[role] = wait_until(
-            lambda role=role: secret_value(cluster, TENANT, f"acme-{role}-key", "api-key"),
-            180, f"the operator to write the {role} key's Secret",
-        )  # fmt: skip
+        secret = f"acme-{role}-key"
+
+        def api_key(secret: str = secret) -> str:
+            return secret_value(cluster, TENANT, secret, "api-key")
+
+        keys[role] = wait_until(api_key, 180, f"the operator to write Secret {secret}")
 
     def customer_ready() -> bool:
         customer = kube_json(cluster, "get", "beamcustomer", "cust-acme-1", "-n", TENANT)
@@ -364,6 +374,198 @@ def verify_integrity(base_url: str, admin_key: str) -> dict[str, Any]:
     return data
 
 
+# -- the steps, with what one leaves for the next ------------------------------------------
+
+
+@dataclass
+class Run:
+    """One scenario run's state: where the Services are, the tenant's keys, the balance."""
+
+    http: str = ""  # http://host:port of the API Service's REST port
+    grpc: str = ""  # host:port of its gRPC port
+    dsn: str = ""  # the database, as Beam's own role
+    tenant: Tenant | None = None
+    balance: int = INITIAL_GRAINS
+    load_counts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> Tenant:
+        assert self.tenant is not None, "the tenant step has not run"
+        return self.tenant
+
+
 @contextlib.contextmanager
-def nothing() -> Iterator[None]:
-    yield
+def connected(cluster: Cluster) -> Iterator[Run]:
+    """A Run whose addresses stay usable while the context is open (port-forwards on kind)."""
+    with (
+        cluster.service_address(RELEASE, 8080) as http,
+        cluster.service_address(RELEASE, 9090) as grpc_address,
+        cluster.service_address(f"{RELEASE}-timescaledb", 5432) as database,
+    ):
+        password = secret_value(cluster, NAMESPACE, f"{RELEASE}-timescaledb-auth", "password")
+        yield Run(f"http://{http}", grpc_address, f"postgresql://beam:{password}@{database}/beam")
+
+
+def step_install(cluster: Cluster, extra_sets: tuple[str, ...] = ()) -> None:
+    install(cluster, extra_sets)
+    assert_chart_pods(wait_all_pods_ready(cluster))
+
+
+def step_tenant(cluster: Cluster, run: Run) -> None:
+    run.tenant = apply_tenant(cluster)
+
+
+def step_walkthrough(run: Run) -> None:
+    key = run.keys.enforcer_key
+    run.balance = rest_walkthrough(run.http, key, "walk-rest", run.balance)
+    run.balance = asyncio.run(grpc_walkthrough(run.grpc, key, "walk-grpc", run.balance))
+    assert run.balance == INITIAL_GRAINS - 2 * WALK_CHARGED
+    ledger = asyncio.run(read_ledger(run.dsn, "walk-"))
+    assert ledger.costs == {"walk-rest": WALK_CHARGED, "walk-grpc": WALK_CHARGED}
+    assert ledger.balance_grains == run.balance
+    assert ledger.charged_grains == 2 * WALK_CHARGED
+
+
+def redis_role(cluster: Cluster, pod: str) -> str:
+    out = cluster.kubectl(
+        "exec", "-n", NAMESPACE, pod, "-c", "redis", "--", "sh", "-c",
+        'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --raw INFO replication',
+    )  # fmt: skip
+    for line in out.splitlines():
+        if line.startswith("role:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+async def settle_leftovers(run: Run, result: LoadResult) -> None:
+    """Finalize again every approved request whose Finalize was not acknowledged (same ids
+    and tokens: idempotent, a settlement that did commit is replayed)."""
+    async with AsyncBeamClient(run.grpc, run.keys.enforcer_key) as beam:
+        for request_id, token in result.tokens.items():
+            if request_id in result.acknowledged:
+                continue
+            final = await beam.finalize_request(
+                CUSTOMER, request_id, status=RequestStatus.COMPLETED_SUCCESS,
+                request_token=token, model="gpt-4", total_cost_grains=LOAD_COST,
+            )  # fmt: skip
+            assert final.charged_grains == LOAD_COST, final
+
+
+def assert_settled(run: Run, prefix: str, result: LoadResult) -> None:
+    """Exact money: every approved request charged LOAD_COST exactly once (acknowledged ones
+    included), nothing else charged, no hold left, the cached balance equals the ledger's,
+    verify-integrity clean."""
+
+    def holds_released() -> bool:
+        balance = httpx.get(
+            f"{run.http}/v1/balance/{CUSTOMER}",
+            headers={"Authorization": f"Bearer {run.keys.enforcer_key}"},
+            timeout=10,
+        ).json()
+        return bool(balance["reserved"] == "0")
+
+    wait_until(holds_released, 120, "every hold settled or expired")
+    ledger = asyncio.run(read_ledger(run.dsn, prefix))
+    settled = {rid for rid, cost in ledger.costs.items() if cost == LOAD_COST}
+    assert set(result.acknowledged) <= settled, "an acknowledged settlement was lost"
+    assert set(result.tokens) == settled, "an approved request was not settled exactly once"
+    assert {cost for rid, cost in ledger.costs.items() if rid not in settled} <= {0}
+    run.balance -= LOAD_COST * len(settled)
+    assert ledger.balance_grains == run.balance
+    assert ledger.charged_grains == INITIAL_GRAINS - run.balance
+    run.load_counts[prefix] = (len(result.acknowledged), len(result.failed), len(settled))
+    integrity = verify_integrity(run.http, run.keys.admin_key)
+    assert integrity["ok"] is True, integrity
+
+
+def step_redis_failover(cluster: Cluster, run: Run) -> None:
+    redis_pods = [f"{RELEASE}-redis-{n}" for n in range(3)]
+    masters = [pod for pod in redis_pods if redis_role(cluster, pod) == "master"]
+    assert len(masters) == 1, masters
+    master = masters[0]
+
+    def kill_master() -> None:
+        cluster.kubectl("delete", "pod", master, "-n", NAMESPACE, "--wait=false")
+
+        def promoted() -> bool:
+            return any(redis_role(cluster, p) == "master" for p in redis_pods if p != master)
+
+        wait_until(promoted, 120, "Sentinel to promote a replica")
+
+    result = asyncio.run(load_during(run.grpc, run.keys.enforcer_key, "failover", kill_master))
+    assert len(result.acknowledged) >= 20, "too little load to mean anything"
+    assert result.rejected == []
+    asyncio.run(settle_leftovers(run, result))
+    assert_settled(run, "failover-", result)
+    wait_all_pods_ready(cluster)
+
+
+def pod_generations(cluster: Cluster) -> dict[str, tuple[str, int]]:
+    """name -> (uid, restarts) of every pod not owned by a Job (hooks make new Job pods)."""
+    found = {}
+    for pod in pods(cluster):
+        owners = pod["metadata"].get("ownerReferences", [])
+        if any(owner["kind"] == "Job" for owner in owners):
+            continue
+        statuses = pod["status"].get("containerStatuses", [])
+        found[pod["metadata"]["name"]] = (
+            pod["metadata"]["uid"], sum(s.get("restartCount", 0) for s in statuses),
+        )  # fmt: skip
+    return found
+
+
+def step_noop_upgrades(cluster: Cluster, extra_sets: tuple[str, ...] = ()) -> None:
+    before = pod_generations(cluster)
+    for _ in range(2):
+        cluster.helm(
+            "upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE,
+            *helm_values_args(extra_sets), "--wait", "--timeout", "10m",
+        )  # fmt: skip
+        time.sleep(5)  # a changed pod template would have started a rollout by now
+        wait_all_pods_ready(cluster)
+        assert pod_generations(cluster) == before
+
+
+def step_rolling_restart(cluster: Cluster, run: Run) -> None:
+    deployment = f"deployment/{RELEASE}-service"
+
+    def restart() -> None:
+        cluster.kubectl("rollout", "restart", deployment, "-n", NAMESPACE)
+        cluster.kubectl("rollout", "status", deployment, "-n", NAMESPACE, "--timeout", "5m")
+
+    result = asyncio.run(load_during(run.grpc, run.keys.enforcer_key, "rollout", restart))
+    assert result.failed == {}, "a call failed beyond the client's retries"
+    assert result.rejected == []
+    assert len(result.acknowledged) >= 20
+    assert_settled(run, "rollout-", result)
+
+
+RELEASE_KINDS = (
+    "pods", "services", "deployments", "statefulsets", "jobs", "cronjobs", "configmaps",
+    "secrets", "serviceaccounts", "roles", "rolebindings", "poddisruptionbudgets",
+)  # fmt: skip
+
+
+def step_uninstall(cluster: Cluster) -> None:
+    cluster.helm("uninstall", RELEASE, "--namespace", NAMESPACE, "--wait", "--timeout", "5m")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+
+    def release_gone() -> bool:
+        left = cluster.kubectl(
+            "get", ",".join(RELEASE_KINDS), "-n", NAMESPACE, "-l", selector, "-o", "name"
+        )
+        cluster_left = cluster.kubectl(
+            "get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name"
+        )
+        return not left.strip() and not cluster_left.strip()
+
+    wait_until(release_gone, 180, "every object of the release to go")
+    assert cluster.kubectl("get", "pods", "-n", NAMESPACE, "-o", "name").strip() == ""
+    for kind in ("beamcustomers", "beamapikeys", "beampricelists"):
+        items = kube_json(cluster, "get", kind, "-n", TENANT)["items"]
+        assert len(items) == {"beamcustomers": 1, "beamapikeys": 2, "beampricelists": 1}[kind]
+        for item in items:
+            assert "beam.dev/finalizer" not in item["metadata"].get("finalizers", []), item
+    # With the finalizers released, the tenant's namespace (and its objects) deletes.
+    cluster.kubectl("delete", "namespace", TENANT, "--timeout", "120s")
+    cluster.kubectl("delete", "namespace", NAMESPACE, "--timeout", "120s")
