@@ -48,7 +48,7 @@ if BEAM_CONTROLPLANE_BIN_DIR="$cp_bin" BEAM_NODE_BIN_DIR="$node_bin" \
     # loopback), not its mount namespace: it sees the host's files.
     nsenter --target "$holder" --net -- \
         env BEAM_E2E_CLUSTER_DIR="$workdir" "$python" -m pytest -p no:cacheprovider \
-        "$root/tests/e2e/test_cluster.py" -v "$@" || status=$?
+        "$root/tests/e2e/test_cluster.py" -v -rP "$@" || status=$?
     test_seconds=$((SECONDS - step_started))
 else
     status=1
