@@ -38,6 +38,8 @@ build_seconds=$((SECONDS - step_started))
 log "binaries and images ready in ${build_seconds}s"
 
 status=0
+# An interrupted run still stops its cluster (down.sh is idempotent).
+trap 'bash "$here/down.sh" "$workdir" >&2 || true; exit 130' INT TERM
 step_started=$SECONDS
 if BEAM_CONTROLPLANE_BIN_DIR="$cp_bin" BEAM_NODE_BIN_DIR="$node_bin" \
     bash "$here/up.sh" "$workdir" "${images[@]}"; then
