@@ -8,6 +8,10 @@ async SDK clients can both call it) that speaks the providers' wire formats:
   chunk, the usage chunk when ``stream_options.include_usage`` asked for it — with
   ``prompt_tokens_details.cached_tokens`` — and ``data: [DONE]``); else one JSON
   ``chat.completion``;
+- ``POST /v1/responses`` (OpenAI Responses): with ``stream: true``, ``event: response.*``
+  pairs (``response.created`` ... one ``response.output_text.delta`` per token ...
+  ``response.completed``, whose usage has ``input_tokens_details.cached_tokens``); else one
+  JSON ``response``;
 - ``POST /v1/messages`` (Anthropic Messages): with ``stream: true``, ``event:``/``data:``
   pairs ``message_start`` (usage ``input_tokens`` excluding ``cache_read_input_tokens``),
   ``content_block_start``, ``ping``, one ``content_block_delta`` per token,

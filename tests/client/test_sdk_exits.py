@@ -2,7 +2,8 @@
 
 The real ``openai`` and ``anthropic`` SDKs stream from the fake providers
 (tests/client/providers.py) through ``g.openai(...)`` / ``g.anthropic(...)``, with
-``create(stream=True)`` and with the SDKs' stream helpers, guarded by a real ``beam serve``.
+``create(stream=True)`` and with the SDKs' stream helpers (Chat Completions, the Responses
+API, Messages), guarded by a real ``beam serve``.
 The fake would generate 1,000 tokens; after 100 it waits for the client to hang up (at
 most ``PAUSE_SECONDS``) before it goes on. The consumer leaves after those 100 tokens: it
 ``break``s, raises, is cancelled, abandons the generator the guard runs in
@@ -42,7 +43,7 @@ PROMPT_ESTIMATE = 25  # the app's estimate, and OpenAI's count of the prompt
 ANTHROPIC_PROMPT = 30  # Anthropic's count (message_start)
 TOKENS_READ = 100  # the consumer leaves after this many content tokens
 PAUSE_SECONDS = 5.0
-SDK_TIMEOUT_SECONDS = 1.5  # the SDK's read timeout in the "timeout" exit (< PAUSE_SECONDS)
+SDK_TIMEOUT_SECONDS = 2.5  # the SDK's read timeout in the "timeout" exit (< PAUSE_SECONDS)
 
 STATUS = {
     "break": RequestStatus.COMPLETED_SUCCESS,

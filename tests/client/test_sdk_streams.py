@@ -315,8 +315,9 @@ async def test_a_stream_beam_stops_for_money_is_closed_and_charged_what_it_strea
     assert 0 < counted <= 200
     assert (call.closed_by_client, call.outcome) == (True, "closed_by_client")
     # The provider generated what was read, and at most the few tokens in flight when the
-    # connection closed (25 tokens is 50 ms of a stalled test machine).
-    assert counted <= call.generated <= counted + 25
+    # connection closed (a bound of 100 tokens: 200 ms of a stalled test machine; the
+    # provider would stream 5,000).
+    assert counted <= call.generated <= counted + 100
     # Charged what was streamed: the reported prompt and the tokens counted, 600 + counted x 2,
     # within the balance.
     charge = 600 + counted * 2
@@ -334,9 +335,9 @@ async def test_fifty_concurrent_under_estimated_streams_of_one_customer_never_ov
 ) -> None:
     # Issue 16's finding 4 with the real SDKs: 50 concurrent streams of a customer with
     # 1,260 grains; the app asks for 50 tokens (or what the customer can afford), the
-    # provider streams 200 regardless (1 ms apart).
+    # provider streams 200 regardless (2 ms apart).
     customer = await admin.customer(1260)
-    fake.default = Reply(tokens=200, prompt_tokens=10, honor_max_tokens=False, delay_seconds=0.001)
+    fake.default = Reply(tokens=200, prompt_tokens=10, honor_max_tokens=False, delay_seconds=0.002)
     guards: list[Any] = []
     refused = 0
 
@@ -372,7 +373,9 @@ async def test_fifty_concurrent_under_estimated_streams_of_one_customer_never_ov
         charges.append(g.result.charged_grains)
     counted = sum(g.completion_tokens for g in guards)
     generated = sum(call.generated for call in calls)
-    assert counted <= generated <= counted + 25 * len(calls)  # at most the tokens in flight
+    # At most the tokens in flight (a bound of 100 a stream, 200 ms of a stalled machine;
+    # an upstream left open would reach 200 a stream, against at most 50 counted).
+    assert counted <= generated <= counted + 100 * len(calls)
     balance, reserved, available = await admin.balance(customer)
     assert (reserved, available) == (0, balance)
     assert balance == 1260 - sum(charges) >= 0  # spent at most what the customer had
