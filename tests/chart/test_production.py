@@ -175,3 +175,56 @@ def test_the_integrity_check_skips_stale_runs_and_retries_a_lost_pod(helm: Helm)
 def test_sentinel_quorum_zero_is_refused(helm: Helm) -> None:
     error = refused(helm, "--set", "redis.sentinel.quorum=0")
     assert "at '/redis/sentinel/quorum': minimum: got 0, want 1" in error
+
+
+def test_the_stateful_pods_can_take_a_priority_class_the_chart_creates(helm: Helm) -> None:
+    stateful = (
+        ("StatefulSet", "beam-redis"),
+        ("StatefulSet", "beam-redis-sentinel"),
+        ("StatefulSet", "beam-timescaledb"),
+    )
+    default = render(helm)
+    assert not [d for d in default if d["kind"] == "PriorityClass"]
+    for kind, name in stateful:
+        assert "priorityClassName" not in find(default, kind, name)["spec"]["template"]["spec"]
+    docs = render(
+        helm,
+        "--set",
+        "statefulPriorityClass.create=true",
+        "--set",
+        "redis.sentinel.priorityClassName=platform-critical",
+    )
+    priority = find(docs, "PriorityClass", "beam-beam-test-stateful")
+    assert (priority["value"], priority["globalDefault"], priority["preemptionPolicy"]) == (
+        1000000,
+        False,
+        "PreemptLowerPriority",
+    )
+    names = {name: find(docs, kind, name)["spec"]["template"]["spec"]["priorityClassName"]
+             for kind, name in stateful}  # fmt: skip
+    assert names == {
+        "beam-redis": "beam-beam-test-stateful",
+        "beam-redis-sentinel": "platform-critical",  # a component's own class wins
+        "beam-timescaledb": "beam-beam-test-stateful",
+    }
+    for kind, name in (("Deployment", "beam-service"), ("Deployment", "beam-operator")):
+        assert "priorityClassName" not in find(docs, kind, name)["spec"]["template"]["spec"]
+
+
+def test_the_database_volume_has_a_usage_alert(helm: Helm) -> None:
+    crd = ("--api-versions", "monitoring.coreos.com/v1/PrometheusRule")
+    args = ("--set", "prometheusRule.enabled=true", *crd)
+    docs = render(helm, *args, "--set", "prometheusRule.databaseVolumePercent=90")
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    alerts = {a["alert"]: a for a in rule["spec"]["groups"][0]["rules"]}
+    pvc = 'namespace="beam-test", persistentvolumeclaim="data-beam-timescaledb-0"'
+    assert alerts["BeamDatabaseVolumeFull"]["expr"] == (
+        "max by (namespace, persistentvolumeclaim) (\n"
+        f"  1 - kubelet_volume_stats_available_bytes{{{pvc}}}\n"
+        f"    / kubelet_volume_stats_capacity_bytes{{{pvc}}}\n"
+        ") > 0.9000\n"
+    )
+    # No volume, no alert.
+    ephemeral = render(helm, *args, "--set", "timescaledb.persistence.enabled=false")
+    (rule,) = [d for d in ephemeral if d["kind"] == "PrometheusRule"]
+    assert "BeamDatabaseVolumeFull" not in {a["alert"] for a in rule["spec"]["groups"][0]["rules"]}

@@ -544,17 +544,21 @@ def test_uninstall_cleanup_removes_the_finalizers_as_its_service_account(
     kube.kubectl("create", "namespace", tenant)
     try:
         kube.helm("install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT)
-        # What the operator leaves behind: its finalizer (next to someone else's).
-        for kind, name, spec in (
-            ("BeamCustomer", "acme", {"customerId": "cus_acme"}),
-            ("BeamApiKey", "app", {"role": "enforcer"}),
-        ):
+        # What the operator leaves behind: its finalizer (next to someone else's), and an
+        # object of another release's operator (operator.instance "other"), which stays.
+        for kind, name, spec, labels in (
+            ("BeamCustomer", "acme", {"customerId": "cus_acme"}, {}),
+            ("BeamApiKey", "app", {"role": "enforcer"}, {}),
+            ("BeamCustomer", "theirs", {"customerId": "cus_theirs"},
+             {"beam.dev/operator-instance": "other"}),
+        ):  # fmt: skip
             manifest = {
                 "apiVersion": "beam.dev/v1alpha1",
                 "kind": kind,
                 "metadata": {
                     "name": name,
                     "namespace": tenant,
+                    "labels": labels,
                     "finalizers": ["beam.dev/finalizer", "example.com/keep"],
                 },
                 "spec": spec,
@@ -607,5 +611,9 @@ def test_uninstall_cleanup_removes_the_finalizers_as_its_service_account(
         for resource in ("beamcustomer/acme", "beamapikey/app"):
             obj = json.loads(kube.kubectl("get", resource, "-n", tenant, "-o", "json").stdout)
             assert obj["metadata"]["finalizers"] == ["example.com/keep"]
+        theirs = json.loads(
+            kube.kubectl("get", "beamcustomer/theirs", "-n", tenant, "-o", "json").stdout
+        )
+        assert theirs["metadata"]["finalizers"] == ["beam.dev/finalizer", "example.com/keep"]
     finally:
         kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)

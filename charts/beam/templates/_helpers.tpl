@@ -124,14 +124,24 @@ podAntiAffinity:
 {{- end -}}
 {{- end -}}
 
+{{/* The PriorityClass the chart creates for the stateful pods (statefulPriorityClass.create). */}}
+{{- define "beam.statefulPriorityClassName" -}}
+{{- printf "%s-%s-stateful" (include "beam.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/*
 Scheduling fields shared by every pod spec (nodeSelector, tolerations, affinity, spread,
-priority). A component with a zoneSpreadPreset ("soft" = ScheduleAnyway, "hard" =
+priority; the stateful pods take the chart's PriorityClass when it creates one and their own
+priorityClassName is empty). A component with a zoneSpreadPreset ("soft" = ScheduleAnyway, "hard" =
 DoNotSchedule) spreads its pods over topology.kubernetes.io/zone unless its own
 topologySpreadConstraints are set. Call with (dict "component" "service" "values" .Values.service "context" $).
 */}}
 {{- define "beam.scheduling" -}}
-{{- with .values.priorityClassName }}
+{{- $priority := .values.priorityClassName }}
+{{- if and (not $priority) .context.Values.statefulPriorityClass.create (has .component (list "redis" "redis-sentinel" "timescaledb")) }}
+{{- $priority = include "beam.statefulPriorityClassName" .context }}
+{{- end }}
+{{- with $priority }}
 priorityClassName: {{ . }}
 {{- end }}
 {{- with .values.nodeSelector }}
