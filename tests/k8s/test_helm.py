@@ -506,6 +506,69 @@ def test_operator_rbac_is_least_privilege(kube: ControlPlane, namespace: str, re
     assert [rule for rule in every_rule if can_i(kube, service, *rule, namespace)] == []
 
 
+def test_the_operator_may_write_only_secrets_its_api_keys_own(
+    kube: ControlPlane, namespace: str, release: str, tmp_path: Path
+) -> None:
+    """RBAC lets the operator create, patch and delete Secrets by name in every watched
+    namespace; the chart's ValidatingAdmissionPolicy narrows writes to the Secrets a
+    BeamApiKey controls (issue 18 item 9)."""
+    kube.helm("install", release, str(CHART), "--namespace", namespace, timeout=HELM_TIMEOUT)
+    tenant = f"{namespace}-s"
+    kube.kubectl("create", "namespace", tenant)
+    try:
+        operator = kube.service_account_kubeconfig(
+            namespace, f"{release}-beam-operator", tmp_path / "operator.kubeconfig"
+        )
+        key = {
+            "apiVersion": "beam.dev/v1alpha1",
+            "kind": "BeamApiKey",
+            "metadata": {"name": "app", "namespace": tenant},
+            "spec": {"role": "enforcer"},
+        }
+        kube.kubectl("apply", "-f", "-", input=json.dumps(key))
+        uid = kube.kubectl(
+            "get", "beamapikey/app", "-n", tenant, "-o", "jsonpath={.metadata.uid}"
+        ).stdout
+        owner = {"apiVersion": "beam.dev/v1alpha1", "kind": "BeamApiKey", "name": "app",
+                 "uid": uid, "controller": True}  # fmt: skip
+
+        def secret(name: str, owners: list[dict[str, Any]]) -> str:
+            metadata = {"name": name, "namespace": tenant, "ownerReferences": owners}
+            return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": metadata})
+
+        refusal = "the Beam operator may only write Secrets a BeamApiKey controls"
+        # Its own Secret: allowed (the RBAC and the policy both agree).
+        mine = kube.kubectl(
+            "create", "-f", "-", input=secret("app-key", [owner]), kubeconfig=operator
+        )
+        assert mine.returncode == 0
+        # A Secret it does not own: refused on create...
+        foreign = kube.kubectl(
+            "create", "-f", "-", input=secret("foreign", []), kubeconfig=operator, check=False
+        )
+        assert foreign.returncode != 0
+        assert refusal in foreign.stderr
+        # ...and someone else's Secret can be neither adopted nor deleted.
+        kube.kubectl("create", "-f", "-", input=secret("victim", []))
+        adopt = kube.kubectl(
+            "patch", "secret", "victim", "-n", tenant, "--type", "merge", "-p",
+            json.dumps({"metadata": {"ownerReferences": [owner]}}),
+            kubeconfig=operator, check=False,
+        )  # fmt: skip
+        assert adopt.returncode != 0
+        assert refusal in adopt.stderr
+        delete = kube.kubectl(
+            "delete", "secret", "victim", "-n", tenant, kubeconfig=operator, check=False
+        )
+        assert delete.returncode != 0
+        assert refusal in delete.stderr
+        # Other accounts are not the policy's business.
+        kube.kubectl("delete", "secret", "victim", "-n", tenant)
+        kube.kubectl("delete", "secret", "app-key", "-n", tenant, kubeconfig=operator)
+    finally:
+        kube.kubectl("delete", "namespace", tenant, "--wait=false", check=False)
+
+
 def test_operator_rbac_follows_watched_namespaces(
     kube: ControlPlane, namespace: str, release: str
 ) -> None:
