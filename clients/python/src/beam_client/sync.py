@@ -64,8 +64,8 @@ DEDUCT_WORKERS = 8
 class BeamClient:
     """Beam's BalanceService over gRPC, blocking. Arguments as :class:`AsyncBeamClient`.
 
-    The outbox's replay starts with the client (settlements a previous process left are
-    posted then) in a daemon thread; ``close()`` stops it.
+    The outbox's replay starts with the channel, on first use (settlements a previous
+    process left are posted then), in a daemon thread; ``close()`` stops it.
     """
 
     def __init__(
@@ -108,10 +108,7 @@ class BeamClient:
         self._wake = threading.Event()
         self._replaying = threading.Lock()
         self.counters = Counters()
-        self._replayer = threading.Thread(
-            target=self._replay_forever, name="beam-outbox-replay", daemon=True
-        )
-        self._replayer.start()
+        self._replayer: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"BeamClient({self.target.address!r}, tls={self.target.tls})"
@@ -241,8 +238,9 @@ class BeamClient:
         not acknowledged are in the outbox: the next client on it replays them."""
         self._stop_replay.set()
         self._wake.set()
-        if self._replayer.is_alive() and self._replayer is not threading.current_thread():
-            self._replayer.join(timeout=self.finalize_timeout + 1)
+        replayer = self._replayer
+        if replayer is not None and replayer is not threading.current_thread():
+            replayer.join(timeout=self.finalize_timeout + 1)
         with self._lock:
             workers, self._workers = self._workers, None
             channel, self._channel, self._stubs = self._channel, None, {}
@@ -268,6 +266,7 @@ class BeamClient:
                 else:
                     self._channel = grpc.insecure_channel(self.target.address, options)
                 self._stubs = {}
+                self._start_replay()
             if method not in self._stubs:
                 request_type, response_type = _wire.METHODS[method]
                 self._stubs[method] = self._channel.unary_unary(
@@ -370,6 +369,16 @@ class BeamClient:
             self._let_through[(record.customer_id, record.request_id)] = record
             while len(self._let_through) > 10_000:  # bounded: forget the oldest
                 del self._let_through[next(iter(self._let_through))]
+
+    def _start_replay(self) -> None:
+        """Start the replay thread with the channel (on first use: after a fork too)."""
+        if self._stop_replay.is_set():
+            return
+        if self._replayer is None or not self._replayer.is_alive():
+            self._replayer = threading.Thread(
+                target=self._replay_forever, name="beam-outbox-replay", daemon=True
+            )
+            self._replayer.start()
 
     def _replay_forever(self) -> None:
         """Replay at start, then every few seconds or when woken, until ``close()``."""
