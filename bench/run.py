@@ -1130,7 +1130,8 @@ def render_guard(guard: rp.GuardBench) -> list[str]:
         "per-round ratio. First token: from just before the guard is entered (unguarded: "
         "before the provider is called) to the first content chunk; the guard's includes its "
         "CheckBalance, so the target is the Check's p50 on the same path (measured in the "
-        "same rounds) + 1 ms. Start to last chunk: both together. App CPU: the process time "
+        "same rounds) + 1 ms; in brackets the median of the guard's own Check (its entry). "
+        "Start to last chunk: both together. App CPU: the process time "
         "of the app (the SDK, the guard, the gRPC client) over one stream. RPCs: the client's "
         '`stats()["calls"]` over the stream, and the HTTP/2 streams the proxy saw open; '
         "complete: streams that delivered every token (none cut by the guard).",

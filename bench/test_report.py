@@ -164,7 +164,12 @@ def stream(kind: str, round_index: int, first: float, stream_ms: float, **kw: ob
            ) -> rp.StreamRun:  # fmt: skip
     values: dict[str, object] = {"tokens": 1000, "client_cpu_ms": 100.0}
     if kind != rp.DIRECT:
-        values |= {"rpcs": 4, "status": "COMPLETED_SUCCESS", "client_cpu_ms": 110.0}
+        values |= {
+            "rpcs": 4,
+            "status": "COMPLETED_SUCCESS",
+            "client_cpu_ms": 110.0,
+            "open_ms": first - 1.0,
+        }
     values.update(kw)
     return rp.StreamRun(kind=kind, round=round_index, first_token_ms=first,  # type: ignore[arg-type]
                         last_chunk_ms=first + stream_ms, **values)  # fmt: skip
@@ -197,6 +202,7 @@ def test_guard_rows() -> None:
     assert fast.stream_met is True
     assert fast.first_token_overhead_ms == pytest.approx(2.6)
     assert fast.check_p50_ms == 1.5  # nearest rank: the 2nd of 4
+    assert fast.open_ms == pytest.approx(3.6)
     assert fast.first_token_met is False  # 2.6 ms > 1.5 + 1
     assert fast.total_ratio == pytest.approx((4.6 + 341.7) / 342)
     assert (fast.direct_cpu_ms, fast.cpu_ms) == (100, 110)
@@ -226,16 +232,17 @@ def test_guard_table_and_json() -> None:
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert lines[2] == (
         "| guard, Beam as is | 3 | 340 → 342 | **+0.5 %** (+0.5 to +0.5) | 2.00 → 4.60 | +2.6 "
-        f"| 1.50 | **1.01{X}** | 100 → 110 | 4 | 3/3 "
+        f"| 1.50 (3.60) | **1.01{X}** | 100 → 110 | 4 | 3/3 "
         "| ≤ +1 % ✅; ≤ Check p50 + 1 ms ❌; ≤ 4 RPCs ✅ |"
     )
     assert "| 4; 4 at the proxy | 2/3 | ≤ +1 % ❌; ≤ Check p50 + 1 ms ❌; ≤ 4 RPCs ❌ |" in lines[3]
     runs = rp.stream_run_table(bench.runs)
     assert len(runs) == 2 + 9
-    assert "| 1 | guard_slow | 25 | 347 | 372 | — | — | 1,000 | 4 (0/0/0) | 4 |" in runs[7]
+    assert "| 1 | guard_slow | 25 | 347 | 372 | — | 24 | 1,000 | 4 (0/0/0) | 4 |" in runs[7]
     data = rp.guard_json(bench, rows)
     assert data["rows"][0]["stream_overhead"] == 0.005
     assert data["rows"][1]["first_token_overhead_ms"] == 23
+    assert data["rows"][1]["guard_check_ms_p50"] == 24
     assert data["rows"][1]["rpcs_met"] is False
     assert data["runs"][0]["stream_ms"] == 330
     assert data["check_ms"][rp.GUARD_SLOW] == [21.0, 21.5, 22.0]
