@@ -26,6 +26,17 @@ mkdir -p "$workdir"
 python="$root/.venv/bin/python"
 [[ -x $python ]] || die "no $python: run make test (or make dev) first"
 
+# Debian packages the builds and the node need (.ci/run installs them).
+missing=()
+for package in containernetworking-plugins iptables mmdebstrap buildah libseccomp-dev pkg-config; do
+    dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' ||
+        missing+=("$package")
+done
+((${#missing[@]} == 0)) ||
+    die "missing packages: apt-get install --no-install-recommends ${missing[*]}"
+command -v go >/dev/null || [[ -x /usr/local/go/bin/go ]] || [[ -n ${GO:-} ]] ||
+    die "no Go toolchain (1.26) on PATH: the node and control plane are built from source"
+
 started=$SECONDS
 python3 "$here/host_state.py" snapshot "$workdir/host-before.json"
 
