@@ -49,17 +49,24 @@ async def stream_through_guard(
     model: str,
     prompt_tokens: int,
     max_tokens: int,
+    buffer_multiplier: float = 0.0,
+    cached_prompt_tokens: int = 0,
 ) -> tuple[Any, int, BaseException | None]:
     """The app: one guarded stream read to its end. (guard, tokens read, what it raised)."""
+    options: dict[str, Any] = dict(
+        model=model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        buffer_multiplier=buffer_multiplier,
+        cached_prompt_tokens=cached_prompt_tokens,
+    )
     if face == "async":
         guards: list[Any] = []
         tokens = 0
         try:
             async with (
                 api.async_client(fake) as sdk,
-                client.guard(
-                    customer, model=model, prompt_tokens=prompt_tokens, max_tokens=max_tokens
-                ) as g,
+                client.guard(customer, **options) as g,
             ):
                 guards.append(g)
                 async with api.astream(sdk, model, max_tokens) as stream:
@@ -78,9 +85,7 @@ async def stream_through_guard(
         ):
             try:
                 with (
-                    beam.guard(
-                        customer, model=model, prompt_tokens=prompt_tokens, max_tokens=max_tokens
-                    ) as guard,
+                    beam.guard(customer, **options) as guard,
                     api.stream(sdk, model, max_tokens) as stream,
                 ):
                     for item in api.meter(guard, stream):
@@ -261,31 +266,73 @@ async def test_non_streaming_calls_report_the_providers_usage(
     assert await admin.balance(customer) == (BALANCE - 294, 0, BALANCE - 294)
 
 
-@pytest.mark.parametrize("api", APIS, ids=str)
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("api", APIS + RESPONSES, ids=str)
+async def test_a_stream_that_reaches_max_tokens_is_charged_the_providers_final_usage(
+    api: Api,
+    face: str,
+    fake: FakeProvider,
+    client: AsyncBeamClient,
+    service: ServiceProcess,
+    tenant: Tenant,
+    admin: Admin,
+) -> None:
+    customer = await admin.customer(BALANCE)
+    # The provider would say 1,000 tokens; asked for 300, it stops there (finish_reason
+    # "length", stop_reason "max_tokens") and reports its usage: a prompt of 1,200 tokens,
+    # 1,000 cached. The hold (multiplier 1.0) covers exactly the 300 tokens granted, so the
+    # guard stops there (MAX_TOKENS_REACHED); the adapter still reads the finish and usage
+    # chunks that follow. OpenAI reports the prompt only at the end: the app's estimate
+    # (1,000, none cached) holds until then. Anthropic reports it first, and the guard's
+    # Deducts pass it on: there the estimate is exact, so the hold still covers 300.
+    fake.queue(Reply(tokens=1000, prompt_tokens=1200, cached_tokens=1000))
+    prompt, cached = (1200, 1000) if api.provider == "anthropic" else (1000, 0)
+    g, tokens, error = await stream_through_guard(
+        face, api, fake, client=client, service=service, tenant=tenant, customer=customer,
+        model="gpt-4o-mini", prompt_tokens=prompt, cached_prompt_tokens=cached,
+        max_tokens=300, buffer_multiplier=1.0,
+    )  # fmt: skip
+    assert error is None
+    assert tokens == 300
+    call = await fake.call(0)
+    assert (call.generated, call.outcome) == (300, "completed")
+    assert (g.stop_reason, g.status) == ("MAX_TOKENS_REACHED", RequestStatus.COMPLETED_SUCCESS)
+    assert (g.reported_usage.prompt_tokens, g.reported_usage.cached_prompt_tokens) == (1200, 1000)
+    assert g.reported_usage.completion_tokens == 300
+    # (200 x 150,000 + 1,000 x 75,000 + 300 x 600,000) / 1e6 = 30 + 75 + 180 = 285; without
+    # OpenAI's final usage it was the estimate: 1,000 x 0.15 + 300 x 0.6 = 330.
+    await assert_settled(admin, customer, g, "completed", 285, 1200, 300)
+
+
+@pytest.mark.parametrize("api", APIS + RESPONSES, ids=str)
 async def test_a_provider_streaming_past_max_tokens_is_cut_there_closed_and_charged_for_it(
     api: Api, fake: FakeProvider, client: AsyncBeamClient, admin: Admin
 ) -> None:
     customer = await admin.customer(BALANCE)
-    # Asked for 300 tokens, the provider would stream 5,000; after 300 it waits for the
-    # client to hang up (at most 5 s) before it goes on.
+    # Asked for 300 tokens (all the hold covers, at multiplier 1.0), the provider would stream
+    # 5,000; after 301 it waits for the client to hang up (at most 5 s) before it goes on.
+    # The adapter reads past the 300th token for the usage that would follow, finds the
+    # 301st: closes without handing it on.
     fake.queue(
         Reply(
-            tokens=5000, prompt_tokens=100, honor_max_tokens=False, pause_after=300,
+            tokens=5000, prompt_tokens=100, honor_max_tokens=False, pause_after=301,
             pause_seconds=5.0,
         )
     )  # fmt: skip
     async with api.async_client(fake) as sdk:
-        async with client.guard(customer, model="cheap", prompt_tokens=100, max_tokens=300) as g:
-            opened = []
+        async with client.guard(
+            customer, model="cheap", prompt_tokens=100, max_tokens=300, buffer_multiplier=1.0
+        ) as g:
+            opened, tokens = [], 0
             async with api.astream(sdk, "cheap", 300) as stream:
                 opened.append(stream)  # the app keeps its stream; the adapter closes it
-                async for _ in api.meter(g, stream):
-                    pass
+                async for item in api.meter(g, stream):
+                    tokens += api.is_token(item)
         call = await fake.call(0)
-    assert (g.should_stop, g.completion_tokens) == (True, 300)
-    assert (call.generated, call.closed_by_client) == (300, True)
+    assert (tokens, g.completion_tokens, g.stop_reason) == (300, 300, "MAX_TOKENS_REACHED")
+    assert (call.generated, call.closed_by_client) == (301, True)
     assert g.status is RequestStatus.COMPLETED_SUCCESS
-    # 100 + 300 x 2 = 700 (the usage never arrived: the prompt estimate and the 300 counted)
+    # 100 + 300 x 2 = 700 (no usage arrived: the prompt estimate and the 300 tokens handed on)
     await assert_settled(admin, customer, g, "completed", 700, 100, 300)
 
 

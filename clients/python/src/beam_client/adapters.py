@@ -30,8 +30,14 @@ Anthropic's ``client.messages.stream(...)`` yields the raw events (read as above
 derived ``text``/``thinking``/``input_json`` events (not counted again).
 
 When the guard says stop (``guard.should_stop``: a Deduct answered stop, or the guard cut
-the stream where its hold's coverage or the tokens granted end), the adapter yields the
-chunk it has (those tokens were delivered) and ends.
+the stream where its hold's coverage ends), the adapter yields the chunk it has (those
+tokens were delivered) and ends. When the stream reached exactly the tokens granted
+(``stop_reason`` ``MAX_TOKENS_REACHED``: the provider's own end), the adapter goes on
+reading what carries no content — the finish chunk and the provider's final usage (OpenAI's
+usage chunk, the Responses API's ``response.completed``, Anthropic's ``message_delta``),
+which a provider sends right after — so the settlement has the provider's exact counts
+(prompt, cached tokens); it ends at the stream's end or at the first content past the grant
+(not handed on, not counted).
 
 **Every exit closes the upstream.** However the wrapper ends — the stream finished, Beam
 said stop, the consumer ``break``s out, raises, is cancelled, or abandons the generator it
@@ -59,6 +65,8 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from beam_client._guard import STOP_MAX_TOKENS_REACHED
 
 if TYPE_CHECKING:
     from beam_client.aio import AsyncGuard
@@ -216,16 +224,21 @@ async def _meter(
     count_tokens: Counter | None,
 ) -> AsyncIterator[Any]:
     reader = _Reader(count_tokens or estimate_tokens)
+    draining = False  # past the tokens granted: only what carries no content is read
     try:
         async for chunk in stream:
             meaning = step(chunk, reader)
+            if draining and meaning.tokens:
+                break  # content past the grant: not handed on, not counted
             if meaning.usage:
                 guard.usage(**meaning.usage)
             if meaning.tokens:
                 await guard.add(meaning.tokens)
             yield chunk
             if guard.should_stop:
-                break
+                if not _drains(guard):
+                    break
+                draining = True
     finally:
         # Every exit, not only a stop: an upstream left open goes on generating, unbilled.
         await _aclose(stream)
@@ -238,18 +251,30 @@ def _meter_sync(
     count_tokens: Counter | None,
 ) -> Iterator[Any]:
     reader = _Reader(count_tokens or estimate_tokens)
+    draining = False
     try:
         for chunk in stream:
             meaning = step(chunk, reader)
+            if draining and meaning.tokens:
+                break
             if meaning.usage:
                 guard.usage(**meaning.usage)
             if meaning.tokens:
                 guard.add(meaning.tokens)
             yield chunk
             if guard.should_stop:
-                break
+                if not _drains(guard):
+                    break
+                draining = True
     finally:
         _close(stream)
+
+
+def _drains(guard: AsyncGuard | Guard) -> bool:
+    """Whether a stopped stream is still read for what follows without content (the finish
+    and usage chunks): only when it reached exactly the tokens granted, the provider's own
+    end. Any other stop ends the wrapper at once."""
+    return guard.stop_reason == STOP_MAX_TOKENS_REACHED
 
 
 # Closes in flight, shielded from a second cancellation of their caller (kept referenced).
