@@ -8,6 +8,7 @@ it receives with its metadata: what the client sent on each attempt can be compa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -426,3 +427,39 @@ async def test_the_sync_guard_never_blocks_the_stream_on_a_deduct(
     in_flight, calls, deducts = await asyncio.to_thread(stream)
     assert (in_flight, calls, deducts) == (True, 3, 1)
     assert [d.tokens_consumed for d in script.calls("DeductTokens")] == [500]
+
+
+async def test_a_settlement_cut_short_by_its_loop_shutting_down_is_kept_and_replayed(
+    scripted: tuple[Scripted, str],
+) -> None:
+    script, target = scripted
+    script.delays["FinalizeRequest"] = [30.0, 0.0]  # the first attempt hangs; later ones not
+
+    def app() -> None:
+        async def handle_request() -> None:
+            beam = AsyncBeamClient(target, "k")
+            async with beam.guard("cus_1", model="m", prompt_tokens=5, max_tokens=10) as g:
+                await g.add(3)
+
+        async def main() -> None:
+            task = asyncio.create_task(handle_request())
+            for _ in range(1000):  # bounded: until the Finalize is in flight
+                await asyncio.sleep(0.01)
+                if script.calls("FinalizeRequest"):
+                    break
+            task.cancel()  # the app shuts down, leaving the client unclosed
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())  # cancels the settlement still running: it goes to the outbox
+
+    await asyncio.to_thread(app)
+    async with AsyncBeamClient(target, "k") as beam:
+        for _ in range(200):
+            if beam.stats()["outbox_replayed"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (beam.stats()["outbox_replayed"], beam.stats()["outbox_pending"]) == (1, 0)
+    first, replayed = script.calls("FinalizeRequest")
+    assert first == replayed  # the same request id, token and usage
+    assert (replayed.actual_prompt_tokens, replayed.actual_completion_tokens) == (5, 3)

@@ -370,14 +370,18 @@ class AsyncBeamClient:
         """
 
         async def settle() -> Settlement:
-            if after is not None:
-                with contextlib.suppress(BaseException):
-                    await after
-            if record is not None:
-                self._remember(record)
-            if queue_now:
-                return Settlement(None, None, await self._queue(request, "let_through", 0.0))
-            return await self._finalize(request)
+            try:
+                if after is not None and not after.done():
+                    await asyncio.wait({after})  # its outcome is the guard's already
+                if record is not None:
+                    self._remember(record)
+                if queue_now:
+                    return Settlement(None, None, await self._queue(request, "let_through", 0.0))
+                return await self._finalize(request)
+            except asyncio.CancelledError:
+                # Only a loop shutting down cancels a settlement: keep it for the replay.
+                self._queue_now(request, "let_through" if queue_now else "finalize")
+                raise
 
         task: asyncio.Task[Settlement] = self._background(self._settlements, settle())
         return task
@@ -430,6 +434,16 @@ class AsyncBeamClient:
         )  # fmt: skip
         self._wake_replay()
         return True
+
+    def _queue_now(self, request: Any, kind: Any) -> None:
+        """Persist a settlement at once, blocking (a loop shutting down cannot wait)."""
+        try:
+            if self.outbox.put(new_entry(self._scope, request, kind)):
+                self.counters.bump("finalizes_queued")
+                return
+        except Exception:
+            log.exception("the outbox could not store request %s", request.request_id)
+        self.counters.bump("outbox_full")
 
     def _remember(self, record: LetThrough) -> None:
         self._let_through[(record.customer_id, record.request_id)] = record
