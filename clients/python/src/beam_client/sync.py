@@ -334,6 +334,10 @@ class BeamClient:
             answer = self._call(
                 "FinalizeRequest", request, self.finalize_timeout, self.finalize_retry, persist
             )
+        except (KeyboardInterrupt, SystemExit):
+            if not queued:  # interrupted mid-settlement: keep it for the replay
+                self._queue(request, "finalize", 0.0)
+            raise
         except BeamError as error:
             finalize_failed(self.counters, request, error, queued)
             if queued:  # the retries are over: the replay's turn, at once
