@@ -30,6 +30,10 @@ the provider's cost. A reply with ``pause_after=n`` generates ``n`` tokens and t
 way a provider would go on generating for a client that never hung up; so a client that
 closes on time leaves exactly ``n`` tokens generated, and one that does not leaves all of
 them. Everything is bounded: request size, tokens per reply, calls per server, waits.
+
+:class:`Api` drives the real ``openai`` / ``anthropic`` SDK clients against it (``base_url``
+pointing at the fake, ``max_retries=0``): ``create(stream=True)`` or the SDK's stream helper
+(``chat.completions.stream``, ``responses.stream``, ``messages.stream``), async or sync.
 """
 
 from __future__ import annotations
