@@ -156,6 +156,14 @@ def status_for(error: BaseException | None, stop_reason: str) -> RequestStatus:
     return RequestStatus.COMPLETED_SUCCESS
 
 
+def _check_arguments(*, deduct_every: int, **counts: int) -> None:
+    if deduct_every < 1:
+        raise ValueError("deduct_every must be >= 1")
+    for name, value in counts.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0")
+
+
 def interval_for(headroom: int, deduct_every: int, deduct_every_max: int) -> int:
     """Tokens until the next report: half the headroom, within [deduct_every, max]."""
     return max(1, min(deduct_every_max, max(deduct_every, headroom // 2)))
@@ -182,17 +190,11 @@ class GuardCore:
         failure_policy: FailurePolicy,
         counters: Counters,
     ) -> None:
-        if deduct_every < 1:
-            raise ValueError("deduct_every must be >= 1")
-        for name, value in (
-            ("prompt_tokens", prompt_tokens),
-            ("max_tokens", max_tokens),
-            ("cached_prompt_tokens", cached_prompt_tokens),
-            ("estimated_grains", estimated_grains),
-            ("min_tokens", min_tokens or 0),
-        ):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0")
+        _check_arguments(
+            deduct_every=deduct_every, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+            cached_prompt_tokens=cached_prompt_tokens, estimated_grains=estimated_grains,
+            min_tokens=min_tokens or 0,
+        )  # fmt: skip
         self.customer_id = customer_id
         self.model = model
         self.prompt_tokens = prompt_tokens
