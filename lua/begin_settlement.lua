@@ -25,7 +25,8 @@ local settle_ttl_ms = tonumber(ARGV[14])  -- how long a settling hold may wait f
 --        `attempt` counts the settlements begun on this hold: the commit carries it, and
 --        once the reaper abandons the hold (fencing attempts up to its own count in
 --        PostgreSQL), a late commit of an earlier attempt is refused.
---   {'ERR', code}   INVALID_REQUEST_TOKEN, UNKNOWN_MODEL, COST_LIMIT
+--   {'ERR', code}   INVALID_REQUEST_TOKEN, UNKNOWN_MODEL, COST_LIMIT, SETTLEMENT_IN_FLIGHT
+--        (a claim made for another request token is settling: retry once it is done)
 --   {'NOT_LOADED'}
 -- Why reserve first: if the process dies, or the caller is cancelled, between the commit
 -- and settle_hold, Redis still holds at least the charge, so its `available` is below the
@@ -77,10 +78,13 @@ if not hold_exists then
   if cost > MAX_GRAINS - held then
     return {'ERR', 'COST_LIMIT'}  -- `held` must stay an exact integer (a double's 53 bits)
   end
+  -- A claim remembers the token it settles for (the hold that token names may be a
+  -- second hold Redis lost, charged on its own): only a Finalize with that token takes
+  -- the claim over, and the reaper looks for that hold's own entry.
   redis.call('HSET', KEYS[4], 'status', 'settling', 'kind', 'claim', 'amount', fmt(cost),
     'consumed', '0', 'nonce', claim_nonce, 'fp', '', 'created', fmt(now_ms),
     'marked', fmt(now_ms), 'estimated', '0', 'model', '', 'in_tokens', '0',
-    'out_tokens', '0', 'cached_tokens', '0', 'attempt', '1')
+    'out_tokens', '0', 'cached_tokens', '0', 'attempt', '1', 'token', token_nonce)
   redis.call('ZADD', KEYS[6], fmt(deadline), hold_id)
   redis.call('HSET', KEYS[1], 'held', fmt(held + cost))
   return {'SETTLE', 1, claim_nonce, 0, cost, 0, 0, '', 0, 0, 0, now_ms, 1}
@@ -88,9 +92,15 @@ end
 
 local h = redis.call('HMGET', KEYS[4], 'nonce', 'status', 'kind', 'amount', 'consumed',
   'has_prices', 'p_in', 'p_out', 'p_cached', 'model', 'estimated', 'in_tokens',
-  'out_tokens', 'cached_tokens', 'created', 'ttl_ms')
+  'out_tokens', 'cached_tokens', 'created', 'ttl_ms', 'token')
 local kind = h[3] or 'request'
-if token_nonce ~= '' and token_nonce ~= h[1] then
+local claim_token = h[17] or ''
+if kind == 'claim' and claim_token ~= '' and token_nonce ~= claim_token then
+  -- Settling the usage of the hold another token names: taking it over would release its
+  -- reservation before its commit lands. Answered as retryable.
+  return {'ERR', 'SETTLEMENT_IN_FLIGHT'}
+end
+if token_nonce ~= '' and token_nonce ~= h[1] and token_nonce ~= claim_token then
   return {'ERR', 'INVALID_REQUEST_TOKEN'}
 end
 local amount, consumed = num(h[4]), num(h[5])

@@ -7,7 +7,8 @@ local limit    = tonumber(ARGV[2])
 local grace_ms = tonumber(ARGV[3])
 -- Returns {expiring, settling}, each a list of holds; every hold is the list
 --   {hold_id, kind, status, nonce, amount, consumed, in_tokens, out_tokens, cached_tokens,
---    model, estimated, created_ms, marked_ms, deadline_ms, attempt}
+--    model, estimated, created_ms, marked_ms, deadline_ms, attempt, token}
+-- (token: the request token's nonce a claim settles for; '' for other holds)
 -- (deadline_ms is the hold's score in its set). At most `limit` of each.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   expire_due(now_ms, limit)
@@ -17,13 +18,13 @@ local prefix = key_prefix()
 local function describe(rid, score)
   local h = redis.call('HMGET', prefix .. HOLD_PREFIX .. rid, 'kind', 'status', 'nonce',
     'amount', 'consumed', 'in_tokens', 'out_tokens', 'cached_tokens', 'model', 'estimated',
-    'created', 'marked', 'attempt')
+    'created', 'marked', 'attempt', 'token')
   if h[2] == false then
     return nil
   end
   return {rid, h[1] or 'request', h[2], h[3] or '', num(h[4]), num(h[5]), num(h[6]),
     num(h[7]), num(h[8]), h[9] or '', num(h[10]), num(h[11]), num(h[12]), num(score),
-    num(h[13])}
+    num(h[13]), h[14] or ''}
 end
 
 local expiring = {}

@@ -2,7 +2,9 @@
 retries adopt what their id committed; a Finalize through a claim with a token charges a
 second hold on its own; issue 16: shortening Checks, reserve-ahead Deducts): each test is a
 schedule that breaks a money invariant (docs/ARCHITECTURE.md, "Invariants") against the
-real stores. Failing ones are marked xfail(strict=True) until fixed.
+real stores. Both are fixed: a claim remembers the token it settles for (begin_settlement.lua); only
+that token takes it over (another Finalize is told to retry: STORE_UNAVAILABLE), and the
+reaper looks for that token's own entry before releasing it (Ledger.complete_settling).
 Fixtures and style as tests/integration/test_review_findings_2.py.
 Prices: "cheap" costs 1 grain per input token and 2 per output token.
 """
@@ -17,6 +19,7 @@ from beam.constants import SETTLE_REPAIR_GRACE_MS
 from beam.core import faults
 from beam.core.commands import CheckCommand
 from beam.core.runtime import Runtime
+from beam.errors import BeamError, Reason
 from tests.support.money import (
     CUSTOMER,
     RedisSnapshot,
@@ -28,11 +31,6 @@ from tests.support.money import (
 from tests.support.stack import Stores, Tenant
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="complete_settling takes any settlement of the id as a claim's commit; a claim "
-    "with a token of another hold commits settlement:<c>:<r>#<token nonce> of its own",
-)
 async def test_another_replicas_reaper_releases_a_token_claim_before_its_commit(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -94,11 +92,6 @@ async def test_another_replicas_reaper_releases_a_token_claim_before_its_commit(
     assert held_while_committing == 1_000, "the claim was released before its commit"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tokenless Finalize takes over a token claim and releases it while the token "
-    "claim's own second-hold charge is still to commit",
-)
 async def test_a_tokenless_finalize_releases_a_token_claims_reservation_before_its_commit(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
@@ -136,15 +129,16 @@ async def test_a_tokenless_finalize_releases_a_token_claims_reservation_before_i
             if begun == 1:
                 paused.set()
                 await resume.wait()
-        elif name == faults.FINALIZE_COMMITTED and begun >= 2 and resume.is_set():
+        elif name == faults.FINALIZE_COMMITTED and resume.is_set():
             raise faults.SimulatedCrash(name)
 
     faults.install(hook)
     f1 = asyncio.ensure_future(settle(runtime, p, "r", 1_000, first.request_token))
     await paused.wait()
     assert await redis_account(runtime, tenant.name) == (9_700, 1_000)  # F1's claim
-    f2 = await settle(runtime, p, "r", 300)  # no token
-    assert (f2.charged_grains, f2.replayed) == (300, True)
+    with pytest.raises(BeamError) as busy:  # no token: it may not take F1's claim over
+        await settle(runtime, p, "r", 300)
+    assert busy.value.reason is Reason.STORE_UNAVAILABLE  # retryable
     held_while_f1_commits = (await redis_account(runtime, tenant.name))[1]
     resume.set()
     with pytest.raises(faults.SimulatedCrash):
@@ -158,3 +152,6 @@ async def test_a_tokenless_finalize_releases_a_token_claims_reservation_before_i
     balance, held = await redis_account(runtime, tenant.name)
     assert balance - held <= ledger_balance, "Redis offers the 1 000 grains the ledger spent"
     assert held_while_f1_commits == 1_000, "F2 released F1's reservation before F1 committed"
+    assert await redis_account(runtime, tenant.name) == (8_700, 0)
+    f2 = await settle(runtime, p, "r", 300)  # F2's retry, once F1's claim is done
+    assert (f2.charged_grains, f2.replayed) == (300, True)

@@ -157,6 +157,7 @@ class HoldView:
     marked_ms: int
     deadline_ms: int
     attempt: int  # settlements begun on it (0: none, or a debit/credit hold)
+    token: str = ""  # a claim: the nonce of the request token it settles for
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,11 +187,11 @@ class AuditView:
 
 def _hold_view(fields: Sequence[Any]) -> HoldView:
     (hold_id, kind, status, nonce, amount, consumed, in_tokens, out_tokens, cached_tokens,
-     model, estimated, created, marked, deadline, attempt) = fields  # fmt: skip
+     model, estimated, created, marked, deadline, attempt, *rest) = fields  # fmt: skip
     return HoldView(
         str(hold_id), str(kind), str(status), str(nonce), int(amount), int(consumed),
         int(in_tokens), int(out_tokens), int(cached_tokens), str(model), int(estimated),
-        int(created), int(marked), int(deadline), int(attempt),
+        int(created), int(marked), int(deadline), int(attempt), str(rest[0]) if rest else "",
     )  # fmt: skip
 
 

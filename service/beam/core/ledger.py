@@ -728,7 +728,9 @@ class Ledger:
             if system
             else [
                 f"adjustment:{customer_id}:{hold.hold_id}",  # a late Finalize's difference
-                second_hold_entry_id(customer_id, hold.hold_id, hold.nonce),
+                # A hold charged on its own under a settled id; for a claim, the hold its
+                # request token names (a second hold Redis lost).
+                second_hold_entry_id(customer_id, hold.hold_id, hold.token or hold.nonce),
             ]
         )
         # Past its deadline, the hold is fenced under the lock the reading takes: from then
@@ -853,6 +855,10 @@ def _committed(
         return False
     if hold.kind != "claim" and settlement.hold_nonce != hold.nonce:
         return second_hold in found  # charged on its own under a settled id
+    if hold.kind == "claim" and hold.token and settlement.hold_nonce not in ("", hold.token):
+        # A claim for a token whose hold did not settle the id: what it commits is that
+        # hold's own entry, not the settlement already there (migration 0007).
+        return second_hold in found
     if settlement.status is SettlementStatus.EXPIRED:
         return adjustment in found  # a late Finalize: its adjustment is what it commits
     return True
@@ -910,6 +916,12 @@ def _created_at(hold: SettlingHold) -> datetime | None:
 
 
 def _finalize_error(code: str, command: FinalizeCommand) -> BeamError:
+    if code == "SETTLEMENT_IN_FLIGHT":
+        return BeamError(
+            Reason.STORE_UNAVAILABLE,
+            f"a settlement of request {command.request_id!r} for another request token is "
+            "in flight: retry with back-off",
+        )
     if code == "INVALID_REQUEST_TOKEN":
         return BeamError(
             Reason.INVALID_REQUEST_TOKEN,
