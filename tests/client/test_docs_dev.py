@@ -111,7 +111,7 @@ EXPECTED = {
         cost(31, 90),
         "tok " * 90 + "\n[out of credit: 5 grains available]\n",
         reply={"prompt_tokens": 31, "tokens": 90},
-        max_tokens=(500,),  # min(500, affordable); cus_broke never reaches the provider
+        max_tokens=(500,),  # all 500 granted; cus_broke never reaches the provider
     ),
     "anthropic": Expected(
         1550,  # 200 x 1 + 1000 x 0.1 + 250 x 5 (claude-haiku-4-5, 1000 cached)
