@@ -91,13 +91,8 @@ for name in kubelet kube-proxy kube-scheduler coredns apiserver-proxy; do
 done
 
 # 2. The containers: everything in the pod cgroups.
-cgroup_root=""
-if [[ -f $workdir/cluster.env ]]; then
-    cgroup_root="$(sed -n 's/^CGROUP_ROOT=//p' "$workdir/cluster.env")"
-fi
-if [[ -z $cgroup_root ]] && [[ -f $node/kubelet.yaml ]]; then
-    cgroup_root="$(sed -n 's/^cgroupRoot: //p' "$node/kubelet.yaml")"
-fi
+# up.sh names it after the workdir (so a start that failed half-way is cleaned up too).
+cgroup_root="/beam-node-$(printf '%s' "$workdir" | sha256sum | cut -c1-8)"
 cgroup_dirs() {
     [[ $cgroup_root == /beam-node-* ]] || return 0
     local hierarchy

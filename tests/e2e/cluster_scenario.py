@@ -57,6 +57,10 @@ WALK_REFUNDED = WALK_RESERVED - WALK_CHARGED
 # Each load request: a hold of 1,000 grains settled at 700.
 LOAD_ESTIMATE = 1_000
 LOAD_COST = 700
+# Bound of one load run: far above what 4 workers send in a minute here (~30/s), and at 700
+# grains each well inside the customer's balance. load_during fails if it was reached (the load
+# would have stopped before the disruption ended).
+MAX_LOAD_REQUESTS = 30_000
 # The load generator's client: more patience than the default for the failover window.
 LOAD_RETRY = RetryPolicy(max_attempts=12, initial_backoff=0.2, max_backoff=3.0)
 
@@ -283,7 +287,7 @@ class LoadResult:
 
 async def run_load(
     target: str, key: str, prefix: str, stop: asyncio.Event, workers: int = 4,
-    max_requests: int = 2_000,
+    max_requests: int = MAX_LOAD_REQUESTS,
 ) -> LoadResult:  # fmt: skip
     """Check+Finalize loops until `stop` is set (bounded by `max_requests` in all)."""
     result = LoadResult()
@@ -328,7 +332,10 @@ async def load_during(
     await asyncio.to_thread(action)
     await asyncio.sleep(settle_seconds)
     stop.set()
-    return await load
+    result = await load
+    sent = len(result.tokens) + len(result.rejected) + len(result.failed)
+    assert sent < MAX_LOAD_REQUESTS, "the load stopped at its bound before the disruption ended"
+    return result
 
 
 # -- the ledger --------------------------------------------------------------------------
@@ -485,7 +492,11 @@ def step_redis_failover(cluster: Cluster, run: Run) -> None:
     master = masters[0]
 
     def kill_master() -> None:
-        cluster.kubectl("delete", "pod", master, "-n", NAMESPACE, "--wait=false")
+        # Killed, not drained: no grace period, so the pod's preStop hook (which asks Sentinel
+        # for a graceful failover) never runs and Sentinel has to notice the master is down.
+        cluster.kubectl(
+            "delete", "pod", master, "-n", NAMESPACE, "--grace-period=0", "--force", "--wait=false"
+        )
 
         def promoted() -> bool:
             return any(redis_role(cluster, p) == "master" for p in redis_pods if p != master)
