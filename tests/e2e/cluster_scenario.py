@@ -17,6 +17,7 @@ The steps, in order, each with exact assertions:
   noop_upgrades      two `helm upgrade`s with unchanged values restart no pod
   rolling_restart    `kubectl rollout restart` of the service under load: no call fails
                      beyond the client's retries
+  integrity_cronjob  the chart's integrity CronJob, run once now, succeeds
   uninstall          helm uninstall: nothing of the release left, the operator's finalizers
                      released (the tenant namespace deletes)
 """
@@ -549,6 +550,19 @@ def step_rolling_restart(cluster: Cluster, run: Run) -> None:
     assert result.rejected == []
     assert len(result.acknowledged) >= 20
     assert_settled(run, "rollout-", result)
+
+
+def step_integrity_cronjob(cluster: Cluster) -> None:
+    """The chart's scheduled integrity check, run now: its pod runs verify-integrity for every
+    tenant in the cluster and must succeed (the ledger, the cached balances and Redis agree)."""
+    job = "integrity-now"
+    cluster.kubectl("create", "job", job, f"--from=cronjob/{RELEASE}-integrity", "-n", NAMESPACE)
+    cluster.kubectl(
+        "wait", f"job/{job}", "-n", NAMESPACE, "--for=condition=Complete", "--timeout=240s"
+    )
+    status = kube_json(cluster, "get", "job", job, "-n", NAMESPACE)["status"]
+    assert (status.get("succeeded"), status.get("failed", 0)) == (1, 0), status
+    cluster.kubectl("delete", "job", job, "-n", NAMESPACE, "--wait=true")
 
 
 RELEASE_KINDS = (

@@ -118,6 +118,11 @@ def test_rolling_restart_of_the_service_under_load(cluster: LocalCluster) -> Non
     print("rollout load (acknowledged, failed, settled):", RUN.load_counts["rollout-"])
 
 
+@pytest.mark.timeout(300)
+def test_integrity_cronjob_passes(cluster: LocalCluster) -> None:
+    scenario.step_integrity_cronjob(cluster)
+
+
 @pytest.mark.timeout(600)
 def test_uninstall_leaves_nothing(cluster: LocalCluster) -> None:
     scenario.step_uninstall(cluster)

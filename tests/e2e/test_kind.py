@@ -111,4 +111,5 @@ def test_install_enforce_survive_failover_upgrade_uninstall(kind_cluster: KindAc
         scenario.step_walkthrough(run)
         scenario.step_redis_failover(kind_cluster, run)
         scenario.step_noop_upgrades(kind_cluster, KIND_SETS)
+        scenario.step_integrity_cronjob(kind_cluster)
     scenario.step_uninstall(kind_cluster)
