@@ -82,10 +82,41 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4 if text else 0
 
 
+_CLASS_HAS: dict[tuple[type, str], bool] = {}
+
+
+def _class_has(cls: type, name: str) -> bool:
+    """Whether a model class has ``name`` (a property, say): asked once per class and name
+    (pydantic's metaclass answers a miss through an exception). Bounded: the SDKs' classes
+    times the few names the adapters read."""
+    key = (cls, name)
+    found = _CLASS_HAS.get(key)
+    if found is None:
+        if len(_CLASS_HAS) >= 4096:
+            _CLASS_HAS.clear()
+        found = _CLASS_HAS[key] = hasattr(cls, name)
+    return found
+
+
 def _get(obj: Any, name: str) -> Any:
+    """``obj.name`` or ``obj[name]``; None when absent. On the hot path of every chunk: the
+    SDKs' objects are pydantic models, whose missing attributes cost an exception inside
+    ``__getattr__``; their fields and extras are read directly instead."""
     if obj is None:
         return None
-    if isinstance(obj, Mapping):
+    cls = type(obj)
+    if cls is dict:
+        return obj.get(name)
+    fields = getattr(cls, "__pydantic_fields__", None)
+    if fields is not None:
+        if name in fields:
+            return obj.__dict__.get(name)
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if extra and name in extra:
+            return extra[name]
+        if not _class_has(cls, name):  # not a property or other class attribute either
+            return None
+    elif isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)
 
