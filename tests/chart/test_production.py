@@ -228,3 +228,31 @@ def test_the_database_volume_has_a_usage_alert(helm: Helm) -> None:
     ephemeral = render(helm, *args, "--set", "timescaledb.persistence.enabled=false")
     (rule,) = [d for d in ephemeral if d["kind"] == "PrometheusRule"]
     assert "BeamDatabaseVolumeFull" not in {a["alert"] for a in rule["spec"]["groups"][0]["rules"]}
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod template the chart renders, by kind/name (a CronJob's is one level down)."""
+    specs = {}
+    for doc in docs:
+        spec = doc.get("spec", {})
+        if doc["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        if "template" in spec:
+            specs[f"{doc['kind']}/{doc['metadata']['name']}"] = spec["template"]["spec"]
+    return specs
+
+
+def test_no_pod_gets_service_environment_variables(helm: Helm) -> None:
+    """With one worker the chart sets no BEAM_METRICS_PORT, and Kubernetes' service links
+    gave every pod BEAM_METRICS_PORT=tcp://<ClusterIP of beam-metrics>:8080, which `beam
+    serve` refuses: the service pods crash-looped on the first real cluster (issue 17).
+    No pod of the chart takes service links."""
+    docs = render(helm, "--set", "pgbouncer.enabled=true", "--set", "integrityCheck.enabled=true")
+    specs = _pod_specs(docs)
+    assert {name for name in specs} >= {
+        "Deployment/beam-service", "Deployment/beam-operator", "StatefulSet/beam-redis",
+        "StatefulSet/beam-redis-sentinel", "StatefulSet/beam-timescaledb",
+    }  # fmt: skip
+    assert {name: spec.get("enableServiceLinks") for name, spec in specs.items()} == {
+        name: False for name in specs
+    }
