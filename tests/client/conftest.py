@@ -61,6 +61,21 @@ class Admin:
 
 
 @pytest.fixture(autouse=True)
+async def every_client_closed() -> AsyncIterator[None]:
+    """A test closes every AsyncBeamClient it opens: an open one's outbox replay runs on
+    in the session's event loop (and other suites' checks for leftover work see it)."""
+    before = set(asyncio.all_tasks())
+    yield
+    left = [
+        t for t in asyncio.all_tasks()
+        if t not in before and not t.done() and t.get_name() == "beam-client-replay"
+    ]  # fmt: skip
+    for task in left:
+        task.cancel()
+    assert not left, f"{len(left)} AsyncBeamClient(s) left open"
+
+
+@pytest.fixture(autouse=True)
 def outbox_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test's clients share one outbox file of its own (never the user's)."""
     path = tmp_path / "outbox.sqlite3"

@@ -297,6 +297,7 @@ async def test_a_stream_that_reaches_max_tokens_is_charged_the_providers_final_u
     call = await fake.call(0)
     assert (call.generated, call.outcome) == (300, "completed")
     assert (g.stop_reason, g.status) == ("MAX_TOKENS_REACHED", RequestStatus.COMPLETED_SUCCESS)
+    assert not g.out_of_credit  # the provider's own end, not a stop for money
     assert (g.reported_usage.prompt_tokens, g.reported_usage.cached_prompt_tokens) == (1200, 1000)
     assert g.reported_usage.completion_tokens == 300
     # (200 x 150,000 + 1,000 x 75,000 + 300 x 600,000) / 1e6 = 30 + 75 + 180 = 285; without
@@ -355,7 +356,7 @@ async def test_a_stream_beam_stops_for_money_is_closed_and_charged_what_it_strea
                 async for _ in api.meter(g, stream):
                     pass
         call = await fake.call(0)
-    assert g.should_stop
+    assert (g.should_stop, g.out_of_credit) == (True, True)
     assert g.stop_reason in ("INSUFFICIENT_BALANCE", "HOLD_COVERAGE")
     assert g.status is RequestStatus.KILLED_INSUFFICIENT_BALANCE
     counted = g.completion_tokens

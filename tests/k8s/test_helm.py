@@ -57,6 +57,7 @@ CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in (CHART / "
 CRD_NAMES = ("beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev")
 HELM_TIMEOUT = 120
 GC_WAIT_SECONDS = 90.0
+POLICY_LOAD_SECONDS = 30.0  # a new ValidatingAdmissionPolicy takes effect within ~1 s when idle
 
 
 @pytest.fixture(scope="module")
@@ -537,6 +538,17 @@ def test_the_operator_may_write_only_secrets_its_api_keys_own(
             return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": metadata})
 
         refusal = "the Beam operator may only write Secrets a BeamApiKey controls"
+        # The API server loads a new admission policy asynchronously (an informer, then a
+        # type check): wait, bounded, until a dry run of a foreign Secret is refused.
+        deadline = time.monotonic() + POLICY_LOAD_SECONDS
+        while True:
+            probe = kube.kubectl(
+                "create", "--dry-run=server", "-f", "-", input=secret("probe", []),
+                kubeconfig=operator, check=False,
+            )  # fmt: skip
+            if refusal in probe.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         # Its own Secret: allowed (the RBAC and the policy both agree).
         mine = kube.kubectl(
             "create", "-f", "-", input=secret("app-key", [owner]), kubeconfig=operator

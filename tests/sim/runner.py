@@ -271,6 +271,9 @@ class Runner:
         self.fired_in_step = False
         self.recovered_in_step = False
         self.reaper_cut = False  # the last reaper pass was cancelled half-way
+        # Tasks that ran before this schedule (other tests' in a shared event loop): not
+        # this schedule's work, never drained nor cancelled by it.
+        self.outside: set[asyncio.Task[Any]] = set()
         # Holds opened for a settled id while the settled-id lookup failed:
         # (tenant, customer, nonce) -> request id. Their consumption must be charged alone.
         self.degraded: dict[tuple[int, int, str], str] = {}
@@ -294,6 +297,7 @@ class Runner:
         started = time.monotonic()
         violation: Violation | None = None
         steps_run = 0
+        self.outside = set(asyncio.all_tasks())
         try:
             await self.setup()
             for index, step in enumerate(self.schedule.steps):
@@ -339,7 +343,7 @@ class Runner:
         self.check_stores(None, self.obs)
 
     async def teardown(self) -> None:
-        await self._drain(set())
+        await self._drain(self.outside)
         await stop_runtime(self.rt)
         self.rt = None
         faults.reset()
@@ -496,7 +500,7 @@ class Runner:
                 task.cancel()
         _, pending = await asyncio.wait(left, timeout=DRAIN_TIMEOUT_SECONDS)
         if pending and not self.hook.dead:
-            names = sorted(t.get_name() for t in pending)
+            names = sorted(f"{t.get_name()} {t.get_coro().__qualname__}" for t in pending)
             raise self.fail("liveness", f"background work still running: {names}")
 
     def after_fault(self, keys: list[Key], kind: str) -> None:

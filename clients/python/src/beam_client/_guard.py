@@ -258,6 +258,14 @@ class GuardCore:
         return self.let_through is not None
 
     @property
+    def out_of_credit(self) -> bool:
+        """True when the stream was stopped because the customer's money ran out (Beam
+        answered ``INSUFFICIENT_BALANCE`` or ``MAX_REQUEST_GRAINS_EXCEEDED``, or the stream
+        reached what its hold covers): it settles as ``KILLED_INSUFFICIENT_BALANCE``. A
+        stream that merely reached the tokens granted (``MAX_TOKENS_REACHED``) is not."""
+        return self.should_stop and self.stop_reason in MONEY_STOPS
+
+    @property
     def affordable_completion_tokens(self) -> int:
         """Completion tokens the customer can pay for now (Check's
         ``max_affordable_completion_tokens``). Under fail-open: ``max_tokens``."""

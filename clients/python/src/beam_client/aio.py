@@ -459,7 +459,7 @@ class AsyncBeamClient:
         if replayer is not None and not replayer.done() and replayer.get_loop() is loop:
             return
         self._wake, self._replaying = asyncio.Event(), asyncio.Lock()
-        self._replayer = loop.create_task(self._replay_forever())
+        self._replayer = loop.create_task(self._replay_forever(), name="beam-client-replay")
 
     def _wake_replay(self) -> None:
         if self._wake is not None:
