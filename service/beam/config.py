@@ -127,8 +127,10 @@ class ServiceSettings(RuntimeSettings):
     grpc_max_connection_age_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
     # `beam serve --workers N`: N processes share the gRPC and HTTP ports (SO_REUSEPORT), each
     # with its own event loop, stores and pools (count them in the connection budget). The
-    # supervisor sets reuse_port and worker for each worker, and serves the workers' summed
-    # Prometheus metrics on metrics_port (each worker's own /metrics shows only itself).
+    # supervisor sets reuse_port and worker for each worker.
+    # metrics_port: Prometheus metrics on a port of their own (one process: its own; N
+    # workers: their sum, from the supervisor), and none on the HTTP port. 0: /metrics on the
+    # HTTP port (each worker's shows only itself).
     workers: int = Field(default=1, ge=1, le=64)
     reuse_port: bool = False
     worker: int = Field(default=0, ge=0, le=63)

@@ -405,7 +405,7 @@ def test_uninstall_cleanup_is_a_pre_delete_hook_removing_the_operators_finalizer
 def test_workers_reach_the_service_the_budget_and_the_metrics_service(helm: Helm) -> None:
     one = render(helm)
     assert env(container(one, "Deployment", "beam-service"))["BEAM_WORKERS"] == "1"
-    assert find(one, "Service", "beam-metrics")["spec"]["ports"][0]["targetPort"] == "http"
+    assert find(one, "Service", "beam-metrics")["spec"]["ports"][0]["targetPort"] == "metrics"
 
     docs = render(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=4")
     service = container(docs, "Deployment", "beam-service")

@@ -229,7 +229,11 @@ def _body_doc(message_type: type[Message]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) -> FastAPI:
+def create_app(
+    api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]], *, serve_metrics: bool = True
+) -> FastAPI:
+    """The REST app. ``serve_metrics``: also serve ``GET /metrics`` (False when the process serves
+    them on a port of their own, so the API port exposes no metrics)."""
     app = FastAPI(
         title="Beam",
         version="v1",
@@ -262,9 +266,11 @@ def create_app(api: RestApi, ready: Callable[[], Awaitable[dict[str, bool]]]) ->
         body = {"status": "ready" if ok else "not ready", **checks, "accepting": api.ready}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["probes"])
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if serve_metrics:
+
+        @app.get("/metrics", tags=["probes"])
+        async def metrics() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # -- balance ---------------------------------------------------------------------------
 

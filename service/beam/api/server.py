@@ -11,6 +11,11 @@ calls are still served for ``shutdown_delay_seconds`` (so load balancers stop se
 both servers stop accepting and wait up to ``shutdown_grace_seconds`` for in-flight calls,
 and only then are the stores closed. An acknowledged Finalize is in PostgreSQL before its
 reply is written, so even a SIGKILL loses nothing that was acknowledged.
+
+Metrics: with ``metrics_port`` set (the chart always sets it), Prometheus metrics are served
+on that port only, from start-up to the end of the drain, and the API port answers /metrics
+404, so a NetworkPolicy can let Prometheus reach the metrics and nothing else. Unset (0, the
+default, and ``beam dev``), ``GET /metrics`` is on the HTTP port with the API.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ import threading
 import time
 from collections.abc import Generator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import asyncpg
 import uvicorn
 import uvloop
+from prometheus_client import start_http_server
 
 from beam.adapters.migrations import migration_files
 from beam.adapters.redis_store import RedisStore
@@ -226,7 +233,9 @@ class Service:
         self.runtime = runtime
         self.handlers = Handlers(runtime)
         self.rest = RestApi(self.handlers, settings.max_body_bytes)
-        self.app = create_app(self.rest, self.ready_checks)
+        # A metrics port of their own (the chart's): the API port exposes no /metrics, so a
+        # NetworkPolicy can admit Prometheus to the metrics port alone.
+        self.app = create_app(self.rest, self.ready_checks, serve_metrics=not settings.metrics_port)
         self.http = http
         self.front = front
         self.grpc, self.health, self.grpc_port = create_server(
@@ -373,6 +382,33 @@ async def open_runtime(
                 return None
 
 
+class MetricsServer:
+    """This process's Prometheus metrics on ``metrics_port`` (prometheus_client's own HTTP
+    server, a thread), open from start-up to the end of the drain. Not in a worker of
+    ``beam serve --workers N``: there the supervisor serves the workers' sum on that port."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.port = settings.metrics_port
+        self.host = settings.http_host
+        self._server: WSGIServer | None = None
+
+    def start(self) -> None:
+        self._server, _thread = start_http_server(self.port, addr=self.host)
+        log.info("metrics served on their own port", extra={"metrics_port": self.port})
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+
+def serves_own_metrics(settings: ServiceSettings) -> bool:
+    """Whether this process opens metrics_port itself: set, and not a supervised worker
+    (reuse_port), whose supervisor holds that port."""
+    return bool(settings.metrics_port) and not settings.reuse_port
+
+
 async def serve(settings: ServiceSettings, *, on_started: object = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -380,8 +416,11 @@ async def serve(settings: ServiceSettings, *, on_started: object = None) -> None
         loop.add_signal_handler(sig, stop.set)
     front = FrontDoor(settings.worker if settings.reuse_port else None)
     http = HttpServer(settings, front)
+    metrics = MetricsServer(settings) if serves_own_metrics(settings) else None
     service: Service | None = None
     try:
+        if metrics is not None:
+            metrics.start()
         await http.start()
         runtime = await open_runtime(settings, stop, front)
         if runtime is None:
@@ -404,6 +443,8 @@ async def serve(settings: ServiceSettings, *, on_started: object = None) -> None
             await service.stop()
         else:
             await http.stop(0)
+        if metrics is not None:
+            await metrics.stop()
 
 
 def run(settings: ServiceSettings) -> None:
@@ -419,8 +460,9 @@ def run_workers(settings: ServiceSettings, env: Mapping[str, str]) -> int:
     to every worker, each drains as one process would; when a worker exits on its own, the
     others are stopped too and the supervisor exits with its status (the container restarts).
     With metrics_port set, the workers' metrics are summed there (prometheus_client's
-    multiprocess mode). Returns the exit status."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    multiprocess mode) and no worker serves /metrics on the API port; unset, each worker's
+    /metrics on the API port shows only itself. Returns the exit status."""
+    from prometheus_client import CollectorRegistry, multiprocess
 
     reservations = []  # port 0: pick a port once, so every worker binds the same one
     ports = {}

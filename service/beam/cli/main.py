@@ -157,7 +157,10 @@ def main() -> None:
     help="Processes sharing the gRPC and HTTP ports (SO_REUSEPORT); default BEAM_WORKERS or 1.",
 )
 def serve(migrate: bool, workers: int | None) -> None:
-    """Run the enforcement service (gRPC :9090, REST :8080) from BEAM_* settings."""
+    """Run the enforcement service (gRPC :9090, REST :8080) from BEAM_* settings.
+
+    Prometheus metrics: on BEAM_METRICS_PORT alone when it is set (then the REST port has no
+    /metrics), else at /metrics on the REST port."""
     from beam.api.server import run, run_workers
     from beam.config import ServiceSettings
     from beam.observability import configure_logging
