@@ -56,6 +56,12 @@ class StoreSettings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://beam@127.0.0.1:5432/beam")
     database_pool_min: int = Field(default=2, ge=1, le=100)
     database_pool_max: int = Field(default=20, ge=1, le=500)
+    # A second, separate pool for the read-only paths (usage analytics, ListCustomers,
+    # GetCustomer, VerifyIntegrity, request history), so a burst of them can never hold the
+    # connections that settlements, credits, debits and the reaper need (database_pool_max).
+    # Opened on demand; a read waits for one of these at most 10 s, then answers
+    # STORE_UNAVAILABLE (retry). Counted in the connection budget next to database_pool_max.
+    database_read_pool_max: int = Field(default=4, ge=1, le=100)
     # asyncpg's per-connection cache of named prepared statements (asyncpg's default, 100).
     # 0 turns it off (asyncpg then uses the unnamed statement, re-parsed each call): needed
     # behind a transaction-mode pooler that does not track prepared statements, such as

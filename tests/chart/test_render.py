@@ -140,12 +140,16 @@ def test_pool_sizes_and_max_connections_come_from_values(helm: Helm) -> None:
 
 
 def test_the_render_fails_when_the_connection_budget_exceeds_max_connections(helm: Helm) -> None:
-    # 11 pods (10 + surge 1) x 10 + operator 4 + jobs 4 + reserved 6 = 124 fits in 200.
+    # 11 pods (10 + surge 1) x (10 + read 4) + operator 4 + 2 + jobs 2 x 3 + reserved 6 = 172
+    # fits in 200.
     render(helm)
     error = refused(helm, "--set", "service.autoscaling.maxReplicas=30")
-    assert "database connection budget exceeded: 324 connections > max_connections 200" in error
-    assert "Service 310 (31 processes x service.database.poolMax 10)" in error
-    assert "operator 4, jobs 4 (migrations, integrity check), reserved 6" in error
+    assert "database connection budget exceeded: 452 connections > max_connections 200" in error
+    assert (
+        "Service 434 (31 processes x (service.database.poolMax 10 + "
+        "service.database.readPoolMax 4))" in error
+    )
+    assert "operator 6, jobs 6 (migrations, integrity check), reserved 6" in error
     # A percentage surge rounds up: 10 pods + 25% = 13 pods.
     error = refused(
         helm,
@@ -407,15 +411,21 @@ def test_workers_reach_the_service_the_budget_and_the_metrics_service(helm: Helm
     assert env(container(one, "Deployment", "beam-service"))["BEAM_WORKERS"] == "1"
     assert find(one, "Service", "beam-metrics")["spec"]["ports"][0]["targetPort"] == "metrics"
 
-    docs = render(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=4")
+    docs = render(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=3",
+                  "--set", "service.database.readPoolMax=1")  # fmt: skip
     service = container(docs, "Deployment", "beam-service")
     assert env(service)["BEAM_WORKERS"] == "4"
     assert env(service)["BEAM_METRICS_PORT"] == "9464"
     assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in service["ports"]
     assert find(docs, "Service", "beam-metrics")["spec"]["ports"][0]["targetPort"] == "metrics"
-    # 4 workers x 4 connections x 11 pods = 176, + 4 + 4 + 6 = 190 <= 200; 5 each would not fit.
-    error = refused(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=5")
-    assert "Service 220 (44 processes x service.database.poolMax 5)" in error
+    # 4 workers x (3 + 1 read) connections x 11 pods = 176, + 6 + 6 + 6 = 194 <= 200; 5 each
+    # would not fit.
+    error = refused(helm, "--set", "service.workers=4", "--set", "service.database.poolMax=4",
+                    "--set", "service.database.readPoolMax=1")  # fmt: skip
+    assert (
+        "Service 220 (44 processes x (service.database.poolMax 4 + "
+        "service.database.readPoolMax 1))" in error
+    )
 
 
 def test_operator_liveness_is_kopfs_endpoint_and_instances_are_separate(helm: Helm) -> None:

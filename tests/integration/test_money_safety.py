@@ -413,6 +413,7 @@ async def test_a_hold_keeps_a_bounded_number_of_sequence_results(
 async def test_a_dropped_postgresql_connection_is_store_unavailable(stores: Stores) -> None:
     rt = await Runtime.create(stores.settings(), background=False)
     rt.postgres.pool.terminate()  # every connection dropped under the service
+    rt.postgres.read_pool.terminate()  # (get_customer reads on the read pool)
     try:
         with pytest.raises(BeamError) as unavailable:
             await rt.postgres.get_customer("t", "c")

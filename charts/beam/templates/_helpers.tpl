@@ -464,13 +464,16 @@ in a Secret and may hold any character (inside a URL, "@", "/", "?" or "%" would
 - name: BEAM_DATABASE_URL
   value: {{ $direct | quote }}
 {{- end }}
-{{- $pool := dict "poolMin" 1 "poolMax" 2 }}
+{{- /* Jobs (migrations, integrity check): a pool of 2 and a read pool of 1. */}}
+{{- $pool := dict "poolMin" 1 "poolMax" 2 "readPoolMax" 1 }}
 {{- if eq .component "service" }}{{ $pool = $values.service.database }}{{ end }}
 {{- if eq .component "operator" }}{{ $pool = $values.operator.database }}{{ end }}
 - name: BEAM_DATABASE_POOL_MIN
   value: {{ $pool.poolMin | quote }}
 - name: BEAM_DATABASE_POOL_MAX
   value: {{ $pool.poolMax | quote }}
+- name: BEAM_DATABASE_READ_POOL_MAX
+  value: {{ $pool.readPoolMax | quote }}
 {{- end -}}
 
 {{/*
@@ -524,8 +527,9 @@ server_check_query = SELECT 1
 {{/*
 The database connection budget, as YAML (Helm templates return strings; read it with fromYaml):
 service, pgbouncer, operator, migrations, reserved, total and max ("0" = unknown). Every
-process's pool is counted at its maximum, service pods at the autoscaler's maximum plus the
-rollout surge, and each service process (service.workers) has its own pool. Behind PgBouncer
+process's pools (the money paths' poolMax and the read-only calls' readPoolMax) are counted at
+their maximum, service pods at the autoscaler's maximum plus the rollout surge, and each
+service process (service.workers) has its own pools. Behind PgBouncer
 the service holds one direct connection per process (LISTEN) and PgBouncer
 defaultPoolSize per PgBouncer pod.
 */}}
@@ -542,19 +546,20 @@ defaultPoolSize per PgBouncer pod.
 {{- end -}}
 {{- end -}}
 {{- $processes := mul (add $pods $surge) (int (dig "workers" 1 $v.service)) -}}
-{{- $service := mul $processes (int $v.service.database.poolMax) -}}
+{{- $perProcess := add (int $v.service.database.poolMax) (int $v.service.database.readPoolMax) -}}
+{{- $service := mul $processes $perProcess -}}
 {{- $pgbouncer := 0 -}}
 {{- if $v.pgbouncer.enabled -}}
 {{- $service = $processes -}}
 {{- $pgbouncer = mul (add (int $v.pgbouncer.replicaCount) 1) (int $v.pgbouncer.defaultPoolSize) -}}
 {{- end -}}
-{{- $operator := ternary (int $v.operator.database.poolMax) 0 $v.operator.enabled -}}
-{{- $jobs := add (ternary 2 0 (and $v.migrations.enabled (not $v.gitops.enabled))) (ternary 2 0 $v.integrityCheck.enabled) -}}
+{{- $operator := ternary (add (int $v.operator.database.poolMax) (int $v.operator.database.readPoolMax)) 0 $v.operator.enabled -}}
+{{- $jobs := add (ternary 3 0 (and $v.migrations.enabled (not $v.gitops.enabled))) (ternary 3 0 $v.integrityCheck.enabled) -}}
 {{- $reserved := int $v.connectionBudget.reserved -}}
 {{- $max := ternary (int $v.timescaledb.maxConnections) (int $v.externalDatabase.maxConnections) $v.timescaledb.enabled -}}
 service: {{ $service }}
 serviceProcesses: {{ $processes }}
-serviceClients: {{ mul $processes (int $v.service.database.poolMax) }}
+serviceClients: {{ mul $processes $perProcess }}
 pgbouncer: {{ $pgbouncer }}
 operator: {{ $operator }}
 jobs: {{ $jobs }}
@@ -599,11 +604,11 @@ NOTES.txt and from every workload, so `helm template` fails as early as `helm in
 {{- end -}}
 {{- $budget := include "beam.connectionBudget.values" . | fromYaml -}}
 {{- if and .Values.connectionBudget.check (gt (int $budget.max) 0) (gt (int $budget.total) (int $budget.max)) -}}
-{{- fail (printf "database connection budget exceeded: %d connections > max_connections %d (%s). Service %d (%s), PgBouncer %d, operator %d, jobs %d (migrations, integrity check), reserved %d. Lower service.database.poolMax, service.autoscaling.maxReplicas or service.workers, enable pgbouncer, or raise the database's max_connections" (int $budget.total) (int $budget.max) (ternary "timescaledb.maxConnections" "externalDatabase.maxConnections" .Values.timescaledb.enabled) (int $budget.service) (ternary "one direct LISTEN connection per process" (printf "%d processes x service.database.poolMax %d" (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) .Values.pgbouncer.enabled) (int $budget.pgbouncer) (int $budget.operator) (int $budget.jobs) (int $budget.reserved)) -}}
+{{- fail (printf "database connection budget exceeded: %d connections > max_connections %d (%s). Service %d (%s), PgBouncer %d, operator %d, jobs %d (migrations, integrity check), reserved %d. Lower service.database.poolMax or readPoolMax, service.autoscaling.maxReplicas or service.workers, enable pgbouncer, or raise the database's max_connections" (int $budget.total) (int $budget.max) (ternary "timescaledb.maxConnections" "externalDatabase.maxConnections" .Values.timescaledb.enabled) (int $budget.service) (ternary "one direct LISTEN connection per process" (printf "%d processes x (service.database.poolMax %d + service.database.readPoolMax %d)" (int $budget.serviceProcesses) (int .Values.service.database.poolMax) (int .Values.service.database.readPoolMax)) .Values.pgbouncer.enabled) (int $budget.pgbouncer) (int $budget.operator) (int $budget.jobs) (int $budget.reserved)) -}}
 {{- end -}}
 {{- if .Values.pgbouncer.enabled -}}
 {{- if gt (int $budget.serviceClients) (int .Values.pgbouncer.maxClientConnections) -}}
-{{- fail (printf "pgbouncer.maxClientConnections (%d) is below what the service pools may open (%d = %d processes x service.database.poolMax %d)" (int .Values.pgbouncer.maxClientConnections) (int $budget.serviceClients) (int $budget.serviceProcesses) (int .Values.service.database.poolMax)) -}}
+{{- fail (printf "pgbouncer.maxClientConnections (%d) is below what the service pools may open (%d = %d processes x (service.database.poolMax %d + service.database.readPoolMax %d))" (int .Values.pgbouncer.maxClientConnections) (int $budget.serviceClients) (int $budget.serviceProcesses) (int .Values.service.database.poolMax) (int .Values.service.database.readPoolMax)) -}}
 {{- end -}}
 {{- if eq (toString .Values.service.migrateOnStart) "true" -}}
 {{- fail "service.migrateOnStart=true cannot go through PgBouncer (migrations hold a session-level advisory lock, which transaction pooling breaks): let the operator (operator.migrateOnStart) or the migration Job migrate" -}}

@@ -5,6 +5,13 @@ checks its idempotency key, appends a ledger row and moves the cached balance to
 with ``balance_version``. Row locks serialize writers per customer, so the version is a
 gap-free sequence: entry N of a customer has balance_version N. Nothing here UPDATEs or
 DELETEs a ledger row (a trigger refuses it); corrections are new entries.
+
+Two pools. ``pool`` carries every money movement (settlements, credits, debits, the
+reaper) and the look-ups those make on their way (settled ids, API keys, prices).
+``read_pool`` (``BEAM_DATABASE_READ_POOL_MAX``, small) carries the read-only paths that
+settle nothing: usage analytics, ListCustomers, GetCustomer, VerifyIntegrity, request
+history. However many of those run, or however slow they are, they queue for their own
+connections (``read_connection``) and never for the ones a FinalizeRequest needs.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import asyncpg
 
@@ -108,6 +115,34 @@ _UNAVAILABLE = (
 )
 _T = TypeVar("_T")
 
+# How long a read path waits for a connection of the read pool before it answers
+# STORE_UNAVAILABLE (retry later): a burst of analytics queues, but not without end.
+READ_WAIT_SECONDS: Final = 10.0
+
+
+@contextlib.asynccontextmanager
+async def read_connection(
+    pool: asyncpg.Pool, wait_seconds: float = READ_WAIT_SECONDS
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the read pool, waited for at most ``wait_seconds``.
+
+    asyncpg would wait for a free connection without end, so a flood of slow analytics
+    would pile up callers; past the wait the read is refused as STORE_UNAVAILABLE (which
+    clients retry with back-off) and names the setting that sizes the pool."""
+    try:
+        conn = await pool.acquire(timeout=wait_seconds)
+    except TimeoutError:
+        raise BeamError(
+            Reason.STORE_UNAVAILABLE,
+            f"no read connection within {wait_seconds:g} s: all "
+            f"{pool.get_max_size()} (BEAM_DATABASE_READ_POOL_MAX) are busy with other reads, "
+            "or PostgreSQL is slow to answer; retry later",
+        ) from None
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
+
 
 @contextlib.contextmanager
 def _unavailable_as_store_error() -> Iterator[None]:
@@ -140,11 +175,23 @@ def _translate_unavailable(cls: type[_T]) -> type[_T]:
 
 @_translate_unavailable
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool, *, settle_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        read_pool: asyncpg.Pool | None = None,
+        *,
+        settle_batch_size: int = 64,
+        read_wait_seconds: float = READ_WAIT_SECONDS,
+    ) -> None:
+        """``read_pool``: the read-only paths' own pool (see the module's docstring); None
+        shares ``pool`` (a tool that opens one pool, never the service)."""
         self.pool = pool
+        self.read_pool = pool if read_pool is None else read_pool
+        self.read_wait_seconds = read_wait_seconds
         self._listening: dict[asyncpg.Connection, tuple[list[str], Any]] = {}
-        # At most a quarter of the pool settles at once: the rest stays for reads, credits
-        # and debits, even while one hot customer's settlements queue up.
+        # At most a quarter of the pool settles at once: the rest stays for the look-ups of
+        # Checks, credits, debits and the reaper, even while one hot customer's settlements
+        # queue up. (Analytics and admin reads have a pool of their own, read_pool.)
         self._settlements: Batcher[dict[str, Any], RecordedSettlement] = Batcher(
             self._settle_batch,
             max_items=settle_batch_size,
@@ -156,22 +203,32 @@ class PostgresStore:
 
     @classmethod
     async def connect(cls, settings: StoreSettings) -> PostgresStore:
-        pool = await asyncpg.create_pool(
-            settings.database_url.get_secret_value(),
-            min_size=settings.database_pool_min,
-            max_size=settings.database_pool_max,
-            command_timeout=30,
-            statement_cache_size=settings.database_statement_cache_size,
+        """Both pools, to the same database and with the same connection settings (so the
+        read pool goes through PgBouncer exactly as the settlement pool does, statement
+        cache included). The read pool opens its connections on demand: a process that
+        never reads (the migration Job) holds none."""
+        pool = await _create_pool(
+            settings, min_size=settings.database_pool_min, max_size=settings.database_pool_max
         )
-        return cls(pool)
+        try:
+            read_pool = await _create_pool(
+                settings, min_size=0, max_size=settings.database_read_pool_max
+            )
+        except BaseException:
+            pool.terminate()
+            raise
+        return cls(pool, read_pool)
 
     async def close(self, timeout_seconds: float = 10.0) -> None:
         await self._settlements.close(timeout_seconds)
         await self._lookups.close(timeout_seconds)
-        try:
-            await asyncio.wait_for(self.pool.close(), timeout_seconds)
-        except TimeoutError:
-            self.pool.terminate()
+        pools = {self.pool, self.read_pool}  # one, when reads share the pool
+        await asyncio.gather(*(_close_pool(pool, timeout_seconds) for pool in pools))
+
+    def _reading(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection for a read-only path: from the read pool, waited for at most
+        ``read_wait_seconds`` (``read_connection``). Never for a money path."""
+        return read_connection(self.read_pool, self.read_wait_seconds)
 
     async def migrate(self) -> list[str]:
         async with self.pool.acquire() as conn:
@@ -187,11 +244,15 @@ class PostgresStore:
     # -- customers ---------------------------------------------------------------------
 
     async def get_customer(self, tenant: str, customer_id: str) -> Customer | None:
-        row = await self.pool.fetchrow(
-            f"SELECT {_CUSTOMER_COLUMNS} FROM customers WHERE tenant = $1 AND customer_id = $2",
-            tenant,
-            customer_id,
-        )
+        """A read path (GetCustomer, usage, request history): the read pool. The money
+        paths read the customer under its row lock instead (``customer_locked``)."""
+        async with self._reading() as conn:
+            row = await conn.fetchrow(
+                f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
+                    WHERE tenant = $1 AND customer_id = $2""",
+                tenant,
+                customer_id,
+            )
         return _customer(row) if row else None
 
     @contextlib.asynccontextmanager
@@ -218,21 +279,25 @@ class PostgresStore:
     async def list_customers(
         self, tenant: str, *, limit: int, after_customer_id: str = ""
     ) -> list[Customer]:
-        rows = await self.pool.fetch(
-            f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
-                WHERE tenant = $1 AND customer_id > $2 ORDER BY customer_id LIMIT $3""",
-            tenant,
-            after_customer_id,
-            limit,
-        )
+        async with self._reading() as conn:
+            rows = await conn.fetch(
+                f"""SELECT {_CUSTOMER_COLUMNS} FROM customers
+                    WHERE tenant = $1 AND customer_id > $2 ORDER BY customer_id LIMIT $3""",
+                tenant,
+                after_customer_id,
+                limit,
+            )
         return [_customer(r) for r in rows]
 
     async def all_customer_ids(self, tenant: str | None = None) -> list[tuple[str, str]]:
-        rows = await self.pool.fetch(
-            """SELECT tenant, customer_id FROM customers
-               WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, customer_id""",
-            tenant,
-        )
+        """Every customer (of ``tenant``): a tenant-wide read (VerifyIntegrity, the
+        integrity check, a resync), so the read pool."""
+        async with self._reading() as conn:
+            rows = await conn.fetch(
+                """SELECT tenant, customer_id FROM customers
+                   WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, customer_id""",
+                tenant,
+            )
         return [(r["tenant"], r["customer_id"]) for r in rows]
 
     async def upsert_customer(self, customer: Customer) -> tuple[Customer, bool]:
@@ -423,6 +488,10 @@ class PostgresStore:
         assert row is not None
         return LedgerEntry(transaction_id, row["balance"], row["version"], replayed=False)
 
+    # The look-ups below (find_entry, find_settlement, settled_nonce, committed_after_lock)
+    # are reads, but of the money paths (Check, Finalize, credits, debits, the reaper): they
+    # stay on the settlement pool, never behind analytics.
+
     async def find_entry(
         self, tenant: str, transaction_id: str, customer_id: str | None = None
     ) -> LedgerEntry | None:
@@ -583,13 +652,15 @@ class PostgresStore:
     # -- requests ------------------------------------------------------------------------
 
     async def list_requests(self, tenant: str, customer_id: str, limit: int) -> list[Settlement]:
-        rows = await self.pool.fetch(
-            f"""SELECT {_REQUEST_COLUMNS} FROM requests WHERE tenant = $1 AND customer_id = $2
-                ORDER BY completed_at DESC, request_id LIMIT $3""",
-            tenant,
-            customer_id,
-            limit,
-        )
+        async with self._reading() as conn:
+            rows = await conn.fetch(
+                f"""SELECT {_REQUEST_COLUMNS} FROM requests
+                    WHERE tenant = $1 AND customer_id = $2
+                    ORDER BY completed_at DESC, request_id LIMIT $3""",
+                tenant,
+                customer_id,
+                limit,
+            )
         return [_settlement(r, replayed=True) for r in rows]
 
     async def get_request(
@@ -602,16 +673,17 @@ class PostgresStore:
         """The newest settlement of ``request_id`` in the tenant, among ``allowed_customers``
         when the caller's key has an allow-list (filtered before LIMIT, so a visible
         settlement is never hidden behind an invisible one)."""
-        row = await self.pool.fetchrow(
-            f"""SELECT {_REQUEST_COLUMNS} FROM requests
-                WHERE tenant = $1 AND request_id = $2 AND ($3 = '' OR customer_id = $3)
-                  AND (cardinality($4::text[]) = 0 OR customer_id = ANY($4::text[]))
-                ORDER BY completed_at DESC LIMIT 1""",
-            tenant,
-            request_id,
-            customer_id,
-            list(allowed_customers),
-        )
+        async with self._reading() as conn:
+            row = await conn.fetchrow(
+                f"""SELECT {_REQUEST_COLUMNS} FROM requests
+                    WHERE tenant = $1 AND request_id = $2 AND ($3 = '' OR customer_id = $3)
+                      AND (cardinality($4::text[]) = 0 OR customer_id = ANY($4::text[]))
+                    ORDER BY completed_at DESC LIMIT 1""",
+                tenant,
+                request_id,
+                customer_id,
+                list(allowed_customers),
+            )
         return _settlement(row, replayed=True) if row else None
 
     # -- integrity -------------------------------------------------------------------------
@@ -619,20 +691,23 @@ class PostgresStore:
     async def ledger_summary(
         self, tenant: str, customer_ids: Sequence[str]
     ) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(
-            """SELECT c.customer_id, c.current_balance_grains, c.balance_version,
-                      COALESCE(SUM(t.amount_grains), 0)::bigint AS ledger_sum,
-                      COUNT(t.id)::bigint AS entries,
-                      COALESCE(MAX(t.balance_version), 0)::bigint AS last_version
-               FROM customers c
-               LEFT JOIN transactions t
-                 ON t.tenant = c.tenant AND t.customer_id = c.customer_id
-               WHERE c.tenant = $1 AND c.customer_id = ANY($2::text[])
-               GROUP BY c.customer_id, c.current_balance_grains, c.balance_version
-               ORDER BY c.customer_id""",
-            tenant,
-            list(customer_ids),
-        )
+        """Every listed customer's ledger sums (VerifyIntegrity): over a whole tenant, the
+        heaviest read Beam makes, so the read pool."""
+        async with self._reading() as conn:
+            rows = await conn.fetch(
+                """SELECT c.customer_id, c.current_balance_grains, c.balance_version,
+                          COALESCE(SUM(t.amount_grains), 0)::bigint AS ledger_sum,
+                          COUNT(t.id)::bigint AS entries,
+                          COALESCE(MAX(t.balance_version), 0)::bigint AS last_version
+                   FROM customers c
+                   LEFT JOIN transactions t
+                     ON t.tenant = c.tenant AND t.customer_id = c.customer_id
+                   WHERE c.tenant = $1 AND c.customer_id = ANY($2::text[])
+                   GROUP BY c.customer_id, c.current_balance_grains, c.balance_version
+                   ORDER BY c.customer_id""",
+                tenant,
+                list(customer_ids),
+            )
         return [dict(r) for r in rows]
 
     # -- process-wide state ----------------------------------------------------------------
@@ -821,6 +896,27 @@ _SQLSTATE_REASONS = {
     # A commit that waited past its hold's deadline (fenced): nothing written, retry.
     "BL004": Reason.STORE_UNAVAILABLE,
 }
+
+
+async def _create_pool(settings: StoreSettings, *, min_size: int, max_size: int) -> asyncpg.Pool:
+    """One pool to BEAM_DATABASE_URL. Both pools are made here, so a connection setting
+    (the statement cache a transaction-mode PgBouncer needs off, the command timeout) can
+    never differ between them."""
+    return await asyncpg.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=30,
+        statement_cache_size=settings.database_statement_cache_size,
+    )
+
+
+async def _close_pool(pool: asyncpg.Pool, timeout_seconds: float) -> None:
+    """Close gracefully (connections finish their queries), or cut them past the timeout."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_seconds)
+    except TimeoutError:
+        pool.terminate()
 
 
 def _settlement_item(

@@ -16,6 +16,11 @@ Two engines answer the same question the same way:
 materializes the aggregate's history; it is idempotent and does nothing on plain
 PostgreSQL. Every query is bounded by its caller (``beam.core.usage``): a time range and a
 row limit.
+
+Every read runs on the read pool (``PostgresStore.read_pool``, BEAM_DATABASE_READ_POOL_MAX),
+waited for at most ``READ_WAIT_SECONDS``: however many usage queries run and however long
+they take, they never hold a connection a settlement needs. ``apply_policies`` writes
+(``beam migrate``), so it uses the main pool.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from enum import StrEnum
 
 import asyncpg
 
+from beam.adapters.postgres_store import READ_WAIT_SECONDS, read_connection
 from beam.errors import BeamError, Reason
 
 log = logging.getLogger(__name__)
@@ -126,11 +132,24 @@ def _unavailable_as_store_error() -> Iterator[None]:
 
 
 class UsageStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        read_pool: asyncpg.Pool | None = None,
+        *,
+        read_wait_seconds: float = READ_WAIT_SECONDS,
+    ) -> None:
+        """``pool`` for the policies (writes), ``read_pool`` for every query (None: ``pool``,
+        for a tool that opens one pool)."""
         self.pool = pool
+        self.read_pool = pool if read_pool is None else read_pool
+        self.read_wait_seconds = read_wait_seconds
         self._timescale: bool | None = None
         self._aggregate_ok = False
         self._aggregate_checked_at = -1e9
+
+    def _reading(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        return read_connection(self.read_pool, self.read_wait_seconds)
 
     # -- which engine -------------------------------------------------------------------------
 
@@ -138,18 +157,21 @@ class UsageStore:
         """Whether ``usage_events`` is a TimescaleDB hypertable (asked once per process)."""
         if self._timescale is None:
             with _unavailable_as_store_error():
-                self._timescale = bool(
-                    await self.pool.fetchval(
-                        """SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
-                           AND to_regclass('timescaledb_information.hypertables') IS NOT NULL"""
+                async with self._reading() as conn:
+                    self._timescale = bool(
+                        await conn.fetchval(
+                            """SELECT EXISTS (SELECT 1 FROM pg_extension
+                                              WHERE extname = 'timescaledb')
+                               AND to_regclass('timescaledb_information.hypertables')
+                                   IS NOT NULL"""
+                        )
+                    ) and bool(
+                        await conn.fetchval(
+                            """SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
+                                              WHERE hypertable_name = 'usage_events'
+                                                AND hypertable_schema = current_schema())"""
+                        )
                     )
-                ) and bool(
-                    await self.pool.fetchval(
-                        """SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
-                                          WHERE hypertable_name = 'usage_events'
-                                            AND hypertable_schema = current_schema())"""
-                    )
-                )
         return self._timescale
 
     async def aggregate_usable(self) -> bool:
@@ -163,13 +185,15 @@ class UsageStore:
         if not await self.timescale():
             return False
         with _unavailable_as_store_error():
-            ok = await self.pool.fetchval(
-                """SELECT to_regclass($1) IS NOT NULL
-                          AND EXISTS (SELECT 1 FROM beam_state WHERE name = $2 AND value = $3)""",
-                AGGREGATE_VIEW,
-                AGGREGATE_STATE,
-                AGGREGATE_COMPLETE,
-            )
+            async with self._reading() as conn:
+                ok = await conn.fetchval(
+                    """SELECT to_regclass($1) IS NOT NULL
+                              AND EXISTS (SELECT 1 FROM beam_state
+                                          WHERE name = $2 AND value = $3)""",
+                    AGGREGATE_VIEW,
+                    AGGREGATE_STATE,
+                    AGGREGATE_COMPLETE,
+                )
         self._aggregate_ok = bool(ok)
         return self._aggregate_ok
 
@@ -201,7 +225,8 @@ class UsageStore:
                     WHERE tenant = $1 AND customer_id = $2 AND {column} >= $3 AND {column} < $4
                     GROUP BY 1, 2 ORDER BY 1, 2 LIMIT $5"""  # noqa: S608 (constants only)
         with _unavailable_as_store_error():
-            rows = await self.pool.fetch(query, tenant, customer_id, start, end, limit)
+            async with self._reading() as conn:
+                rows = await conn.fetch(query, tenant, customer_id, start, end, limit)
         return [
             UsageRow(
                 start=r["start"],
@@ -236,7 +261,8 @@ class UsageStore:
                     GROUP BY customer_id
                     ORDER BY charged_grains DESC, customer_id LIMIT $5"""  # noqa: S608
         with _unavailable_as_store_error():
-            rows = await self.pool.fetch(query, tenant, start, end, list(customers), limit)
+            async with self._reading() as conn:
+                rows = await conn.fetch(query, tenant, start, end, list(customers), limit)
         return [
             CustomerSpend(
                 customer_id=r["customer_id"],
@@ -252,13 +278,14 @@ class UsageStore:
     async def spent_since(self, tenant: str, customer_id: str, since: datetime) -> int:
         """Grains a customer spent (settlements, expiries, adjustments) since ``since``."""
         with _unavailable_as_store_error():
-            spent = await self.pool.fetchval(
-                """SELECT COALESCE(sum(cost_grains), 0)::bigint FROM usage_events
-                   WHERE tenant = $1 AND customer_id = $2 AND time >= $3""",
-                tenant,
-                customer_id,
-                since,
-            )
+            async with self._reading() as conn:
+                spent = await conn.fetchval(
+                    """SELECT COALESCE(sum(cost_grains), 0)::bigint FROM usage_events
+                       WHERE tenant = $1 AND customer_id = $2 AND time >= $3""",
+                    tenant,
+                    customer_id,
+                    since,
+                )
         return int(spent)
 
     # -- TimescaleDB policies -----------------------------------------------------------------

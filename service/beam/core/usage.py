@@ -138,7 +138,7 @@ class TopCustomersReport:
 class Usage:
     def __init__(self, postgres: PostgresStore) -> None:
         self.postgres = postgres
-        self.store = UsageStore(postgres.pool)
+        self.store = usage_store(postgres)
 
     async def customer_usage(
         self, principal: Principal, query: UsageQuery, now: datetime | None = None
@@ -203,12 +203,18 @@ class Usage:
         return await self.store.apply_policies(settings.policies())
 
 
+def usage_store(postgres: PostgresStore) -> UsageStore:
+    """The usage queries on ``postgres``'s read pool, with its wait (so analytics never
+    hold a settlement's connection); the policies on its main pool."""
+    return UsageStore(
+        postgres.pool, postgres.read_pool, read_wait_seconds=postgres.read_wait_seconds
+    )
+
+
 async def spent_since(postgres: PostgresStore, tenant: str, customer_id: str,
                       window: timedelta) -> int:  # fmt: skip
     """Grains a customer spent over the last ``window`` (the BeamCustomer's status)."""
-    return await UsageStore(postgres.pool).spent_since(
-        tenant, customer_id, datetime.now(UTC) - window
-    )
+    return await usage_store(postgres).spent_since(tenant, customer_id, datetime.now(UTC) - window)
 
 
 # -- input ---------------------------------------------------------------------------------
