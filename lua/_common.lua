@@ -1,6 +1,7 @@
 -- Shared prelude of every Beam script. The loader (beam.adapters.scripts) puts the
 -- constants block generated from beam.constants in front of it (MAX_GRAINS, MILLION,
--- HOLD_PREFIX, DONE_PREFIX, ACCOUNT_SUFFIX, SEQUENCE_WINDOW), so no limit is written twice.
+-- HOLD_PREFIX, ACCOUNT_SUFFIX, HOLDS_SEQ_SUFFIX, SEQUENCE_WINDOW), so no limit is written
+-- twice.
 --
 -- KEYS (beam.constants.customer_keys), all under one hash tag {tenant:customer}:
 --   KEYS[1] account hash    balance, version, held, state, ttl_ms, max_request_grains
@@ -9,7 +10,10 @@
 --   KEYS[4] hold hash       status, kind, amount, consumed, tokens, locked prices, nonce, ...
 --   KEYS[5] done marker     hash with the settlement, kept for retries (has a TTL)
 --   KEYS[6] settling holds  zset: hold id -> deadline (unix ms); PostgreSQL commit pending
--- Per-hold keys of other holds are derived from KEYS[1]'s prefix: same tag, same slot.
+-- Per-hold keys of other holds are derived from KEYS[1]'s prefix: same tag, same slot, and
+-- so is the holds counter (HOLDS_SEQ_SUFFIX): every script that adds, removes or moves a
+-- hold, or changes its amount, bumps it (holds_changed), so a scan of many holds in bounded
+-- steps (scan_holds, one script per page) can tell whether all its pages saw one state.
 --
 -- A hold is in exactly one of the three sets, by its status:
 --   open      -> KEYS[2]  chargeable by Deduct; expires at its score
@@ -102,6 +106,21 @@ local function covered_out(amount, in_tokens, cached_tokens, p_in, p_out, p_cach
   return lo
 end
 
+-- The holds changed (see the header). A key of its own: INCR must never bring an account
+-- hash into being.
+local function holds_changed()
+  redis.call('INCR', key_prefix() .. HOLDS_SEQ_SUFFIX)
+end
+
+local function holds_seq()
+  return num(redis.call('GET', key_prefix() .. HOLDS_SEQ_SUFFIX))
+end
+
+local function hold_count()
+  return redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
+    + redis.call('ZCARD', KEYS[6])
+end
+
 local function invariant(ok, message)
   -- Checked before any write: a script that errors after writing would leave them behind.
   if not ok then
@@ -131,6 +150,7 @@ local function expire_due(now_ms, limit)
     end
   end
   invariant(held >= 0, 'held < 0 after expiry')
+  holds_changed()
   for i, rid in ipairs(due) do
     if shrink[i] ~= nil then
       redis.call('HSET', prefix .. HOLD_PREFIX .. rid, 'amount', fmt(shrink[i]),
@@ -149,7 +169,9 @@ local function account()
   return num(f[1]), num(f[2]), f[3] or 'active', num(f[4]), num(f[5])
 end
 
--- Sum of the amounts of every hold in the three sets (bounded: max open holds).
+-- Sum of the amounts of every hold in the three sets. Its cost grows with the holds: the
+-- callers run it only for at most the caller's limit of holds (hold_count), and leave more
+-- to a stepwise scan.
 local function sum_of_holds()
   local total = 0
   local prefix = key_prefix()
@@ -164,6 +186,7 @@ end
 -- Deletes hold KEYS[4] (id `rid`) from every set; returns the amount it held.
 local function drop_hold(rid)
   local amount = num(redis.call('HGET', KEYS[4], 'amount'))
+  holds_changed()
   redis.call('DEL', KEYS[4])
   redis.call('ZREM', KEYS[2], rid)
   redis.call('ZREM', KEYS[3], rid)

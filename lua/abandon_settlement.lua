@@ -21,6 +21,7 @@ local held = num(redis.call('HGET', KEYS[1], 'held'))
 local amount, consumed = num(h[4]), num(h[5])
 if (h[3] or 'request') == 'request' then
   invariant(consumed <= amount, 'consumed > amount')
+  holds_changed()
   redis.call('HSET', KEYS[4], 'status', 'expiring', 'amount', fmt(consumed),
     'expired_at', fmt(now_ms))
   redis.call('ZREM', KEYS[6], hold_id)

@@ -81,6 +81,7 @@ if not hold_exists then
   -- A claim remembers the token it settles for (the hold that token names may be a
   -- second hold Redis lost, charged on its own): only a Finalize with that token takes
   -- the claim over, and the reaper looks for that hold's own entry.
+  holds_changed()
   redis.call('HSET', KEYS[4], 'status', 'settling', 'kind', 'claim', 'amount', fmt(cost),
     'consumed', '0', 'nonce', claim_nonce, 'fp', '', 'created', fmt(now_ms),
     'marked', fmt(now_ms), 'estimated', '0', 'model', '', 'in_tokens', '0',
@@ -114,6 +115,9 @@ end
 -- Grow the hold to the charge, even past the balance: the customer owes it once the ledger
 -- commits, and until Redis adopts that balance the hold must keep it from being spent.
 local reserve = math.max(amount, cost)
+if reserve ~= amount or h[2] ~= 'settling' then
+  holds_changed()
+end
 redis.call('HSET', KEYS[1], 'held', fmt(held + reserve - amount))
 if h[2] ~= 'settling' then
   deadline = math.max(deadline, now_ms + num(h[16]))

@@ -131,6 +131,9 @@ end
 consumed = math.min(cost, amount)
 
 local expires_at = now_ms + num(h[13])
+if amount ~= num(h[3]) then
+  holds_changed()
+end
 redis.call('HSET', KEYS[1], 'held', fmt(held))
 redis.call('HSET', KEYS[4], 'amount', fmt(amount), 'consumed', fmt(consumed),
   'in_tokens', fmt(in_tokens), 'out_tokens', fmt(out_tokens),

@@ -32,6 +32,7 @@ local flat = redis.call('ZRANGE', KEYS[3], 0, limit - 1, 'WITHSCORES')
 for i = 1, #flat, 2 do
   local hold = describe(flat[i], flat[i + 1])
   if hold == nil then
+    holds_changed()
     redis.call('ZREM', KEYS[3], flat[i])  -- released by a concurrent settlement
   else
     table.insert(expiring, hold)
@@ -46,6 +47,7 @@ for i = 1, #flat, 2 do
   end
   local hold = describe(flat[i], flat[i + 1])
   if hold == nil then
+    holds_changed()
     redis.call('ZREM', KEYS[6], flat[i])
   elseif hold[13] + grace_ms <= now_ms then
     table.insert(settling, hold)

@@ -6,19 +6,34 @@ local ttl_ms             = ARGV[4]  -- 0 = the service default
 local max_request_grains = ARGV[5]  -- 0 = no cap
 local force              = ARGV[6] == '1'  -- sync: adopt even an older version, re-derive held
 local buffer_ppm         = ARGV[7]  -- the buffer strategy's multiplier, parts per million
+local inline_limit       = tonumber(ARGV[8])  -- the most holds summed here
+local scanned_held       = ARGV[9]  -- '' or the sum of a stepwise scan (scan_holds) ...
+local scanned_seq        = ARGV[10] -- ... that saw this holds_seq throughout
 -- `held` is always re-derived from the holds when the account is created or forced, so a
--- lost account hash cannot leak or forget held money. Bounded: at most max-open-holds
--- holds exist per customer.
--- Returns {balance, held, version}.
+-- lost account hash cannot leak or forget held money: summed here when there are at most
+-- inline_limit holds, else taken from the caller's stepwise scan if the holds have not
+-- changed since it (holds_seq). Otherwise nothing is written and the caller scans (again).
+-- Returns {'OK', balance, held, version} or {'SCAN', holds_seq}.
 local exists = redis.call('EXISTS', KEYS[1]) == 1
+local derived = nil
+if not exists or force then
+  if hold_count() <= inline_limit then
+    derived = sum_of_holds()
+  elseif scanned_held ~= '' and tonumber(scanned_seq) == holds_seq() then
+    derived = tonumber(scanned_held)
+  else
+    return {'SCAN', holds_seq()}
+  end
+end
 redis.call('HSET', KEYS[1], 'state', state, 'ttl_ms', ttl_ms,
   'max_request_grains', max_request_grains, 'buffer_ppm', buffer_ppm)
 local current = num(redis.call('HGET', KEYS[1], 'version'))
 if not exists or force or version > current then
   redis.call('HSET', KEYS[1], 'balance', balance, 'version', fmt(version))
 end
-if not exists or force then
-  redis.call('HSET', KEYS[1], 'held', fmt(sum_of_holds()))
+if derived ~= nil then
+  holds_changed()  -- a scan in progress must not pair the old `held` with these holds
+  redis.call('HSET', KEYS[1], 'held', fmt(derived))
 end
 local f = redis.call('HMGET', KEYS[1], 'balance', 'held', 'version')
-return {num(f[1]), num(f[2]), num(f[3])}
+return {'OK', num(f[1]), num(f[2]), num(f[3])}

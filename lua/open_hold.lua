@@ -134,6 +134,7 @@ if kind == 'debit' then
   expires_at = now_ms + settle_ttl_ms
 end
 local remaining = balance - held
+holds_changed()
 redis.call('HSET', KEYS[1], 'held', fmt(held))
 redis.call('HSET', KEYS[4],
   'status', status, 'kind', kind, 'amount', fmt(amount), 'consumed', '0',

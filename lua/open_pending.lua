@@ -17,6 +17,7 @@ local existing = redis.call('HGET', KEYS[4], 'nonce')
 if existing then
   return {'OK', existing}
 end
+holds_changed()
 redis.call('HSET', KEYS[4], 'status', 'settling', 'kind', kind, 'amount', '0',
   'consumed', '0', 'nonce', nonce, 'created', fmt(now_ms), 'marked', fmt(now_ms))
 redis.call('ZADD', KEYS[6], fmt(deadline_ms), hold_id)

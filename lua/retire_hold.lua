@@ -28,6 +28,7 @@ if mode == 'cancelled' then
   return {'KEPT'}
 end
 invariant(consumed <= amount, 'consumed > amount')
+holds_changed()
 redis.call('HSET', KEYS[4], 'status', 'expiring', 'amount', fmt(consumed),
   'expired_at', fmt(now_ms))
 redis.call('ZREM', KEYS[2], hold_id)

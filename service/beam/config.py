@@ -24,6 +24,8 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from beam.constants import HOLDS_PER_SCRIPT
+
 DEV_REQUEST_TOKEN_SECRET = "beam-dev-request-token-secret-not-for-production"  # noqa: S105
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", DEV_REQUEST_TOKEN_SECRET})
 
@@ -98,6 +100,10 @@ class RuntimeSettings(StoreSettings):
     reaper_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     # Holds settled per reaper pass (bounded work per tick).
     reaper_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # The most holds one Redis script sums or lists (VerifyIntegrity, SyncAll, resyncs);
+    # a customer with more is scanned in steps of this many, so its holds never make a
+    # script that stalls Redis for everybody (constants.HOLDS_PER_SCRIPT).
+    redis_holds_per_script: int = Field(default=HOLDS_PER_SCRIPT, ge=1, le=10_000)
     # How long API keys and prices may be cached before a forced reload (changes are also
     # pushed by PostgreSQL NOTIFY; this is the fallback).
     cache_max_age_seconds: float = Field(default=5.0, gt=0, le=300)

@@ -23,6 +23,9 @@ OPEN_HOLDS_SUFFIX: Final = "open"
 EXPIRING_HOLDS_SUFFIX: Final = "exp"
 # Sorted set of holds whose settlement is being committed to PostgreSQL (score: deadline).
 SETTLING_HOLDS_SUFFIX: Final = "stl"
+# Counter of changes to a customer's holds (one added, removed, moved between sets, or its
+# amount changed): a stepwise scan of many holds checks it to know it saw one state.
+HOLDS_SEQ_SUFFIX: Final = "hseq"
 # Hash per hold: "h:<hold id>".
 HOLD_PREFIX: Final = "h:"
 # Settled request marker for replies to retries: "done:<request_id>" (hash, with TTL).
@@ -55,11 +58,11 @@ SCRIPT_EXPIRE_HOLDS: Final = "expire_holds"
 SCRIPT_ABANDON_SETTLEMENT: Final = "abandon_settlement"
 SCRIPT_OPEN_PENDING: Final = "open_pending"
 SCRIPT_RETIRE_HOLD: Final = "retire_hold"
-SCRIPT_LIST_HOLDS: Final = "list_holds"
 SCRIPT_READ_BALANCE: Final = "read_balance"
 SCRIPT_LOAD_ACCOUNT: Final = "load_account"
 SCRIPT_APPLY_BALANCE: Final = "apply_balance"
 SCRIPT_AUDIT_ACCOUNT: Final = "audit_account"
+SCRIPT_SCAN_HOLDS: Final = "scan_holds"
 ALL_SCRIPTS: Final = (
     SCRIPT_OPEN_HOLD,
     SCRIPT_DEDUCT,
@@ -69,11 +72,11 @@ ALL_SCRIPTS: Final = (
     SCRIPT_ABANDON_SETTLEMENT,
     SCRIPT_OPEN_PENDING,
     SCRIPT_RETIRE_HOLD,
-    SCRIPT_LIST_HOLDS,
     SCRIPT_READ_BALANCE,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_APPLY_BALANCE,
     SCRIPT_AUDIT_ACCOUNT,
+    SCRIPT_SCAN_HOLDS,
 )
 
 # PostgreSQL NOTIFY channels.
@@ -86,6 +89,13 @@ MAX_PRICE_GRAINS_PER_MILLION: Final = 10**12
 MAX_TOKENS_PER_CALL: Final = 2**31 - 1
 MAX_TOKENS_PER_REQUEST: Final = 10**9
 MAX_OPEN_HOLDS_PER_CUSTOMER: Final = 10_000
+# The most holds one script visits to sum or list a customer's holds (VerifyIntegrity, a
+# sync, a forced load): more are scanned in steps of this many, so no customer's holds can
+# make a script that stalls Redis for every other customer (RuntimeSettings can lower it).
+HOLDS_PER_SCRIPT: Final = 256
+# Scans that found the holds changing before the caller gives up (an audit) or sums them
+# in one script after all (a forced load, which must not fail).
+HOLD_SCAN_ATTEMPTS: Final = 3
 MAX_SEQUENCE_NUMBER: Final = 10**9
 EXPIRE_BATCH_PER_CALL: Final = 8
 DONE_MARKER_TTL_SECONDS: Final = 86_400
@@ -151,6 +161,10 @@ def done_key(tenant: str, customer_id: str, request_id: str) -> str:
     return f"{KEY_NAMESPACE}:{customer_tag(tenant, customer_id)}:{DONE_PREFIX}{request_id}"
 
 
+def holds_seq_key(tenant: str, customer_id: str) -> str:
+    return f"{KEY_NAMESPACE}:{customer_tag(tenant, customer_id)}:{HOLDS_SEQ_SUFFIX}"
+
+
 def settling_holds_key(tenant: str, customer_id: str) -> str:
     return f"{KEY_NAMESPACE}:{customer_tag(tenant, customer_id)}:{SETTLING_HOLDS_SUFFIX}"
 
@@ -175,6 +189,7 @@ def lua_constants() -> str:
         "SEQUENCE_WINDOW": SEQUENCE_WINDOW,
         "ACCOUNT_SUFFIX": ACCOUNT_SUFFIX,
         "HOLD_PREFIX": HOLD_PREFIX,
+        "HOLDS_SEQ_SUFFIX": HOLDS_SEQ_SUFFIX,
     }
     lines = ["-- Generated from beam.constants by beam.adapters.scripts; do not edit."]
     for name, value in values.items():

@@ -36,6 +36,11 @@ from tests.support.stack import PRICES, Stores
 _KEEP_TABLES = ("schema_migrations",)
 
 
+# Holds one script may sum or list in the simulator (production: 256): small, so the
+# stepwise scans of many holds run under faults (lua/scan_holds.lua).
+HOLDS_PER_SCRIPT = 2
+
+
 class World:
     def __init__(self, workdir: Path | None = None) -> None:
         self._tmp = None if workdir is not None else tempfile.mkdtemp(prefix="beam-sim-")
@@ -67,12 +72,15 @@ class World:
 
     def settings(self) -> ServiceSettings:
         """A small pool on purpose: a quarter of it (one connection) settles at a time, so
-        the settlements of a burst queue up and share group commits."""
+        the settlements of a burst queue up and share group commits. Two holds per script:
+        every sync, resync and audit of a customer with more takes the stepwise scan
+        (scan_holds, the holds counter) in the middle of the schedule's traffic."""
         assert self.stores is not None
         return self.stores.settings(
             hold_ttl_seconds=HOLD_TTL_SECONDS,
             database_pool_min=1,
             database_pool_max=4,
+            redis_holds_per_script=HOLDS_PER_SCRIPT,
             migrate_on_start=not self.migrated,
         )
 

@@ -10,27 +10,43 @@ raised as ``AccountNotLoaded`` so the caller can load the account and call again
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from beam.adapters.redis_store import RedisStore
 from beam.constants import (
+    HOLD_SCAN_ATTEMPTS,
+    HOLDS_PER_SCRIPT,
+    MAX_OPEN_HOLDS_PER_CUSTOMER,
     SCRIPT_ABANDON_SETTLEMENT,
     SCRIPT_APPLY_BALANCE,
     SCRIPT_AUDIT_ACCOUNT,
     SCRIPT_BEGIN_SETTLEMENT,
     SCRIPT_DEDUCT,
     SCRIPT_EXPIRE_HOLDS,
-    SCRIPT_LIST_HOLDS,
     SCRIPT_LOAD_ACCOUNT,
     SCRIPT_OPEN_HOLD,
     SCRIPT_OPEN_PENDING,
     SCRIPT_READ_BALANCE,
     SCRIPT_RETIRE_HOLD,
+    SCRIPT_SCAN_HOLDS,
     SCRIPT_SETTLE_HOLD,
     customer_keys,
 )
+
+log = logging.getLogger(__name__)
+
+# A limit no customer's holds reach: the one-script sum a forced load falls back to.
+_ALL_HOLDS = 3 * MAX_OPEN_HOLDS_PER_CUSTOMER + 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    holds_seq: int
+    holds: tuple[ScannedHold, ...]
+    consistent: bool
 
 
 class AccountNotLoaded(Exception):
@@ -183,6 +199,33 @@ class AuditView:
     open_count: int
     expiring_count: int
     settling_count: int
+    # The holds counter (lua/_common.lua) when the account was read.
+    holds_seq: int = 0
+
+    @property
+    def hold_count(self) -> int:
+        return self.open_count + self.expiring_count + self.settling_count
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedHold:
+    hold_id: str
+    amount: int
+    nonce: str
+    status: str  # '' when the hold hash is gone (a stale id in a set)
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class HoldScan:
+    """Every hold of a customer, read in bounded steps that all saw one ``holds_seq``."""
+
+    holds_seq: int
+    holds: tuple[ScannedHold, ...]
+
+    @property
+    def amount(self) -> int:
+        return sum(hold.amount for hold in self.holds)
 
 
 def _hold_view(fields: Sequence[Any]) -> HoldView:
@@ -198,8 +241,10 @@ def _hold_view(fields: Sequence[Any]) -> HoldView:
 class Scripts:
     """Beam's Lua scripts, called by name with keyword arguments."""
 
-    def __init__(self, redis: RedisStore) -> None:
+    def __init__(self, redis: RedisStore, *, holds_per_script: int = HOLDS_PER_SCRIPT) -> None:
         self.redis = redis
+        # The most holds a script sums or lists in one call (constants.HOLDS_PER_SCRIPT).
+        self.holds_per_script = holds_per_script
 
     async def _run(
         self,
@@ -443,11 +488,51 @@ class Scripts:
         return str(reply[0])
 
     async def list_holds(self, tenant: str, customer_id: str) -> list[tuple[str, str, str, str]]:
-        """Every hold of a customer: (hold id, nonce, status, kind)."""
-        reply = await self.redis.run(
-            SCRIPT_LIST_HOLDS, customer_keys(tenant, customer_id), [], idempotent=True
-        )
-        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in reply]
+        """Every hold of a customer: (hold id, nonce, status, kind), read in bounded steps.
+        Each is judged on its own by the caller (by its nonce), so a listing whose holds
+        kept changing through every attempt is still used: a hold it missed is one that
+        moved meanwhile, which its own settlement or the reaper takes care of."""
+        scan = None
+        for _ in range(HOLD_SCAN_ATTEMPTS):
+            scan = await self._scan_holds(tenant, customer_id)
+            if scan.consistent:
+                break
+        assert scan is not None
+        return [(h.hold_id, h.nonce, h.status, h.kind) for h in scan.holds if h.status]
+
+    async def scan_holds(self, tenant: str, customer_id: str) -> HoldScan | None:
+        """Every hold of a customer, ``holds_per_script`` per script; ``None`` when the
+        holds changed between the steps (the caller may scan again)."""
+        scan = await self._scan_holds(tenant, customer_id)
+        return HoldScan(scan.holds_seq, scan.holds) if scan.consistent else None
+
+    async def _scan_holds(self, tenant: str, customer_id: str) -> _Scan:
+        keys = customer_keys(tenant, customer_id)
+        seen: dict[str, ScannedHold] = {}
+        seqs: set[int] = set()
+        # ZSCAN ends; this bound only guards against a set that never stops growing.
+        max_steps = 3 * (MAX_OPEN_HOLDS_PER_CUSTOMER // self.holds_per_script + 2) * 4
+        steps = 0
+        for which in (1, 2, 3):
+            cursor = "0"
+            while True:
+                steps += 1
+                if steps > max_steps:
+                    return _Scan(-1, tuple(seen.values()), consistent=False)
+                reply = await self.redis.run(
+                    SCRIPT_SCAN_HOLDS, keys, [which, cursor, self.holds_per_script],
+                    idempotent=True,
+                )  # fmt: skip
+                cursor, seq, holds = str(reply[0]), int(reply[1]), reply[2]
+                seqs.add(seq)
+                for hold_id, amount, nonce, status, kind in holds:
+                    seen[str(hold_id)] = ScannedHold(
+                        str(hold_id), int(amount), str(nonce), str(status), str(kind)
+                    )
+                if cursor == "0":
+                    break
+        (first, *_) = seqs
+        return _Scan(first, tuple(seen.values()), consistent=len(seqs) == 1)
 
     async def read_balance(
         self, tenant: str, customer_id: str, *, now_ms: int, expire_batch: int
@@ -473,16 +558,34 @@ class Scripts:
         buffer_ppm: int,
         force: bool,
     ) -> AccountView:
-        reply = await self._run(
-            SCRIPT_LOAD_ACCOUNT,
-            customer_keys(tenant, customer_id),
-            [
-                balance, version, state, hold_ttl_ms, max_request_grains,
-                "1" if force else "0", buffer_ppm,
-            ],
-            idempotent=True,
-        )  # fmt: skip
-        return AccountView(int(reply[0]), int(reply[1]), int(reply[2]))
+        """Load the account; when ``held`` must be re-derived (a new account, or ``force``)
+        and there are more holds than one script should sum, they are summed in bounded
+        steps first and the script adopts that sum only if no hold changed since. A
+        customer whose holds keep changing through every attempt is summed in one script
+        after all: a load must not fail (logged; rare: a sync of a busy customer with
+        more than ``holds_per_script`` holds)."""
+        keys = customer_keys(tenant, customer_id)
+        args: list[str | int] = [
+            balance, version, state, hold_ttl_ms, max_request_grains,
+            "1" if force else "0", buffer_ppm,
+        ]  # fmt: skip
+        scanned: list[str | int] = ["", ""]
+        for attempt in range(HOLD_SCAN_ATTEMPTS + 1):
+            limit = self.holds_per_script
+            if attempt == HOLD_SCAN_ATTEMPTS:
+                limit = _ALL_HOLDS
+                log.warning(
+                    "the holds of customer %s/%s kept changing through %d scans: summing "
+                    "them in one script", tenant, customer_id, HOLD_SCAN_ATTEMPTS,
+                )  # fmt: skip
+            reply = await self._run(
+                SCRIPT_LOAD_ACCOUNT, keys, [*args, limit, *scanned], idempotent=True
+            )
+            if reply[0] == "OK":
+                return AccountView(int(reply[1]), int(reply[2]), int(reply[3]))
+            scan = await self.scan_holds(tenant, customer_id)
+            scanned = ["", ""] if scan is None else [scan.amount, scan.holds_seq]
+        raise AssertionError("load_account: the script summing every hold answered SCAN")
 
     async def apply_balance(
         self, tenant: str, customer_id: str, *, balance: int, version: int
@@ -497,8 +600,21 @@ class Scripts:
         return AccountView(int(reply[1]), int(reply[2]), 0)
 
     async def audit_account(self, tenant: str, customer_id: str) -> AuditView:
-        reply = await self._run(
-            SCRIPT_AUDIT_ACCOUNT, customer_keys(tenant, customer_id), [], idempotent=True
-        )
-        values = [int(v) for v in reply]
-        return AuditView(bool(values[0]), *values[1:8])
+        """The account and the sum of its holds, read as one state. More holds than
+        ``holds_per_script`` are summed in bounded steps; if they kept changing through
+        every attempt, ``holds_sum`` is -1 (not verified: try again later)."""
+        keys = customer_keys(tenant, customer_id)
+        audit = None
+        for _ in range(HOLD_SCAN_ATTEMPTS):
+            reply = await self._run(
+                SCRIPT_AUDIT_ACCOUNT, keys, [self.holds_per_script], idempotent=True
+            )
+            values = [int(v) for v in reply]
+            audit = AuditView(bool(values[0]), *values[1:9])
+            if not audit.exists or audit.holds_sum >= 0:
+                return audit
+            scan = await self.scan_holds(tenant, customer_id)
+            if scan is not None and scan.holds_seq == audit.holds_seq:
+                return replace(audit, holds_sum=scan.amount)
+        assert audit is not None
+        return audit

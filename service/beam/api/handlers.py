@@ -305,6 +305,7 @@ def integrity_message(r: CustomerIntegrity) -> admin_pb.CustomerIntegrity:
         redis_balance=r.redis_balance,
         redis_held=r.redis_held,
         open_holds_sum=r.open_holds_sum,
+        held_unverified=r.held_unverified,
         ok=r.ok,
         problems=r.problems,
     )

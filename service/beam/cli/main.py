@@ -457,7 +457,7 @@ def admin_verify(customer_id: str, server: str | None, api_key: str | None, as_j
     data = client.call("POST", "/v1/admin/verify-integrity", {"customer_id": customer_id})
     client.show(data, data.get("customers", []), [
         "customer_id", "ledger_sum_grains", "postgres_balance", "redis_balance", "redis_held",
-        "open_holds_sum", "ok", "problems",
+        "open_holds_sum", "held_unverified", "ok", "problems",
     ])  # fmt: skip
     if not data.get("ok"):
         fail("integrity check found drift (see problems)")

@@ -81,6 +81,9 @@ class CustomerIntegrity:
     redis_held: int = 0
     open_holds_sum: int = 0
     problems: list[str] = field(default_factory=list)
+    # The holds kept changing through every stepwise scan (Scripts.audit_account): held was
+    # not compared with them. Not a problem: verify again later.
+    held_unverified: bool = False
 
     @property
     def ok(self) -> bool:
@@ -403,7 +406,9 @@ class Admin:
                     f"redis balance {balance} (version {version}) != postgres "
                     f"{row['current_balance_grains']} (version {row['balance_version']})"
                 )
-            if held != holds_sum:
+            if holds_sum < 0:
+                report.held_unverified, report.open_holds_sum = True, 0
+            elif held != holds_sum:
                 report.problems.append(f"redis held {held} != sum of open holds {holds_sum}")
         return report
 

@@ -77,7 +77,7 @@ class Runtime:
         )
         self.prices = PriceBook(postgres, max_age_seconds=settings.cache_max_age_seconds)
         self.tokens = tokens
-        self.scripts = Scripts(redis)
+        self.scripts = Scripts(redis, holds_per_script=settings.redis_holds_per_script)
         self.ledger = Ledger(
             self.scripts,
             postgres,
