@@ -177,7 +177,7 @@ class Pinning:
 # -- the stack ---------------------------------------------------------------------------------
 
 
-def manifests() -> str:
+def manifests(customers: Sequence[str] = CUSTOMERS) -> str:
     documents: list[dict[str, Any]] = [
         {
             "apiVersion": "beam.dev/v1alpha1",
@@ -200,7 +200,7 @@ def manifests() -> str:
             "spec": {"role": "enforcer"},
         },
     ]
-    for customer in CUSTOMERS:
+    for customer in customers:
         documents.append(
             {
                 "apiVersion": "beam.dev/v1alpha1",
@@ -220,8 +220,13 @@ def manifests() -> str:
 
 def seed(env: dict[str, str], workdir: Path) -> str:
     """Applies the manifests with ``beam apply`` (it migrates first); returns the key."""
+    return applied_key(apply_manifests(env, workdir, manifests()), "bench-enforcer")
+
+
+def apply_manifests(env: dict[str, str], workdir: Path, text: str) -> str:
+    """``beam apply -f`` of ``text`` (YAML); returns its output (the keys it created)."""
     path = workdir / "bench.yaml"
-    path.write_text(manifests())
+    path.write_text(text)
     out = subprocess.run(
         [
             sys.executable,
@@ -241,9 +246,15 @@ def seed(env: dict[str, str], workdir: Path) -> str:
     )
     if out.returncode != 0:
         raise RuntimeError(f"beam apply failed:\n{out.stdout}\n{out.stderr}")
-    match = re.search(r"^beamapikey/bench-enforcer \(bench\): key \S+: (\S+)$", out.stdout, re.M)
+    return out.stdout
+
+
+def applied_key(output: str, name: str) -> str:
+    """The key ``beam apply`` printed for the BeamApiKey ``name`` of tenant ``TENANT``."""
+    pattern = rf"^beamapikey/{re.escape(name)} \({TENANT}\): key \S+: (\S+)$"
+    match = re.search(pattern, output, re.M)
     if not match:
-        raise RuntimeError(f"no key in beam apply's output:\n{out.stdout}")
+        raise RuntimeError(f"no key {name} in beam apply's output:\n{output}")
     return match.group(1)
 
 
@@ -349,7 +360,15 @@ def start_empty(kind: str, pinning: Pinning, workdir: Path) -> Server:
 
 
 def open_holds(
-    target: str, key: str, customers: Sequence[str], count: int, tag: str, in_flight: int = 64
+    target: str,
+    key: str,
+    customers: Sequence[str],
+    count: int,
+    tag: str,
+    in_flight: int = 64,
+    *,
+    estimated_grains: int = CHECK_ESTIMATE,
+    buffer_multiplier: float = 1.2,
 ) -> list[dict[str, str]]:
     """``count`` real holds (CheckBalance through Beam), round-robin over ``customers``."""
 
@@ -365,8 +384,8 @@ def open_holds(
                     request = pb.CheckBalanceRequest(
                         customer_id=customers[index % len(customers)],
                         request_id=f"{tag}-{index}",
-                        estimated_grains=CHECK_ESTIMATE,
-                        buffer_multiplier=1.2,
+                        estimated_grains=estimated_grains,
+                        buffer_multiplier=buffer_multiplier,
                         metadata=pb.RequestMetadata(model="gpt-4"),
                     )
                     answer = await stub.CheckBalance(request, metadata=metadata, timeout=30)
