@@ -3,18 +3,25 @@
 Everything about Kopf's behaviour is set here, explicitly, rather than left to defaults
 that change between releases: watch timeouts, the finalizer name, where handler progress
 and the last handled spec are kept (annotations under ``beam.dev/``), which log lines
-become Kubernetes Events, and standalone mode.
+become Kubernetes Events, and peering.
 
-The dangerous part: Kopf's peering is not leader election, and this operator runs
-standalone (the chart grants no peering RBAC and runs one replica with the Recreate
-strategy). Two operators at once would both reconcile; that stays safe for money (every
-credit is an idempotent ledger transaction) but would issue API keys twice.
+Peering (``beam_operator.peering``): two operators can be alive at once (a RollingUpdate
+rollout, a pod replaced while the old one is cut off by a partition, a second replica).
+They join one Kopf peering, ``BEAM_PEERING_NAME`` (a ClusterKopfPeering when the operator
+watches all namespaces, a KopfPeering in each watched namespace otherwise; the chart
+creates it and grants the RBAC), each with a priority from its start time, so the one that
+started last reconciles and the others wait, paused, until it is gone. Peering is
+mandatory: without its objects the operator does not start. ``beam operator --standalone``
+(``BEAM_STANDALONE``) runs without peering, for development: then nothing stops a second
+operator, which stays safe for money (every credit is an idempotent ledger transaction) but
+would issue API keys twice.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 import kopf
@@ -25,9 +32,12 @@ from beam.observability import configure_logging
 from beam_operator.constants import ANNOTATION_PREFIX, EVENT_COMPONENT, FINALIZER
 from beam_operator.context import MEMO_KEY, OperatorContext, open_runtime, runtime_settings
 from beam_operator.handlers import apikey, customer, instance_labels, pricelist
+from beam_operator.peering import Peering, check_objects
+from beam_operator.peering import configure as configure_peering
 from beam_operator.secrets import SecretStore
 
 SETTINGS_MEMO_KEY = "beam_settings"
+PEERING_MEMO_KEY = "beam_peering"
 # The API server ends each watch after this long and Kopf starts a new one; the client
 # gives up a little later if the server went silent. An int: Kopf sends it verbatim as the
 # watch's `timeoutSeconds`, which the API server parses as an integer.
@@ -64,9 +74,9 @@ class DropKopfInternals(logging.Filter):
         return not (routine and record.levelno <= logging.INFO)
 
 
-def configure_kopf(settings: kopf.OperatorSettings) -> None:
-    settings.peering.standalone = True
-    settings.peering.mandatory = False
+def configure_kopf(settings: kopf.OperatorSettings, peering: Peering | None = None) -> None:
+    """Kopf's settings; ``peering`` None: standalone (no peering)."""
+    configure_peering(settings, peering)
     settings.watching.server_timeout = WATCH_SERVER_TIMEOUT_SECONDS
     settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT_SECONDS
     settings.watching.connect_timeout = CONNECT_TIMEOUT_SECONDS
@@ -91,8 +101,11 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 
 async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
-    configure_kopf(settings)
     operator_settings: OperatorSettings = memo[SETTINGS_MEMO_KEY]
+    peering: Peering | None = memo.get(PEERING_MEMO_KEY)
+    configure_kopf(settings, peering)
+    if peering is not None:  # Kopf would otherwise wait, paused and silent, for the object
+        await check_objects(peering, operator_settings.namespaces)
     runtime = await open_runtime(runtime_settings(operator_settings))
     try:
         secrets = SecretStore.connect()
@@ -130,8 +143,12 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     return registry
 
 
-def run() -> None:
+def run(*, standalone: bool = False) -> None:
+    started_ns = time.time_ns()  # the peering priority: the operator that started last wins
     settings = OperatorSettings()
+    if standalone:
+        settings = settings.model_copy(update={"standalone": True})
+    peering = Peering.of(settings, started_ns)
     configure_logging(settings.log_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(DropKopfInternals())
@@ -141,12 +158,16 @@ def run() -> None:
     namespaces = list(settings.namespaces)
     log.info(
         "beam operator starting",
-        extra={"namespaces": namespaces or "all", "metrics_port": settings.metrics_port},
+        extra={
+            "namespaces": namespaces or "all",
+            "metrics_port": settings.metrics_port,
+            **(peering.describe() if peering is not None else {"peering": "standalone"}),
+        },
     )
     kopf.run(
         registry=build_registry(settings),
-        memo=kopf.Memo({SETTINGS_MEMO_KEY: settings}),
-        standalone=True,
+        memo=kopf.Memo({SETTINGS_MEMO_KEY: settings, PEERING_MEMO_KEY: peering}),
+        standalone=peering is None,
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=(

@@ -183,6 +183,18 @@ class OperatorSettings(StoreSettings):
         default="", max_length=63, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
     )
     migrate_on_start: bool = True
+    # Kopf peering: operators of one peering see each other and only the one that started
+    # last reconciles; the others wait, paused, until its keep-alive (renewed well within
+    # peering_lifetime_seconds) stops. The object is a ClusterKopfPeering when watching all
+    # namespaces, else a KopfPeering in each watched namespace, and must exist (the chart
+    # creates it). standalone: no peering at all (a dev operator; never two at once).
+    peering_name: str = Field(
+        default="beam",
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
+    peering_lifetime_seconds: int = Field(default=60, ge=10, le=3600)
+    standalone: bool = False
 
     @model_validator(mode="before")
     @classmethod

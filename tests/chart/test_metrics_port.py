@@ -137,7 +137,8 @@ def test_every_worker_count_is_scraped_on_the_metrics_port(helm: Helm, workers: 
     docs = render(
         helm,
         "--set", f"service.workers={workers}",
-        "--set", "service.database.poolMax=4",  # 4 workers fit the connection budget
+        "--set", "service.database.poolMax=3",  # 4 workers fit the connection budget
+        "--set", "service.database.readPoolMax=1",
         "--set", "serviceMonitor.enabled=true",
         *SERVICE_MONITOR_CRD,
     )  # fmt: skip

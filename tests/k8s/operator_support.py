@@ -31,6 +31,8 @@ CHART = REPO_ROOT / "charts" / "beam"
 CRD_DIR = REPO_ROOT / "crds"
 EXAMPLES_DIR = REPO_ROOT / "examples"
 CRD_NAMES = ("beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev")
+PEERING_CRD_NAMES = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
+PEERING_KINDS = ("ClusterKopfPeering", "KopfPeering")
 API_VERSION = "beam.dev/v1alpha1"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
@@ -160,6 +162,34 @@ def chart_operator_rbac(kube: ControlPlane, release: str, namespace: str) -> lis
     kinds = sorted(d["kind"] for d in wanted)
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"], kinds
     return wanted
+
+
+def chart_operator_peering(
+    kube: ControlPlane, release: str, namespace: str, *args: str
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The operator's Kopf peering objects as the chart renders them, and the peering
+    settings its Deployment passes (BEAM_STANDALONE, BEAM_PEERING_*, BEAM_NAMESPACES)."""
+    rendered = kube.helm("template", release, str(CHART), "--namespace", namespace, *args).stdout
+    objects: list[dict[str, Any]] = []
+    env: dict[str, str] = {}
+    for document in yaml.safe_load_all(rendered):
+        if not isinstance(document, dict):
+            continue
+        if document.get("kind") in PEERING_KINDS:
+            objects.append(document)
+        elif document.get("kind") == "Deployment" and document["metadata"]["name"].endswith(
+            "-operator"
+        ):
+            container = document["spec"]["template"]["spec"]["containers"][0]
+            env = {
+                e["name"]: e["value"]
+                for e in container["env"]
+                if "value" in e
+                and (e["name"].startswith("BEAM_PEERING_")
+                     or e["name"] in ("BEAM_STANDALONE", "BEAM_NAMESPACES"))
+            }  # fmt: skip
+    assert objects, "the chart rendered no peering object"
+    return objects, env
 
 
 # --- the operator process ----------------------------------------------------------------------

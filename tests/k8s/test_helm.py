@@ -54,7 +54,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = Path(os.environ.get("BEAM_TEST_CHART") or REPO_ROOT / "charts" / "beam")
 CRD_DIR = REPO_ROOT / "crds"
 CI_VALUES = {path.name.removesuffix("-values.yaml"): path for path in (CHART / "ci").glob("*.yaml")}
-CRD_NAMES = ("beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev")
+CRD_NAMES = (
+    "beamcustomers.beam.dev", "beamapikeys.beam.dev", "beampricelists.beam.dev",
+    "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev",  # the chart's peering objects
+)  # fmt: skip
 HELM_TIMEOUT = 120
 GC_WAIT_SECONDS = 90.0
 POLICY_LOAD_SECONDS = 30.0  # a new ValidatingAdmissionPolicy takes effect within ~1 s when idle
@@ -486,6 +489,8 @@ def test_operator_rbac_is_least_privilege(kube: ControlPlane, namespace: str, re
         ("create", "events.events.k8s.io"),
         ("list", "namespaces"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("watch", "clusterkopfpeerings.kopf.dev"),
+        ("patch", f"clusterkopfpeerings.kopf.dev/{release}-beam-{namespace}-operator"),
     ]
     denied = [
         ("create", "beamcustomers.beam.dev"),
@@ -496,6 +501,9 @@ def test_operator_rbac_is_least_privilege(kube: ControlPlane, namespace: str, re
         ("delete", "namespaces"),
         ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
         ("list", "kopfpeerings.kopf.dev"),
+        ("create", "clusterkopfpeerings.kopf.dev"),
+        ("delete", f"clusterkopfpeerings.kopf.dev/{release}-beam-{namespace}-operator"),
+        ("patch", "clusterkopfpeerings.kopf.dev/another-operators"),
         # Secrets by name only: reading every Secret of the cluster is not the operator's job.
         ("list", "secrets"),
         ("watch", "secrets"),
@@ -604,6 +612,12 @@ def test_operator_rbac_follows_watched_namespaces(
         assert not can_i(kube, operator, "create", "secrets", other)
         assert not can_i(kube, operator, "watch", "beamcustomers.beam.dev", other)
         assert can_i(kube, operator, "list", "namespaces", other)  # cluster-scoped read
+        # Kopf peering: the release's KopfPeering in the watched namespace, and only there.
+        peering = f"kopfpeerings.kopf.dev/{release}-beam-{namespace}-operator"
+        assert kube.kubectl("get", peering, "-n", watched).returncode == 0
+        assert can_i(kube, operator, "patch", peering, watched)
+        assert not can_i(kube, operator, "patch", peering, other)
+        assert not can_i(kube, operator, "watch", "clusterkopfpeerings.kopf.dev", other)
         env = container_env(kube, namespace, f"{release}-beam-operator")
         assert env["BEAM_NAMESPACES"] == watched
     finally:

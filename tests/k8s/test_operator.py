@@ -34,10 +34,12 @@ from tests.k8s.operator_support import (
     CRD_DIR,
     CRD_NAMES,
     EXAMPLES_DIR,
+    PEERING_CRD_NAMES,
     ControlPlane,
     OperatorProcess,
     api_key,
     apply,
+    chart_operator_peering,
     chart_operator_rbac,
     condition,
     credit_rows,
@@ -84,7 +86,7 @@ def kube(control_plane: ControlPlane) -> ControlPlane:
     kubectl_ok(control_plane, "apply", "-f", str(CRD_DIR))
     kubectl_ok(
         control_plane, "wait", "--for=condition=Established", "--timeout=60s",
-        *(f"crd/{name}" for name in CRD_NAMES), timeout=90,
+        *(f"crd/{name}" for name in (*CRD_NAMES, *PEERING_CRD_NAMES)), timeout=90,
     )  # fmt: skip
     return control_plane
 
@@ -110,9 +112,21 @@ def operator_kubeconfig(
 
 
 @pytest.fixture(scope="module")
+def peering_env(kube: ControlPlane, namespaces: Namespaces) -> Iterator[dict[str, str]]:
+    """The chart's Kopf peering object (a ClusterKopfPeering: cluster-wide) and the settings
+    that name it, so the operator runs in its peering exactly as in a cluster."""
+    objects, env = chart_operator_peering(kube, "beamop", namespaces.system)
+    apply(kube, *objects)
+    yield env
+    for obj in objects:
+        kube.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], check=False)
+
+
+@pytest.fixture(scope="module")
 def operator(
     kube: ControlPlane,
     operator_kubeconfig: Path,
+    peering_env: dict[str, str],
     namespaces: Namespaces,
     stores: Stores,
     tmp_path_factory: pytest.TempPathFactory,
@@ -121,6 +135,10 @@ def operator(
         kubectl_ok(kube, "create", "namespace", namespace)
     env = {
         **stores.env(),
+        **peering_env,
+        # The pod's name in the chart: Kopf's identity in the peering. A restarted (or
+        # killed) process keeps it, so it never waits for its own stale keep-alive.
+        "POD_ID": "beamop-operator-0",
         "KUBECONFIG": str(operator_kubeconfig),
         "BEAM_NAMESPACES": "",  # cluster-wide, the chart's default
         "BEAM_STATUS_INTERVAL_SECONDS": str(STATUS_INTERVAL_SECONDS),
@@ -818,7 +836,12 @@ def test_operator_runs_as_the_charts_service_account(
     assert can("create", "events", "-n", ACME) == "yes"
     assert can("get", "pods", "-n", ACME) == "no"
     assert can("create", "clusterrolebindings") == "no"
-    assert can("create", "kopfpeerings.kopf.dev", "-n", ACME) == "no"  # standalone: no peering
+    # Kopf peering: its own ClusterKopfPeering only, and never creating or deleting one.
+    peering = f"clusterkopfpeerings.kopf.dev/{operator.env['BEAM_PEERING_NAME']}"
+    assert can("patch", peering) == "yes"
+    assert can("patch", "clusterkopfpeerings.kopf.dev/another") == "no"
+    assert can("create", "clusterkopfpeerings.kopf.dev") == "no"
+    assert can("create", "kopfpeerings.kopf.dev", "-n", ACME) == "no"
     assert can("delete", "beamcustomers", "-n", ACME) == "no"
 
 

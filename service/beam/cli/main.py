@@ -244,11 +244,19 @@ def migrate() -> None:
 
 
 @main.command()
-def operator() -> None:
-    """Run the Kubernetes operator (reconciles BeamCustomer, BeamApiKey, BeamPriceList)."""
+@click.option(
+    "--standalone",
+    is_flag=True,
+    help="No Kopf peering (BEAM_STANDALONE): for development, when no other operator runs.",
+)
+def operator(standalone: bool) -> None:
+    """Run the Kubernetes operator (reconciles BeamCustomer, BeamApiKey, BeamPriceList).
+
+    It joins the Kopf peering BEAM_PEERING_NAME (default "beam"): of the operators of one
+    peering only the one that started last reconciles, the others wait until it is gone."""
     from beam_operator.main import run
 
-    run()
+    run(standalone=standalone)
 
 
 @main.command()
