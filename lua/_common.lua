@@ -116,6 +116,13 @@ local function holds_seq()
   return num(redis.call('GET', key_prefix() .. HOLDS_SEQ_SUFFIX))
 end
 
+-- The Redis server process (INFO's run_id): a stepwise scan must run on one. Another one (a
+-- restart, a failover) keeps no ZSCAN cursor's meaning, and may have lost writes that took
+-- the holds counter back to a value the scan already saw.
+local function server_run()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+end
+
 local function hold_count()
   return redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
     + redis.call('ZCARD', KEYS[6])

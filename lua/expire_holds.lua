@@ -39,12 +39,12 @@ for i = 1, #flat, 2 do
   end
 end
 
+-- The settling holds in deadline order, at most `limit` visited (those still within their
+-- grace count too: a customer's hundreds of settlements in flight never make a long
+-- script; one past its grace behind them is found once they have committed).
 local settling = {}
-flat = redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')
+flat = redis.call('ZRANGE', KEYS[6], 0, limit - 1, 'WITHSCORES')
 for i = 1, #flat, 2 do
-  if #settling >= limit then
-    break
-  end
   local hold = describe(flat[i], flat[i + 1])
   if hold == nil then
     holds_changed()

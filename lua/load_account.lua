@@ -8,19 +8,31 @@ local force              = ARGV[6] == '1'  -- sync: adopt even an older version,
 local buffer_ppm         = ARGV[7]  -- the buffer strategy's multiplier, parts per million
 local inline_limit       = tonumber(ARGV[8])  -- the most holds summed here
 local scanned_held       = ARGV[9]  -- '' or the sum of a stepwise scan (scan_holds) ...
-local scanned_seq        = ARGV[10] -- ... that saw this holds_seq throughout
+local scanned_seq        = ARGV[10] -- ... that saw this holds_seq throughout ...
+local scanned_run        = ARGV[11] -- ... on this server process (server_run)
+local keep_held          = ARGV[12] == '1'  -- no scan held still: keep an existing `held`
 -- `held` is always re-derived from the holds when the account is created or forced, so a
 -- lost account hash cannot leak or forget held money: summed here when there are at most
 -- inline_limit holds, else taken from the caller's stepwise scan if the holds have not
--- changed since it (holds_seq). Otherwise nothing is written and the caller scans (again).
+-- changed since it (holds_seq) on this very server (server_run: a restart or a failover in
+-- between voids the scan). Otherwise nothing is written and the caller scans (again).
+-- When the caller's scans never held still (a busy customer), keep_held keeps the `held`
+-- of an existing account: every script changes it atomically with the holds, and a Redis
+-- that lost writes lost whole scripts, so re-deriving it is a check, not a repair (the
+-- audit makes that check). Only a missing account must derive it: then in this script.
 -- Returns {'OK', balance, held, version} or {'SCAN', holds_seq}.
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 local derived = nil
 if not exists or force then
   if hold_count() <= inline_limit then
     derived = sum_of_holds()
-  elseif scanned_held ~= '' and tonumber(scanned_seq) == holds_seq() then
+  elseif scanned_held ~= '' and tonumber(scanned_seq) == holds_seq()
+      and scanned_run == server_run() then
     derived = tonumber(scanned_held)
+  elseif keep_held and exists then
+    derived = nil
+  elseif keep_held then
+    derived = sum_of_holds()
   else
     return {'SCAN', holds_seq()}
   end

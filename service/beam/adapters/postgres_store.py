@@ -290,9 +290,10 @@ class PostgresStore:
         return [_customer(r) for r in rows]
 
     async def all_customer_ids(self, tenant: str | None = None) -> list[tuple[str, str]]:
-        """Every customer (of ``tenant``): a tenant-wide read (VerifyIntegrity, the
-        integrity check, a resync), so the read pool."""
-        async with self._reading() as conn:
+        """Every customer (of ``tenant``): what SyncAll and the resync after Redis lost
+        writes walk. On the settlement pool: a resync must never wait behind analytics
+        (until it runs, settled holds Redis brought back can stream again)."""
+        async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT tenant, customer_id FROM customers
                    WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, customer_id""",

@@ -35,18 +35,18 @@ from beam.constants import (
     SCRIPT_SETTLE_HOLD,
     customer_keys,
 )
+from beam.errors import BeamError, Reason
 
 log = logging.getLogger(__name__)
-
-# A limit no customer's holds reach: the one-script sum a forced load falls back to.
-_ALL_HOLDS = 3 * MAX_OPEN_HOLDS_PER_CUSTOMER + 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
 class _Scan:
     holds_seq: int
+    server_run: str
     holds: tuple[ScannedHold, ...]
-    consistent: bool
+    consistent: bool  # every step saw one holds_seq on one server
+    one_server: bool  # every step ran on one server process (ZSCAN's cursor kept its meaning)
 
 
 class AccountNotLoaded(Exception):
@@ -201,6 +201,8 @@ class AuditView:
     settling_count: int
     # The holds counter (lua/_common.lua) when the account was read.
     holds_seq: int = 0
+    # The Redis server process that answered (INFO run_id).
+    server_run: str = ""
 
     @property
     def hold_count(self) -> int:
@@ -218,9 +220,11 @@ class ScannedHold:
 
 @dataclass(frozen=True, slots=True)
 class HoldScan:
-    """Every hold of a customer, read in bounded steps that all saw one ``holds_seq``."""
+    """Every hold of a customer, read in bounded steps that all saw one ``holds_seq`` on
+    one Redis server process (``server_run``)."""
 
     holds_seq: int
+    server_run: str
     holds: tuple[ScannedHold, ...]
 
     @property
@@ -489,27 +493,31 @@ class Scripts:
 
     async def list_holds(self, tenant: str, customer_id: str) -> list[tuple[str, str, str, str]]:
         """Every hold of a customer: (hold id, nonce, status, kind), read in bounded steps.
-        Each is judged on its own by the caller (by its nonce), so a listing whose holds
-        kept changing through every attempt is still used: a hold it missed is one that
-        moved meanwhile, which its own settlement or the reaper takes care of."""
-        scan = None
+        Each is judged on its own by the caller (by its nonce), so holds that changed
+        during the steps do not matter: nothing ever moves into the open set, so a settled
+        hold still open is listed. The steps must run on one Redis server, though (a
+        restart or a failover voids ZSCAN's cursor: holds could be missed); a listing that
+        straddled one is taken again, and after every attempt did, the call fails
+        (STORE_UNAVAILABLE: the sync is retried)."""
         for _ in range(HOLD_SCAN_ATTEMPTS):
             scan = await self._scan_holds(tenant, customer_id)
-            if scan.consistent:
-                break
-        assert scan is not None
-        return [(h.hold_id, h.nonce, h.status, h.kind) for h in scan.holds if h.status]
+            if scan.one_server:
+                return [(h.hold_id, h.nonce, h.status, h.kind) for h in scan.holds if h.status]
+        raise BeamError(
+            Reason.STORE_UNAVAILABLE,
+            f"the holds of customer {customer_id} could not be listed on one Redis server",
+        )
 
     async def scan_holds(self, tenant: str, customer_id: str) -> HoldScan | None:
         """Every hold of a customer, ``holds_per_script`` per script; ``None`` when the
         holds changed between the steps (the caller may scan again)."""
         scan = await self._scan_holds(tenant, customer_id)
-        return HoldScan(scan.holds_seq, scan.holds) if scan.consistent else None
+        return HoldScan(scan.holds_seq, scan.server_run, scan.holds) if scan.consistent else None
 
     async def _scan_holds(self, tenant: str, customer_id: str) -> _Scan:
         keys = customer_keys(tenant, customer_id)
         seen: dict[str, ScannedHold] = {}
-        seqs: set[int] = set()
+        states: set[tuple[int, str]] = set()  # (holds_seq, server_run) of each step
         # ZSCAN ends; this bound only guards against a set that never stops growing.
         max_steps = 3 * (MAX_OPEN_HOLDS_PER_CUSTOMER // self.holds_per_script + 2) * 4
         steps = 0
@@ -518,21 +526,22 @@ class Scripts:
             while True:
                 steps += 1
                 if steps > max_steps:
-                    return _Scan(-1, tuple(seen.values()), consistent=False)
+                    return _Scan(-1, "", tuple(seen.values()), False, False)
                 reply = await self.redis.run(
                     SCRIPT_SCAN_HOLDS, keys, [which, cursor, self.holds_per_script],
                     idempotent=True,
                 )  # fmt: skip
-                cursor, seq, holds = str(reply[0]), int(reply[1]), reply[2]
-                seqs.add(seq)
+                cursor, holds = str(reply[0]), reply[3]
+                states.add((int(reply[1]), str(reply[2])))
                 for hold_id, amount, nonce, status, kind in holds:
                     seen[str(hold_id)] = ScannedHold(
                         str(hold_id), int(amount), str(nonce), str(status), str(kind)
                     )
                 if cursor == "0":
                     break
-        (first, *_) = seqs
-        return _Scan(first, tuple(seen.values()), consistent=len(seqs) == 1)
+        ((seq, run), *_) = states
+        one_server = len({server for _, server in states}) == 1
+        return _Scan(seq, run, tuple(seen.values()), len(states) == 1, one_server)
 
     async def read_balance(
         self, tenant: str, customer_id: str, *, now_ms: int, expire_batch: int
@@ -560,31 +569,38 @@ class Scripts:
     ) -> AccountView:
         """Load the account; when ``held`` must be re-derived (a new account, or ``force``)
         and there are more holds than one script should sum, they are summed in bounded
-        steps first and the script adopts that sum only if no hold changed since. A
-        customer whose holds keep changing through every attempt is summed in one script
-        after all: a load must not fail (logged; rare: a sync of a busy customer with
-        more than ``holds_per_script`` holds)."""
+        steps first and the script adopts that sum only if no hold changed since, on the
+        same Redis server. When the holds changed during every attempt (a busy customer),
+        an existing account keeps its ``held`` (kept atomically with the holds by every
+        script; lua/load_account.lua) and a missing one is summed in one script: a load
+        must not fail. Logged."""
         keys = customer_keys(tenant, customer_id)
         args: list[str | int] = [
             balance, version, state, hold_ttl_ms, max_request_grains,
             "1" if force else "0", buffer_ppm,
         ]  # fmt: skip
-        scanned: list[str | int] = ["", ""]
+        scanned: list[str | int] = ["", "", ""]
         for attempt in range(HOLD_SCAN_ATTEMPTS + 1):
-            limit = self.holds_per_script
+            keep_held = "0"
             if attempt == HOLD_SCAN_ATTEMPTS:
-                limit = _ALL_HOLDS
+                keep_held = "1"
                 log.warning(
-                    "the holds of customer %s/%s kept changing through %d scans: summing "
-                    "them in one script", tenant, customer_id, HOLD_SCAN_ATTEMPTS,
+                    "the holds of customer %s/%s kept changing through %d scans: its held "
+                    "is kept (or summed in one script if its account is missing)",
+                    tenant, customer_id, HOLD_SCAN_ATTEMPTS,
                 )  # fmt: skip
             reply = await self._run(
-                SCRIPT_LOAD_ACCOUNT, keys, [*args, limit, *scanned], idempotent=True
+                SCRIPT_LOAD_ACCOUNT,
+                keys,
+                [*args, self.holds_per_script, *scanned, keep_held],
+                idempotent=True,
             )
             if reply[0] == "OK":
                 return AccountView(int(reply[1]), int(reply[2]), int(reply[3]))
             scan = await self.scan_holds(tenant, customer_id)
-            scanned = ["", ""] if scan is None else [scan.amount, scan.holds_seq]
+            scanned = ["", "", ""]
+            if scan is not None:
+                scanned = [scan.amount, scan.holds_seq, scan.server_run]
         raise AssertionError("load_account: the script summing every hold answered SCAN")
 
     async def apply_balance(
@@ -609,12 +625,20 @@ class Scripts:
             reply = await self._run(
                 SCRIPT_AUDIT_ACCOUNT, keys, [self.holds_per_script], idempotent=True
             )
-            values = [int(v) for v in reply]
-            audit = AuditView(bool(values[0]), *values[1:9])
+            exists, balance, held, version, total, open_, expiring, settling, seq = (
+                int(v) for v in reply[:9]
+            )
+            audit = AuditView(
+                bool(exists), balance, held, version, total, open_, expiring, settling, seq,
+                str(reply[9]),
+            )  # fmt: skip
             if not audit.exists or audit.holds_sum >= 0:
                 return audit
             scan = await self.scan_holds(tenant, customer_id)
-            if scan is not None and scan.holds_seq == audit.holds_seq:
+            if scan is not None and (scan.holds_seq, scan.server_run) == (
+                audit.holds_seq,
+                audit.server_run,
+            ):
                 return replace(audit, holds_sum=scan.amount)
         assert audit is not None
         return audit

@@ -142,7 +142,9 @@ class Runtime:
         """Resync every account when Redis is not the server the accounts were last synced
         against (its identity is recorded in PostgreSQL). This catches what a running
         replica's watch cannot: Redis and every replica restarting together after Redis
-        lost its last writes (AOF ``everysec``). Returns whether it resynced."""
+        lost its last writes (AOF ``everysec``). The identity recorded is the one read
+        before the sync: if Redis changed again during it, the next call syncs again.
+        Returns whether it resynced."""
         current = _identity_text(await self.redis.identity())
         if not current or await self.postgres.get_state(_REDIS_IDENTITY) == current:
             return False
@@ -160,20 +162,11 @@ class Runtime:
         settlement. The ledger is still right, so a resync makes Redis right again; until it
         runs, the window is the last second of writes. Every replica may do this; a sync is
         idempotent."""
-        known: frozenset[str] | None = None
         while True:
             try:
-                current = await self.redis.identity()
-                if known is not None and current and current != known:
-                    log.warning("redis restarted or failed over: resyncing accounts")
-                    synced, kept = await self.admin.sync_tenant(None)
-                    await self.postgres.set_state(_REDIS_IDENTITY, _identity_text(current))
-                    log.warning(
-                        "resync after redis change done",
-                        extra={"customers": synced, "open_holds_kept": kept},
-                    )
-                if current:
-                    known = current
+                # Against the identity recorded in PostgreSQL, not one this process saw
+                # first: a restart during or right after the start-up resync counts too.
+                await self.resync_if_redis_changed()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a store outage: try again next interval
