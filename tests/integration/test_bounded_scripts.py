@@ -12,6 +12,8 @@ measures another customer's latency under the 10,000-hold load.
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from beam.core.auth import Principal
 from beam.core.commands import CheckCommand, DeductCommand
 from beam.core.runtime import Runtime
 from tests.support.money import CUSTOMER, customer, redis_account, settle
-from tests.support.stack import Tenant
+from tests.support.stack import Stores, Tenant, provision_tenant
 
 PER_SCRIPT = 8
 HOLDS = 40  # five scripts' worth
@@ -186,3 +188,36 @@ async def test_a_sync_lists_and_releases_settled_holds_among_many(
         f"r{i}" for i in range(HOLDS) if i != 5
     )
     assert await redis_account(rt, tenant.name) == (1_000_000 - 400, (HOLDS - 1) * 1_000)
+
+
+async def test_verify_integrity_runs_one_at_a_time_per_tenant(
+    runtime: Runtime, tenant: Tenant, stores: Stores
+) -> None:
+    """Four callers of one tenant looping VerifyIntegrity queue behind each other in a
+    process (any role may call it, and it reads every hold of the customers it checks);
+    another tenant's is not held up by them."""
+    rt = runtime
+    assert stores.postgres is not None
+    other = await provision_tenant(stores.postgres.dsn)
+    p = await customer(rt, tenant, 1_000_000)
+    q = await customer(rt, other, 1_000_000)
+    running: Counter[str] = Counter()
+    most = {tenant.name: 0, other.name: 0, "both": 0}
+    audit = rt.scripts.audit_account
+
+    async def slow_audit(tenant_id: str, customer_id: str) -> Any:
+        running[tenant_id] += 1
+        most[tenant_id] = max(most[tenant_id], running[tenant_id])
+        most["both"] = max(most["both"], running.total())
+        await asyncio.sleep(0.05)  # every other caller gets to start meanwhile
+        try:
+            return await audit(tenant_id, customer_id)
+        finally:
+            running[tenant_id] -= 1
+
+    rt.scripts.audit_account = slow_audit  # type: ignore[method-assign]
+    calls = [rt.admin.verify_integrity(p, CUSTOMER) for _ in range(4)]
+    calls += [rt.admin.verify_integrity(q, CUSTOMER) for _ in range(2)]
+    reports = await asyncio.gather(*calls)
+    assert [report.ok for (report,) in reports] == [True] * 6
+    assert most == {tenant.name: 1, other.name: 1, "both": 2}

@@ -12,7 +12,9 @@ shielded task or, after a crash, by the reaper from the ledger.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,6 +97,10 @@ class Admin:
         self.ledger = ledger
         self.scripts = scripts
         self.postgres = postgres
+        # One VerifyIntegrity at a time per tenant in this process (any role may call it,
+        # and it reads every hold of the customers it checks): a tenant looping it in
+        # parallel queues behind itself instead of multiplying the Redis work.
+        self._verifying: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # -- customers -----------------------------------------------------------------------
 
@@ -369,6 +375,13 @@ class Admin:
         if customer_id:
             require_id(customer_id, "customer_id")
             principal.require_customer(customer_id)
+        async with self._verifying[principal.tenant]:
+            return await self._verify_integrity(principal, customer_id)
+
+    async def _verify_integrity(
+        self, principal: Principal, customer_id: str
+    ) -> list[CustomerIntegrity]:
+        if customer_id:
             ids = [customer_id]
         else:
             ids = [
