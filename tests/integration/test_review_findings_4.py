@@ -2,7 +2,7 @@
 proven consistent by the holds counter ``hseq``) and e0f6177 (read-only PostgreSQL paths on
 a pool of their own): each test is a schedule against the real stores (PostgreSQL, Redis;
 Redis restarted for real where a restart is the fault) that breaks an invariant of
-docs/ARCHITECTURE.md, and is marked xfail(strict) until the defect it names is fixed.
+docs/ARCHITECTURE.md; each failed before the fix of a27d9e2 and passes now.
 Fixtures and style as tests/integration/test_bounded_scripts.py.
 Prices: "cheap" costs 1 grain per input token and 2 per output token.
 """
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 from redis import exceptions as redis_errors
 
 from beam.constants import (
