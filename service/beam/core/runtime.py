@@ -92,6 +92,8 @@ class Runtime:
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self._listener: Any = None
+        # The Redis identity read before the last start-up resync check (watch_redis).
+        self._redis_identity: frozenset[str] | None = None
 
     @classmethod
     async def create(
@@ -143,9 +145,12 @@ class Runtime:
         against (its identity is recorded in PostgreSQL). This catches what a running
         replica's watch cannot: Redis and every replica restarting together after Redis
         lost its last writes (AOF ``everysec``). The identity recorded is the one read
-        before the sync: if Redis changed again during it, the next call syncs again.
-        Returns whether it resynced."""
-        current = _identity_text(await self.redis.identity())
+        before the sync, and ``watch_redis`` starts from it: if Redis changed again during
+        the sync, the watch syncs again. Returns whether it resynced."""
+        identity = await self.redis.identity()
+        if identity:
+            self._redis_identity = identity  # where watch_redis starts from
+        current = _identity_text(identity)
         if not current or await self.postgres.get_state(_REDIS_IDENTITY) == current:
             return False
         log.warning("redis is not the server last synced against: resyncing accounts")
@@ -162,11 +167,22 @@ class Runtime:
         settlement. The ledger is still right, so a resync makes Redis right again; until it
         runs, the window is the last second of writes. Every replica may do this; a sync is
         idempotent."""
+        # Starts from the identity the start-up resync read before it synced (not the first
+        # one this loop reads): a restart during or right after that resync counts too.
+        known = self._redis_identity
         while True:
             try:
-                # Against the identity recorded in PostgreSQL, not one this process saw
-                # first: a restart during or right after the start-up resync counts too.
-                await self.resync_if_redis_changed()
+                current = await self.redis.identity()
+                if known is not None and current and current != known:
+                    log.warning("redis restarted or failed over: resyncing accounts")
+                    synced, kept = await self.admin.sync_tenant(None)
+                    await self.postgres.set_state(_REDIS_IDENTITY, _identity_text(current))
+                    log.warning(
+                        "resync after redis change done",
+                        extra={"customers": synced, "open_holds_kept": kept},
+                    )
+                if current:
+                    known = current
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a store outage: try again next interval
