@@ -186,11 +186,11 @@ async def test_admin_verify_integrity_and_sync_all(
     verified = await beam("admin", "verify-integrity", *admin)
     assert verified.table() == [
         {"customer_id": "cli_v1", "ledger_sum_grains": "1000", "postgres_balance": "1000",
-         "redis_balance": "1000", "redis_held": "0", "open_holds_sum": "0", "ok": "True",
-         "problems": "-"},
+         "redis_balance": "1000", "redis_held": "0", "open_holds_sum": "0",
+         "held_unverified": "False", "ok": "True", "problems": "-"},
         {"customer_id": "cli_v2", "ledger_sum_grains": "2000", "postgres_balance": "2000",
-         "redis_balance": "2000", "redis_held": "500", "open_holds_sum": "500", "ok": "True",
-         "problems": "-"},
+         "redis_balance": "2000", "redis_held": "500", "open_holds_sum": "500",
+         "held_unverified": "False", "ok": "True", "problems": "-"},
     ]  # fmt: skip
     one = await beam("admin", "verify-integrity", "--customer-id", "cli_v2", "--json", *admin)
     assert (one.json()["ok"], one.json()["customers_checked"]) == (True, "1")

@@ -18,7 +18,7 @@ from redis.cluster import key_slot
 from beam.admin.v1 import admin_pb2, admin_pb2_grpc
 from beam.balance.v1 import balance_pb2 as pb
 from beam.balance.v1 import balance_pb2_grpc as pb_grpc
-from beam.constants import customer_keys
+from beam.constants import customer_keys, holds_seq_key
 from tests.support.rest import Rest, rest_client
 from tests.support.stack import ServiceProcess, Stores, Tenant
 
@@ -221,6 +221,9 @@ async def test_customers_spread_over_cluster_masters_and_each_stays_on_one_slot(
         for node in topology_stores.redis.nodes:
             with node.client() as client:
                 counts[node.port] = client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
-        # Account hash, open-holds set and the hold itself live on the owner only.
-        assert counts == {n.port: 3 if n.port == port else 0 for n in topology_stores.redis.nodes}
+        # Account hash, open-holds set, the hold itself and the holds counter (hseq) live
+        # on the owner only.
+        assert counts == {n.port: 4 if n.port == port else 0 for n in topology_stores.redis.nodes}
+        seq = holds_seq_key(topology_tenant.name, customer_id)
+        assert key_slot(seq.encode()) == slot
     assert (await rest.post("/v1/admin/verify-integrity", {}))["ok"] is True
