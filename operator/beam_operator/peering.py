@@ -83,10 +83,13 @@ class Peering:
             lifetime_seconds=settings.peering_lifetime_seconds,
         )
 
+    @property
+    def kind(self) -> str:
+        return "ClusterKopfPeering" if self.clusterwide else "KopfPeering"
+
     def describe(self) -> dict[str, Any]:
-        kind = "ClusterKopfPeering" if self.clusterwide else "KopfPeering"
         return {
-            "peering": f"{kind}/{self.name}",
+            "peering": f"{self.kind}/{self.name}",
             "peering_priority": self.priority,
             "peering_lifetime_seconds": self.lifetime_seconds,
         }
@@ -120,19 +123,17 @@ def _api_client() -> Any:
 
 
 def _missing(peering: Peering, where: str) -> PeeringUnusable:
-    kind = "ClusterKopfPeering" if peering.clusterwide else "KopfPeering"
     return PeeringUnusable(
-        f"{kind} {peering.name!r} {where} does not exist, and without it the operator would "
-        "wait, paused, forever: apply crds/ (Kopf's peering CRDs are there) and create the "
+        f"{peering.kind} {peering.name!r} {where} does not exist, and without it the operator "
+        "would wait, paused, forever: apply crds/ (Kopf's peering CRDs are there) and create the "
         "object (the Helm chart does), set BEAM_PEERING_NAME to the one that exists, or run "
         "`beam operator --standalone` (BEAM_STANDALONE=true) when no other operator can run"
     )
 
 
 def _forbidden(peering: Peering, where: str) -> PeeringUnusable:
-    kind = "ClusterKopfPeering" if peering.clusterwide else "KopfPeering"
     return PeeringUnusable(
-        f"the operator may not read {kind} {peering.name!r} {where}: its RBAC (the Helm "
+        f"the operator may not read {peering.kind} {peering.name!r} {where}: its RBAC (the Helm "
         "chart's) covers only the release's own peering object, so BEAM_PEERING_NAME must be "
         "the one the chart sets"
     )
