@@ -1,16 +1,20 @@
 """The guard row's app: one stream at a time through the real openai SDK, guarded or not.
 
 bench/run.py's ``guard`` scenario calls :func:`measure` with ``beam serve`` running and
-bench/stream_servers.py serving the paced provider and the delaying proxy. Each round runs,
-in an order that rotates from round to round:
+bench/stream_servers.py serving the paced provider and the delaying proxy. Each round runs
+four units, in an order that rotates from round to round, each the stream unguarded
+(``direct``: ``AsyncOpenAI`` straight to the provider), a pause, then one of:
 
-- ``direct``: the stream unguarded (``AsyncOpenAI`` straight to the provider);
 - ``guard``: the same stream in ``async with beam.guard(...) as g:`` / ``g.openai(stream)``,
   Beam's gRPC port direct;
 - ``guard_slow``: the same through a second client whose target is the delaying proxy;
+- a lone CheckBalance on either path, *in place*: where a guard makes its own Check (the
+  Check p50 the first-token target is measured against, in the same run);
 
-then times ``--guard-checks`` CheckBalance calls by themselves on each path (the Check p50
-the first-token target is measured against, in the same run). One app, one event loop, one
+then ``--guard-checks`` CheckBalance calls back to back on each path. Why both: on an idle
+path every process an RPC wakes (the gRPC threads, Beam's event loop, Redis, PostgreSQL)
+adds its wake-up latency, which a Check right after another never pays and a guard's Check,
+after the app streamed for a third of a second, always does. One app, one event loop, one
 client per path, kept across rounds, as an application keeps its channels; the first
 ``warm_up`` rounds are not recorded (connections, imports, the SDK's first parse).
 
@@ -26,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import httpx
+import redis.asyncio as aioredis
 import report as rp
 from beam_client import AsyncBeamClient
 from openai import AsyncOpenAI
@@ -38,6 +44,8 @@ MODEL = "gpt-4"  # priced by the bench's price list
 PROMPT_TOKENS = 25  # the guard's estimate and the provider's usage alike
 MESSAGES = [{"role": "user", "content": "Count to a thousand."}]
 PAUSE_SECONDS = 0.05  # between two runs: what one run left behind settles
+WAKEUP_PAUSES = (0.0, PAUSE_SECONDS, 0.35)  # the app idle before a probe call (0: back to back)
+WAKEUP_CALLS = 15
 RPC_KINDS = {"checks": ("checks_approved", "checks_rejected"), "deducts": ("deducts",),
              "finalizes": ("finalizes", "finalize_failures")}  # fmt: skip
 
@@ -57,6 +65,8 @@ class Setup:
     checks_per_round: int
     loadavg: Callable[[], str]
     log: Callable[[str], None]
+    redis_url: str = ""  # the stores beam serve uses: the wake-up probe pings them
+    postgres_dsn: str = ""
 
 
 class App:
@@ -153,34 +163,76 @@ class App:
         assert answer.approved, answer
         return elapsed
 
+    async def wakeup(self, bench: rp.GuardBench) -> None:
+        """The same call back to back and after the app idled (WAKEUP_PAUSES), medians of
+        WAKEUP_CALLS: what waking the processes of an idle path costs, store by store and
+        through Beam (why a guard's Check is slower than Checks back to back)."""
+        redis = aioredis.Redis.from_url(self.setup.redis_url)
+        postgres = await asyncpg.connect(self.setup.postgres_dsn)
+        beam = self.beam[rp.GUARD]
+        customer = next(self.customers)
+        probes: dict[str, Callable[[], Awaitable[object]]] = {
+            "Redis PING": redis.ping,
+            "PostgreSQL SELECT 1": lambda: postgres.fetchval("SELECT 1"),
+            "Beam GetBalance (gRPC)": lambda: beam.get_balance(customer),
+            "Beam CheckBalance (gRPC)": lambda: self.check(rp.GUARD),
+        }
+        try:
+            for name, call in probes.items():
+                for _ in range(3):
+                    await call()
+                for pause in WAKEUP_PAUSES:
+                    values = []
+                    for _ in range(WAKEUP_CALLS):
+                        await asyncio.sleep(pause)
+                        start = time.perf_counter()
+                        await call()
+                        values.append(_ms(start, time.perf_counter()))
+                    bench.wakeup_ms.setdefault(name, {})[f"{pause * 1000:g}"] = values
+        finally:
+            await redis.aclose()
+            await postgres.close()
+
     async def round(self, index: int, bench: rp.GuardBench | None) -> None:
-        """One run of each kind (the order rotates with ``index``), then the Checks."""
-        order = [rp.DIRECT, rp.GUARD, rp.GUARD_SLOW]
-        shift = index % len(order)
+        """Four units (the order rotates with ``index``): an unguarded stream, the pause, then
+        a guarded stream or a lone Check on one path; then the Checks back to back."""
+        units = [(rp.GUARD, True), (rp.GUARD_SLOW, True), (rp.GUARD, False),
+                 (rp.GUARD_SLOW, False)]  # fmt: skip
+        shift = index % len(units)
         runs = []
-        for kind in order[shift:] + order[:shift]:
+        in_place: dict[str, list[float]] = {rp.GUARD: [], rp.GUARD_SLOW: []}
+        for path, stream in units[shift:] + units[:shift]:
             await asyncio.sleep(PAUSE_SECONDS)
-            if kind == rp.DIRECT:
-                runs.append(await self.direct(index))
+            runs.append(await self.direct(index))
+            await asyncio.sleep(PAUSE_SECONDS)
+            if stream:
+                runs.append(await self.guarded(path, index))
             else:
-                runs.append(await self.guarded(kind, index))
+                in_place[path].append(await self.check(path))
         checks: dict[str, list[float]] = {rp.GUARD: [], rp.GUARD_SLOW: []}
         for _ in range(self.setup.checks_per_round):
             for kind in checks:
                 checks[kind].append(await self.check(kind))
-        self.setup.log(f"(guard round {index}) " + _summary(runs, checks))
+        self.setup.log(f"(guard round {index}) " + _summary(runs, checks, in_place))
         if bench is not None:
             bench.runs += runs
             for kind, values in checks.items():
                 bench.check_ms.setdefault(kind, []).extend(values)
+            for kind, values in in_place.items():
+                bench.check_in_place_ms.setdefault(kind, []).extend(values)
 
 
-def _summary(runs: Sequence[rp.StreamRun], checks: dict[str, list[float]]) -> str:
+def _summary(
+    runs: Sequence[rp.StreamRun],
+    checks: dict[str, list[float]],
+    in_place: dict[str, list[float]],
+) -> str:
     parts = [
         f"{r.kind}: first token {r.first_token_ms:.1f} ms, stream {r.stream_ms:.1f} ms, "
         f"{r.tokens} tokens" + (f", {r.rpcs} RPCs" if r.rpcs is not None else "")
         for r in runs
     ]
+    parts += [f"Check {kind} in place {v[0]:.1f} ms" for kind, v in in_place.items() if v]
     parts += [f"Check {kind} p50 {rp.percentile(v, 50):.1f} ms" for kind, v in checks.items()]
     return "; ".join(parts)
 
@@ -198,6 +250,8 @@ async def _measure(setup: Setup) -> rp.GuardBench:
         for index in range(setup.rounds):
             bench.load_averages.append(setup.loadavg())
             await app.round(index, bench)
+        if setup.redis_url and setup.postgres_dsn:
+            await app.wakeup(bench)
     finally:
         await app.close()
     return bench

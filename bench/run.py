@@ -485,6 +485,7 @@ class Bench:
     measurements: list[rp.Measurement] = field(default_factory=list)
     server_prefix: list[str] = field(default_factory=list)  # taskset for a server we start
     guard: rp.GuardBench | None = None  # the guard scenario's runs
+    store_urls: dict[str, str] = field(default_factory=dict)  # redis, postgres (their URLs)
     runs: int = 0
     profiles: int = 0
 
@@ -1021,7 +1022,8 @@ def scenario_guard(bench: Bench, servers: Servers) -> None:
             customers=CUSTOMERS[2:], tokens=args.guard_tokens, rate=args.guard_rate,
             delay_ms=args.guard_delay_ms, rounds=args.guard_rounds,
             warm_up=args.guard_warm_up, checks_per_round=args.guard_checks,
-            loadavg=loadavg, log=log,
+            loadavg=loadavg, log=log, redis_url=bench.store_urls.get("redis", ""),
+            postgres_dsn=bench.store_urls.get("postgres", ""),
         )  # fmt: skip
         bench.guard = guard_streams.measure(setup)
     finally:
@@ -1030,7 +1032,8 @@ def scenario_guard(bench: Bench, servers: Servers) -> None:
         log(
             f"{row.title}: stream {row.direct_stream_ms:.1f} -> {row.stream_ms:.1f} ms "
             f"({(row.stream_ratio - 1) * 100:+.1f} %), first token "
-            f"{row.first_token_overhead_ms:+.1f} ms (Check p50 {row.check_p50_ms:.1f} ms), "
+            f"{row.first_token_overhead_ms:+.1f} ms (Check p50 in place {row.check_p50_ms:.1f} ms, "
+            f"back to back {row.check_hot_p50_ms:.1f} ms), "
             f"RPCs max {row.rpcs_max}, {row.complete}/{len(row.guarded)} complete"
         )
 
@@ -1130,15 +1133,18 @@ def render_guard(guard: rp.GuardBench) -> list[str]:
     rows = rp.build_guard_rows(guard)
     loads = [float(load.split()[0]) for load in guard.load_averages]
     checks = ", ".join(f"{len(v)} on the {k} path" for k, v in guard.check_ms.items())
+    in_place = ", ".join(f"{len(v)} on the {k} path" for k, v in guard.check_in_place_ms.items())
     return [
         f"## The guard: a {guard.tokens:,}-token stream at {guard.rate:,.0f} tokens/s (issue 16)",
         "",
-        f"{len(loads)} rounds, each one stream unguarded (the real `openai` SDK straight to a "
-        "paced fake provider on loopback), one through `async with beam.guard(...) as g:` / "
-        "`g.openai(stream)` against `beam serve`, and one through a second client whose "
-        f"target is a TCP proxy that delays every Beam response by {guard.delay_ms:g} ms "
-        "(order rotating by round; bench/guard_streams.py), then CheckBalance calls by "
-        f"themselves ({checks}). Medians over the rounds; the load average (1 min) before "
+        f"{len(loads)} rounds of four units in an order rotating by round, each a stream "
+        "unguarded (the real `openai` SDK straight to a paced fake provider on loopback), a "
+        "pause, then one of: the stream through `async with beam.guard(...) as g:` / "
+        "`g.openai(stream)` against `beam serve`; the same through a second client whose "
+        f"target is a TCP proxy that delays every Beam response by {guard.delay_ms:g} ms; a "
+        "lone CheckBalance on either path, in place of the guard's own ("
+        f"{in_place}); then CheckBalance calls back to back ({checks}); "
+        "bench/guard_streams.py. Medians over the rounds; the load average (1 min) before "
         f"the rounds ranged {min(loads, default=math.nan):.1f} to "
         f"{max(loads, default=math.nan):.1f}.",
         "",
@@ -1148,12 +1154,26 @@ def render_guard(guard: rp.GuardBench) -> list[str]:
         "is the guarded median over the unguarded median, in brackets the lowest and highest "
         "per-round ratio. First token: from just before the guard is entered (unguarded: "
         "before the provider is called) to the first content chunk; the guard's includes its "
-        "CheckBalance, so the target is the Check's p50 on the same path (measured in the "
-        "same rounds) + 1 ms; in brackets the median of the guard's own Check (its entry). "
+        "CheckBalance, so the target is the p50 of a lone Check made where the guard makes "
+        "its own (right after an unguarded stream and the same pause) on the same path, in "
+        "the same rounds, + 1 ms; next to it the p50 of Checks back to back (every process "
+        "on the path awake: the wake-ups an idle path pays are bench/idle_wakeup.py's), in "
+        "brackets the median of the guard's own Check (its entry). "
         "Start to last chunk: both together. App CPU: the process time "
         "of the app (the SDK, the guard, the gRPC client) over one stream. RPCs: the client's "
         '`stats()["calls"]` over the stream, and the HTTP/2 streams the proxy saw open; '
         "complete: streams that delivered every token (none cut by the guard).",
+        "",
+        "### Waking an idle path",
+        "",
+        "The same call back to back and after the app idled (bench/guard_streams.py "
+        "`wakeup`): each process a call wakes after a pause (the app's and Beam's gRPC "
+        "threads and event loops, Redis, PostgreSQL) adds its wake-up latency, which Checks "
+        "back to back never pay and a guard's Check, made after the app read a stream for a "
+        "third of a second, always does. That, not the guard, is the gap between the two "
+        "Check columns above.",
+        "",
+        *rp.wakeup_table(guard.wakeup_ms),
         "",
         "### Every stream",
         "",
@@ -1337,6 +1357,7 @@ def run(
             ]
             pins = {"checked": ", ".join(checked)}
             bench = Bench(args, bin_dir, workdir, key, store_pids)
+            bench.store_urls = {"redis": redis.url, "postgres": postgres.dsn}
             bench.server_prefix = pinning.server_prefix()
             group = Servers(beam, empty_grpc, empty_rest)
             for name in args.calls:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -183,11 +184,13 @@ def fixed_guard_bench() -> rp.GuardBench:
             stream(rp.GUARD, i, 4.6, direct_ms * 1.005),  # +0.5 %
             # +20 ms Beam: the stream 2 % longer, 3 RPCs in one round, one stream cut short.
             stream(rp.GUARD_SLOW, i, 24.0 + i, direct_ms * 1.02, rpcs=3 + (i == 1),
-                   rpcs_at_proxy=3 + (i == 1), tokens=1000 - (i == 2)),
+                   rpcs_at_proxy=3 + (i == 1), tokens=1000 - (i == 2), open_ms=20.0),
         ]  # fmt: skip
     return rp.GuardBench(
         tokens=1000, rate=3000.0, delay_ms=20.0, runs=runs,
         check_ms={rp.GUARD: [1.0, 1.5, 2.0, 9.0], rp.GUARD_SLOW: [21.0, 21.5, 22.0]},
+        check_in_place_ms={rp.GUARD: [1.2, 1.9, 3.0], rp.GUARD_SLOW: [21.0, 21.5, 22.0]},
+        wakeup_ms={"Redis PING": {"0": [0.2, 0.1, 0.3], "50": [0.9, 1.0, 1.1]}},
         load_averages=["1.0 1.0 1.0"] * 3,
     )  # fmt: skip
 
@@ -201,9 +204,15 @@ def test_guard_rows() -> None:
     assert fast.round_ratios == pytest.approx([1.005] * 3)
     assert fast.stream_met is True
     assert fast.first_token_overhead_ms == pytest.approx(2.6)
-    assert fast.check_p50_ms == 1.5  # nearest rank: the 2nd of 4
+    assert fast.check_hot_p50_ms == 1.5  # back to back; nearest rank: the 2nd of 4
+    assert fast.check_p50_ms == 1.9  # in place: the target's reference
     assert fast.open_ms == pytest.approx(3.6)
-    assert fast.first_token_met is False  # 2.6 ms > 1.5 + 1
+    assert fast.after_check_ms == pytest.approx(1.0)  # 4.6 - 3.6, run by run
+    assert fast.beyond_check_ms == pytest.approx(-1.0)  # 1.0 after the Check against 2.0
+    assert fast.first_token_met is True
+    assert fast.medians_met is True  # 2.6 ms <= 1.9 + 1
+    hot_only = dataclasses.replace(fast, check_in_place_ms=[])
+    assert hot_only.medians_met is False  # 2.6 > 1.5 + 1
     assert fast.total_ratio == pytest.approx((4.6 + 341.7) / 342)
     assert (fast.direct_cpu_ms, fast.cpu_ms) == (100, 110)
     assert fast.rpcs_max == 4
@@ -217,7 +226,10 @@ def test_guard_rows() -> None:
     assert slow.first_token_ms == 25  # 24, 25, 26
     assert slow.first_token_overhead_ms == 23
     assert slow.check_p50_ms == 21.5
-    assert slow.first_token_met is False  # 23 > 21.5 + 1
+    assert slow.after_check_ms == 5  # 4, 5, 6 after a 20 ms Check
+    assert slow.beyond_check_ms == 3
+    assert slow.first_token_met is False  # 3 ms beyond the Check > 1
+    assert slow.medians_met is False  # 23 > 21.5 + 1
     assert slow.rpcs_max == 4
     assert slow.rpcs_at_proxy_max == 4
     assert slow.complete == 2
@@ -232,17 +244,30 @@ def test_guard_table_and_json() -> None:
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert lines[2] == (
         "| guard, Beam as is | 3 | 340 → 342 | **+0.5 %** (+0.5 to +0.5) | 2.00 → 4.60 | +2.6 "
-        f"| 1.50 (3.60) | **1.01{X}** | 100 → 110 | 4 | 3/3 "
-        "| ≤ +1 % ✅; ≤ Check p50 + 1 ms ❌; ≤ 4 RPCs ✅ |"
+        f"| 1.90, 1.50 (3.60) | 1.00 (-1.0) | **1.01{X}** | 100 → 110 | 4 | 3/3 "
+        "| ≤ +1 % ✅; first token ≤ its Check + 1 ms ✅ (medians: ✅); ≤ 4 RPCs ✅ |"
     )
-    assert "| 4; 4 at the proxy | 2/3 | ≤ +1 % ❌; ≤ Check p50 + 1 ms ❌; ≤ 4 RPCs ❌ |" in lines[3]
+    assert (
+        "| 4; 4 at the proxy | 2/3 "
+        "| ≤ +1 % ❌; first token ≤ its Check + 1 ms ❌ (medians: ❌); ≤ 4 RPCs ❌ |"
+    ) in lines[3]
     runs = rp.stream_run_table(bench.runs)
     assert len(runs) == 2 + 9
-    assert "| 1 | guard_slow | 25 | 347 | 372 | — | 24 | 1,000 | 4 (0/0/0) | 4 |" in runs[7]
+    assert "| 1 | guard_slow | 25 | 347 | 372 | — | 20 | 1,000 | 4 (0/0/0) | 4 |" in runs[7]
     data = rp.guard_json(bench, rows)
     assert data["rows"][0]["stream_overhead"] == 0.005
     assert data["rows"][1]["first_token_overhead_ms"] == 23
-    assert data["rows"][1]["guard_check_ms_p50"] == 24
+    assert data["rows"][1]["guard_check_ms_p50"] == 20
+    assert data["rows"][1]["beyond_check_ms"] == 3
     assert data["rows"][1]["rpcs_met"] is False
     assert data["runs"][0]["stream_ms"] == 330
     assert data["check_ms"][rp.GUARD_SLOW] == [21.0, 21.5, 22.0]
+    assert data["rows"][0]["check_ms_p50"] == 1.9
+    assert data["rows"][0]["check_back_to_back_ms_p50"] == 1.5
+    assert data["check_in_place_ms"][rp.GUARD] == [1.2, 1.9, 3.0]
+    assert data["wakeup_ms"]["Redis PING"]["50"] == [0.9, 1.0, 1.1]
+    assert rp.wakeup_table(bench.wakeup_ms) == [
+        "| call (p50 ms) | back to back | after 50 ms idle |",
+        "|---|---:|---:|",
+        "| Redis PING | 0.20 | 1.00 |",
+    ]
