@@ -105,6 +105,8 @@ class Settlement:
     replayed: bool = False
     # The nonce of the hold this settles ('' for a Finalize without a hold or token).
     hold_nonce: str = ""
+    # The app let the request through while Beam was unreachable (a label, not money).
+    let_through: bool = False
 
 
 class RecordOutcome(StrEnum):

@@ -2,7 +2,8 @@
 
 Against a real `beam serve` of the test's own (stopped and started: an outage), or behind a
 TCP proxy the test cuts (Beam unreachable while it runs). Prices: "cheap" is 1 grain per
-input token, 2 per output token.
+input token, 2 per output token. Usage let through reaches the ledger labelled: its request
+says ``let_through``, and usage analytics count it apart.
 """
 
 from __future__ import annotations
@@ -27,15 +28,31 @@ from beam_client import (
     ModelPrice,
     RequestStatus,
 )
+from beam_client._generated import balance_pb2 as pb
+from beam_client.config import parse_target
+from beam_client.outbox import new_entry, open_outbox, scope_for
 
 from tests.client.conftest import QUICK_RETRY, Admin
 from tests.client.fakes import Paced, endless, openai_stream
 from tests.client.faults import CuttableProxy
+from tests.support.rest import rest_client
 from tests.support.stack import ServiceProcess, Tenant
 
 pytestmark = pytest.mark.timeout(120)
 
 CHEAP = ModelPrice(input_grains_per_million=1_000_000, output_grains_per_million=2_000_000)
+
+
+async def _usage(admin: Admin, customer_id: str) -> tuple[int, int, int, int]:
+    """The customer's usage of the last day (GetUsage over REST): (requests, charged
+    grains, let-through requests, let-through grains)."""
+    now = int(time.time() * 1000)
+    async with rest_client(admin.service, admin.tenant) as rest:
+        data = await rest.get(f"/v1/customers/{customer_id}/usage", bucket="day",
+                              start=str(now - 86_400_000), end=str(now + 60_000))  # fmt: skip
+    fields = ("requests", "charged_grains", "let_through_requests", "let_through_grains")
+    a, b, c, d = (sum(int(bucket[f]) for bucket in data["buckets"]) for f in fields)
+    return a, b, c, d
 
 
 async def _until(condition: object, seconds: float = 40.0) -> None:
@@ -149,17 +166,22 @@ async def test_a_stream_whose_deducts_fail_midway_stops_at_its_allowance_and_is_
         await _until(lambda: beam.stats()["let_through_posted"] == 1)
         assert record.reconciled
         await beam.close()
-    # Billed once Beam answered again, under the request's own id: 100 + 2000 x 2.
+    # Billed once Beam answered again, under the request's own id: 100 + 2000 x 2; past its
+    # hold it ran let through, and is labelled so.
     assert await admin.balance(customer) == (10_000 - 4100, 0, 10_000 - 4100)
     settled = await admin.request(g.request_id, customer)
-    assert (settled["status"], settled["actual_cost_grains"]) == ("completed", "4100")
+    assert (settled["status"], settled["actual_cost_grains"], settled["let_through"]) == (
+        "completed", "4100", True,
+    )  # fmt: skip
+    assert await _usage(admin, customer) == (1, 4100, 1, 4100)
 
 
 async def test_requests_let_through_at_open_reach_the_ledger_once_beam_answers(
     service: ServiceProcess, tenant: Tenant, admin: Admin
 ) -> None:
-    """Issue 16, failure 3: 0 of 3 let-through requests reached the ledger."""
-    customer = await admin.customer(10_000)
+    """Issue 16, failure 3: 0 of 3 let-through requests reached the ledger. Item 5: nothing
+    said they were let through."""
+    customer, other = await admin.customer(10_000), await admin.customer(10_000)
     finished: list[LetThrough] = []
     policy = FailOpen(max_calls=3, max_calls_per_customer=3, on_let_through=finished.append)
     with CuttableProxy(service.grpc_target) as proxy:
@@ -167,6 +189,12 @@ async def test_requests_let_through_at_open_reach_the_ledger_once_beam_answers(
             proxy.address, tenant.keys["enforcer"], retry=QUICK_RETRY,
             finalize_retry=QUICK_RETRY, failure_policy=policy,
         )  # fmt: skip
+        # While Beam answers: an ordinary request (10 + 20 x 2 = 50), not labelled.
+        async with beam.guard(other, model="cheap", prompt_tokens=10, max_tokens=100) as normal:
+            assert not normal.fail_open
+            async for _ in normal.openai(openai_stream(["tok "] * 20, usage=(10, 20))):
+                pass
+        assert normal.result is not None
         proxy.cut()
         guards = []
         for i in range(3):
@@ -190,6 +218,11 @@ async def test_requests_let_through_at_open_reach_the_ledger_once_beam_answers(
         settled = await admin.request(g.request_id, customer)
         assert settled["actual_cost_grains"] == str(10 + 2 * (30 + i))
         assert settled["completion_tokens"] == str(30 + i)
+        assert settled["let_through"] is True
+    # Labelled in the ledger and in usage analytics; the ordinary request is not.
+    assert (await admin.request(normal.request_id, other))["let_through"] is False
+    assert await _usage(admin, customer) == (3, 216, 3, 216)
+    assert await _usage(admin, other) == (1, 50, 0, 0)
 
 
 def _child(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -329,5 +362,61 @@ async def test_the_blocking_client_queues_and_replays_a_settlement_too(
     assert (stats["finalizes_queued"], stats["outbox_replayed"], stats["outbox_pending"]) == (
         1, 1, 0,
     )  # fmt: skip
-    # 10 + 30 x 2
+    # 10 + 30 x 2; queued, but not let through: not labelled.
     assert await admin.balance(customer) == (10_000 - 70, 0, 10_000 - 70)
+    assert await _usage(admin, customer) == (1, 70, 0, 0)
+
+
+async def test_the_blocking_client_labels_let_through_usage(
+    service: ServiceProcess, tenant: Tenant, admin: Admin
+) -> None:
+    customer = await admin.customer(10_000)
+    policy = FailOpen(max_calls=1)
+    with CuttableProxy(service.grpc_target) as proxy:
+
+        def run() -> tuple[str, bool, int]:
+            with BeamClient(
+                proxy.address, tenant.keys["enforcer"], retry=QUICK_RETRY,
+                finalize_retry=QUICK_RETRY, failure_policy=policy,
+            ) as beam:  # fmt: skip
+                proxy.cut()
+                with beam.guard(customer, model="cheap", prompt_tokens=10, max_tokens=100) as g:
+                    assert g.fail_open
+                    assert all(g.add(1) for _ in range(25))
+                    g.usage(prompt_tokens=12, completion_tokens=25)
+                proxy.restore()
+                for _ in range(400):  # bounded: the replay thread posts it
+                    if beam.stats()["let_through_posted"] == 1:
+                        break
+                    time.sleep(0.05)
+                return g.request_id, g.settlement_queued, beam.stats()["let_through_posted"]
+
+        request_id, queued, posted = await asyncio.to_thread(run)
+    assert (queued, posted) == (True, 1)
+    # The provider's usage, 12 + 25 x 2 = 62, charged once and labelled.
+    assert await admin.balance(customer) == (10_000 - 62, 0, 10_000 - 62)
+    settled = await admin.request(request_id, customer)
+    assert (settled["actual_cost_grains"], settled["let_through"]) == ("62", True)
+    assert await _usage(admin, customer) == (1, 62, 1, 62)
+
+
+async def test_a_let_through_settlement_queued_without_the_label_is_posted_with_it(
+    service: ServiceProcess, tenant: Tenant, admin: Admin, outbox_path: Path
+) -> None:
+    """An outbox entry of kind let_through written by a client that did not send the label
+    yet (its payload lacks it) is labelled when it is posted."""
+    customer = await admin.customer(10_000)
+    request = pb.FinalizeRequestRequest(
+        customer_id=customer, request_id="older-client", status=pb.COMPLETED_SUCCESS,
+        actual_prompt_tokens=10, actual_completion_tokens=20, model="cheap",
+    )  # fmt: skip
+    outbox = open_outbox(outbox_path)
+    try:
+        scope = scope_for(parse_target(service.grpc_target).address, tenant.keys["enforcer"])
+        assert outbox.put(new_entry(scope, request, "let_through"))
+    finally:
+        outbox.close()
+    async with AsyncBeamClient(service.grpc_target, tenant.keys["enforcer"]) as beam:
+        await _until(lambda: beam.stats()["let_through_posted"] == 1)
+    settled = await admin.request("older-client", customer)
+    assert (settled["actual_cost_grains"], settled["let_through"]) == ("50", True)

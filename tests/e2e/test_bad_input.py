@@ -388,6 +388,9 @@ def _finalize_rows() -> list[Row]:
         *id_rows(c, "customer_id"),
         *id_rows(c, "request_id"),
         both(c, "status missing", "status", MISSING, {"status": DROP}),
+        # let_through is a label any Finalize may carry: it excuses nothing.
+        both(c, "let_through with the status missing", "status", MISSING,
+             {"let_through": True, "status": DROP}),
         Row(c, "status unspecified", "status", MISSING,
             {"status": "REQUEST_STATUS_UNSPECIFIED"}, {"status": 0}),
         Row(c, "status unknown number", "status", INVALID, {"status": 99}, {"status": 99}),

@@ -147,7 +147,7 @@ async def test_requests_list_and_show_after_a_request_made_over_rest(
     assert listed.table() == [
         {"request_id": "req-cli-1", "status": "completed", "model": "gpt-4",
          "reserved_grains": "10000", "actual_cost_grains": "6000", "refunded_grains": "4000",
-         "prompt_tokens": "100", "completion_tokens": "50"},
+         "prompt_tokens": "100", "completion_tokens": "50", "let_through": "False"},
     ]  # fmt: skip
     as_json = (await beam("requests", "list", "--customer-id", "cli_r", "--json", *reader)).json()
     assert [(r["request_id"], r["actual_cost_grains"], r["overage_grains"])

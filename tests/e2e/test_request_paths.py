@@ -54,6 +54,7 @@ async def test_a_request_id_with_a_slash_is_read_back_over_rest(
         "consumed_grains": "0", "actual_cost_grains": "1500", "refunded_grains": "500",
         "overage_grains": "0", "prompt_tokens": "10", "completion_tokens": "20",
         "created_at_unix_ms": str(created_at), "settled_at_unix_ms": str(settled_at),
+        "let_through": False,
     }  # fmt: skip
 
     # Unencoded, and narrowed by customer: the same answer.

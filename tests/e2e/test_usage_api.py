@@ -24,12 +24,21 @@ from beam.admin.v1 import admin_pb2 as admin
 from beam.config import ServiceSettings
 from beam.core.auth import generate_key
 from beam.records import ApiKeyRecord, Role
-from tests.e2e.conftest import Api, Failure, create_customer, ok_json, open_hold, rest_failure
+from tests.e2e.conftest import (
+    Api,
+    Failure,
+    create_customer,
+    ok_json,
+    open_hold,
+    rest_balance,
+    rest_failure,
+)
 from tests.e2e.test_cli import beam, client, parse_table
 from tests.support.stack import TEST_TOKEN_SECRET, ServiceProcess, Stores, Tenant, provision_tenant
 
 USAGE_FIELDS = ["start", "model", "requests", "charged_grains", "prompt_tokens",
-                "completion_tokens", "cached_prompt_tokens"]  # fmt: skip
+                "completion_tokens", "cached_prompt_tokens", "let_through_requests",
+                "let_through_grains"]  # fmt: skip
 
 
 async def _settle(api: Api, tenant: Tenant, customer_id: str, request_id: str,
@@ -293,3 +302,149 @@ def _sections(stdout: str) -> tuple[str, str, str]:
     head, rest = stdout.split("\n", 1)
     table_text, chart = rest.split("\n\n", 1)
     return head, table_text, chart
+
+
+# -- let-through usage (issue 16, item 5) --------------------------------------------------
+
+
+async def _finalize(api: Api, transport: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    """FinalizeRequest over ``transport``, as proto3 JSON."""
+    if transport == "rest":
+        return ok_json(await api.rest("finalize", body, key))
+    answer = await api.grpc("finalize", body, key)
+    assert isinstance(answer, Message), answer
+    return as_json(answer)
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+async def test_let_through_usage_is_labelled_on_the_request_and_in_usage(
+    api: Api, tenant: Tenant, transport: str
+) -> None:
+    """A Finalize that says let_through (the app let the request through while Beam was
+    unreachable) is charged like any other; its request says let_through, and usage counts
+    it, and its grains, apart (within requests and charged_grains). A replay changes
+    nothing, whatever label it carries."""
+    enforcer, reader = tenant.keys["enforcer"], tenant.keys["reader"]
+    await create_customer(api, tenant, "lt1", 1_000_000)
+    await create_customer(api, tenant, "lt2", 1_000_000)
+    started = int(time.time() * 1000)
+    # An ordinary request: a hold, then its Finalize. gpt-4: 10 x 30 + 20 x 60 = 1500.
+    token = await open_hold(api, tenant, "lt1", "normal", 60_000)
+    normal = await _finalize(api, transport, enforcer, {
+        "customer_id": "lt1", "request_id": "normal", "status": "COMPLETED_SUCCESS",
+        "actual_prompt_tokens": 10, "actual_completion_tokens": 20, "model": "gpt-4",
+        "request_token": token,
+    })  # fmt: skip
+    assert normal["charged_grains"] == "1500"
+    # Let through: no Check reached Beam, so no hold and no token (settled as a claim).
+    # cheap: 100 x 1 + 300 x 2 = 700.
+    let_through = {
+        "customer_id": "lt1", "request_id": "let-1", "status": "COMPLETED_SUCCESS",
+        "actual_prompt_tokens": 100, "actual_completion_tokens": 300, "model": "cheap",
+        "let_through": True,
+    }  # fmt: skip
+    first = await _finalize(api, transport, enforcer, let_through)
+    assert (first["charged_grains"], first["refunded_grains"], first["replayed"]) == (
+        "700", "0", False,
+    )  # fmt: skip
+    # lt2: let through, at the provider's exact cost.
+    other = await _finalize(api, transport, enforcer, {
+        "customer_id": "lt2", "request_id": "let-2", "status": "COMPLETED_SUCCESS",
+        "actual_prompt_tokens": 5, "actual_completion_tokens": 7, "model": "gpt-4o-mini",
+        "total_actual_cost_grains": 4321, "let_through": True,
+    })  # fmt: skip
+    assert other["charged_grains"] == "4321"
+    # Replays (the outbox posts until acknowledged; a retry may not carry the label): the
+    # stored settlement answers, nothing is charged or counted again.
+    for body in (let_through, {**let_through, "let_through": False}):
+        again = await _finalize(api, transport, enforcer, body)
+        assert again == {**first, "replayed": True}
+
+    # The ledger: each charge once.
+    assert await rest_balance(api, tenant, "lt1") == (1_000_000 - 2200, 0, 1_000_000 - 2200)
+    assert await rest_balance(api, tenant, "lt2") == (1_000_000 - 4321, 0, 1_000_000 - 4321)
+    # The requests: labelled, on both transports.
+    for request_id, customer_id, labelled, cost in (
+        ("normal", "lt1", False, "1500"), ("let-1", "lt1", True, "700"),
+        ("let-2", "lt2", True, "4321"),
+    ):  # fmt: skip
+        fields = {"request_id": request_id, "customer_id": customer_id}
+        data = ok_json(await api.rest("get_request", fields, reader))
+        assert (data["let_through"], data["actual_cost_grains"]) == (labelled, cost)
+        message = await api.grpc("get_request", fields, reader)
+        assert isinstance(message, admin.Request)
+        assert as_json(message) == data
+    listed = ok_json(await api.rest("list_requests", {"customer_id": "lt1"}, reader))
+    assert sorted((r["request_id"], r["let_through"]) for r in listed["requests"]) == [
+        ("let-1", True), ("normal", False),
+    ]  # fmt: skip
+
+    # Usage: the let-through request and its grains, within requests and charged_grains.
+    span = {"start": str(started - 60_000), "end": str(int(time.time() * 1000) + 60_000)}
+    for bucket in ("minute", "hour", "day"):
+        data = ok_json(await usage_rest(api, reader, "lt1", bucket=bucket, **span))
+        totals = [
+            sum(int(b[f]) for b in data["buckets"])
+            for f in ("requests", "charged_grains", "let_through_requests", "let_through_grains")
+        ]
+        assert totals == [2, 2200, 1, 700], bucket
+    data = ok_json(await usage_rest(api, reader, "lt1", bucket="day", group_by="model", **span))
+    assert {b["model"]: (b["requests"], b["charged_grains"], b["let_through_requests"],
+                         b["let_through_grains"]) for b in data["buckets"]} == {
+        "cheap": ("1", "700", "1", "700"), "gpt-4": ("1", "1500", "0", "0"),
+    }  # fmt: skip
+    request = admin.GetUsageRequest(customer_id="lt1", bucket="day", group_by="model", **span)
+    answer = await usage_grpc(api, reader, "GetUsage", request, admin.GetUsageResponse)
+    assert isinstance(answer, admin.GetUsageResponse)
+    assert as_json(answer) == data
+    # Top customers likewise.
+    top = ok_json(await api.http.get(
+        "/v1/usage/top-customers", params=span, headers={"Authorization": f"Bearer {reader}"},
+    ))  # fmt: skip
+    assert [(c["customer_id"], c["requests"], c["charged_grains"], c["let_through_requests"],
+             c["let_through_grains"]) for c in top["customers"]] == [
+        ("lt2", "1", "4321", "1", "4321"), ("lt1", "2", "2200", "1", "700"),
+    ]  # fmt: skip
+    request_top = admin.GetTopCustomersRequest(start=span["start"], end=span["end"])
+    answer_top = await usage_grpc(
+        api, reader, "GetTopCustomers", request_top, admin.GetTopCustomersResponse
+    )
+    assert isinstance(answer_top, admin.GetTopCustomersResponse)
+    assert as_json(answer_top) == top
+
+
+async def test_beam_usage_and_requests_show_let_through(
+    service: ServiceProcess, api: Api, tenant: Tenant
+) -> None:
+    await create_customer(api, tenant, "lt_cli", 1_000_000)
+    token = await open_hold(api, tenant, "lt_cli", "normal", 60_000)
+    await _finalize(api, "rest", tenant.keys["enforcer"], {
+        "customer_id": "lt_cli", "request_id": "normal", "status": "COMPLETED_SUCCESS",
+        "total_actual_cost_grains": 1000, "request_token": token,
+    })  # fmt: skip
+    await _finalize(api, "rest", tenant.keys["enforcer"], {
+        "customer_id": "lt_cli", "request_id": "let-1", "status": "COMPLETED_SUCCESS",
+        "model": "cheap", "actual_prompt_tokens": 100, "actual_completion_tokens": 300,
+        "let_through": True,
+    })  # fmt: skip
+    reader = client(service, tenant.keys["reader"])
+    run = await beam("usage", "--customer-id", "lt_cli", "--since", "1h", "--bucket", "day",
+                     "--by-model", *reader)  # fmt: skip
+    assert run.code == 0, run
+    _, table_text, _ = _sections(run.stdout)
+    assert sorted((r["model"], r["requests"], r["charged_grains"], r["let_through_requests"],
+                   r["let_through_grains"]) for r in parse_table(table_text)) == [
+        ("cheap", "1", "700", "1", "700"), ("gpt-4", "1", "1000", "0", "0"),
+    ]  # fmt: skip
+    assert "total: 1,700 grains, 2 requests (let through: 1 request, 700 grains)" in run.stdout
+    top = await beam("usage", "--top", "5", "--since", "1d", *reader)
+    _, top_table, _ = _sections(top.stdout)
+    assert [(r["customer_id"], r["let_through_requests"], r["let_through_grains"])
+            for r in parse_table(top_table)] == [("lt_cli", "1", "700")]  # fmt: skip
+    listed = await beam("requests", "list", "--customer-id", "lt_cli", *reader)
+    assert sorted((r["request_id"], r["let_through"]) for r in listed.table()) == [
+        ("let-1", "True"), ("normal", "False"),
+    ]  # fmt: skip
+    shown = await beam("requests", "show", "--request-id", "let-1", *reader)
+    fields = dict(line.strip().split(None, 1) for line in shown.stdout.strip().splitlines())
+    assert fields["let_through"] == "True"

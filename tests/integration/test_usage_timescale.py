@@ -124,7 +124,7 @@ async def _workload(conn: asyncpg.Connection) -> None:
     await conn.execute("INSERT INTO customers (tenant, customer_id) VALUES ('t', 'c')")
     await _append(conn, "credit:1", "credit", 1_000_000, "", datetime.now(UTC))
     await conn.fetchval("SELECT beam_settle($1::jsonb)", json.dumps([
-        _settlement("r1", "completed", 700, "gpt-4", cached=5),
+        _settlement("r1", "completed", 700, "gpt-4", cached=5, let_through=True),
         _settlement("r2", "expired", 2_000, "cheap"),
     ]))  # fmt: skip
     now = datetime.now(UTC)
@@ -143,6 +143,11 @@ async def _assert_equals_ledger(conn: asyncpg.Connection, store: UsageStore) -> 
            WHERE t.transaction_type = ANY($1::text[])""",
         list(SPEND),
     )
+    # Let through (0008; a database that settled before 0008 has none): settled just now.
+    let_through = tuple(await conn.fetchrow(
+        """SELECT count(*), COALESCE(sum(actual_cost_grains), 0)::bigint FROM requests
+           WHERE let_through"""
+    ))  # fmt: skip
     now = datetime.now(UTC)
     for bucket in Bucket:
         width = BUCKET_WIDTHS[bucket]
@@ -156,12 +161,15 @@ async def _assert_equals_ledger(conn: asyncpg.Connection, store: UsageStore) -> 
                 if lo <= k[0] < hi
             }  # fmt: skip
             assert {(r.start, r.model): r.charged_grains for r in rows} == expected, bucket
+            assert (sum(r.let_through_requests for r in rows),
+                    sum(r.let_through_grains for r in rows)) == let_through, bucket  # fmt: skip
     hour = BUCKET_WIDTHS[Bucket.HOUR]
     since, until = floor_to(now - timedelta(days=30), hour), floor_to(now + hour, hour)
     top = await store.top_customers("t", since, until, limit=5)
     assert [(c.customer_id, c.charged_grains) for c in top] == [
         ("c", -sum(e["amount_grains"] for e in entries))
     ]
+    assert [(c.let_through_requests, c.let_through_grains) for c in top] == [let_through]
 
 
 async def test_the_hourly_aggregate_answers_like_the_ledger(
@@ -243,6 +251,47 @@ async def test_history_is_read_raw_until_materialized_then_policies_follow_setti
             "policy_retention": "Success",
         }
         await _assert_equals_ledger(conn, store)
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def test_0008_recreates_the_aggregate_and_history_is_read_raw_until_materialized(
+    timescale_server: str, tmp_path: Path
+) -> None:
+    """A database at 0007 whose aggregate is complete and materialized: 0008 recreates it
+    with the let-through sums, and reads come from the hypertable until ``apply_policies``
+    has materialized the history again."""
+    dsn = await _database(timescale_server)
+    before = tmp_path / "0007"
+    before.mkdir()
+    for path in migration_files():
+        if path.stem <= "0007_claim_second_hold":
+            shutil.copy(path, before)
+    conn = await asyncpg.connect(dsn)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        await migrate(conn, before)
+        await _require_hypertable(conn)
+        await _workload(conn)  # r1's label is not recorded before 0008
+        await conn.execute(
+            "CALL refresh_continuous_aggregate('usage_hourly', NULL::timestamptz, "
+            "date_trunc('hour', now()))"
+        )
+        assert await UsageStore(pool).aggregate_usable() is True  # empty at 0005: complete
+        assert await migrate(conn) == ["0008_let_through"]
+        assert await conn.fetchval("SELECT count(*) FROM requests WHERE let_through") == 0
+        store = UsageStore(pool)
+        assert await store.aggregate_usable() is False
+        jobs = await conn.fetch(_OWN_JOBS)
+        assert [j["proc_name"] for j in jobs] == ["policy_refresh_continuous_aggregate"]
+        await conn.fetchval("SELECT beam_settle($1::jsonb)", json.dumps(
+            [_settlement("r3", "completed", 900, "cheap", let_through=True)]))  # fmt: skip
+        await _assert_equals_ledger(conn, store)  # from the hypertable
+        done = await store.apply_policies(UsagePolicies())
+        assert done[0] == "usage_hourly: history materialized"
+        assert await store.aggregate_usable() is True
+        await _assert_equals_ledger(conn, store)  # from the aggregate: r3 let through
     finally:
         await pool.close()
         await conn.close()

@@ -55,7 +55,7 @@ _CUSTOMER_COLUMNS = """tenant, customer_id, display_name, platform_user_id,
 _REQUEST_COLUMNS = """tenant, customer_id, request_id, status, model, estimated_cost_grains,
     reserved_grains, consumed_grains, actual_cost_grains, refunded_grains, overage_grains,
     prompt_tokens, completion_tokens, cached_prompt_tokens, balance_after_grains,
-    balance_version, created_at, completed_at, hold_nonce"""
+    balance_version, created_at, completed_at, hold_nonce, let_through"""
 
 
 def _customer(row: asyncpg.Record) -> Customer:
@@ -100,6 +100,7 @@ def _settlement(row: Mapping[str, Any], *, replayed: bool) -> Settlement:
         completed_at=row["completed_at"],
         replayed=replayed,
         hold_nonce=row["hold_nonce"],
+        let_through=row["let_through"],
     )
 
 
@@ -931,7 +932,7 @@ def _settlement_item(
         "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
         "cached_prompt_tokens": s.cached_prompt_tokens, "hold_nonce": s.hold_nonce,
         "created_at_ms": int(created_at.timestamp() * 1000) if created_at else None,
-        "charge_other_hold": charge_other_hold,
+        "charge_other_hold": charge_other_hold, "let_through": s.let_through,
     }  # fmt: skip
 
 

@@ -40,7 +40,8 @@ from beam.errors import BeamError, Reason
 
 log = logging.getLogger(__name__)
 
-# beam_state row: 'complete' once usage_hourly holds the whole history (migration 0005).
+# beam_state row: 'complete' once usage_hourly holds the whole history (migrations 0005 and
+# 0008, which recreates the aggregate and so takes 'complete' back).
 AGGREGATE_STATE = "usage_hourly"
 AGGREGATE_COMPLETE = "complete"
 AGGREGATE_VIEW = "usage_hourly"
@@ -63,6 +64,10 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    # Of requests and charged_grains: requests let through while Beam was unreachable
+    # (migrations/0008_let_through.sql) and the grains their settlements charged.
+    let_through_requests: int
+    let_through_grains: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,8 @@ class CustomerSpend:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    let_through_requests: int
+    let_through_grains: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +95,15 @@ class UsagePolicies:
 _RAW_SUMS = """sum(request_count)::bigint AS requests, sum(cost_grains)::bigint AS charged_grains,
     sum(prompt_tokens)::bigint AS prompt_tokens,
     sum(completion_tokens)::bigint AS completion_tokens,
-    sum(cached_prompt_tokens)::bigint AS cached_prompt_tokens"""
+    sum(cached_prompt_tokens)::bigint AS cached_prompt_tokens,
+    sum(CASE WHEN let_through THEN request_count ELSE 0 END)::bigint AS let_through_requests,
+    sum(CASE WHEN let_through THEN cost_grains ELSE 0 END)::bigint AS let_through_grains"""
 _AGGREGATE_SUMS = """sum(requests)::bigint AS requests,
     sum(charged_grains)::bigint AS charged_grains, sum(prompt_tokens)::bigint AS prompt_tokens,
     sum(completion_tokens)::bigint AS completion_tokens,
-    sum(cached_prompt_tokens)::bigint AS cached_prompt_tokens"""
+    sum(cached_prompt_tokens)::bigint AS cached_prompt_tokens,
+    sum(let_through_requests)::bigint AS let_through_requests,
+    sum(let_through_grains)::bigint AS let_through_grains"""
 
 # Bucket start expressions. Every one is in UTC: date_trunc with an explicit zone (never
 # the session's TimeZone), time_bucket of a timestamptz (UTC-aligned for these widths).
@@ -236,6 +247,8 @@ class UsageStore:
                 prompt_tokens=r["prompt_tokens"] or 0,
                 completion_tokens=r["completion_tokens"] or 0,
                 cached_prompt_tokens=r["cached_prompt_tokens"] or 0,
+                let_through_requests=r["let_through_requests"] or 0,
+                let_through_grains=r["let_through_grains"] or 0,
             )
             for r in rows
         ]
@@ -271,6 +284,8 @@ class UsageStore:
                 prompt_tokens=r["prompt_tokens"] or 0,
                 completion_tokens=r["completion_tokens"] or 0,
                 cached_prompt_tokens=r["cached_prompt_tokens"] or 0,
+                let_through_requests=r["let_through_requests"] or 0,
+                let_through_grains=r["let_through_grains"] or 0,
             )
             for r in rows
         ]

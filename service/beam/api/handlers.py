@@ -90,6 +90,7 @@ def finalize_command(m: balance_pb.FinalizeRequestRequest) -> FinalizeCommand:
         total_actual_cost_grains=m.total_actual_cost_grains,
         model=m.model,
         request_token=m.request_token,
+        let_through=m.let_through,
     )
 
 
@@ -294,6 +295,7 @@ def request_message(s: Settlement) -> admin_pb.Request:
         completion_tokens=s.completion_tokens,
         created_at_unix_ms=_unix_ms(s.created_at),
         settled_at_unix_ms=_unix_ms(s.completed_at),
+        let_through=s.let_through,
     )
 
 
@@ -323,6 +325,8 @@ def usage_message(report: UsageReport) -> admin_pb.GetUsageResponse:
             prompt_tokens=row.prompt_tokens,
             completion_tokens=row.completion_tokens,
             cached_prompt_tokens=row.cached_prompt_tokens,
+            let_through_requests=row.let_through_requests,
+            let_through_grains=row.let_through_grains,
         )
         bucket.start.FromDatetime(row.start)
     return answer
@@ -345,6 +349,8 @@ def spend_message(c: CustomerSpend) -> admin_pb.CustomerSpend:
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
         cached_prompt_tokens=c.cached_prompt_tokens,
+        let_through_requests=c.let_through_requests,
+        let_through_grains=c.let_through_grains,
     )
 
 

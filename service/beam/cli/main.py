@@ -388,7 +388,8 @@ def balance_check(customer_id: str, model: str, max_tokens: int, min_tokens: int
 
 
 REQUEST_COLUMNS = ["request_id", "status", "model", "reserved_grains", "actual_cost_grains",
-                   "refunded_grains", "prompt_tokens", "completion_tokens"]  # fmt: skip
+                   "refunded_grains", "prompt_tokens", "completion_tokens",
+                   "let_through"]  # fmt: skip
 
 
 @main.group()

@@ -25,10 +25,13 @@ BAR_WIDTH = 40
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 _DURATION = re.compile(r"^(\d{1,9})([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+# let_through_*: of the requests and grains, those let through while Beam was unreachable.
 BUCKET_COLUMNS = ["start", "requests", "charged_grains", "prompt_tokens", "completion_tokens",
-                  "cached_prompt_tokens"]  # fmt: skip
+                  "cached_prompt_tokens", "let_through_requests",
+                  "let_through_grains"]  # fmt: skip
 TOP_COLUMNS = ["customer_id", "requests", "charged_grains", "prompt_tokens",
-               "completion_tokens", "cached_prompt_tokens"]  # fmt: skip
+               "completion_tokens", "cached_prompt_tokens", "let_through_requests",
+               "let_through_grains"]  # fmt: skip
 
 
 def instant(value: str, now_ms: int, name: str) -> str:
@@ -107,7 +110,14 @@ def show_usage(data: dict[str, Any], as_json: bool, by_model: bool) -> None:
     click.echo("")
     click.echo(bar_chart([(label(s, str(data.get("bucket"))), v) for s, v in totals.items()]))
     plural = "" if requests == 1 else "s"
-    click.echo(f"total: {grains(sum(totals.values()))} grains, {requests:,} request{plural}")
+    total = f"total: {grains(sum(totals.values()))} grains, {requests:,} request{plural}"
+    let_through = sum(int(r.get("let_through_requests", 0)) for r in rows)
+    let_through_grains = sum(int(r.get("let_through_grains", 0)) for r in rows)
+    if let_through or let_through_grains:
+        plural = "" if let_through == 1 else "s"
+        total += (f" (let through: {let_through:,} request{plural}, "
+                  f"{grains(let_through_grains)} grains)")  # fmt: skip
+    click.echo(total)
 
 
 def show_top(data: dict[str, Any], as_json: bool) -> None:

@@ -80,6 +80,9 @@ class FinalizeCommand:
     total_actual_cost_grains: int = 0
     model: str = ""
     request_token: str = ""
+    # Let through while Beam was unreachable: a label recorded with the settlement; the
+    # charge is the same.
+    let_through: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -882,6 +882,7 @@ def _settlement(
         completion_tokens=command.actual_completion_tokens,
         cached_prompt_tokens=command.actual_cached_prompt_tokens,
         hold_nonce=token_nonce if hold.claim else hold.nonce,
+        let_through=command.let_through,
     )
 
 

@@ -626,7 +626,8 @@ class GuardCore:
 
     def _finalize_request(self) -> Any:
         """The settlement, under the request's own id: for a let-through request that
-        never had a hold (no token), Beam settles it as a claim charging its usage."""
+        never had a hold (no token), Beam settles it as a claim charging its usage. A
+        let-through request (at open or mid-stream) says so: Beam labels its usage."""
         assert self.status is not None
         prompt, completion, cached, cost = self._final_usage(self.status)
         return _wire.finalize_request(
@@ -639,6 +640,7 @@ class GuardCore:
             completion_tokens=completion,
             cached_prompt_tokens=cached,
             total_cost_grains=cost,
+            let_through=self.let_through is not None,
         )
 
     def _settled(self, settlement: Settlement) -> None:

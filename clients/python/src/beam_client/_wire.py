@@ -92,7 +92,10 @@ def finalize_request(
     completion_tokens: int,
     cached_prompt_tokens: int,
     total_cost_grains: int,
+    let_through: bool = False,
 ) -> pb.FinalizeRequestRequest:
+    """``let_through``: the request went ahead while Beam was unreachable (fail-open); Beam
+    records it on the request and in usage analytics, and charges it like any other."""
     return pb.FinalizeRequestRequest(
         customer_id=customer_id,
         request_id=request_id,
@@ -103,6 +106,7 @@ def finalize_request(
         total_actual_cost_grains=total_cost_grains,
         model=model,
         request_token=request_token,
+        let_through=let_through,
     )
 
 

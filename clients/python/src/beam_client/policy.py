@@ -34,7 +34,8 @@ knowledge of actual prices. Each request let through is logged (WARNING, logger
 :attr:`FailOpen.records`, and ``on_let_through`` is called with each finished record. Its
 settlement goes to the client's outbox and is posted to Beam under the request's own id
 once Beam answers again (a request that never had a hold settles as a claim charging its
-usage): let-through usage is billed, late, exactly once.
+usage): let-through usage is billed, late, exactly once, and labelled ``let_through``
+(on the request and in Beam's usage analytics; the charge is the same).
 
 Only unreachability (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``STORE_UNAVAILABLE`` after
 the retries) is failed open. A customer who cannot pay, a bad key or a bad argument is

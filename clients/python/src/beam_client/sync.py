@@ -176,13 +176,17 @@ class BeamClient:
         completion_tokens: int = 0,
         cached_prompt_tokens: int = 0,
         total_cost_grains: int = 0,
+        let_through: bool = False,
         timeout: float | None = None,
     ) -> FinalizeResult:
-        """Settle the request with the provider's usage (retried with ``finalize_retry``)."""
+        """Settle the request with the provider's usage (retried with ``finalize_retry``).
+        ``let_through``: the app let the request through while Beam was unreachable; Beam
+        labels its usage so (GetRequest, usage analytics) and charges it like any other."""
         request = _wire.finalize_request(
             customer_id, request_id, status=status, request_token=request_token, model=model,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             cached_prompt_tokens=cached_prompt_tokens, total_cost_grains=total_cost_grains,
+            let_through=let_through,
         )  # fmt: skip
         answer = self._call(
             "FinalizeRequest", request, timeout or self.finalize_timeout, self.finalize_retry
@@ -409,6 +413,8 @@ class BeamClient:
             if self._stop_replay.is_set() and not force:
                 break
             request = pb.FinalizeRequestRequest.FromString(entry.payload)
+            if entry.kind == "let_through":  # also one queued by a client without the flag
+                request.let_through = True
             try:
                 answer = self._call("FinalizeRequest", request, self.finalize_timeout, ONE_ATTEMPT)
             except BeamError as error:
