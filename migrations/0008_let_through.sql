@@ -11,10 +11,11 @@
 -- the very same body, plus the column in its two INSERTs, from the item's "let_through"
 -- (FALSE when absent: an older process's items, or any other settlement). A replay or
 -- another hold's charge answers the stored row as before, keeping the label stored with
--- it. A late Finalize that finds its request already settled (its hold expired and the
--- reaper charged it) adjusts the charge as before; the adjustment's event, written by the
--- ledger trigger of 0005, and the request row keep their labels (FALSE). Existing rows
--- are FALSE: nothing before this migration recorded the label.
+-- it. A late let-through Finalize that finds its request already settled (its hold
+-- expired and the reaper charged it) adjusts the charge as before, then labels the request
+-- row and its expiry's and adjustment's events (PostgresStore.label_let_through: an UPDATE
+-- of labels, never of money). Existing rows are FALSE: nothing before this migration
+-- recorded the label.
 --
 -- beam_usage_backfill (0005), which rebuilds usage_events after a restore that left them
 -- out, copies the label from the request row to the request's own settlement event.

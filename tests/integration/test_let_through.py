@@ -127,12 +127,13 @@ async def test_a_let_through_finalize_is_charged_as_any_other_and_labelled(
     ]  # fmt: skip
 
 
-async def test_a_late_let_through_finalize_adjusts_and_leaves_the_labels(
+async def test_a_late_let_through_finalize_adjusts_and_labels_the_expiry(
     runtime: Runtime, tenant: Tenant, stores: Stores
 ) -> None:
     """A request whose hold expired while Beam was unreachable was settled by the reaper
-    (an expiry, not let through); its let-through Finalize adjusts the charge as any late
-    Finalize does (ADR 0009), and the request and its events keep their labels."""
+    (an expiry); its let-through Finalize adjusts the charge as any late Finalize does (ADR
+    0009) and labels the request, its expiry's event and its adjustment's: who settled it
+    first does not decide whether it counts as let through."""
     p = Principal(tenant.name, Role.ADMIN, "test", frozenset())
     await _customer(runtime, p, "c1", 100_000, hold_ttl_seconds=60)
     await _expire(runtime, p, "c1", ["e1"], 1_000)  # 2 000 grains
@@ -140,9 +141,16 @@ async def test_a_late_let_through_finalize_adjusts_and_leaves_the_labels(
         "c1", "e1", "COMPLETED_SUCCESS", total_actual_cost_grains=2_600, let_through=True,
     ))  # fmt: skip
     assert late.charged_grains == 2_600
-    assert await _request_and_event(stores, tenant.name, "c1", "e1") == (False, False)
+    assert await _request_and_event(stores, tenant.name, "c1", "e1") == (True, True)
     rows = (await Usage(runtime.postgres).customer_usage(p, UsageQuery("c1", bucket="day"))).rows
-    assert _sums(rows) == (1, 2_600, 0, 0)
+    assert _sums(rows) == (1, 2_600, 1, 2_600)
+    # The same Finalize again (a retry): the same answer, nothing charged or counted twice.
+    again = await runtime.ledger.finalize(p, FinalizeCommand(
+        "c1", "e1", "COMPLETED_SUCCESS", total_actual_cost_grains=2_600, let_through=True,
+    ))  # fmt: skip
+    assert (again.charged_grains, again.replayed) == (2_600, True)
+    rows = (await Usage(runtime.postgres).customer_usage(p, UsageQuery("c1", bucket="day"))).rows
+    assert _sums(rows) == (1, 2_600, 1, 2_600)
 
 
 # -- migration 0008 ----------------------------------------------------------------------

@@ -511,6 +511,31 @@ class PostgresStore:
             row["transaction_id"], row["balance_after_grains"], row["balance_version"], True
         )
 
+    async def label_let_through(self, tenant: str, customer_id: str, request_id: str) -> None:
+        """Label a request settled by its expiry as let through, with its expiry's and its
+        adjustment's usage events: a let-through Finalize that came after the reaper charged
+        the expired hold (migrations/0008_let_through.sql). A label, never money: no ledger
+        entry is touched; idempotent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE requests SET let_through = TRUE
+                    WHERE tenant = $1 AND customer_id = $2 AND request_id = $3
+                      AND NOT let_through""",
+                tenant,
+                customer_id,
+                request_id,
+            )
+            await conn.execute(
+                """UPDATE usage_events SET let_through = TRUE
+                    WHERE tenant = $1 AND customer_id = $2 AND request_id = $3
+                      AND transaction_id IN ($4, $5) AND NOT let_through""",
+                tenant,
+                customer_id,
+                request_id,
+                f"expiry:{customer_id}:{request_id}",
+                f"adjustment:{customer_id}:{request_id}",
+            )
+
     async def find_settlement(
         self, tenant: str, customer_id: str, request_id: str
     ) -> Settlement | None:

@@ -186,12 +186,14 @@ class UsageStore:
         return self._timescale
 
     async def aggregate_usable(self) -> bool:
-        """Whether the hourly continuous aggregate exists and holds the whole history."""
-        if self._aggregate_ok:
-            return True
+        """Whether the hourly continuous aggregate exists and holds the whole history.
+
+        Asked again every ``_RECHECK_SECONDS`` either way: a migration may take it back
+        (0008 recreates it), and a process must not keep trusting an aggregate without its
+        history."""
         now = time.monotonic()
         if now - self._aggregate_checked_at < _RECHECK_SECONDS:
-            return False
+            return self._aggregate_ok
         self._aggregate_checked_at = now
         if not await self.timescale():
             return False
@@ -316,7 +318,13 @@ class UsageStore:
         async with self.pool.acquire() as conn:
             aggregate = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL",
                                                  AGGREGATE_VIEW))  # fmt: skip
+            rebuilt = 0
             if aggregate and not await self._complete(conn):
+                # The aggregate is new (0005, or recreated by 0008): its history comes from
+                # usage_events, whose raw retention may have dropped events the old aggregate
+                # still held. Rebuild every missing event from the ledger first (it keeps
+                # every entry); the raw retention drops them again, after they are counted.
+                rebuilt = int(await conn.fetchval("SELECT beam_usage_backfill()") or 0)
                 # Everything up to the current hour; the refresh policy (3 days, every 30
                 # minutes) and real-time aggregation take it from there.
                 await conn.execute(
@@ -331,6 +339,8 @@ class UsageStore:
                     AGGREGATE_COMPLETE,
                 )
                 done.append("usage_hourly: history materialized")
+                if rebuilt:
+                    done.append(f"usage_events: {rebuilt} events rebuilt from the ledger")
             done += await self._compression(conn, policies.compress_after_days)
             done += await self._retention(conn, "usage_events", policies.raw_retention_days)
             if aggregate:

@@ -660,6 +660,7 @@ class Ledger:
             )  # fmt: skip
             if earlier is not None:
                 raise request_id_conflict(request_id, "was already finalized with other usage")
+            await self._label_let_through(command, tenant)
             return FinalizeResult(
                 True, 0, expired.balance_after_grains, expired.charged_grains, 0, True
             )
@@ -694,6 +695,7 @@ class Ledger:
         )
         if delta > 0 and not entry.replayed:
             SPENT.labels(expired.model or "none").inc(delta)
+        await self._label_let_through(command, tenant)
         after = entry.balance_after_grains
         return FinalizeResult(
             success=True,
@@ -703,6 +705,22 @@ class Ledger:
             overage_grains=new_deficit(after + delta, after),
             replayed=entry.replayed,
         )
+
+    async def _label_let_through(self, command: FinalizeCommand, tenant: str) -> None:
+        """A let-through Finalize that found its request settled by the reaper (its hold
+        expired first, as it does in a long outage): the request and its expiry's and
+        adjustment's usage events are labelled all the same. After the settlement is
+        committed and released, and best effort: a label never fails a settlement (a retry
+        of the same Finalize labels again)."""
+        if not command.let_through:
+            return
+        try:
+            await self.postgres.label_let_through(tenant, command.customer_id, command.request_id)
+        except Exception:  # a label: the money is settled
+            log.warning(
+                "request %s of customer %s: let-through label not recorded",
+                command.request_id, command.customer_id, exc_info=True,
+            )  # fmt: skip
 
     # -- the reaper's half: holds whose settlement never finished ----------------------------
 
