@@ -20,6 +20,8 @@ invariants after every step:
 5. Every acknowledged settlement, credit and debit is in PostgreSQL exactly once.
 6. A settled request id never settles again and never buys new tokens.
 7. No tenant reads or moves another's money.
+8. A request labelled let through was finalized as let through (a label, never money:
+   every Finalize may carry it, and 1-7 hold whatever it says).
 
 Run one seed: ``python -m tests.sim --seed 42``; soak: ``python -m tests.sim --seeds 10000``
 (``make soak``). A failing seed prints its schedule and the violated invariant.

@@ -158,6 +158,7 @@ class Journal:
     credits: set[tuple[str, int]] = field(default_factory=set)  # (txid or "", amount)
     debits: set[tuple[str, int]] = field(default_factory=set)
     finalized: set[str] = field(default_factory=set)
+    let_through: set[str] = field(default_factory=set)  # finalized with the label
     held: set[str] = field(default_factory=set)  # request ids a Check may have opened
     consumed: dict[str, int] = field(default_factory=dict)  # highest consumed reported
     sequences: dict[str, set[int]] = field(default_factory=dict)  # Deduct sequence numbers

@@ -684,8 +684,11 @@ class Runner:
             total_actual_cost_grains=a["cost"],
             model=a["model"],
             request_token=token,
+            let_through=a.get("let_through", False),
         )
         self.model.journal[t, c].finalized.add(a["rid"])
+        if command.let_through:
+            self.model.journal[t, c].let_through.add(a["rid"])
         if token and (t, c, nonce_of(token)) in self.degraded:
             model = a["model"] or "cheap"  # a degraded hold of the sim always has prices
             reported = a["cost"] or (
@@ -1392,6 +1395,19 @@ class Runner:
                 raise self.fail(
                     "6 settled id reused",
                     f"{name}: adjustment of {ref} ({amount}) without an expiry and a late Finalize",
+                )
+        labelled = await pg.fetch(
+            """SELECT request_id FROM requests
+               WHERE tenant = $1 AND customer_id = $2 AND let_through""",
+            self.tenants[t],
+            self.cids[c],
+        )
+        for row in labelled:
+            if row["request_id"] not in journal.let_through:
+                raise self.fail(
+                    "8 label traced",
+                    f"{name}: request {row['request_id']} labelled let through, "
+                    "but no Finalize said so",
                 )
         pgrow = obs.pg[key]
         cust.balance, cust.version = pgrow.balance, pgrow.version

@@ -203,6 +203,9 @@ class _Gen:
     # with the prompt on board) come from a second stream of the seed, so the schedules
     # of seeds recorded before they existed stay what they were.
     guard_rng: random.Random = field(default_factory=random.Random)
+    # The let-through label on a Finalize (a fail-open client's replay): a third stream, for
+    # the same reason. A label, never money: every invariant must hold whatever it says.
+    label_rng: random.Random = field(default_factory=random.Random)
 
     def pick_customer(self) -> tuple[int, int]:
         return self.rng.randrange(self.tenants), self.rng.randrange(self.customers)
@@ -345,6 +348,8 @@ class _Gen:
             args["prompt"] = args["completion"] = 0
         args["model"] = rng.choice(("cheap", "cheap", ""))
         args["token"] = rng.choices(("current", "none", "stale", "other"), (60, 30, 5, 5))[0]
+        if self.label_rng.random() < 0.25:
+            args["let_through"] = True
         return Step("finalize", t, c, args, self.fault("finalize"))
 
     def ledger_entry(
@@ -448,7 +453,10 @@ def generate(seed: int, *, steps: int | None = None, fault_rate: float | None = 
     )
     if fault_rate is None:
         fault_rate = rng.choice((0.0, 0.1, 0.25, 0.5))
-    gen = _Gen(rng, tenants, customers, fault_rate, guard_rng=random.Random(f"{seed}:guard"))
+    gen = _Gen(
+        rng, tenants, customers, fault_rate, guard_rng=random.Random(f"{seed}:guard"),
+        label_rng=random.Random(f"{seed}:label"),
+    )  # fmt: skip
     weights = dict(_BASE_WEIGHTS)
     weights.update(rng.choice(_PROFILES))
     kinds = list(weights)
