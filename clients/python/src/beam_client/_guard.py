@@ -66,9 +66,6 @@ DEFAULT_MIN_TOKENS = 50
 DEFAULT_DEDUCT_EVERY_MAX = 500
 
 State = Literal["new", "open", "closing", "closed"]
-# What closing needs: nothing, a Finalize sent now, or a let-through settlement for the
-# outbox (Beam was unreachable: it is posted once Beam answers again).
-CloseAction = Literal["none", "finalize", "outbox"]
 # How a caller stops waiting; the request settles as FAILED_TIMEOUT.
 _GAVE_UP = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, TimeoutError)
 
@@ -81,6 +78,22 @@ class Settlement:
     result: FinalizeResult | None
     error: BeamError | None
     queued: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePlan:
+    """The settlement a closing guard sends, decided when the close begins.
+
+    ``request``: the FinalizeRequest, built (status, usage, ``let_through`` label) from the
+    guard's state at that moment, before any Deduct still in flight is waited for: that
+    Deduct's outcome cannot change it. ``queue_now``: a let-through request (Beam was
+    unreachable), straight to the outbox; else sent now (retried, then outboxed).
+    ``record``: the let-through record, finished already (``None`` if not let through).
+    """
+
+    request: Any
+    queue_now: bool
+    record: LetThrough | None
 
 
 def finalize_failed(counters: Counters, request: Any, error: BeamError, queued: bool) -> None:
@@ -538,8 +551,22 @@ class GuardCore:
         return self._due()
 
     def _deduct_failed(self, plan: DeductPlan, error: BeamError) -> None:
-        """A Deduct that got no answer: fail open within the allowance, or stop now."""
+        """A Deduct that got no answer: fail open within the allowance, or stop now.
+
+        Once the guard is closing (or closed) the stream is over and its settlement was
+        decided when the close began: the failure is logged, and nothing else changes. No
+        let-through is made of it (no allowance spent, no record that nothing would
+        finish): the Finalize that follows reports the usage anyway, retried and outboxed
+        like every Finalize, and it is labelled by what happened while the stream ran.
+        """
         self._in_flight = None
+        if self._state != "open":
+            log.warning(
+                "DeductTokens failed for request %s of customer %s after its stream ended; "
+                "its FinalizeRequest settles the usage: %s",
+                self.request_id, self.customer_id, error,
+            )  # fmt: skip
+            return
         if isinstance(error, BeamUnavailable) and self.failure_policy.fail_open:
             # What the hold covers is paid; past it, the stream runs on the allowance.
             covered = self._limit if self._limit > 0 else self._reported - plan.tokens
@@ -575,22 +602,27 @@ class GuardCore:
 
     # -- closing -------------------------------------------------------------------------
 
-    def _begin_close(self, error: BaseException | None) -> CloseAction:
-        """What closing needs: nothing, a Finalize, or a let-through for the outbox."""
+    def _begin_close(self, error: BaseException | None) -> ClosePlan | None:
+        """The settlement to send (``None``: not open, nothing to settle).
+
+        Decided here, from the state now, and built now: the face waits for a Deduct still
+        in flight only after this, and whatever that Deduct's outcome (an answer, or a
+        failure: see ``_deduct_failed``) it changes neither the status, the usage nor the
+        ``let_through`` label of this settlement.
+        """
         if self._state != "open":
-            return "none"
+            return None
         self._state = "closing"
         self.status = status_for(error, self.stop_reason)
-        if self.let_through is None:
-            return "finalize"
         record = self.let_through
-        prompt, completion, cached, cost = self._final_usage(self.status)
-        record.status = self.status.name
-        record.prompt_tokens, record.completion_tokens = prompt, completion
-        record.cached_prompt_tokens, record.total_cost_grains = cached, cost
-        record.ended_at = time.time()
-        self.failure_policy.finish(record)
-        return "outbox"
+        if record is not None:
+            prompt, completion, cached, cost = self._final_usage(self.status)
+            record.status = self.status.name
+            record.prompt_tokens, record.completion_tokens = prompt, completion
+            record.cached_prompt_tokens, record.total_cost_grains = cached, cost
+            record.ended_at = time.time()
+            self.failure_policy.finish(record)
+        return ClosePlan(self._finalize_request(), queue_now=record is not None, record=record)
 
     def _final_usage(self, status: RequestStatus) -> tuple[int, int, int, int]:
         """(prompt, completion, cached prompt, cost) to settle with.

@@ -664,14 +664,11 @@ class AsyncGuard(GuardCore):
             next_plan = self._deducted(current, _wire.deduct_result(answer))
 
     async def _close(self, error: BaseException | None) -> None:
-        action = self._begin_close(error)
-        if action == "none":
+        plan = self._begin_close(error)
+        if plan is None:
             return
         task = self._client._settle(
-            self._finalize_request(),
-            queue_now=action == "outbox",
-            after=self._deducting,
-            record=self.let_through,
+            plan.request, queue_now=plan.queue_now, after=self._deducting, record=plan.record
         )
         task.add_done_callback(self._task_settled)
         # Shielded: a second cancellation of the caller ends this wait, not the settlement

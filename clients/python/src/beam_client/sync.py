@@ -494,12 +494,12 @@ class Guard(GuardCore):
     def close(self, error: BaseException | None = None) -> None:
         """Settle now if open (as if the block ended with ``error``); idempotent."""
         with self._lock:
-            action = self._begin_close(error)
-        if action == "none":
+            plan = self._begin_close(error)  # the Finalize is built now, as it stands
+        if plan is None:
             return
-        self._idle()
+        self._idle()  # a Deduct in flight ends first; its outcome cannot change the plan
         settlement = self._client._settle(
-            self._finalize_request(), queue_now=action == "outbox", record=self.let_through
+            plan.request, queue_now=plan.queue_now, record=plan.record
         )
         self._settled(settlement)
 
