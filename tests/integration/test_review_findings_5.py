@@ -2,7 +2,10 @@
 migration 0008), on real PostgreSQL and Redis (and a real `beam serve` for the clients).
 
 Findings (each test fails on e9af163, but for the asyncio case of 3, which shows the
-behaviour the blocking client should have):
+behaviour the blocking client should have, and 1, whose fix is in ``beam migrate``
+(``UsageStore.apply_policies`` rebuilds the dropped events from the ledger before it
+materializes; proved on a real TimescaleDB by test_usage_timescale.py): here, with stand-ins,
+the test checks what 0008 leaves and that the rebuild finds the old hour in the ledger):
 
 1. On TimescaleDB, 0008 drops ``usage_hourly`` and creates it again from ``usage_events``:
    the hour buckets older than the raw retention (``BEAM_USAGE_RAW_RETENTION_DAYS`` shorter
