@@ -35,7 +35,7 @@ from beam.core.usage import (
 )
 from beam.errors import BeamError, Reason
 from beam.records import Customer, Role
-from tests.support.stack import Stores, Tenant
+from tests.support.stack import Stores, Tenant, fresh_database
 
 SPEND = ("settlement", "expiry", "adjustment")
 
@@ -266,14 +266,7 @@ async def test_another_tenants_customer_is_not_found(runtime: Runtime, tenant: T
 
 
 async def _fresh_database(stores: Stores) -> str:
-    assert stores.postgres is not None
-    conn = await asyncpg.connect(stores.postgres.dsn)
-    name = f"u_{datetime.now(UTC):%H%M%S%f}"
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return stores.postgres.dsn.rsplit("/", 1)[0] + f"/{name}"
+    return await fresh_database(stores)
 
 
 def _settlement(rid: str, status: str, charged: int, model: str, cached: int = 0,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from beam.adapters.postgres_store import PostgresStore
@@ -116,6 +117,20 @@ class Tenant:
 
     def header(self, role: str = "admin") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[role]}"}
+
+
+async def fresh_database(stores: Stores) -> str:
+    """A new, empty database on the session's PostgreSQL server; its DSN. For a test whose
+    work scales with the database (a resync walks every customer of it; a migration reads
+    the whole ledger) or that needs it at an earlier migration."""
+    assert stores.postgres is not None
+    conn = await asyncpg.connect(stores.postgres.dsn)
+    name = f"t_{secrets.token_hex(6)}"
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return stores.postgres.dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
 async def provision_tenant(dsn: str, name: str | None = None) -> Tenant:
