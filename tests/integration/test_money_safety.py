@@ -31,7 +31,7 @@ from tests.support.money import (
     redis_account,
     settle,
 )
-from tests.support.stack import Stores, Tenant
+from tests.support.stack import Stores, Tenant, fresh_database, provision_tenant
 
 # -- defect 1: a settled request id never buys new tokens ----------------------------------
 
@@ -330,16 +330,24 @@ async def test_reaper_carries_its_scan_cursor_across_passes(stores: Stores, tena
 
 
 async def test_start_up_resyncs_when_redis_is_not_the_server_last_synced(
-    runtime: Runtime, tenant: Tenant, stores: Stores
+    stores: Stores,
 ) -> None:
-    p = await customer(runtime, tenant, 10_000)
-    await settle(runtime, p, "r", 4_000)
-    # Redis lost its last writes: the balance before the settlement is back.
-    await runtime.redis.client.hset(
-        account_key(tenant.name, CUSTOMER), mapping={"balance": 10_000, "version": 1}
-    )
-    await runtime.postgres.set_state("redis_identity", "run_id=the-server-before")
-    restarted = await Runtime.create(stores.settings(), background=False)
+    # A database of its own: the start-up resync walks every customer of its database.
+    dsn = await fresh_database(stores)
+    settings = stores.settings(database_url=dsn)
+    runtime = await Runtime.create(settings, background=False)  # migrates it
+    try:
+        tenant = await provision_tenant(dsn)
+        p = await customer(runtime, tenant, 10_000)
+        await settle(runtime, p, "r", 4_000)
+        # Redis lost its last writes: the balance before the settlement is back.
+        await runtime.redis.client.hset(
+            account_key(tenant.name, CUSTOMER), mapping={"balance": 10_000, "version": 1}
+        )
+        await runtime.postgres.set_state("redis_identity", "run_id=the-server-before")
+    finally:
+        await runtime.stop()
+    restarted = await Runtime.create(settings, background=False)
     try:
         assert await redis_account(restarted, tenant.name) == (6_000, 0)
         assert await restarted.resync_if_redis_changed() is False  # recorded now
