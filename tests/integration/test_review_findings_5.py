@@ -195,6 +195,16 @@ async def test_0008_keeps_the_hourly_history_older_than_the_raw_retention(stores
         await conn.close()
 
 
+async def _reap(runtime: Runtime, p: Principal, customer_id: str, request_id: str) -> None:
+    """After the hold's TTL: reaper passes until the request is settled by its expiry
+    (bounded: this reaper, or a `beam serve`'s on the same stores, may take it)."""
+    await runtime.ledger.balance(p, customer_id)
+    for _ in range(50):
+        await runtime.reaper.run_once()
+        if await runtime.postgres.find_settlement(p.tenant, customer_id, request_id) is not None:
+            return
+
+
 # -- finding 2: the label depends on a race with the reaper ----------------------------------
 
 
@@ -224,11 +234,7 @@ async def test_a_let_through_finalize_is_labelled_whether_or_not_the_reaper_came
     # "a": the replay reaches Beam before any reaper pass: 10 + 300 x 2 = 610.
     a = await runtime.ledger.finalize(p, let_through("ca"))
     # "b": a reaper pass first (expiry: 100 x 2 = 200), then the same replay (+410).
-    await runtime.ledger.balance(p, "cb")
-    for _ in range(50):  # bounded: this reaper, or a `beam serve`'s on the same stores
-        await runtime.reaper.run_once()
-        if await runtime.postgres.find_settlement(p.tenant, "cb", "r") is not None:
-            break
+    await _reap(runtime, p, "cb", "r")
     b = await runtime.ledger.finalize(p, let_through("cb"))
     assert a.charged_grains == b.charged_grains == 610
     for cid in ("ca", "cb"):
@@ -254,11 +260,7 @@ async def test_a_request_let_through_at_open_is_labelled_after_its_unseen_hold_e
     await _customer(runtime, p, "c1", 100_000, hold_ttl_seconds=60)
     await runtime.ledger.check(p, CheckCommand("c1", "r", 1_000, 1.0, "cheap"))  # answer lost
     faults.advance(61_000)
-    await runtime.ledger.balance(p, "c1")
-    for _ in range(50):
-        await runtime.reaper.run_once()
-        if await runtime.postgres.find_settlement(p.tenant, "c1", "r") is not None:
-            break
+    await _reap(runtime, p, "c1", "r")
     late = await runtime.ledger.finalize(
         p, FinalizeCommand("c1", "r", "COMPLETED_SUCCESS", 10, 300, model="cheap", let_through=True)
     )
@@ -307,11 +309,7 @@ async def test_replays_with_the_other_label_answer_the_same_and_sums_are_exact(
     await runtime.ledger.deduct(p, DeductCommand("c1", "e", check.request_token, 1_000, "",
                                                  True, 1))  # fmt: skip
     faults.advance(61_000)
-    await runtime.ledger.balance(p, "c1")
-    for _ in range(50):
-        await runtime.reaper.run_once()
-        if await runtime.postgres.find_settlement(p.tenant, "c1", "e") is not None:
-            break
+    await _reap(runtime, p, "c1", "e")
     late = await runtime.ledger.finalize(
         p,
         FinalizeCommand(
