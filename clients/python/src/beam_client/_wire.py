@@ -110,6 +110,16 @@ def finalize_request(
     )
 
 
+def queued_finalize(payload: bytes, let_through: bool) -> pb.FinalizeRequestRequest:
+    """A FinalizeRequest from the outbox, to replay. ``let_through``: the entry was queued
+    as a let-through settlement; it is labelled so even if the client that queued it
+    predates the label."""
+    request = pb.FinalizeRequestRequest.FromString(payload)
+    if let_through:
+        request.let_through = True
+    return request
+
+
 def check_result(m: pb.CheckBalanceResponse) -> CheckResult:
     return CheckResult(
         approved=m.approved,

@@ -23,7 +23,6 @@ import grpc.aio
 
 from beam_client import _wire
 from beam_client._channel import channel_options, credentials
-from beam_client._generated import balance_pb2 as pb
 from beam_client._guard import (
     DEFAULT_DEDUCT_EVERY,
     DeductPlan,
@@ -500,9 +499,7 @@ class AsyncBeamClient:
         )
         acknowledged = 0
         for entry in due:
-            request = pb.FinalizeRequestRequest.FromString(entry.payload)
-            if entry.kind == "let_through":  # also one queued by a client without the flag
-                request.let_through = True
+            request = _wire.queued_finalize(entry.payload, entry.kind == "let_through")
             try:
                 answer = await self._call(
                     "FinalizeRequest", request, self.finalize_timeout, ONE_ATTEMPT

@@ -22,7 +22,6 @@ import grpc
 
 from beam_client import _wire
 from beam_client._channel import channel_options, credentials
-from beam_client._generated import balance_pb2 as pb
 from beam_client._guard import (
     DEFAULT_DEDUCT_EVERY,
     DeductPlan,
@@ -412,9 +411,7 @@ class BeamClient:
         for entry in self.outbox.due(self._scope, float("inf") if force else now, REPLAY_BATCH):
             if self._stop_replay.is_set() and not force:
                 break
-            request = pb.FinalizeRequestRequest.FromString(entry.payload)
-            if entry.kind == "let_through":  # also one queued by a client without the flag
-                request.let_through = True
+            request = _wire.queued_finalize(entry.payload, entry.kind == "let_through")
             try:
                 answer = self._call("FinalizeRequest", request, self.finalize_timeout, ONE_ATTEMPT)
             except BeamError as error:
